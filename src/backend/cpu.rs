@@ -1,0 +1,484 @@
+//! The reference backend: f32 on the host, parallel with rayon.
+//!
+//! Large matrix products go through the `gemm` crate (runtime-dispatched AVX2/AVX-512
+//! micro-kernels, what candle uses). Products with only a few rows — the decode step — are
+//! memory-bound, so they get a dedicated kernel that streams every weight row once for all
+//! input rows. Everything else is a plain loop written to auto-vectorise.
+
+use anyhow::{bail, Result};
+use gemm::Parallelism;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::{Backend, DType, HostTensor, StepMeta};
+
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// A raw pointer that rayon tasks may share because each writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// Rows at or below this count use the streaming matrix-vector kernel instead of `gemm`.
+const SMALL_ROWS: usize = 8;
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs^T`, `rhs: [n, k]`, all row-major.
+/// `beta` scales the product; with `accumulate` the old `dst` is kept (alpha = 1).
+#[allow(clippy::too_many_arguments)]
+fn matmul_nt(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    beta: f32,
+    par: bool,
+) {
+    debug_assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
+    let parallelism = if par {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the slices bound every access made with these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]`, all row-major.
+#[allow(clippy::too_many_arguments)]
+fn matmul_nn(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    beta: f32,
+) {
+    debug_assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: as above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler use full SIMD registers.
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected at run time.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_lanes(a, b)
+}
+
+/// `out[m, n] = x[m, k] @ w[n, k]^T` for a handful of rows: each weight row is read once.
+fn matvec_rows(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    const COLS_PER_TASK: usize = 64;
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    (0..n.div_ceil(COLS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
+            let out_ptr = out_ptr;
+            let (lo, hi) = (task * COLS_PER_TASK, ((task + 1) * COLS_PER_TASK).min(n));
+            for j in lo..hi {
+                let wrow = &w[j * k..(j + 1) * k];
+                for r in 0..m {
+                    let v = dot(&x[r * k..(r + 1) * k], wrow);
+                    // SAFETY: column j of every row belongs to this task alone.
+                    unsafe { *out_ptr.0.add(r * n + j) = v };
+                }
+            }
+        });
+}
+
+fn to_f32(t: &HostTensor) -> Vec<f32> {
+    let n = t.numel();
+    let mut out = vec![0f32; n];
+    const CHUNK: usize = 1 << 16;
+    let esz = t.dtype.size();
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
+        let src = &t.bytes[c * CHUNK * esz..(c * CHUNK + dst.len()) * esz];
+        match t.dtype {
+            DType::F32 => {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                }
+            }
+            DType::F16 => {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f16::from_le_bytes([s[0], s[1]]).to_f32();
+                }
+            }
+            DType::BF16 => {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = bf16::from_le_bytes([s[0], s[1]]).to_f32();
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `inv_freq[i] = 1 / theta^(2i/d)`, computed in f32 exactly as transformers does.
+pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Query rows per attention work item: bounds the score matrix and gives rayon enough items.
+const ATTN_Q_CHUNK: usize = 64;
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Meta = StepMeta;
+
+    fn name(&self) -> String {
+        format!("cpu (f32, {} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+
+    fn from_f32(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
+    fn from_host(&self, t: &HostTensor) -> Result<Vec<f32>> {
+        if t.bytes.len() != t.numel() * t.dtype.size() {
+            bail!(
+                "tensor data is {} bytes, expected {} for {:?} {:?}",
+                t.bytes.len(),
+                t.numel() * t.dtype.size(),
+                t.dtype,
+                t.shape
+            );
+        }
+        Ok(to_f32(t))
+    }
+
+    fn to_f32(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+
+    fn prepare(&self, meta: &StepMeta) -> StepMeta {
+        meta.clone()
+    }
+
+    fn embedding(&self, table: &Vec<f32>, meta: &StepMeta, out: &mut Vec<f32>, dim: usize) {
+        out[..meta.rows() * dim]
+            .par_chunks_mut(dim)
+            .zip(&meta.tokens)
+            .for_each(|(row, &t)| {
+                let t = t as usize;
+                row.copy_from_slice(&table[t * dim..(t + 1) * dim]);
+            });
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) {
+        out[..rows * dim]
+            .par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .for_each(|(o, xr)| {
+                let inv = 1.0 / (dot(xr, xr) / dim as f32 + eps).sqrt();
+                for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w.iter()) {
+                    *o = wv * (xv * inv);
+                }
+            });
+    }
+
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: Option<&Vec<f32>>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let out = &mut out[..rows * n];
+        if rows <= SMALL_ROWS {
+            matvec_rows(out, x, w, rows, k, n);
+            if let Some(b) = b {
+                out.chunks_mut(n)
+                    .for_each(|r| r.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b));
+            }
+            return;
+        }
+        if let Some(b) = b {
+            out.par_chunks_mut(n)
+                .for_each(|r| r.copy_from_slice(&b[..n]));
+        }
+        matmul_nt(out, x, w, rows, n, k, b.is_some(), 1.0, true);
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, meta: &StepMeta, heads: usize, head_dim: usize, theta: f32) {
+        let inv_freq = rope_inv_freq(head_dim, theta);
+        let half = head_dim / 2;
+        x[..meta.rows() * heads * head_dim]
+            .par_chunks_mut(heads * head_dim)
+            .zip(&meta.positions)
+            .for_each(|(row, &pos)| {
+                // freqs in f32 as transformers computes them; cos/sin rounded once from f64.
+                let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                    .iter()
+                    .map(|&f| {
+                        let a = (pos as f32 * f) as f64;
+                        (a.cos() as f32, a.sin() as f32)
+                    })
+                    .unzip();
+                for h in row.chunks_mut(head_dim) {
+                    let (lo, hi) = h.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = b * cos[i] + a * sin[i];
+                    }
+                }
+            });
+    }
+
+    fn kv_store(
+        &self,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        meta: &StepMeta,
+        kv_dim: usize,
+    ) {
+        for (r, &slot) in meta.slots.iter().enumerate() {
+            let s = slot as usize * kv_dim;
+            k_cache[s..s + kv_dim].copy_from_slice(&k[r * kv_dim..(r + 1) * kv_dim]);
+            v_cache[s..s + kv_dim].copy_from_slice(&v[r * kv_dim..(r + 1) * kv_dim]);
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        out: &mut Vec<f32>,
+        meta: &StepMeta,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) {
+        let group = heads / kv_heads;
+        let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let bs = meta.block_size;
+        // Work items: (sequence, kv head, chunk of new rows).
+        let items: Vec<(usize, usize, usize)> = meta
+            .seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, seq)| {
+                (0..kv_heads).flat_map(move |kvh| {
+                    (0..seq.n_new.div_ceil(ATTN_Q_CHUNK)).map(move |c| (s, kvh, c))
+                })
+            })
+            .collect();
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        items.into_par_iter().for_each(|(s, kvh, c)| {
+            let out_ptr = out_ptr;
+            let seq = &meta.seqs[s];
+            let past = seq.n_ctx - seq.n_new;
+            let (q_lo, q_hi) = (c * ATTN_Q_CHUNK, ((c + 1) * ATTN_Q_CHUNK).min(seq.n_new));
+            let nq = q_hi - q_lo;
+            // Causal: the last row of the chunk sees positions up to past + q_hi - 1.
+            let len = past + q_hi;
+            // Gather this head's keys and values into contiguous [len, head_dim].
+            let mut keys = vec![0f32; len * head_dim];
+            let mut vals = vec![0f32; len * head_dim];
+            for t in 0..len {
+                let slot = seq.block_table[t / bs] as usize * bs + t % bs;
+                let src = slot * kv_dim + kvh * head_dim;
+                keys[t * head_dim..(t + 1) * head_dim]
+                    .copy_from_slice(&k_cache[src..src + head_dim]);
+                vals[t * head_dim..(t + 1) * head_dim]
+                    .copy_from_slice(&v_cache[src..src + head_dim]);
+            }
+            let mut qs = vec![0f32; nq * head_dim];
+            let mut scores = vec![0f32; nq * len];
+            let mut o = vec![0f32; nq * head_dim];
+            for h in kvh * group..(kvh + 1) * group {
+                for i in 0..nq {
+                    let src = (seq.row_start + q_lo + i) * q_dim + h * head_dim;
+                    qs[i * head_dim..(i + 1) * head_dim].copy_from_slice(&q[src..src + head_dim]);
+                }
+                matmul_nt(
+                    &mut scores,
+                    &qs,
+                    &keys,
+                    nq,
+                    len,
+                    head_dim,
+                    false,
+                    scale,
+                    false,
+                );
+                for i in 0..nq {
+                    let visible = past + q_lo + i + 1;
+                    let row = &mut scores[i * len..(i + 1) * len];
+                    softmax_in_place(&mut row[..visible]);
+                    row[visible..].iter_mut().for_each(|v| *v = 0.0);
+                }
+                matmul_nn(&mut o, &scores, &vals, nq, head_dim, len, false, 1.0);
+                for i in 0..nq {
+                    let dst = (seq.row_start + q_lo + i) * q_dim + h * head_dim;
+                    // SAFETY: (row, head) pairs are disjoint across work items.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            o[i * head_dim..].as_ptr(),
+                            out_ptr.0.add(dst),
+                            head_dim,
+                        )
+                    };
+                }
+            }
+        });
+    }
+
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, n: usize) {
+        out[..n]
+            .par_chunks_mut(4096)
+            .zip(gate[..n].par_chunks(4096))
+            .zip(up[..n].par_chunks(4096))
+            .for_each(|((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) {
+        x[..n]
+            .par_chunks_mut(4096)
+            .zip(y[..n].par_chunks(4096))
+            .for_each(|(x, y)| {
+                x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+            });
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, rows: &[u32], out: &mut Vec<f32>, dim: usize) {
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            out[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
+        }
+    }
+
+    fn softmax(&self, x: &mut Vec<f32>, rows: usize, cols: usize) {
+        x[..rows * cols]
+            .par_chunks_mut(cols)
+            .for_each(softmax_in_place);
+    }
+
+    fn log_softmax(&self, x: &mut Vec<f32>, rows: usize, cols: usize) {
+        x[..rows * cols].par_chunks_mut(cols).for_each(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            row.iter_mut().for_each(|v| *v -= lse);
+        });
+    }
+}

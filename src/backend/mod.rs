@@ -1,0 +1,202 @@
+//! The op set the Qwen2 model is written over.
+//!
+//! One implementation per device (`cpu` now; CUDA slots in beside it). Ops take explicit
+//! shapes, as in llm.c, so a backend needs no tensor library. Activations are laid out
+//! row-major as `[tokens, features]` with the tokens of every sequence in a batch packed one
+//! after another (no padding); per-step metadata (token ids, positions, KV-cache slots,
+//! sequence boundaries) travels in [`StepMeta`], which a device backend uploads once per
+//! forward pass through [`Backend::prepare`].
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// Element type of a tensor stored in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// A tensor's raw little-endian bytes on the host (usually borrowed from a memory map).
+pub struct HostTensor<'a> {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+impl HostTensor<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One sequence's share of a forward step.
+#[derive(Debug, Clone)]
+pub struct SeqSlice {
+    /// First row of this sequence's tokens in the packed activations.
+    pub row_start: usize,
+    /// Tokens of this sequence processed in this step.
+    pub n_new: usize,
+    /// Tokens in the KV cache for this sequence once this step's tokens are stored
+    /// (earlier context + `n_new`). The new tokens sit at positions `n_ctx - n_new ..`.
+    pub n_ctx: usize,
+    /// KV-cache blocks holding this sequence, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// Everything about one forward step that is not an activation.
+#[derive(Debug, Clone, Default)]
+pub struct StepMeta {
+    /// Token id of every row.
+    pub tokens: Vec<u32>,
+    /// Position (for RoPE) of every row.
+    pub positions: Vec<u32>,
+    /// KV-cache slot (`block * block_size + offset`) that every row's keys/values go to.
+    pub slots: Vec<u32>,
+    pub seqs: Vec<SeqSlice>,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Rows whose logits are wanted (e.g. the last token of each sequence when sampling).
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepMeta {
+    pub fn rows(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// How to sample the next token from a row of logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1.0 disables.
+    pub top_p: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
+    }
+}
+
+/// The device operations of a Qwen2 forward pass.
+///
+/// Shapes are given in elements. `x: [rows, dim]` means `rows * dim` contiguous values,
+/// row-major. Weights follow HF's layout: a linear weight is `[out, in]`.
+pub trait Backend: Send + Sync {
+    /// A device buffer of activations or weights.
+    type Buf: Send + Sync;
+    /// [`StepMeta`] in the form the device reads it.
+    type Meta;
+
+    fn name(&self) -> String;
+
+    // ---- memory ----
+    fn zeros(&self, n: usize) -> Self::Buf;
+    fn from_f32(&self, data: &[f32]) -> Self::Buf;
+    /// Stores a checkpoint tensor in the backend's compute precision.
+    fn from_host(&self, t: &HostTensor) -> Result<Self::Buf>;
+    fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn prepare(&self, meta: &StepMeta) -> Self::Meta;
+
+    // ---- ops ----
+    /// `out[r] = table[meta.tokens[r]]`, `table: [vocab, dim]`, `out: [rows, dim]`.
+    fn embedding(&self, table: &Self::Buf, meta: &Self::Meta, out: &mut Self::Buf, dim: usize);
+    /// `out = x / rms(x) * w` per row.
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        out: &mut Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    );
+    /// `out = x @ w^T (+ b)`, `x: [rows, k]`, `w: [n, k]`, `b: [n]`, `out: [rows, n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        out: &mut Self::Buf,
+        rows: usize,
+        k: usize,
+        n: usize,
+    );
+    /// Rotates `x: [rows, heads, head_dim]` in place by each row's position (rotate-half form).
+    fn rope(&self, x: &mut Self::Buf, meta: &Self::Meta, heads: usize, head_dim: usize, theta: f32);
+    /// Writes `k, v: [rows, kv_dim]` into the caches `[slots, kv_dim]` at `meta.slots`.
+    fn kv_store(
+        &self,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        meta: &Self::Meta,
+        kv_dim: usize,
+    );
+    /// Causal grouped-query attention of the new rows over each sequence's cached keys/values.
+    /// `q, out: [rows, heads * head_dim]`; softmax scale `1/sqrt(head_dim)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        out: &mut Self::Buf,
+        meta: &Self::Meta,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    );
+    /// `out = silu(gate) * up`, elementwise over `n` values.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, n: usize);
+    /// `x += y` over `n` values (the residual stream).
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize);
+    /// `out[i] = x[rows[i]]` for `x: [*, dim]`.
+    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], out: &mut Self::Buf, dim: usize);
+    /// Row-wise softmax in place, `x: [rows, cols]`.
+    fn softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize);
+    /// Row-wise log-softmax in place, `x: [rows, cols]`.
+    fn log_softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize);
+
+    /// Picks one token per row of `logits: [rows, vocab]`. The default brings the logits to the
+    /// host; a device backend overrides it so that full logits never leave the device.
+    fn sample(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        params: &[SamplingParams],
+        rngs: &mut [crate::generate::sampling::Rng],
+    ) -> Vec<u32> {
+        let host = self.to_f32(logits);
+        params
+            .iter()
+            .zip(rngs.iter_mut())
+            .enumerate()
+            .map(|(r, (p, rng))| {
+                crate::generate::sampling::sample_row(&host[r * vocab..(r + 1) * vocab], p, rng)
+            })
+            .collect()
+    }
+}

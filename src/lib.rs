@@ -1,0 +1,11 @@
+//! protege: post-train a small Qwen2 into a software-engineering agent.
+//!
+//! This crate is the engine (model, backends, generation, tokenizer) and the CLI's library
+//! half; `main.rs` only parses arguments and calls into it.
+
+pub mod backend;
+pub mod chat;
+pub mod check;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,252 @@
+//! The `protege` command line: parses arguments and calls one library function per command.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use protege::backend::cpu::CpuBackend;
+use protege::backend::{Backend, SamplingParams};
+use protege::chat::{Conversation, Message};
+use protege::check::{check_logits, Reference};
+use protege::generate::{generate, Finish, GenOptions, Request, TextStream};
+use protege::model::Qwen2;
+use protege::tokenizer::Tokenizer;
+
+#[derive(Parser)]
+#[command(
+    name = "protege",
+    version,
+    about = "Post-train a small Qwen2 into a software-engineering agent that knows when to ask an expert"
+)]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion and stream it to stdout (tokens/s go to stderr).
+    Generate(GenerateArgs),
+    /// Compare the model's logits with a reference file; exits non-zero beyond tolerance.
+    CheckLogits(CheckLogitsArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// HF model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A user message, rendered with the chat template (or tokenised as is with --raw).
+    #[arg(
+        long,
+        conflicts_with = "messages",
+        required_unless_present = "messages"
+    )]
+    prompt: Option<String>,
+    /// A JSON file: an array of messages, or {"messages": [...], "tools": [...]}.
+    #[arg(long)]
+    messages: Option<PathBuf>,
+    /// Tokenise --prompt as it stands, without the chat template.
+    #[arg(long, requires = "prompt")]
+    raw: bool,
+    /// System message placed before --prompt.
+    #[arg(long, requires = "prompt", conflicts_with = "raw")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop once the completion contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at the end-of-turn tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct CheckLogitsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// safetensors with input_ids (I64 [n]), logits (F32 [k, vocab]), optional positions (I64 [k]).
+    #[arg(long)]
+    reference: PathBuf,
+    #[arg(long, default_value_t = 1e-4)]
+    atol: f32,
+    #[arg(long, default_value_t = 1e-5)]
+    rtol: f32,
+}
+
+fn load_model<B: Backend>(be: &B, dir: &std::path::Path) -> Result<Qwen2<B>> {
+    let t = Instant::now();
+    let model =
+        Qwen2::load(be, dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let c = &model.cfg;
+    eprintln!(
+        "loaded {} ({:.1}M params, {} layers, hidden {}, heads {}/{}) on {} in {:.1}s",
+        dir.display(),
+        c.num_params() as f64 / 1e6,
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        be.name(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    if !(a.temperature >= 0.0) || !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let prompt = match (&a.prompt, &a.messages) {
+        (Some(p), _) if a.raw => tok.encode(p)?,
+        (Some(p), _) => {
+            let mut msgs = vec![];
+            if let Some(s) = &a.system {
+                msgs.push(Message::system(s.clone()));
+            }
+            msgs.push(Message::user(p.clone()));
+            tok.apply_chat_template(&msgs, &[], true)?.ids
+        }
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let conv = Conversation::from_json(&text)
+                .with_context(|| format!("invalid conversation file {}", file.display()))?;
+            tok.apply_chat_template(&conv.messages, &conv.tools, true)?
+                .ids
+        }
+        (None, None) => bail!("give --prompt or --messages"),
+    };
+    let be = CpuBackend::new();
+    let model = load_model(&be, &a.model)?;
+    let req = Request {
+        prompt,
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+        },
+        seed: a.seed,
+        stop_tokens: if a.ignore_eos {
+            vec![]
+        } else {
+            tok.stop_ids.clone()
+        },
+        stop_strings: a.stop.clone(),
+    };
+    let mut stream = TextStream::new(tok.clone());
+    let stop_tokens = req.stop_tokens.clone();
+    let mut out = std::io::stdout().lock();
+    let mut io_err = None;
+    let (done, stats) = generate(
+        &be,
+        &model,
+        std::slice::from_ref(&req),
+        Some(&tok),
+        &GenOptions::default(),
+        |_, t| {
+            if stop_tokens.contains(&t) {
+                return;
+            }
+            match stream.push(t) {
+                Ok(delta) => {
+                    if let Err(e) = out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
+                        io_err.get_or_insert(anyhow::Error::from(e));
+                    }
+                }
+                Err(e) => {
+                    io_err.get_or_insert(e);
+                }
+            }
+        },
+    )?;
+    if let Some(e) = io_err {
+        return Err(e);
+    }
+    write!(out, "{}", stream.flush()?)?;
+    writeln!(out)?;
+    let finish = match &done[0].finish {
+        Finish::Length => "length".to_string(),
+        Finish::StopToken(t) => format!("stop token {t}"),
+        Finish::StopString(s) => format!("stop string {s:?}"),
+    };
+    eprintln!(
+        "prompt {} tokens at {:.1} tok/s; generated {} tokens at {:.1} tok/s ({finish})",
+        stats.prefill_tokens,
+        stats.prefill_tok_s(),
+        done[0].tokens.len(),
+        stats.decode_tok_s()
+    );
+    Ok(())
+}
+
+fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
+    let reference = Reference::load(&a.reference)?;
+    let be = CpuBackend::new();
+    let model = load_model(&be, &a.model)?;
+    let c = check_logits(&be, &model, &reference, a.atol, a.rtol)?;
+    println!("input tokens      {}", reference.input_ids.len());
+    println!("rows compared     {} x vocab {}", c.rows, c.vocab);
+    println!(
+        "max abs error     {:.3e} (row {}, token {})",
+        c.max_abs, c.max_abs_at.0, c.max_abs_at.1
+    );
+    println!("max rel error     {:.3e} (|ref| floored at 1)", c.max_rel);
+    println!("mean abs error    {:.3e}", c.mean_abs);
+    println!("argmax agreement  {}/{}", c.argmax_agree, c.rows);
+    if c.passed() {
+        println!("PASS (atol {:e}, rtol {:e})", a.atol, a.rtol);
+    } else {
+        println!(
+            "FAIL: {} values outside atol {:e} + rtol {:e} * |ref|",
+            c.violations, a.atol, a.rtol
+        );
+    }
+    Ok(c.passed())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            eprintln!("error: cannot set up {n} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
+        Command::Generate(a) => run_generate(a).map(|_| true),
+        Command::CheckLogits(a) => run_check_logits(a),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

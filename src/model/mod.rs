@@ -1,0 +1,10 @@
+//! The Qwen2 model: hyper-parameters, checkpoint reading, and the forward pass written once
+//! over the [`Backend`](crate::backend::Backend) trait.
+
+pub mod checkpoint;
+pub mod config;
+pub mod qwen2;
+
+pub use checkpoint::Checkpoint;
+pub use config::Qwen2Config;
+pub use qwen2::{KvCache, Qwen2};
