@@ -482,3 +482,251 @@ impl Backend for CpuBackend {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each op against a naive, obviously-correct loop (the model as a whole is checked
+    //! against transformers in tests/model_reference.rs).
+    use super::*;
+    use crate::backend::SeqSlice;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "element {i}: {x} vs {y}"
+            );
+        }
+    }
+
+    fn naive_linear(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let mut s = b.map(|b| b[j] as f64).unwrap_or(0.0);
+                for i in 0..k {
+                    s += x[r * k + i] as f64 * w[j * k + i] as f64;
+                }
+                out[r * n + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_both_paths_with_and_without_bias() {
+        let be = CpuBackend::new();
+        for (rows, k, n) in [
+            (1, 37, 19),
+            (3, 64, 130),
+            (8, 5, 7),
+            (9, 33, 65),
+            (100, 96, 40),
+        ] {
+            let x = rand_vec(rows * k, 1);
+            let w = rand_vec(n * k, 2);
+            let b = rand_vec(n, 3);
+            let mut out = vec![0f32; rows * n];
+            be.linear(&x, &w, Some(&b), &mut out, rows, k, n);
+            close(&out, &naive_linear(&x, &w, Some(&b), rows, k, n), 1e-5);
+            be.linear(&x, &w, None, &mut out, rows, k, n);
+            close(&out, &naive_linear(&x, &w, None, rows, k, n), 1e-5);
+        }
+    }
+
+    #[test]
+    fn rmsnorm_swiglu_add_softmax() {
+        let be = CpuBackend::new();
+        let (rows, dim) = (3, 10);
+        let x = rand_vec(rows * dim, 4);
+        let w = rand_vec(dim, 5);
+        let mut out = vec![0f32; rows * dim];
+        be.rmsnorm(&x, &w, &mut out, rows, dim, 1e-6);
+        for r in 0..rows {
+            let xr = &x[r * dim..(r + 1) * dim];
+            let rms = (xr.iter().map(|v| v * v).sum::<f32>() / dim as f32 + 1e-6).sqrt();
+            let want: Vec<f32> = xr.iter().zip(&w).map(|(v, w)| w * v / rms).collect();
+            close(&out[r * dim..(r + 1) * dim], &want, 1e-6);
+        }
+        let (g, u) = (rand_vec(30, 6), rand_vec(30, 7));
+        let mut o = vec![0f32; 30];
+        be.swiglu(&g, &u, &mut o, 30);
+        let want: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| g * (1.0 / (1.0 + (-g).exp())) * u)
+            .collect();
+        close(&o, &want, 1e-6);
+        let mut a = g.clone();
+        be.add_assign(&mut a, &u, 30);
+        close(
+            &a,
+            &g.iter().zip(&u).map(|(x, y)| x + y).collect::<Vec<_>>(),
+            0.0,
+        );
+
+        let mut s = rand_vec(2 * 7, 8);
+        let mut ls = s.clone();
+        be.softmax(&mut s, 2, 7);
+        be.log_softmax(&mut ls, 2, 7);
+        for r in 0..2 {
+            assert!((s[r * 7..(r + 1) * 7].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        close(&ls.iter().map(|v| v.exp()).collect::<Vec<_>>(), &s, 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_position() {
+        let be = CpuBackend::new();
+        let (heads, hd) = (2, 8);
+        let x = rand_vec(2 * heads * hd, 9);
+        let meta = StepMeta {
+            positions: vec![0, 5],
+            tokens: vec![0, 0],
+            slots: vec![0, 1],
+            ..Default::default()
+        };
+        let mut y = x.clone();
+        be.rope(&mut y, &meta, heads, hd, 10000.0);
+        close(&y[..heads * hd], &x[..heads * hd], 0.0); // position 0 is the identity
+        let inv = rope_inv_freq(hd, 10000.0);
+        for h in 0..heads {
+            let base = heads * hd + h * hd;
+            for i in 0..hd / 2 {
+                let a = 5.0 * inv[i] as f64;
+                let (x1, x2) = (x[base + i] as f64, x[base + i + hd / 2] as f64);
+                assert!((y[base + i] as f64 - (x1 * a.cos() - x2 * a.sin())).abs() < 1e-6);
+                assert!((y[base + i + hd / 2] as f64 - (x2 * a.cos() + x1 * a.sin())).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_naive_causal_gqa_over_paged_cache() {
+        let be = CpuBackend::new();
+        let (heads, kv_heads, hd, bs) = (6, 2, 4, 4);
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        // Two sequences: one with 3 cached tokens and 70 new (two query chunks), one decoding
+        // a single token after 9; blocks deliberately out of order.
+        let lens = [(3usize, 70usize), (9, 1)];
+        let tables = [
+            vec![
+                7u32, 2, 9, 0, 1, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18,
+            ],
+            vec![21u32, 19, 20],
+        ];
+        let k_all: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, (p, n))| rand_vec((p + n) * kvd, 10 + s as u64))
+            .collect();
+        let v_all: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, (p, n))| rand_vec((p + n) * kvd, 20 + s as u64))
+            .collect();
+        let mut k_cache = vec![0f32; 22 * bs * kvd];
+        let mut v_cache = k_cache.clone();
+        let mut meta = StepMeta {
+            block_size: bs,
+            ..Default::default()
+        };
+        for (s, &(past, new)) in lens.iter().enumerate() {
+            for t in 0..past + new {
+                let slot = (tables[s][t / bs] as usize * bs + t % bs) * kvd;
+                k_cache[slot..slot + kvd].copy_from_slice(&k_all[s][t * kvd..(t + 1) * kvd]);
+                v_cache[slot..slot + kvd].copy_from_slice(&v_all[s][t * kvd..(t + 1) * kvd]);
+            }
+            meta.seqs.push(SeqSlice {
+                row_start: meta.tokens.len(),
+                n_new: new,
+                n_ctx: past + new,
+                block_table: tables[s].clone(),
+            });
+            meta.tokens.extend(std::iter::repeat(0).take(new));
+        }
+        let rows = meta.tokens.len();
+        let q = rand_vec(rows * qd, 30);
+        let mut out = vec![0f32; rows * qd];
+        be.attention(&q, &k_cache, &v_cache, &mut out, &meta, heads, kv_heads, hd);
+        for (s, seq) in meta.seqs.iter().enumerate() {
+            let past = lens[s].0;
+            for i in 0..seq.n_new {
+                for h in 0..heads {
+                    let kvh = h / (heads / kv_heads);
+                    let qv = &q[(seq.row_start + i) * qd + h * hd..][..hd];
+                    let visible = past + i + 1;
+                    let scores: Vec<f64> = (0..visible)
+                        .map(|t| {
+                            (0..hd)
+                                .map(|d| qv[d] as f64 * k_all[s][t * kvd + kvh * hd + d] as f64)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|v| (v - m).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..visible)
+                            .map(|t| {
+                                (scores[t] - m).exp() / z * v_all[s][t * kvd + kvh * hd + d] as f64
+                            })
+                            .sum();
+                        let got = out[(seq.row_start + i) * qd + h * hd + d] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "seq {s} row {i} head {h} dim {d}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_convert_from_every_dtype() {
+        let be = CpuBackend::new();
+        let vals = [1.5f32, -2.25, 0.0, 3.0e-3];
+        let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let hf: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        for (dtype, bytes, tol) in [
+            (DType::F32, &f32b, 0.0),
+            (DType::BF16, &bf, 1e-2),
+            (DType::F16, &hf, 1e-3),
+        ] {
+            let t = HostTensor {
+                dtype,
+                shape: vec![4],
+                bytes,
+            };
+            close(&be.from_host(&t).unwrap(), &vals, tol);
+        }
+        let short = HostTensor {
+            dtype: DType::F32,
+            shape: vec![5],
+            bytes: &f32b,
+        };
+        assert!(be.from_host(&short).is_err());
+    }
+}
