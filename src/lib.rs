@@ -4,6 +4,7 @@
 //! half; `main.rs` only parses arguments and calls into it.
 
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod check;
 pub mod generate;

@@ -36,6 +36,26 @@ enum Command {
     Generate(GenerateArgs),
     /// Compare the model's logits with a reference file; exits non-zero beyond tolerance.
     CheckLogits(CheckLogitsArgs),
+    /// Measure prefill and decode throughput (tokens/s) of a model.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt length processed in one prefill forward.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Greedy decode steps timed after the prompt.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Timed repetitions (the median is reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -226,6 +246,23 @@ fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
     Ok(c.passed())
 }
 
+fn run_bench(a: BenchArgs) -> Result<()> {
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let be = CpuBackend::new();
+    let model = load_model(&be, &a.model)?;
+    let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
+    let r = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
+    println!("backend  {}", r.backend);
+    println!("prefill  {} tokens: {:.1} tok/s", r.prefill_tokens, r.prefill_tok_s);
+    println!("decode   {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tok_s);
+    if let Some(path) = &a.json {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&r)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -240,6 +277,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a).map(|_| true),
         Command::CheckLogits(a) => run_check_logits(a),
+        Command::Bench(a) => run_bench(a).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 """Deterministic reference fixtures for the Rust tests (tests/fixtures/).
 
 Run as `python3 tools/make_fixtures.py`. It re-executes itself inside the
-pinned reference venv (see venv.py: torch 2.15.0, transformers 5.23.0,
+pinned reference venv (see refenv.py: torch 2.15.0, transformers 5.23.0,
 tokenizers 0.23.3, safetensors 0.8.0, numpy 2.4.6, gguf 0.19.0), works
 offline, and rewrites these directories byte for byte identically each run:
 
@@ -11,7 +11,8 @@ tokenizer/       a ~450-token byte-level BPE trained on the inline CORPUS, laid
                  tokenizer_config.json carrying the Qwen2.5-Instruct chat template.
 tiny/            tied embeddings, f32, one model.safetensors, transformers-5 config.
 tiny-untied/     untied, bf16, sharded safetensors + index, transformers-4 config.
-odd/             untied, f16, GQA 3:1, head_dim 12, odd vocab, transformers-5 config.
+odd/             untied, f16, 9 query / 3 KV heads (GQA 3:1), head_dim 10, odd vocab,
+                 rope theta 1e6, transformers-5 config.
 chat_template.json  chat template renderings and their token ids.
 
 Each model directory holds random weights (every bias and norm weight too),
@@ -29,7 +30,7 @@ greedy.json                      {"cases": [{"prompt_ids", "new_ids"}]}: 24 gree
                                  stopped by EOS
 """
 
-from venv import ensure_venv
+from refenv import ensure_venv
 
 ensure_venv()
 
@@ -320,7 +321,7 @@ def model_specs(tokenizer_size):
             "tiny-untied", 64, 4, 2, 3, 160, padded, False, torch.bfloat16, 10000.0,
             transformers4_config=True, max_shard_size="150KB",
         ),
-        ModelSpec("odd", 72, 6, 2, 3, 100, odd, False, torch.float16, 1000000.0),
+        ModelSpec("odd", 90, 9, 3, 3, 100, odd, False, torch.float16, 1000000.0),
     ]
 
 

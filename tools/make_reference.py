@@ -23,12 +23,12 @@ the last 16 positions plus 16 evenly spaced ones.
 tokens do not stop it, so runs are comparable token for token) and writes
 {"prompt_ids": [...], "new_ids": [...], "text": "..."}.
 
-The script re-executes itself inside the pinned reference venv (see venv.py:
+The script re-executes itself inside the pinned reference venv (see refenv.py:
 torch 2.15.0, transformers 5.23.0, tokenizers 0.23.3, safetensors 0.8.0,
 numpy 2.4.6, gguf 0.19.0). make_fixtures.py imports its helpers.
 """
 
-from venv import ensure_venv
+from refenv import ensure_venv
 
 ensure_venv()
 

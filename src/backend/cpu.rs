@@ -30,49 +30,60 @@ unsafe impl Sync for SharedMut {}
 /// Rows at or below this count use the streaming matrix-vector kernel instead of `gemm`.
 const SMALL_ROWS: usize = 8;
 
-/// `dst[m, n] (+)= lhs[m, k] @ rhs^T`, `rhs: [n, k]`, all row-major.
-/// `beta` scales the product; with `accumulate` the old `dst` is kept (alpha = 1).
+/// `dst[m, n] (+)= lhs[m, k] @ rhs^T` on one thread, `rhs: [n, k]`; `dst` has row stride
+/// `ldd`. `beta` scales the product; with `accumulate` the old `dst` is kept.
 #[allow(clippy::too_many_arguments)]
-fn matmul_nt(
-    dst: &mut [f32],
-    lhs: &[f32],
-    rhs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    beta: f32,
-    par: bool,
-) {
-    debug_assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
-    let parallelism = if par {
-        Parallelism::Rayon(rayon::current_num_threads())
+unsafe fn gemm_nt_serial(dst: *mut f32, ldd: usize, lhs: *const f32, rhs: *const f32, m: usize, n: usize, k: usize, accumulate: bool, beta: f32) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        ldd as isize,
+        accumulate,
+        lhs,
+        1,
+        k as isize,
+        rhs,
+        k as isize,
+        1,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
+}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs^T`, `rhs: [n, k]`, all row-major.
+///
+/// With `par`, the product is split into independent blocks of at most 512 output columns
+/// (or into row blocks when the output is narrow), one single-threaded `gemm` each. On two
+/// cores `gemm`'s own threading reached ~116 GFLOP/s at the Qwen2.5-0.5B MLP shape, these
+/// blocks ~155 (PyTorch/MKL: ~140-175); the weight block stays cache-resident.
+#[allow(clippy::too_many_arguments)]
+fn matmul_nt(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, k: usize, accumulate: bool, beta: f32, par: bool) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
+    let threads = if par { rayon::current_num_threads() } else { 1 };
+    let (d, l, r) = (SharedMut(dst.as_mut_ptr()), lhs.as_ptr() as usize, rhs.as_ptr() as usize);
+    // SAFETY (both arms): blocks are disjoint and every access stays inside the slices
+    // checked above.
+    if threads > 1 && n >= 64 * threads {
+        let cols = n.div_ceil(threads).next_multiple_of(16).min(512);
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
+            let (lo, hi) = (t * cols, ((t + 1) * cols).min(n));
+            unsafe { gemm_nt_serial({ d }.0.add(lo), n, l as *const f32, (r as *const f32).add(lo * k), m, hi - lo, k, accumulate, beta) };
+        });
+    } else if threads > 1 && m >= 16 * threads {
+        let rows = m.div_ceil(threads);
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|t| {
+            let (lo, hi) = (t * rows, ((t + 1) * rows).min(m));
+            unsafe { gemm_nt_serial({ d }.0.add(lo * n), n, (l as *const f32).add(lo * k), r as *const f32, hi - lo, n, k, accumulate, beta) };
+        });
     } else {
-        Parallelism::None
-    };
-    // SAFETY: the slices bound every access made with these strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        unsafe { gemm_nt_serial(d.0, n, lhs.as_ptr(), rhs.as_ptr(), m, n, k, accumulate, beta) };
     }
 }
 
@@ -149,6 +160,48 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes(a, b)
 }
 
+/// `e^x` in f32 to about 1 ulp (the Cephes polynomial), branch-free so that loops over it
+/// vectorise; libm's `expf` is a scalar call and dominated SwiGLU.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let n = (x * LOG2E).round_ties_even();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn swiglu_body(o: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g / (1.0 + exp_f32(-g)) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_avx2(o: &mut [f32], g: &[f32], u: &[f32]) {
+    swiglu_body(o, g, u)
+}
+
+fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected at run time.
+        return unsafe { swiglu_avx2(o, g, u) };
+    }
+    swiglu_body(o, g, u)
+}
+
 /// `out[m, n] = x[m, k] @ w[n, k]^T` for a handful of rows: each weight row is read once.
 fn matvec_rows(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
     const COLS_PER_TASK: usize = 64;
@@ -208,7 +261,7 @@ fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for v in row.iter_mut() {
-        *v = (*v - max).exp();
+        *v = exp_f32(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -399,42 +452,30 @@ impl Backend for CpuBackend {
                 vals[t * head_dim..(t + 1) * head_dim]
                     .copy_from_slice(&v_cache[src..src + head_dim]);
             }
-            let mut qs = vec![0f32; nq * head_dim];
-            let mut scores = vec![0f32; nq * len];
-            let mut o = vec![0f32; nq * head_dim];
-            for h in kvh * group..(kvh + 1) * group {
+            // All query heads of the group at once: rows are (head, query) pairs.
+            let mut qs = vec![0f32; group * nq * head_dim];
+            for g in 0..group {
+                let h = kvh * group + g;
                 for i in 0..nq {
                     let src = (seq.row_start + q_lo + i) * q_dim + h * head_dim;
-                    qs[i * head_dim..(i + 1) * head_dim].copy_from_slice(&q[src..src + head_dim]);
+                    qs[(g * nq + i) * head_dim..][..head_dim].copy_from_slice(&q[src..src + head_dim]);
                 }
-                matmul_nt(
-                    &mut scores,
-                    &qs,
-                    &keys,
-                    nq,
-                    len,
-                    head_dim,
-                    false,
-                    scale,
-                    false,
-                );
-                for i in 0..nq {
-                    let visible = past + q_lo + i + 1;
-                    let row = &mut scores[i * len..(i + 1) * len];
-                    softmax_in_place(&mut row[..visible]);
-                    row[visible..].iter_mut().for_each(|v| *v = 0.0);
-                }
-                matmul_nn(&mut o, &scores, &vals, nq, head_dim, len, false, 1.0);
+            }
+            let mut scores = vec![0f32; group * nq * len];
+            matmul_nt(&mut scores, &qs, &keys, group * nq, len, head_dim, false, scale, false);
+            for (r, row) in scores.chunks_mut(len).enumerate() {
+                let visible = past + q_lo + r % nq + 1;
+                softmax_in_place(&mut row[..visible]);
+                row[visible..].iter_mut().for_each(|v| *v = 0.0);
+            }
+            let mut o = vec![0f32; group * nq * head_dim];
+            matmul_nn(&mut o, &scores, &vals, group * nq, head_dim, len, false, 1.0);
+            for g in 0..group {
+                let h = kvh * group + g;
                 for i in 0..nq {
                     let dst = (seq.row_start + q_lo + i) * q_dim + h * head_dim;
                     // SAFETY: (row, head) pairs are disjoint across work items.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            o[i * head_dim..].as_ptr(),
-                            out_ptr.0.add(dst),
-                            head_dim,
-                        )
-                    };
+                    unsafe { std::ptr::copy_nonoverlapping(o[(g * nq + i) * head_dim..].as_ptr(), out_ptr.0.add(dst), head_dim) };
                 }
             }
         });
@@ -695,6 +736,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in -1990..=2000 {
+            let x = i as f32 * 0.0437;
+            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_f32(-1000.0), exp_f32(-87.336_55));
+        assert!(exp_f32(-1000.0) < 1e-37 && exp_f32(1000.0).is_finite());
     }
 
     #[test]
