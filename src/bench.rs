@@ -41,9 +41,26 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 /// Prefill: one forward over `prompt` (median of `repeats` after a warm-up). Decode:
 /// `decode_tokens` greedy steps after the prompt, one token per forward (median).
-pub fn bench_model<B: Backend>(be: &B, model: &Qwen2<B>, prompt: &[u32], decode_tokens: usize, repeats: usize) -> Result<BenchResult> {
-    let opts = GenOptions { max_step_tokens: prompt.len() };
-    let run = |new_tokens: usize| generate(be, model, &[Request::greedy(prompt.to_vec(), new_tokens)], None, &opts, |_, _| {});
+pub fn bench_model<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    prompt: &[u32],
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<BenchResult> {
+    let opts = GenOptions {
+        max_step_tokens: prompt.len(),
+    };
+    let run = |new_tokens: usize| {
+        generate(
+            be,
+            model,
+            &[Request::greedy(prompt.to_vec(), new_tokens)],
+            None,
+            &opts,
+            |_, _| {},
+        )
+    };
     run(1)?; // warm-up: page in the weights, grow the allocator
     let repeats = repeats.max(1);
     let mut prefill = vec![];
@@ -51,7 +68,10 @@ pub fn bench_model<B: Backend>(be: &B, model: &Qwen2<B>, prompt: &[u32], decode_
     for _ in 0..repeats {
         let (_, stats) = run(decode_tokens + 1)?;
         if stats.decode_tokens != decode_tokens {
-            bail!("expected {decode_tokens} decode steps, ran {}", stats.decode_tokens);
+            bail!(
+                "expected {decode_tokens} decode steps, ran {}",
+                stats.decode_tokens
+            );
         }
         prefill.push(stats.prefill_time);
         decode.push(stats.decode_time);

@@ -143,7 +143,7 @@ pub fn compare(ours: &[f32], reference: &[f32], vocab: usize, atol: f32, rtol: f
         for (j, (&x, &y)) in a.iter().zip(b).enumerate() {
             let d = (x - y).abs();
             // NaN anywhere is a violation, never a silent pass.
-            if !(d <= atol + rtol * y.abs()) {
+            if d.is_nan() || d > atol + rtol * y.abs() {
                 c.violations += 1;
             }
             if d > c.max_abs || d.is_nan() {

@@ -133,7 +133,8 @@ fn load_model<B: Backend>(be: &B, dir: &std::path::Path) -> Result<Qwen2<B>> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    if !(a.temperature >= 0.0) || !(a.top_p > 0.0 && a.top_p <= 1.0) {
+    let temperature_ok = a.temperature.is_finite() && a.temperature >= 0.0;
+    if !temperature_ok || a.top_p.is_nan() || a.top_p <= 0.0 || a.top_p > 1.0 {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let tok = Tokenizer::from_dir(&a.model)?;
@@ -253,11 +254,18 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
     let r = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
     println!("backend  {}", r.backend);
-    println!("prefill  {} tokens: {:.1} tok/s", r.prefill_tokens, r.prefill_tok_s);
-    println!("decode   {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tok_s);
+    println!(
+        "prefill  {} tokens: {:.1} tok/s",
+        r.prefill_tokens, r.prefill_tok_s
+    );
+    println!(
+        "decode   {} tokens: {:.2} tok/s",
+        r.decode_tokens, r.decode_tok_s
+    );
     if let Some(path) = &a.json {
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&r)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())

@@ -170,6 +170,7 @@ fn greedy_continuations_match_transformers_alone_batched_and_chunked() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn batched_decode_logits_equal_one_by_one() {
     // Three sequences of different lengths decoded in the same steps: every row's logits must
     // equal the logits of that sequence decoded alone.
@@ -270,4 +271,50 @@ fn sampling_is_seeded_and_stops() {
     let at = first.iter().position(|&t| t == stop).unwrap();
     assert_eq!(out.tokens, first[..=at].to_vec());
     assert_eq!(out.finish, protege::generate::Finish::StopToken(stop));
+}
+
+#[test]
+fn stop_strings_end_generation_once_the_text_contains_them() {
+    let (be, model) = load("tiny");
+    let tok = protege::tokenizer::Tokenizer::from_dir(&fixture("tiny")).unwrap();
+    let prompt = tok.encode("def add(a, b):").unwrap();
+    let run = |stop: Vec<String>| {
+        let req = Request {
+            stop_strings: stop,
+            ..Request::greedy(prompt.clone(), 24)
+        };
+        generate(
+            &be,
+            &model,
+            &[req],
+            Some(&tok),
+            &GenOptions::default(),
+            |_, _| {},
+        )
+        .unwrap()
+        .0
+        .remove(0)
+    };
+    let free = run(vec![]);
+    let text = tok.decode(&free.tokens, false).unwrap();
+    // A stop string made of characters from the middle of the free-running text.
+    let mid = text.char_indices().nth(text.chars().count() / 2).unwrap().0;
+    let stop: String = text[mid..].chars().take(2).collect();
+    let out = run(vec!["never-appears".into(), stop.clone()]);
+    assert_eq!(
+        out.finish,
+        protege::generate::Finish::StopString(stop.clone())
+    );
+    let got = tok.decode(&out.tokens, false).unwrap();
+    assert!(
+        got.contains(&stop) && free.tokens.starts_with(&out.tokens),
+        "{got:?} vs {text:?}"
+    );
+    assert!(out.tokens.len() < free.tokens.len());
+    // Without a tokenizer, stop strings are an error rather than silently ignored.
+    let req = Request {
+        stop_strings: vec!["x".into()],
+        ..Request::greedy(prompt.clone(), 4)
+    };
+    assert!(generate(&be, &model, &[req], None, &GenOptions::default(), |_, _| {}).is_err());
 }

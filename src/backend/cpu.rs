@@ -27,13 +27,30 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Rows at or below this count use the streaming matrix-vector kernel instead of `gemm`.
 const SMALL_ROWS: usize = 8;
 
 /// `dst[m, n] (+)= lhs[m, k] @ rhs^T` on one thread, `rhs: [n, k]`; `dst` has row stride
 /// `ldd`. `beta` scales the product; with `accumulate` the old `dst` is kept.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_nt_serial(dst: *mut f32, ldd: usize, lhs: *const f32, rhs: *const f32, m: usize, n: usize, k: usize, accumulate: bool, beta: f32) {
+unsafe fn gemm_nt_serial(
+    dst: *mut f32,
+    ldd: usize,
+    lhs: *const f32,
+    rhs: *const f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    beta: f32,
+) {
     gemm::gemm(
         m,
         n,
@@ -64,26 +81,76 @@ unsafe fn gemm_nt_serial(dst: *mut f32, ldd: usize, lhs: *const f32, rhs: *const
 /// cores `gemm`'s own threading reached ~116 GFLOP/s at the Qwen2.5-0.5B MLP shape, these
 /// blocks ~155 (PyTorch/MKL: ~140-175); the weight block stays cache-resident.
 #[allow(clippy::too_many_arguments)]
-fn matmul_nt(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, k: usize, accumulate: bool, beta: f32, par: bool) {
+fn matmul_nt(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    beta: f32,
+    par: bool,
+) {
     assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k);
     let threads = if par { rayon::current_num_threads() } else { 1 };
-    let (d, l, r) = (SharedMut(dst.as_mut_ptr()), lhs.as_ptr() as usize, rhs.as_ptr() as usize);
+    let (d, l, r) = (
+        SharedMut(dst.as_mut_ptr()),
+        lhs.as_ptr() as usize,
+        rhs.as_ptr() as usize,
+    );
     // SAFETY (both arms): blocks are disjoint and every access stays inside the slices
     // checked above.
     if threads > 1 && n >= 64 * threads {
         let cols = n.div_ceil(threads).next_multiple_of(16).min(512);
         (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
             let (lo, hi) = (t * cols, ((t + 1) * cols).min(n));
-            unsafe { gemm_nt_serial({ d }.0.add(lo), n, l as *const f32, (r as *const f32).add(lo * k), m, hi - lo, k, accumulate, beta) };
+            unsafe {
+                gemm_nt_serial(
+                    d.ptr().add(lo),
+                    n,
+                    l as *const f32,
+                    (r as *const f32).add(lo * k),
+                    m,
+                    hi - lo,
+                    k,
+                    accumulate,
+                    beta,
+                )
+            };
         });
     } else if threads > 1 && m >= 16 * threads {
         let rows = m.div_ceil(threads);
         (0..m.div_ceil(rows)).into_par_iter().for_each(|t| {
             let (lo, hi) = (t * rows, ((t + 1) * rows).min(m));
-            unsafe { gemm_nt_serial({ d }.0.add(lo * n), n, (l as *const f32).add(lo * k), r as *const f32, hi - lo, n, k, accumulate, beta) };
+            unsafe {
+                gemm_nt_serial(
+                    d.ptr().add(lo * n),
+                    n,
+                    (l as *const f32).add(lo * k),
+                    r as *const f32,
+                    hi - lo,
+                    n,
+                    k,
+                    accumulate,
+                    beta,
+                )
+            };
         });
     } else {
-        unsafe { gemm_nt_serial(d.0, n, lhs.as_ptr(), rhs.as_ptr(), m, n, k, accumulate, beta) };
+        unsafe {
+            gemm_nt_serial(
+                d.ptr(),
+                n,
+                lhs.as_ptr(),
+                rhs.as_ptr(),
+                m,
+                n,
+                k,
+                accumulate,
+                beta,
+            )
+        };
     }
 }
 
@@ -175,7 +242,7 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5.000_000_1e-1_f64 as f32;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -209,14 +276,13 @@ fn matvec_rows(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usi
     (0..n.div_ceil(COLS_PER_TASK))
         .into_par_iter()
         .for_each(|task| {
-            let out_ptr = out_ptr;
             let (lo, hi) = (task * COLS_PER_TASK, ((task + 1) * COLS_PER_TASK).min(n));
             for j in lo..hi {
                 let wrow = &w[j * k..(j + 1) * k];
                 for r in 0..m {
                     let v = dot(&x[r * k..(r + 1) * k], wrow);
                     // SAFETY: column j of every row belongs to this task alone.
-                    unsafe { *out_ptr.0.add(r * n + j) = v };
+                    unsafe { *out_ptr.ptr().add(r * n + j) = v };
                 }
             }
         });
@@ -283,11 +349,11 @@ impl Backend for CpuBackend {
         vec![0.0; n]
     }
 
-    fn from_f32(&self, data: &[f32]) -> Vec<f32> {
+    fn upload_f32(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
 
-    fn from_host(&self, t: &HostTensor) -> Result<Vec<f32>> {
+    fn upload(&self, t: &HostTensor) -> Result<Vec<f32>> {
         if t.bytes.len() != t.numel() * t.dtype.size() {
             bail!(
                 "tensor data is {} bytes, expected {} for {:?} {:?}",
@@ -434,7 +500,6 @@ impl Backend for CpuBackend {
             .collect();
         let out_ptr = SharedMut(out.as_mut_ptr());
         items.into_par_iter().for_each(|(s, kvh, c)| {
-            let out_ptr = out_ptr;
             let seq = &meta.seqs[s];
             let past = seq.n_ctx - seq.n_new;
             let (q_lo, q_hi) = (c * ATTN_Q_CHUNK, ((c + 1) * ATTN_Q_CHUNK).min(seq.n_new));
@@ -458,24 +523,50 @@ impl Backend for CpuBackend {
                 let h = kvh * group + g;
                 for i in 0..nq {
                     let src = (seq.row_start + q_lo + i) * q_dim + h * head_dim;
-                    qs[(g * nq + i) * head_dim..][..head_dim].copy_from_slice(&q[src..src + head_dim]);
+                    qs[(g * nq + i) * head_dim..][..head_dim]
+                        .copy_from_slice(&q[src..src + head_dim]);
                 }
             }
             let mut scores = vec![0f32; group * nq * len];
-            matmul_nt(&mut scores, &qs, &keys, group * nq, len, head_dim, false, scale, false);
+            matmul_nt(
+                &mut scores,
+                &qs,
+                &keys,
+                group * nq,
+                len,
+                head_dim,
+                false,
+                scale,
+                false,
+            );
             for (r, row) in scores.chunks_mut(len).enumerate() {
                 let visible = past + q_lo + r % nq + 1;
                 softmax_in_place(&mut row[..visible]);
                 row[visible..].iter_mut().for_each(|v| *v = 0.0);
             }
             let mut o = vec![0f32; group * nq * head_dim];
-            matmul_nn(&mut o, &scores, &vals, group * nq, head_dim, len, false, 1.0);
+            matmul_nn(
+                &mut o,
+                &scores,
+                &vals,
+                group * nq,
+                head_dim,
+                len,
+                false,
+                1.0,
+            );
             for g in 0..group {
                 let h = kvh * group + g;
                 for i in 0..nq {
                     let dst = (seq.row_start + q_lo + i) * q_dim + h * head_dim;
                     // SAFETY: (row, head) pairs are disjoint across work items.
-                    unsafe { std::ptr::copy_nonoverlapping(o[(g * nq + i) * head_dim..].as_ptr(), out_ptr.0.add(dst), head_dim) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            o[(g * nq + i) * head_dim..].as_ptr(),
+                            out_ptr.ptr().add(dst),
+                            head_dim,
+                        )
+                    };
                 }
             }
         });
@@ -486,11 +577,7 @@ impl Backend for CpuBackend {
             .par_chunks_mut(4096)
             .zip(gate[..n].par_chunks(4096))
             .zip(up[..n].par_chunks(4096))
-            .for_each(|((o, g), u)| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+            .for_each(|((o, g), u)| swiglu_chunk(o, g, u));
     }
 
     fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) {
@@ -698,7 +785,7 @@ mod tests {
                 n_ctx: past + new,
                 block_table: tables[s].clone(),
             });
-            meta.tokens.extend(std::iter::repeat(0).take(new));
+            meta.tokens.extend(std::iter::repeat_n(0, new));
         }
         let rows = meta.tokens.len();
         let q = rand_vec(rows * qd, 30);
@@ -774,13 +861,13 @@ mod tests {
                 shape: vec![4],
                 bytes,
             };
-            close(&be.from_host(&t).unwrap(), &vals, tol);
+            close(&be.upload(&t).unwrap(), &vals, tol);
         }
         let short = HostTensor {
             dtype: DType::F32,
             shape: vec![5],
             bytes: &f32b,
         };
-        assert!(be.from_host(&short).is_err());
+        assert!(be.upload(&short).is_err());
     }
 }

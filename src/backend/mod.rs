@@ -112,9 +112,9 @@ pub trait Backend: Send + Sync {
 
     // ---- memory ----
     fn zeros(&self, n: usize) -> Self::Buf;
-    fn from_f32(&self, data: &[f32]) -> Self::Buf;
+    fn upload_f32(&self, data: &[f32]) -> Self::Buf;
     /// Stores a checkpoint tensor in the backend's compute precision.
-    fn from_host(&self, t: &HostTensor) -> Result<Self::Buf>;
+    fn upload(&self, t: &HostTensor) -> Result<Self::Buf>;
     fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
     fn prepare(&self, meta: &StepMeta) -> Self::Meta;
 

@@ -47,7 +47,7 @@ impl<B: Backend> Qwen2<B> {
         let load = |name: &str, shape: &[usize]| -> Result<B::Buf> {
             let t = ckpt.get(name, shape)?;
             backend
-                .from_host(&t)
+                .upload(&t)
                 .with_context(|| format!("loading tensor {name}"))
         };
         let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
