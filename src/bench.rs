@@ -48,18 +48,9 @@ pub fn bench_model<B: Backend>(
     decode_tokens: usize,
     repeats: usize,
 ) -> Result<BenchResult> {
-    let opts = GenOptions {
-        max_step_tokens: prompt.len(),
-    };
+    let opts = GenOptions { max_step_tokens: prompt.len() };
     let run = |new_tokens: usize| {
-        generate(
-            be,
-            model,
-            &[Request::greedy(prompt.to_vec(), new_tokens)],
-            None,
-            &opts,
-            |_, _| {},
-        )
+        generate(be, model, &[Request::greedy(prompt.to_vec(), new_tokens)], None, &opts, |_, _| {})
     };
     run(1)?; // warm-up: page in the weights, grow the allocator
     let repeats = repeats.max(1);
@@ -68,10 +59,7 @@ pub fn bench_model<B: Backend>(
     for _ in 0..repeats {
         let (_, stats) = run(decode_tokens + 1)?;
         if stats.decode_tokens != decode_tokens {
-            bail!(
-                "expected {decode_tokens} decode steps, ran {}",
-                stats.decode_tokens
-            );
+            bail!("expected {decode_tokens} decode steps, ran {}", stats.decode_tokens);
         }
         prefill.push(stats.prefill_time);
         decode.push(stats.decode_time);

@@ -48,22 +48,13 @@ fn function_type() -> String {
 
 impl ToolCall {
     pub fn new(name: &str, arguments: Value) -> Self {
-        Self {
-            id: None,
-            kind: function_type(),
-            function: FunctionCall {
-                name: name.into(),
-                arguments,
-            },
-        }
+        Self { id: None, kind: function_type(), function: FunctionCall { name: name.into(), arguments } }
     }
 
     /// The arguments as a JSON value: a string holding JSON (the OpenAI wire form) is parsed.
     pub fn arguments(&self) -> Value {
         match &self.function.arguments {
-            Value::String(s) => {
-                serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
-            }
+            Value::String(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
             v => v.clone(),
         }
     }
@@ -84,13 +75,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self {
-            role,
-            content: Some(content.into()),
-            tool_calls: vec![],
-            tool_call_id: None,
-            name: None,
-        }
+        Self { role, content: Some(content.into()), tool_calls: vec![], tool_call_id: None, name: None }
     }
     pub fn system(c: impl Into<String>) -> Self {
         Self::new(Role::System, c)
@@ -113,10 +98,7 @@ impl Message {
     pub fn validate(&self, index: usize) -> Result<()> {
         for (j, c) in self.tool_calls.iter().enumerate() {
             if self.role != Role::Assistant {
-                bail!(
-                    "message {index}: only assistant messages may have tool_calls (role is {})",
-                    self.role.as_str()
-                );
+                bail!("message {index}: only assistant messages may have tool_calls (role is {})", self.role.as_str());
             }
             if c.function.name.trim().is_empty() {
                 bail!("message {index}: tool call {j} has no function name");
@@ -143,9 +125,8 @@ impl Conversation {
                 tools: vec![],
             }
         } else {
-            serde_json::from_value(v).context(
-                "expected {\"messages\": [...], \"tools\": [...]} or an array of messages",
-            )?
+            serde_json::from_value(v)
+                .context("expected {\"messages\": [...], \"tools\": [...]} or an array of messages")?
         };
         for (i, m) in conv.messages.iter().enumerate() {
             m.validate(i)?;
@@ -159,39 +140,27 @@ impl Conversation {
 pub fn python_json(v: &Value) -> String {
     struct PyFormatter;
     impl serde_json::ser::Formatter for PyFormatter {
-        fn begin_array_value<W: ?Sized + std::io::Write>(
-            &mut self,
-            w: &mut W,
-            first: bool,
-        ) -> std::io::Result<()> {
+        fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
             if first {
                 Ok(())
             } else {
                 w.write_all(b", ")
             }
         }
-        fn begin_object_key<W: ?Sized + std::io::Write>(
-            &mut self,
-            w: &mut W,
-            first: bool,
-        ) -> std::io::Result<()> {
+        fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
             if first {
                 Ok(())
             } else {
                 w.write_all(b", ")
             }
         }
-        fn begin_object_value<W: ?Sized + std::io::Write>(
-            &mut self,
-            w: &mut W,
-        ) -> std::io::Result<()> {
+        fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
             w.write_all(b": ")
         }
     }
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter);
-    v.serialize(&mut ser)
-        .expect("serialising a JSON value cannot fail");
+    v.serialize(&mut ser).expect("serialising a JSON value cannot fail");
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
@@ -203,10 +172,7 @@ mod tests {
     #[test]
     fn python_style_json() {
         let v = json!({"b": [1, 2.5, null, true], "a": {"x": "é\n\"q\""}});
-        assert_eq!(
-            python_json(&v),
-            r#"{"b": [1, 2.5, null, true], "a": {"x": "é\n\"q\""}}"#
-        );
+        assert_eq!(python_json(&v), r#"{"b": [1, 2.5, null, true], "a": {"x": "é\n\"q\""}}"#);
     }
 
     #[test]
@@ -220,8 +186,10 @@ mod tests {
     #[test]
     fn bad_messages_are_errors() {
         assert!(Conversation::from_json(r#"[{"role": "robot", "content": "hi"}]"#).is_err());
-        let e = Conversation::from_json(r#"[{"role": "assistant", "tool_calls": [{"function": {"name": "", "arguments": {}}}]}]"#)
-            .unwrap_err();
+        let e = Conversation::from_json(
+            r#"[{"role": "assistant", "tool_calls": [{"function": {"name": "", "arguments": {}}}]}]"#,
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("no function name"), "{e:#}");
         let c = Conversation::from_json(
             r#"{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}"#,

@@ -27,57 +27,33 @@ fn i64s(st: &SafeTensors, name: &str, file: &Path) -> Result<Option<Vec<i64>>> {
         Err(e) => bail!("{}: cannot read {name}: {e}", file.display()),
     };
     if t.dtype() != Dtype::I64 || t.shape().len() != 1 {
-        bail!(
-            "{}: {name} must be I64 [n], found {:?} {:?}",
-            file.display(),
-            t.dtype(),
-            t.shape()
-        );
+        bail!("{}: {name} must be I64 [n], found {:?} {:?}", file.display(), t.dtype(), t.shape());
     }
-    Ok(Some(
-        t.data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
-    ))
+    Ok(Some(t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()))
 }
 
 impl Reference {
     pub fn load(file: &Path) -> Result<Self> {
-        let bytes = std::fs::read(file)
-            .with_context(|| format!("cannot read reference {}", file.display()))?;
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read reference {}", file.display()))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", file.display()))?;
         let ids = i64s(&st, "input_ids", file)?
             .ok_or_else(|| anyhow!("{}: missing tensor input_ids (I64 [n])", file.display()))?;
         let n = ids.len();
         let to_u32 = |v: i64, what: &str| {
-            u32::try_from(v)
-                .map_err(|_| anyhow!("{}: {what} value {v} is out of range", file.display()))
+            u32::try_from(v).map_err(|_| anyhow!("{}: {what} value {v} is out of range", file.display()))
         };
-        let input_ids = ids
-            .iter()
-            .map(|&v| to_u32(v, "input_ids"))
-            .collect::<Result<Vec<_>>>()?;
+        let input_ids = ids.iter().map(|&v| to_u32(v, "input_ids")).collect::<Result<Vec<_>>>()?;
         let positions = match i64s(&st, "positions", file)? {
-            Some(p) => p
-                .iter()
-                .map(|&v| to_u32(v, "positions"))
-                .collect::<Result<Vec<_>>>()?,
+            Some(p) => p.iter().map(|&v| to_u32(v, "positions")).collect::<Result<Vec<_>>>()?,
             None => (0..n as u32).collect(),
         };
         if let Some(&p) = positions.iter().find(|&&p| p as usize >= n) {
-            bail!(
-                "{}: position {p} is outside the {n} input ids",
-                file.display()
-            );
+            bail!("{}: position {p} is outside the {n} input ids", file.display());
         }
-        let t = st.tensor("logits").map_err(|e| {
-            anyhow!(
-                "{}: missing tensor logits (F32 [k, vocab]): {e}",
-                file.display()
-            )
-        })?;
+        let t = st
+            .tensor("logits")
+            .map_err(|e| anyhow!("{}: missing tensor logits (F32 [k, vocab]): {e}", file.display()))?;
         if t.dtype() != Dtype::F32 || t.shape().len() != 2 || t.shape()[0] != positions.len() {
             bail!(
                 "{}: logits must be F32 [{}, vocab], found {:?} {:?}",
@@ -88,17 +64,8 @@ impl Reference {
             );
         }
         let vocab = t.shape()[1];
-        let logits = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        Ok(Self {
-            input_ids,
-            positions,
-            logits,
-            vocab,
-        })
+        let logits = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        Ok(Self { input_ids, positions, logits, vocab })
     }
 }
 
@@ -136,10 +103,7 @@ pub fn compare(ours: &[f32], reference: &[f32], vocab: usize, atol: f32, rtol: f
         violations: 0,
     };
     for r in 0..rows {
-        let (a, b) = (
-            &ours[r * vocab..(r + 1) * vocab],
-            &reference[r * vocab..(r + 1) * vocab],
-        );
+        let (a, b) = (&ours[r * vocab..(r + 1) * vocab], &reference[r * vocab..(r + 1) * vocab]);
         for (j, (&x, &y)) in a.iter().zip(b).enumerate() {
             let d = (x - y).abs();
             // NaN anywhere is a violation, never a silent pass.
@@ -171,18 +135,8 @@ pub fn check_logits<B: Backend>(
     rtol: f32,
 ) -> Result<Comparison> {
     if reference.vocab != model.cfg.vocab_size {
-        bail!(
-            "reference logits have vocab {}, the model has vocab_size {}",
-            reference.vocab,
-            model.cfg.vocab_size
-        );
+        bail!("reference logits have vocab {}, the model has vocab_size {}", reference.vocab, model.cfg.vocab_size);
     }
     let ours = prompt_logits(be, model, &reference.input_ids, Some(&reference.positions))?;
-    Ok(compare(
-        &ours,
-        &reference.logits,
-        reference.vocab,
-        atol,
-        rtol,
-    ))
+    Ok(compare(&ours, &reference.logits, reference.vocab, atol, rtol))
 }

@@ -64,11 +64,7 @@ struct GenerateArgs {
     #[arg(long)]
     model: PathBuf,
     /// A user message, rendered with the chat template (or tokenised as is with --raw).
-    #[arg(
-        long,
-        conflicts_with = "messages",
-        required_unless_present = "messages"
-    )]
+    #[arg(long, conflicts_with = "messages", required_unless_present = "messages")]
     prompt: Option<String>,
     /// A JSON file: an array of messages, or {"messages": [...], "tools": [...]}.
     #[arg(long)]
@@ -115,8 +111,7 @@ struct CheckLogitsArgs {
 
 fn load_model<B: Backend>(be: &B, dir: &std::path::Path) -> Result<Qwen2<B>> {
     let t = Instant::now();
-    let model =
-        Qwen2::load(be, dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let model = Qwen2::load(be, dir).with_context(|| format!("loading model from {}", dir.display()))?;
     let c = &model.cfg;
     eprintln!(
         "loaded {} ({:.1}M params, {} layers, hidden {}, heads {}/{}) on {} in {:.1}s",
@@ -149,12 +144,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             tok.apply_chat_template(&msgs, &[], true)?.ids
         }
         (None, Some(file)) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
             let conv = Conversation::from_json(&text)
                 .with_context(|| format!("invalid conversation file {}", file.display()))?;
-            tok.apply_chat_template(&conv.messages, &conv.tools, true)?
-                .ids
+            tok.apply_chat_template(&conv.messages, &conv.tools, true)?.ids
         }
         (None, None) => bail!("give --prompt or --messages"),
     };
@@ -163,30 +156,17 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let req = Request {
         prompt,
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-        },
+        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
         seed: a.seed,
-        stop_tokens: if a.ignore_eos {
-            vec![]
-        } else {
-            tok.stop_ids.clone()
-        },
+        stop_tokens: if a.ignore_eos { vec![] } else { tok.stop_ids.clone() },
         stop_strings: a.stop.clone(),
     };
     let mut stream = TextStream::new(tok.clone());
     let stop_tokens = req.stop_tokens.clone();
     let mut out = std::io::stdout().lock();
     let mut io_err = None;
-    let (done, stats) = generate(
-        &be,
-        &model,
-        std::slice::from_ref(&req),
-        Some(&tok),
-        &GenOptions::default(),
-        |_, t| {
+    let (done, stats) =
+        generate(&be, &model, std::slice::from_ref(&req), Some(&tok), &GenOptions::default(), |_, t| {
             if stop_tokens.contains(&t) {
                 return;
             }
@@ -200,8 +180,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
                     io_err.get_or_insert(e);
                 }
             }
-        },
-    )?;
+        })?;
     if let Some(e) = io_err {
         return Err(e);
     }
@@ -229,20 +208,14 @@ fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
     let c = check_logits(&be, &model, &reference, a.atol, a.rtol)?;
     println!("input tokens      {}", reference.input_ids.len());
     println!("rows compared     {} x vocab {}", c.rows, c.vocab);
-    println!(
-        "max abs error     {:.3e} (row {}, token {})",
-        c.max_abs, c.max_abs_at.0, c.max_abs_at.1
-    );
+    println!("max abs error     {:.3e} (row {}, token {})", c.max_abs, c.max_abs_at.0, c.max_abs_at.1);
     println!("max rel error     {:.3e} (|ref| floored at 1)", c.max_rel);
     println!("mean abs error    {:.3e}", c.mean_abs);
     println!("argmax agreement  {}/{}", c.argmax_agree, c.rows);
     if c.passed() {
         println!("PASS (atol {:e}, rtol {:e})", a.atol, a.rtol);
     } else {
-        println!(
-            "FAIL: {} values outside atol {:e} + rtol {:e} * |ref|",
-            c.violations, a.atol, a.rtol
-        );
+        println!("FAIL: {} values outside atol {:e} + rtol {:e} * |ref|", c.violations, a.atol, a.rtol);
     }
     Ok(c.passed())
 }
@@ -254,14 +227,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
     let r = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
     println!("backend  {}", r.backend);
-    println!(
-        "prefill  {} tokens: {:.1} tok/s",
-        r.prefill_tokens, r.prefill_tok_s
-    );
-    println!(
-        "decode   {} tokens: {:.2} tok/s",
-        r.decode_tokens, r.decode_tok_s
-    );
+    println!("prefill  {} tokens: {:.1} tok/s", r.prefill_tokens, r.prefill_tok_s);
+    println!("decode   {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tok_s);
     if let Some(path) = &a.json {
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&r)?)
@@ -274,10 +241,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-        {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
             eprintln!("error: cannot set up {n} threads: {e}");
             return ExitCode::FAILURE;
         }

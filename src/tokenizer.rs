@@ -15,8 +15,7 @@ use serde_json::Value;
 
 use crate::chat::{python_json, Message, Role};
 
-pub const DEFAULT_SYSTEM: &str =
-    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+pub const DEFAULT_SYSTEM: &str = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 const TOOLS_HEADER: &str = "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>";
 const TOOLS_FOOTER: &str = "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n";
 
@@ -52,11 +51,7 @@ impl Rendered {
     /// Owner of the byte at `offset`.
     pub fn role_at(&self, offset: usize) -> TokenRole {
         let i = self.spans.partition_point(|(end, _)| *end <= offset);
-        self.spans
-            .get(i)
-            .or(self.spans.last())
-            .map(|s| s.1)
-            .unwrap_or(TokenRole::Template)
+        self.spans.get(i).or(self.spans.last()).map(|s| s.1).unwrap_or(TokenRole::Template)
     }
 }
 
@@ -71,41 +66,20 @@ pub struct ChatEncoding {
 impl ChatEncoding {
     /// True for tokens the assistant produced (what SFT trains on).
     pub fn assistant_mask(&self) -> Vec<bool> {
-        self.roles
-            .iter()
-            .map(|r| *r == TokenRole::Body(Role::Assistant))
-            .collect()
+        self.roles.iter().map(|r| *r == TokenRole::Body(Role::Assistant)).collect()
     }
 }
 
 /// Renders `messages` with the Qwen2.5 template.
-pub fn render_qwen25(
-    messages: &[Message],
-    tools: &[Value],
-    add_generation_prompt: bool,
-) -> Result<Rendered> {
+pub fn render_qwen25(messages: &[Message], tools: &[Value], add_generation_prompt: bool) -> Result<Rendered> {
     use TokenRole::{Body, Template};
-    let mut r = Rendered {
-        text: String::new(),
-        spans: vec![],
-    };
+    let mut r = Rendered { text: String::new(), spans: vec![] };
     for (i, m) in messages.iter().enumerate() {
         m.validate(i)?;
     }
-    let first_is_system = messages
-        .first()
-        .map(|m| m.role == Role::System)
-        .unwrap_or(false);
-    let system_text = if first_is_system {
-        messages[0].text()
-    } else {
-        DEFAULT_SYSTEM
-    };
-    let system_role = if first_is_system {
-        Body(Role::System)
-    } else {
-        Template
-    };
+    let first_is_system = messages.first().map(|m| m.role == Role::System).unwrap_or(false);
+    let system_text = if first_is_system { messages[0].text() } else { DEFAULT_SYSTEM };
+    let system_role = if first_is_system { Body(Role::System) } else { Template };
     r.push("<|im_start|>system\n", Template);
     r.push(system_text, system_role);
     if tools.is_empty() {
@@ -193,14 +167,8 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
-        let stop_ids = ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| inner.token_to_id(t))
-            .collect();
-        Ok(Self {
-            inner: Arc::new(inner),
-            stop_ids,
-        })
+        let stop_ids = ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| inner.token_to_id(t)).collect();
+        Ok(Self { inner: Arc::new(inner), stop_ids })
     }
 
     /// The tokenizer of an HF model directory.
@@ -223,15 +191,11 @@ impl Tokenizer {
     }
 
     fn encode_raw(&self, text: &str) -> Result<tokenizers::Encoding> {
-        self.inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenisation failed: {e}"))
+        self.inner.encode(text, false).map_err(|e| anyhow!("tokenisation failed: {e}"))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| anyhow!("decoding failed: {e}"))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
     /// Renders and tokenises a conversation, attributing every token.
@@ -241,18 +205,9 @@ impl Tokenizer {
         tools: &[Value],
         add_generation_prompt: bool,
     ) -> Result<ChatEncoding> {
-        let rendered = render_qwen25(messages, tools, add_generation_prompt)
-            .context("rendering the chat template")?;
+        let rendered = render_qwen25(messages, tools, add_generation_prompt).context("rendering the chat template")?;
         let enc = self.encode_raw(&rendered.text)?;
-        let roles = enc
-            .get_offsets()
-            .iter()
-            .map(|&(start, _)| rendered.role_at(start))
-            .collect();
-        Ok(ChatEncoding {
-            ids: enc.get_ids().to_vec(),
-            roles,
-            text: rendered.text,
-        })
+        let roles = enc.get_offsets().iter().map(|&(start, _)| rendered.role_at(start)).collect();
+        Ok(ChatEncoding { ids: enc.get_ids().to_vec(), roles, text: rendered.text })
     }
 }

@@ -25,23 +25,10 @@ fn token_ids_equal_transformers() {
             serde_json::from_value(json!({"messages": c["messages"], "tools": if c["tools"].is_null() { json!([]) } else { c["tools"].clone() }}))
                 .unwrap();
         let enc = tok
-            .apply_chat_template(
-                &conv.messages,
-                &conv.tools,
-                c["add_generation_prompt"].as_bool().unwrap(),
-            )
+            .apply_chat_template(&conv.messages, &conv.tools, c["add_generation_prompt"].as_bool().unwrap())
             .unwrap();
-        assert_eq!(
-            enc.text,
-            c["text"].as_str().unwrap(),
-            "{name}: rendered text"
-        );
-        let want: Vec<u32> = c["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        assert_eq!(enc.text, c["text"].as_str().unwrap(), "{name}: rendered text");
+        let want: Vec<u32> = c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(enc.ids, want, "{name}: token ids");
         assert_eq!(enc.roles.len(), enc.ids.len());
     }
@@ -60,21 +47,11 @@ fn role_mask_marks_what_the_assistant_produced() {
         Message::tool("a.py b.py"),
         Message::assistant("Two files."),
     ];
-    let enc = tok
-        .apply_chat_template(
-            &msgs,
-            &[json!({"type": "function", "function": {"name": "bash"}})],
-            false,
-        )
-        .unwrap();
+    let enc =
+        tok.apply_chat_template(&msgs, &[json!({"type": "function", "function": {"name": "bash"}})], false).unwrap();
     let mask = enc.assistant_mask();
-    let assistant: String = enc
-        .ids
-        .iter()
-        .zip(&mask)
-        .filter(|(_, &m)| m)
-        .map(|(&id, _)| tok.decode(&[id], false).unwrap())
-        .collect();
+    let assistant: String =
+        enc.ids.iter().zip(&mask).filter(|(_, &m)| m).map(|(&id, _)| tok.decode(&[id], false).unwrap()).collect();
     assert_eq!(
         assistant,
         "<tool_call>\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}\n</tool_call><|im_end|>Two files.<|im_end|>"
@@ -94,17 +71,12 @@ fn role_mask_marks_what_the_assistant_produced() {
 #[test]
 fn generation_prompt_and_errors() {
     let tok = tokenizer();
-    let enc = tok
-        .apply_chat_template(&[Message::user("hi")], &[], true)
-        .unwrap();
+    let enc = tok.apply_chat_template(&[Message::user("hi")], &[], true).unwrap();
     assert!(enc.text.ends_with("<|im_start|>assistant\n"));
     assert!(enc.assistant_mask().iter().all(|m| !m));
     let mut bad = Message::user("x");
     bad.tool_calls = vec![ToolCall::new("bash", json!({}))];
     let e = tok.apply_chat_template(&[bad], &[], true).unwrap_err();
-    assert!(
-        format!("{e:#}").contains("only assistant messages"),
-        "{e:#}"
-    );
+    assert!(format!("{e:#}").contains("only assistant messages"), "{e:#}");
     assert!(Tokenizer::from_file(&fixture("nope/tokenizer.json")).is_err());
 }

@@ -7,15 +7,8 @@ use std::process::Command;
 use common::{fixture, MODELS};
 
 fn protege(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_protege"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_protege")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[test]
@@ -41,10 +34,7 @@ fn check_logits_passes_on_fixtures_and_fails_on_a_perturbed_reference() {
                 reference.to_str().unwrap(),
             ]);
             assert!(ok, "{name}/{file}: {out}{err}");
-            assert!(
-                out.contains("PASS") && out.contains("argmax agreement"),
-                "{out}"
-            );
+            assert!(out.contains("PASS") && out.contains("argmax agreement"), "{out}");
         }
     }
     // Nudge one logit by 1e-3: beyond the default tolerance.
@@ -55,24 +45,14 @@ fn check_logits_passes_on_fixtures_and_fails_on_a_perturbed_reference() {
     let mut data = logits.data().to_vec();
     let v = f32::from_le_bytes(data[40..44].try_into().unwrap()) + 1e-3;
     data[40..44].copy_from_slice(&v.to_le_bytes());
-    let perturbed = safetensors::tensor::TensorView::new(
-        safetensors::Dtype::F32,
-        logits.shape().to_vec(),
-        &data,
-    )
-    .unwrap();
+    let perturbed =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, logits.shape().to_vec(), &data).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ref.safetensors");
-    safetensors::serialize_to_file(vec![("input_ids", ids), ("logits", perturbed)], None, &path)
-        .unwrap();
+    safetensors::serialize_to_file(vec![("input_ids", ids), ("logits", perturbed)], None, &path).unwrap();
     let model = fixture("tiny");
-    let (ok, out, _) = protege(&[
-        "check-logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--reference",
-        path.to_str().unwrap(),
-    ]);
+    let (ok, out, _) =
+        protege(&["check-logits", "--model", model.to_str().unwrap(), "--reference", path.to_str().unwrap()]);
     assert!(!ok && out.contains("FAIL: 1 values"), "{out}");
     // A looser tolerance accepts it.
     let (ok, _, _) = protege(&[
@@ -100,33 +80,14 @@ fn check_logits_passes_on_fixtures_and_fails_on_a_perturbed_reference() {
 fn generate_streams_text_and_reports_speed() {
     let model = fixture("tiny");
     let m = model.to_str().unwrap();
-    let (ok, out, err) = protege(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt",
-        "def add(a, b):",
-        "--max-new-tokens",
-        "12",
-        "--ignore-eos",
-    ]);
+    let (ok, out, err) =
+        protege(&["generate", "--model", m, "--prompt", "def add(a, b):", "--max-new-tokens", "12", "--ignore-eos"]);
     assert!(ok, "{err}");
     assert!(!out.trim().is_empty());
-    assert!(
-        err.contains("tok/s") && err.contains("generated 12 tokens"),
-        "{err}"
-    );
+    assert!(err.contains("tok/s") && err.contains("generated 12 tokens"), "{err}");
     // Greedy is deterministic; seeded sampling too.
-    let again = protege(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt",
-        "def add(a, b):",
-        "--max-new-tokens",
-        "12",
-        "--ignore-eos",
-    ]);
+    let again =
+        protege(&["generate", "--model", m, "--prompt", "def add(a, b):", "--max-new-tokens", "12", "--ignore-eos"]);
     assert_eq!(out, again.1);
     let sample = |seed: &str| {
         protege(&[
@@ -153,33 +114,12 @@ fn generate_streams_text_and_reports_speed() {
     let dir = tempfile::tempdir().unwrap();
     let conv = dir.path().join("conv.json");
     std::fs::write(&conv, r#"{"messages": [{"role": "user", "content": "run ls"}], "tools": [{"type": "function", "function": {"name": "bash"}}]}"#).unwrap();
-    let (ok, _, err) = protege(&[
-        "generate",
-        "--model",
-        m,
-        "--messages",
-        conv.to_str().unwrap(),
-        "--max-new-tokens",
-        "4",
-    ]);
+    let (ok, _, err) =
+        protege(&["generate", "--model", m, "--messages", conv.to_str().unwrap(), "--max-new-tokens", "4"]);
     assert!(ok, "{err}");
     std::fs::write(&conv, r#"[{"role": "wizard", "content": "hi"}]"#).unwrap();
-    let (ok, _, err) = protege(&[
-        "generate",
-        "--model",
-        m,
-        "--messages",
-        conv.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = protege(&["generate", "--model", m, "--messages", conv.to_str().unwrap()]);
     assert!(!ok && err.contains("conv.json"), "{err}");
-    let (ok, _, err) = protege(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "600",
-    ]);
+    let (ok, _, err) = protege(&["generate", "--model", m, "--prompt", "x", "--max-new-tokens", "600"]);
     assert!(!ok && err.contains("max_position_embeddings"), "{err}");
 }

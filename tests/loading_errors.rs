@@ -24,16 +24,11 @@ fn tiny_with(edit: impl Fn(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> t
     copy_dir(&fixture("tiny"), dir.path());
     let bytes = std::fs::read(fixture("tiny/model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
+    let mut tensors: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
     edit(&mut tensors);
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     dir
 }
@@ -54,45 +49,25 @@ fn assert_mentions(msg: &str, parts: &[&str]) {
 #[test]
 fn missing_tensor() {
     let dir = tiny_with(|t| t.retain(|(n, ..)| n != "model.layers.1.mlp.up_proj.weight"));
-    assert_mentions(
-        &load_err(dir.path()),
-        &["model.layers.1.mlp.up_proj.weight", "missing", "[160, 64]"],
-    );
+    assert_mentions(&load_err(dir.path()), &["model.layers.1.mlp.up_proj.weight", "missing", "[160, 64]"]);
 }
 
 #[test]
 fn wrong_shape() {
     let dir = tiny_with(|t| {
-        let e = t
-            .iter_mut()
-            .find(|(n, ..)| n == "model.layers.0.self_attn.k_proj.weight")
-            .unwrap();
+        let e = t.iter_mut().find(|(n, ..)| n == "model.layers.0.self_attn.k_proj.weight").unwrap();
         e.2 = vec![16, 128];
     });
-    assert_mentions(
-        &load_err(dir.path()),
-        &[
-            "model.safetensors",
-            "k_proj.weight",
-            "[16, 128]",
-            "expected [32, 64]",
-        ],
-    );
+    assert_mentions(&load_err(dir.path()), &["model.safetensors", "k_proj.weight", "[16, 128]", "expected [32, 64]"]);
 }
 
 #[test]
 fn unsupported_dtype() {
     let dir = tiny_with(|t| {
-        let e = t
-            .iter_mut()
-            .find(|(n, ..)| n == "model.norm.weight")
-            .unwrap();
+        let e = t.iter_mut().find(|(n, ..)| n == "model.norm.weight").unwrap();
         e.1 = Dtype::I32;
     });
-    assert_mentions(
-        &load_err(dir.path()),
-        &["model.norm.weight", "I32", "expected BF16, F16 or F32"],
-    );
+    assert_mentions(&load_err(dir.path()), &["model.norm.weight", "I32", "expected BF16, F16 or F32"]);
 }
 
 #[test]
@@ -101,32 +76,22 @@ fn truncated_and_corrupt_files() {
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    assert_mentions(
-        &load_err(dir.path()),
-        &["model.safetensors", "truncated or corrupt"],
-    );
+    assert_mentions(&load_err(dir.path()), &["model.safetensors", "truncated or corrupt"]);
     let mut garbage = bytes.clone();
     garbage[8..40].copy_from_slice(&[b'#'; 32]);
     std::fs::write(&path, &garbage).unwrap();
-    assert_mentions(
-        &load_err(dir.path()),
-        &["model.safetensors", "not a valid safetensors"],
-    );
+    assert_mentions(&load_err(dir.path()), &["model.safetensors", "not a valid safetensors"]);
     std::fs::remove_file(&path).unwrap();
-    assert_mentions(
-        &load_err(dir.path()),
-        &["expected model.safetensors or model.safetensors.index.json"],
-    );
+    assert_mentions(&load_err(dir.path()), &["expected model.safetensors or model.safetensors.index.json"]);
 }
 
 #[test]
 fn untied_config_without_lm_head() {
     let dir = tiny_with(|_| {});
     let cfg = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "\"tie_word_embeddings\": true",
-        "\"tie_word_embeddings\": false",
-    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
     std::fs::write(&cfg, text).unwrap();
     assert_mentions(&load_err(dir.path()), &["lm_head.weight", "missing"]);
 }
@@ -134,43 +99,17 @@ fn untied_config_without_lm_head() {
 #[test]
 fn broken_config_and_shards() {
     let dir = tiny_with(|_| {});
-    std::fs::write(
-        dir.path().join("config.json"),
-        "{\"model_type\": \"qwen2\", \"hidden_size\": 64}",
-    )
-    .unwrap();
-    assert_mentions(
-        &load_err(dir.path()),
-        &[
-            "config.json",
-            "missing required field `num_attention_heads`",
-        ],
-    );
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"qwen2\", \"hidden_size\": 64}").unwrap();
+    assert_mentions(&load_err(dir.path()), &["config.json", "missing required field `num_attention_heads`"]);
 
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture("tiny-untied"), dir.path());
-    let index: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap(),
-    )
-    .unwrap();
-    let shard = index["weight_map"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let shard = index["weight_map"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string();
     std::fs::remove_file(dir.path().join(&shard)).unwrap();
     assert_mentions(&load_err(dir.path()), &[&shard, "cannot open"]);
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        "{\"weights\": 1}",
-    )
-    .unwrap();
-    assert_mentions(
-        &load_err(dir.path()),
-        &["model.safetensors.index.json", "weight_map"],
-    );
+    std::fs::write(dir.path().join("model.safetensors.index.json"), "{\"weights\": 1}").unwrap();
+    assert_mentions(&load_err(dir.path()), &["model.safetensors.index.json", "weight_map"]);
 }

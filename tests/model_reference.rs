@@ -21,20 +21,14 @@ fn prefill_logits_match_transformers() {
         assert_eq!(shape, vec![ids.len(), model.cfg.vocab_size]);
         let got = prompt_logits(&be, &model, &ids, None).unwrap();
         let err = max_abs_diff(&got, &want);
-        println!(
-            "{name}: prefill max abs error {err:.2e} over {} logits",
-            want.len()
-        );
+        println!("{name}: prefill max abs error {err:.2e} over {} logits", want.len());
         assert!(err <= ATOL, "{name}: max abs error {err}");
 
         let r = Tensors::open(&fixture(&format!("{name}/reference_positions.safetensors")));
         let positions = r.u32s("positions");
         let (want, _) = r.f32s("logits");
         let got = prompt_logits(&be, &model, &r.u32s("input_ids"), Some(&positions)).unwrap();
-        assert!(
-            max_abs_diff(&got, &want) <= ATOL,
-            "{name}: selected positions"
-        );
+        assert!(max_abs_diff(&got, &want) <= ATOL, "{name}: selected positions");
     }
 }
 
@@ -57,12 +51,7 @@ fn incremental_logits(name: &str, tokens: &[u32], prefill: usize) -> Vec<Vec<f32
             slots: (done..done + n_new)
                 .map(|p| blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
                 .collect(),
-            seqs: vec![SeqSlice {
-                row_start: 0,
-                n_new,
-                n_ctx: done + n_new,
-                block_table: blocks.clone(),
-            }],
+            seqs: vec![SeqSlice { row_start: 0, n_new, n_ctx: done + n_new, block_table: blocks.clone() }],
             block_size: BLOCK_SIZE,
             logit_rows: vec![n_new as u32 - 1],
         };
@@ -94,29 +83,16 @@ fn kv_cache_decode_matches_transformers_and_full_recompute() {
         let err = max_abs_diff(&steps.concat(), &full);
         println!("{name}: cached decode vs full recompute max abs diff {err:.2e}");
         // Not bit-identical: decode rows take the matrix-vector kernel, prefill takes gemm.
-        assert!(
-            err <= 5e-5,
-            "{name}: cached decode differs from recompute by {err}"
-        );
+        assert!(err <= 5e-5, "{name}: cached decode differs from recompute by {err}");
     }
 }
 
 fn greedy_cases(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
     let text = std::fs::read_to_string(fixture(&format!("{name}/greedy.json"))).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids = |x: &serde_json::Value| {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
-    v["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (ids(&c["prompt_ids"]), ids(&c["new_ids"])))
-        .collect()
+    let ids =
+        |x: &serde_json::Value| x.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    v["cases"].as_array().unwrap().iter().map(|c| (ids(&c["prompt_ids"]), ids(&c["new_ids"]))).collect()
 }
 
 #[test]
@@ -124,47 +100,25 @@ fn greedy_continuations_match_transformers_alone_batched_and_chunked() {
     for name in MODELS {
         let (be, model) = load(name);
         let cases = greedy_cases(name);
-        let reqs: Vec<Request> = cases
-            .iter()
-            .map(|(p, want)| Request::greedy(p.clone(), want.len()))
-            .collect();
+        let reqs: Vec<Request> = cases.iter().map(|(p, want)| Request::greedy(p.clone(), want.len())).collect();
         // One at a time.
         for (req, (_, want)) in reqs.iter().zip(&cases) {
-            let (out, _) = generate(
-                &be,
-                &model,
-                std::slice::from_ref(req),
-                None,
-                &GenOptions::default(),
-                |_, _| {},
-            )
-            .unwrap();
+            let (out, _) =
+                generate(&be, &model, std::slice::from_ref(req), None, &GenOptions::default(), |_, _| {}).unwrap();
             assert_eq!(&out[0].tokens, want, "{name}: greedy alone");
         }
         // All together (mixed prompt lengths in every step), and with prompts split into
         // chunks of 5 tokens so that prefill and decode rows share steps.
         for max_step_tokens in [512, 5] {
             let mut streamed = vec![vec![]; reqs.len()];
-            let (out, stats) = generate(
-                &be,
-                &model,
-                &reqs,
-                None,
-                &GenOptions { max_step_tokens },
-                |i, t| streamed[i].push(t),
-            )
-            .unwrap();
+            let (out, stats) =
+                generate(&be, &model, &reqs, None, &GenOptions { max_step_tokens }, |i, t| streamed[i].push(t))
+                    .unwrap();
             for (i, (_, want)) in cases.iter().enumerate() {
-                assert_eq!(
-                    &out[i].tokens, want,
-                    "{name}: greedy batched (step budget {max_step_tokens}) case {i}"
-                );
+                assert_eq!(&out[i].tokens, want, "{name}: greedy batched (step budget {max_step_tokens}) case {i}");
                 assert_eq!(&streamed[i], want, "{name}: streamed tokens");
             }
-            assert_eq!(
-                stats.prefill_tokens,
-                cases.iter().map(|c| c.0.len()).sum::<usize>()
-            );
+            assert_eq!(stats.prefill_tokens, cases.iter().map(|c| c.0.len()).sum::<usize>());
         }
     }
 }
@@ -189,16 +143,9 @@ fn batched_decode_logits_equal_one_by_one() {
     let mut tables: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
     let mut lens = vec![0usize; prompts.len()];
     for step in 0..=extra {
-        let mut meta = StepMeta {
-            block_size: BLOCK_SIZE,
-            ..Default::default()
-        };
+        let mut meta = StepMeta { block_size: BLOCK_SIZE, ..Default::default() };
         for (s, p) in prompts.iter().enumerate() {
-            let toks: Vec<u32> = if step == 0 {
-                p.clone()
-            } else {
-                vec![200 + step as u32 - 1]
-            };
+            let toks: Vec<u32> = if step == 0 { p.clone() } else { vec![200 + step as u32 - 1] };
             while tables[s].len() * BLOCK_SIZE < lens[s] + toks.len() {
                 tables[s].push(cache.alloc_block().unwrap());
             }
@@ -207,27 +154,17 @@ fn batched_decode_logits_equal_one_by_one() {
                 let pos = lens[s] + j;
                 meta.tokens.push(t);
                 meta.positions.push(pos as u32);
-                meta.slots.push(
-                    tables[s][pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32,
-                );
+                meta.slots.push(tables[s][pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32);
             }
             lens[s] += toks.len();
-            meta.seqs.push(SeqSlice {
-                row_start,
-                n_new: toks.len(),
-                n_ctx: lens[s],
-                block_table: tables[s].clone(),
-            });
+            meta.seqs.push(SeqSlice { row_start, n_new: toks.len(), n_ctx: lens[s], block_table: tables[s].clone() });
             meta.logit_rows.push((row_start + toks.len() - 1) as u32);
         }
         let logits = be.to_f32(&model.forward(&be, &meta, &mut cache).unwrap());
         let v = model.cfg.vocab_size;
         for s in 0..prompts.len() {
             let err = max_abs_diff(&logits[s * v..(s + 1) * v], &alone[s][step]);
-            assert!(
-                err <= 1e-5,
-                "sequence {s} step {step}: batched differs from alone by {err}"
-            );
+            assert!(err <= 1e-5, "sequence {s} step {step}: batched differs from alone by {err}");
         }
     }
 }
@@ -237,37 +174,17 @@ fn sampling_is_seeded_and_stops() {
     let (be, model) = load("tiny");
     let prompt: Vec<u32> = (5..20).collect();
     let req = |seed| Request {
-        sampling: protege::backend::SamplingParams {
-            temperature: 1.0,
-            top_k: 50,
-            top_p: 0.9,
-        },
+        sampling: protege::backend::SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.9 },
         seed,
         ..Request::greedy(prompt.clone(), 20)
     };
-    let run = |r: Request| {
-        generate(&be, &model, &[r], None, &GenOptions::default(), |_, _| {})
-            .unwrap()
-            .0
-            .remove(0)
-    };
-    assert_eq!(
-        run(req(1)).tokens,
-        run(req(1)).tokens,
-        "same seed, same tokens"
-    );
-    assert_ne!(
-        run(req(1)).tokens,
-        run(req(2)).tokens,
-        "different seeds should differ"
-    );
+    let run = |r: Request| generate(&be, &model, &[r], None, &GenOptions::default(), |_, _| {}).unwrap().0.remove(0);
+    assert_eq!(run(req(1)).tokens, run(req(1)).tokens, "same seed, same tokens");
+    assert_ne!(run(req(1)).tokens, run(req(2)).tokens, "different seeds should differ");
     // A stop token ends generation right after it is produced.
     let first = run(req(1)).tokens;
     let stop = first[3];
-    let out = run(Request {
-        stop_tokens: vec![stop],
-        ..req(1)
-    });
+    let out = run(Request { stop_tokens: vec![stop], ..req(1) });
     let at = first.iter().position(|&t| t == stop).unwrap();
     assert_eq!(out.tokens, first[..=at].to_vec());
     assert_eq!(out.finish, protege::generate::Finish::StopToken(stop));
@@ -279,21 +196,8 @@ fn stop_strings_end_generation_once_the_text_contains_them() {
     let tok = protege::tokenizer::Tokenizer::from_dir(&fixture("tiny")).unwrap();
     let prompt = tok.encode("def add(a, b):").unwrap();
     let run = |stop: Vec<String>| {
-        let req = Request {
-            stop_strings: stop,
-            ..Request::greedy(prompt.clone(), 24)
-        };
-        generate(
-            &be,
-            &model,
-            &[req],
-            Some(&tok),
-            &GenOptions::default(),
-            |_, _| {},
-        )
-        .unwrap()
-        .0
-        .remove(0)
+        let req = Request { stop_strings: stop, ..Request::greedy(prompt.clone(), 24) };
+        generate(&be, &model, &[req], Some(&tok), &GenOptions::default(), |_, _| {}).unwrap().0.remove(0)
     };
     let free = run(vec![]);
     let text = tok.decode(&free.tokens, false).unwrap();
@@ -301,20 +205,11 @@ fn stop_strings_end_generation_once_the_text_contains_them() {
     let mid = text.char_indices().nth(text.chars().count() / 2).unwrap().0;
     let stop: String = text[mid..].chars().take(2).collect();
     let out = run(vec!["never-appears".into(), stop.clone()]);
-    assert_eq!(
-        out.finish,
-        protege::generate::Finish::StopString(stop.clone())
-    );
+    assert_eq!(out.finish, protege::generate::Finish::StopString(stop.clone()));
     let got = tok.decode(&out.tokens, false).unwrap();
-    assert!(
-        got.contains(&stop) && free.tokens.starts_with(&out.tokens),
-        "{got:?} vs {text:?}"
-    );
+    assert!(got.contains(&stop) && free.tokens.starts_with(&out.tokens), "{got:?} vs {text:?}");
     assert!(out.tokens.len() < free.tokens.len());
     // Without a tokenizer, stop strings are an error rather than silently ignored.
-    let req = Request {
-        stop_strings: vec!["x".into()],
-        ..Request::greedy(prompt.clone(), 4)
-    };
+    let req = Request { stop_strings: vec!["x".into()], ..Request::greedy(prompt.clone(), 4) };
     assert!(generate(&be, &model, &[req], None, &GenOptions::default(), |_, _| {}).is_err());
 }

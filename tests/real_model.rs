@@ -41,13 +41,7 @@ fn greedy_reference(dir: &std::path::Path) -> (Vec<u32>, Vec<u32>) {
             .unwrap_or_else(|e| panic!("{}: {e} (run tools/make_real_reference)", path.display())),
     )
     .unwrap();
-    let ids = |k: &str| {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     (ids("prompt_ids"), ids("new_ids"))
 }
 
@@ -57,12 +51,7 @@ fn chat_template_ids_equal_transformers() {
     let dir = model_dir();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let (prompt_ids, _) = greedy_reference(&dir);
-    assert_eq!(
-        tok.apply_chat_template(&[Message::user(PROMPT)], &[], true)
-            .unwrap()
-            .ids,
-        prompt_ids
-    );
+    assert_eq!(tok.apply_chat_template(&[Message::user(PROMPT)], &[], true).unwrap().ids, prompt_ids);
 }
 
 #[test]
@@ -84,24 +73,13 @@ fn logits_and_greedy_match_transformers() {
             c.argmax_agree,
             c.rows
         );
-        assert!(
-            c.passed(),
-            "{file}: {} logits outside tolerance",
-            c.violations
-        );
+        assert!(c.passed(), "{file}: {} logits outside tolerance", c.violations);
         assert_eq!(c.argmax_agree, c.rows);
     }
     let (prompt, want) = greedy_reference(&dir);
     assert_eq!(want.len(), 48);
-    let (out, _) = generate(
-        &be,
-        &model,
-        &[Request::greedy(prompt, want.len())],
-        None,
-        &GenOptions::default(),
-        |_, _| {},
-    )
-    .unwrap();
+    let (out, _) =
+        generate(&be, &model, &[Request::greedy(prompt, want.len())], None, &GenOptions::default(), |_, _| {}).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
     println!("greedy: {}", tok.decode(&out[0].tokens, false).unwrap());
     assert_eq!(out[0].tokens, want);

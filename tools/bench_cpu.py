@@ -5,8 +5,10 @@ Usage:
     tools/bench_cpu.py --model DIR [--threads 2] [--prefill-tokens 512] [--decode-tokens 64]
         [--rounds 3] [--protege target/release/protege] [--json OUT]
 
-Alternates `protege bench` and `tools/bench_cpu_torch.py` for --rounds rounds (so slow drift of
-a shared machine hits both alike), each on the same prompt token ids, and prints the median
+Alternates `protege bench` and `tools/bench_cpu_torch.py` for --rounds rounds, in ABBA order
+with a pause before each run: on a shared or burstable VM the first run after idle is the
+fastest (seen here: 190 -> 150 tok/s over four back-to-back runs of the same binary), so a
+fixed order would favour one side. Both run the same prompt token ids. Prints the median
 prefill and decode tokens/s of each with the ratio protege / PyTorch. Build protege first
 (`cargo build --release`).
 """
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,7 +39,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--pause", type=float, default=15.0, help="seconds of idle before each run")
     p.add_argument("--protege", default=os.path.join(TOOLS, "..", "target", "release", "protege"))
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args()
@@ -48,10 +52,12 @@ def main():
         out = os.path.join(tmp, "r.json")
         for r in range(a.rounds):
             ours = [a.protege, "--threads", str(a.threads), "bench", "--model", a.model, "--repeats", "3", "--json", out]
-            results["protege"].append(run_json(ours + shape, out))
             theirs = [sys.executable, os.path.join(TOOLS, "bench_cpu_torch.py"), "--model", a.model,
                       "--threads", str(a.threads), "--json", out]
-            results["torch"].append(run_json(theirs + shape, out))
+            order = [("protege", ours), ("torch", theirs)]
+            for name, cmd in order if r % 2 == 0 else order[::-1]:
+                time.sleep(a.pause)
+                results[name].append(run_json(cmd + shape, out))
             print(f"round {r + 1}: protege {results['protege'][-1]['prefill_tok_s']:.1f} / "
                   f"{results['protege'][-1]['decode_tok_s']:.2f} tok/s, torch "
                   f"{results['torch'][-1]['prefill_tok_s']:.1f} / {results['torch'][-1]['decode_tok_s']:.2f} tok/s",

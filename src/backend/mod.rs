@@ -90,15 +90,21 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0 }
     }
 }
 
-/// The device operations of a Qwen2 forward pass.
+/// Hyper-parameters of one AdamW step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+/// The device operations of a Qwen2 forward and backward pass.
 ///
 /// Shapes are given in elements. `x: [rows, dim]` means `rows * dim` contiguous values,
 /// row-major. Weights follow HF's layout: a linear weight is `[out, in]`.
@@ -122,17 +128,8 @@ pub trait Backend: Send + Sync {
     /// `out[r] = table[meta.tokens[r]]`, `table: [vocab, dim]`, `out: [rows, dim]`.
     fn embedding(&self, table: &Self::Buf, meta: &Self::Meta, out: &mut Self::Buf, dim: usize);
     /// `out = x / rms(x) * w` per row.
-    fn rmsnorm(
-        &self,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        out: &mut Self::Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    );
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, out: &mut Self::Buf, rows: usize, dim: usize, eps: f32);
     /// `out = x @ w^T (+ b)`, `x: [rows, k]`, `w: [n, k]`, `b: [n]`, `out: [rows, n]`.
-    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         x: &Self::Buf,
@@ -157,7 +154,6 @@ pub trait Backend: Send + Sync {
     );
     /// Causal grouped-query attention of the new rows over each sequence's cached keys/values.
     /// `q, out: [rows, heads * head_dim]`; softmax scale `1/sqrt(head_dim)`.
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &Self::Buf,
@@ -180,6 +176,130 @@ pub trait Backend: Send + Sync {
     /// Row-wise log-softmax in place, `x: [rows, cols]`.
     fn log_softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize);
 
+    // ---- training: backward passes and the optimiser ----
+    // Gradient outputs named `d*` are overwritten, except where "accumulates" is said: weight
+    // gradients accumulate so that micro-batches add up without extra buffers.
+
+    /// `dtable[meta.tokens[r]] += dout[r]` (accumulates).
+    fn embedding_bwd(&self, dout: &Self::Buf, meta: &Self::Meta, dtable: &mut Self::Buf, dim: usize);
+    /// Backward of [`Backend::rmsnorm`]: `dx` (overwritten) and `dw` (accumulates).
+    fn rmsnorm_bwd(
+        &self,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    );
+    /// Backward of [`Backend::linear`]: `dx = dout @ w` (overwritten), `dw += dout^T @ x`,
+    /// `db += sum_rows(dout)` (accumulate). Any of them may be skipped.
+    fn linear_bwd(
+        &self,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: Option<&mut Self::Buf>,
+        db: Option<&mut Self::Buf>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    );
+    /// Backward of [`Backend::rope`]: rotates the gradient back, in place.
+    fn rope_bwd(&self, dx: &mut Self::Buf, meta: &Self::Meta, heads: usize, head_dim: usize, theta: f32);
+    /// Causal GQA self-attention within each sequence of a packed batch (`meta.seqs`, no KV
+    /// cache): `q, out: [rows, heads*head_dim]`, `k, v: [rows, kv_heads*head_dim]`; also
+    /// writes each (row, head)'s softmax log-sum-exp to `lse: [rows, heads]` for the backward.
+    fn attention_train(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        meta: &Self::Meta,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    );
+    /// Backward of [`Backend::attention_train`], recomputing the probabilities from `lse`;
+    /// `dq, dk, dv` are overwritten.
+    fn attention_train_bwd(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        meta: &Self::Meta,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    );
+    /// Backward of [`Backend::swiglu`]: `dgate`, `dup` (overwritten).
+    fn swiglu_bwd(
+        &self,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        n: usize,
+    );
+    /// Fused log-prob: `logp[r] = log softmax(h[r] @ w^T)[targets[r]]` and the row's
+    /// log-sum-exp, for `h: [rows, dim]`, `w: [vocab, dim]`, computed over vocabulary chunks
+    /// with an online log-sum-exp so the `[rows, vocab]` logits never exist at once.
+    fn token_logprobs(
+        &self,
+        h: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        logp: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+    );
+    /// Backward of [`Backend::token_logprobs`] given `dlogp: [rows]`: `dh` (overwritten) and
+    /// `dw` (accumulates; skipped when `None`, e.g. a frozen head).
+    fn token_logprobs_bwd(
+        &self,
+        dlogp: &Self::Buf,
+        h: &Self::Buf,
+        w: &Self::Buf,
+        targets: &[u32],
+        lse: &Self::Buf,
+        dh: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+    );
+    /// `sum(x^2)` over the first `n` values, in f64.
+    fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+    /// `x *= s` over `n` values.
+    fn scale(&self, x: &mut Self::Buf, s: f32, n: usize);
+    /// Sets the first `n` values to zero.
+    fn zero(&self, x: &mut Self::Buf, n: usize);
+    /// One AdamW step (PyTorch's formulation, decoupled weight decay) on `n` values.
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        n: usize,
+        hp: &AdamW,
+        step: u64,
+    );
+
     /// Picks one token per row of `logits: [rows, vocab]`. The default brings the logits to the
     /// host; a device backend overrides it so that full logits never leave the device.
     fn sample(
@@ -194,9 +314,7 @@ pub trait Backend: Send + Sync {
             .iter()
             .zip(rngs.iter_mut())
             .enumerate()
-            .map(|(r, (p, rng))| {
-                crate::generate::sampling::sample_row(&host[r * vocab..(r + 1) * vocab], p, rng)
-            })
+            .map(|(r, (p, rng))| crate::generate::sampling::sample_row(&host[r * vocab..(r + 1) * vocab], p, rng))
             .collect()
     }
 }

@@ -85,9 +85,7 @@ pub struct GenOptions {
 
 impl Default for GenOptions {
     fn default() -> Self {
-        Self {
-            max_step_tokens: 512,
-        }
+        Self { max_step_tokens: 512 }
     }
 }
 
@@ -151,17 +149,12 @@ pub fn generate<B: Backend>(
 
     loop {
         // Decoding sequences go first so that a long prompt never stalls them.
-        let mut order: Vec<usize> = (0..seqs.len())
-            .filter(|&i| seqs[i].finish.is_none())
-            .collect();
+        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
         if order.is_empty() {
             break;
         }
         order.sort_by_key(|&i| seqs[i].pending.len() > 1);
-        let mut meta = StepMeta {
-            block_size: BLOCK_SIZE,
-            ..Default::default()
-        };
+        let mut meta = StepMeta { block_size: BLOCK_SIZE, ..Default::default() };
         let mut samplers: Vec<usize> = vec![];
         let mut prompt_rows = 0;
         for i in order {
@@ -179,19 +172,12 @@ pub fn generate<B: Backend>(
                 let pos = s.cached + j;
                 meta.tokens.push(t);
                 meta.positions.push(pos as u32);
-                meta.slots.push(
-                    s.blocks[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32,
-                );
+                meta.slots.push(s.blocks[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32);
             }
             if s.generated.is_empty() {
                 prompt_rows += take;
             }
-            meta.seqs.push(SeqSlice {
-                row_start,
-                n_new: take,
-                n_ctx: s.cached + take,
-                block_table: s.blocks.clone(),
-            });
+            meta.seqs.push(SeqSlice { row_start, n_new: take, n_ctx: s.cached + take, block_table: s.blocks.clone() });
             s.cached += take;
             s.pending.drain(..take);
             if s.pending.is_empty() {
@@ -201,10 +187,7 @@ pub fn generate<B: Backend>(
         }
         let started = Instant::now();
         let logits = model.forward(be, &meta, &mut cache)?;
-        let params: Vec<SamplingParams> = samplers
-            .iter()
-            .map(|&i| requests[i].sampling.clone())
-            .collect();
+        let params: Vec<SamplingParams> = samplers.iter().map(|&i| requests[i].sampling.clone()).collect();
         let mut rngs: Vec<Rng> = samplers.iter().map(|&i| seqs[i].rng.clone()).collect();
         let next = be.sample(&logits, cfg.vocab_size, &params, &mut rngs);
         let elapsed = started.elapsed();
@@ -225,11 +208,7 @@ pub fn generate<B: Backend>(
                 s.finish = Some(Finish::StopToken(tok));
             } else if let Some(stream) = s.text.as_mut() {
                 stream.push(tok)?;
-                if let Some(stop) = req
-                    .stop_strings
-                    .iter()
-                    .find(|st| stream.text().contains(st.as_str()))
-                {
+                if let Some(stop) = req.stop_strings.iter().find(|st| stream.text().contains(st.as_str())) {
                     s.finish = Some(Finish::StopString(stop.clone()));
                 }
             }
@@ -246,29 +225,19 @@ pub fn generate<B: Backend>(
     }
     let out = seqs
         .into_iter()
-        .map(|s| Completion {
-            tokens: s.generated,
-            finish: s.finish.unwrap_or(Finish::Length),
-        })
+        .map(|s| Completion { tokens: s.generated, finish: s.finish.unwrap_or(Finish::Length) })
         .collect();
     Ok((out, stats))
 }
 
 /// Logits of every position of `tokens` (or of `rows` only), in one prefill.
-pub fn prompt_logits<B: Backend>(
-    be: &B,
-    model: &Qwen2<B>,
-    tokens: &[u32],
-    rows: Option<&[u32]>,
-) -> Result<Vec<f32>> {
+pub fn prompt_logits<B: Backend>(be: &B, model: &Qwen2<B>, tokens: &[u32], rows: Option<&[u32]>) -> Result<Vec<f32>> {
     let n = tokens.len();
     if n == 0 {
         bail!("no input tokens");
     }
     let mut cache = KvCache::new(be, &model.cfg, n, BLOCK_SIZE);
-    let blocks = (0..n.div_ceil(BLOCK_SIZE))
-        .map(|_| cache.alloc_block())
-        .collect::<Result<Vec<_>>>()?;
+    let blocks = (0..n.div_ceil(BLOCK_SIZE)).map(|_| cache.alloc_block()).collect::<Result<Vec<_>>>()?;
     let logit_rows: Vec<u32> = match rows {
         Some(r) => {
             if let Some(&bad) = r.iter().find(|&&p| p as usize >= n) {
@@ -281,15 +250,8 @@ pub fn prompt_logits<B: Backend>(
     let meta = StepMeta {
         tokens: tokens.to_vec(),
         positions: (0..n as u32).collect(),
-        slots: (0..n)
-            .map(|p| blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
-            .collect(),
-        seqs: vec![SeqSlice {
-            row_start: 0,
-            n_new: n,
-            n_ctx: n,
-            block_table: blocks,
-        }],
+        slots: (0..n).map(|p| blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32).collect(),
+        seqs: vec![SeqSlice { row_start: 0, n_new: n, n_ctx: n, block_table: blocks }],
         block_size: BLOCK_SIZE,
         logit_rows,
     };

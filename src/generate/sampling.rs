@@ -29,9 +29,7 @@ pub fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         return argmax(logits);
     }
     // Candidates sorted by logit, best first; top-k trims before sorting the rest.
-    let mut idx: Vec<u32> = (0..logits.len() as u32)
-        .filter(|&i| logits[i as usize].is_finite())
-        .collect();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
     if idx.is_empty() {
         return argmax(logits);
     }
@@ -42,10 +40,7 @@ pub fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     }
     idx.sort_unstable_by(by_logit_desc);
     let max = logits[idx[0] as usize];
-    let mut probs: Vec<f32> = idx
-        .iter()
-        .map(|&i| ((logits[i as usize] - max) / p.temperature).exp())
-        .collect();
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - max) / p.temperature).exp()).collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|q| *q /= total);
     if p.top_p < 1.0 {
@@ -76,20 +71,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-        }
+        SamplingParams { temperature, top_k, top_p }
     }
 
     #[test]
     fn greedy_takes_first_max() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, f32::NAN]), 1);
-        assert_eq!(
-            sample_row(&[0.0, 2.0, 1.0], &params(0.0, 0, 1.0), &mut seeded(0)),
-            1
-        );
+        assert_eq!(sample_row(&[0.0, 2.0, 1.0], &params(0.0, 0, 1.0), &mut seeded(0)), 1);
     }
 
     #[test]
@@ -110,24 +98,18 @@ mod tests {
         let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
         let mut rng = seeded(1);
         let n = 4000;
-        let ones = (0..n)
-            .filter(|_| sample_row(&logits, &params(1.0, 0, 1.0), &mut rng) == 1)
-            .count();
+        let ones = (0..n).filter(|_| sample_row(&logits, &params(1.0, 0, 1.0), &mut rng) == 1).count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.03, "frequency {frac}");
         let draw = |seed| {
             let mut rng = seeded(seed);
-            (0..32)
-                .map(|_| sample_row(&[0.0, 0.1, 0.2, 0.3], &params(1.0, 0, 1.0), &mut rng))
-                .collect::<Vec<_>>()
+            (0..32).map(|_| sample_row(&[0.0, 0.1, 0.2, 0.3], &params(1.0, 0, 1.0), &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
         // A high temperature flattens the distribution towards uniform.
         let mut rng = seeded(2);
-        let ones = (0..n)
-            .filter(|_| sample_row(&logits, &params(100.0, 0, 1.0), &mut rng) == 1)
-            .count();
+        let ones = (0..n).filter(|_| sample_row(&logits, &params(100.0, 0, 1.0), &mut rng) == 1).count();
         assert!((ones as f64 / n as f64 - 0.5).abs() < 0.04);
     }
 }

@@ -19,13 +19,7 @@ pub struct TextStream {
 
 impl TextStream {
     pub fn new(tok: Tokenizer) -> Self {
-        Self {
-            tok,
-            ids: vec![],
-            prefix: 0,
-            read: 0,
-            text: String::new(),
-        }
+        Self { tok, ids: vec![], prefix: 0, read: 0, text: String::new() }
     }
 
     /// Adds a token; returns the newly complete text (possibly empty).

@@ -33,10 +33,7 @@ struct ShardIndex {
 
 fn parse(shard: &Shard) -> Result<SafeTensors<'_>> {
     SafeTensors::deserialize(&shard.mmap).map_err(|e| {
-        anyhow!(
-            "{} is not a valid safetensors file ({e}); it may be truncated or corrupt",
-            shard.path.display()
-        )
+        anyhow!("{} is not a valid safetensors file ({e}); it may be truncated or corrupt", shard.path.display())
     })
 }
 
@@ -60,38 +57,25 @@ impl Checkpoint {
             files.dedup();
             files
         } else {
-            bail!(
-                "no weights in {}: expected model.safetensors or model.safetensors.index.json",
-                dir.display()
-            );
+            bail!("no weights in {}: expected model.safetensors or model.safetensors.index.json", dir.display());
         };
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for (i, name) in files.iter().enumerate() {
             let path = dir.join(name);
-            let file = File::open(&path)
-                .with_context(|| format!("cannot open weight file {}", path.display()))?;
+            let file = File::open(&path).with_context(|| format!("cannot open weight file {}", path.display()))?;
             // SAFETY: the map is read-only; a checkpoint modified while we run is a user error that
             // at worst yields wrong numbers, as with any reader of safetensors.
-            let mmap = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("cannot map {}", path.display()))?;
+            let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
             let shard = Shard { path, mmap };
             for tensor in parse(&shard)?.names() {
                 if let Some(prev) = index.insert(tensor.to_string(), i) {
-                    bail!(
-                        "tensor {tensor} appears in both {} and {}",
-                        files[prev],
-                        name
-                    );
+                    bail!("tensor {tensor} appears in both {} and {}", files[prev], name);
                 }
             }
             shards.push(shard);
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            shards,
-            index,
-        })
+        Ok(Self { dir: dir.to_path_buf(), shards, index })
     }
 
     pub fn dir(&self) -> &Path {
@@ -109,22 +93,14 @@ impl Checkpoint {
     /// The tensor `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>> {
         let &i = self.index.get(name).ok_or_else(|| {
-            anyhow!(
-                "tensor {name} (expected shape {shape:?}) is missing from the checkpoint in {}",
-                self.dir.display()
-            )
+            anyhow!("tensor {name} (expected shape {shape:?}) is missing from the checkpoint in {}", self.dir.display())
         })?;
         let shard = &self.shards[i];
         let st = parse(shard)?;
-        let view = st
-            .tensor(name)
-            .with_context(|| format!("{}: cannot read tensor {name}", shard.path.display()))?;
+        let view = st.tensor(name).with_context(|| format!("{}: cannot read tensor {name}", shard.path.display()))?;
         let file = shard.path.display();
         if view.shape() != shape {
-            bail!(
-                "{file}: tensor {name} has shape {:?}, expected {shape:?} (from config.json)",
-                view.shape()
-            );
+            bail!("{file}: tensor {name} has shape {:?}, expected {shape:?} (from config.json)", view.shape());
         }
         let dtype = match view.dtype() {
             Dtype::F32 => DType::F32,
@@ -132,10 +108,6 @@ impl Checkpoint {
             Dtype::BF16 => DType::BF16,
             other => bail!("{file}: tensor {name} has dtype {other:?}; expected BF16, F16 or F32"),
         };
-        Ok(HostTensor {
-            dtype,
-            shape: shape.to_vec(),
-            bytes: view.data(),
-        })
+        Ok(HostTensor { dtype, shape: shape.to_vec(), bytes: view.data() })
     }
 }

@@ -63,9 +63,9 @@ struct RopeParameters {
 
 fn token_ids(v: &Option<serde_json::Value>, field: &str) -> Result<Vec<u32>> {
     let as_id = |x: &serde_json::Value| {
-        x.as_u64().map(|n| n as u32).with_context(|| {
-            format!("`{field}` must be a token id or a list of token ids, got {x}")
-        })
+        x.as_u64()
+            .map(|n| n as u32)
+            .with_context(|| format!("`{field}` must be a token id or a list of token ids, got {x}"))
     };
     match v {
         None | Some(serde_json::Value::Null) => Ok(vec![]),
@@ -76,8 +76,8 @@ fn token_ids(v: &Option<serde_json::Value>, field: &str) -> Result<Vec<u32>> {
 
 impl Qwen2Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("invalid model config {}", path.display()))
     }
 
@@ -155,9 +155,7 @@ impl Qwen2Config {
             // Qwen2Config defaults to untied embeddings.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             dtype: raw.dtype.or(raw.torch_dtype),
-            bos_token_id: token_ids(&raw.bos_token_id, "bos_token_id")?
-                .first()
-                .copied(),
+            bos_token_id: token_ids(&raw.bos_token_id, "bos_token_id")?.first().copied(),
             eos_token_ids,
         })
     }
@@ -173,10 +171,7 @@ impl Qwen2Config {
     /// Number of parameters (tied embeddings counted once).
     pub fn num_params(&self) -> usize {
         let (h, i) = (self.hidden_size, self.intermediate_size);
-        let attn = h * self.q_dim()
-            + self.q_dim()
-            + 2 * (h * self.kv_dim() + self.kv_dim())
-            + self.q_dim() * h;
+        let attn = h * self.q_dim() + self.q_dim() + 2 * (h * self.kv_dim() + self.kv_dim()) + self.q_dim() * h;
         let layer = attn + 3 * h * i + 2 * h;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
@@ -208,10 +203,7 @@ mod tests {
     #[test]
     fn transformers5_form() {
         let text = V4
-            .replace(
-                r#""rope_theta":1000000.0"#,
-                r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#,
-            )
+            .replace(r#""rope_theta":1000000.0"#, r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#)
             .replace("torch_dtype", "dtype");
         let c = Qwen2Config::from_json(&text).unwrap();
         assert_eq!(c.rope_theta, 5e5);
@@ -222,10 +214,8 @@ mod tests {
     fn errors_name_the_field() {
         let e = Qwen2Config::from_json(&V4.replace(r#""hidden_size":896,"#, "")).unwrap_err();
         assert!(format!("{e:#}").contains("hidden_size"), "{e:#}");
-        let e = Qwen2Config::from_json(
-            &V4.replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#),
-        )
-        .unwrap_err();
+        let e = Qwen2Config::from_json(&V4.replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#))
+            .unwrap_err();
         assert!(format!("{e:#}").contains("num_key_value_heads"), "{e:#}");
         let e = Qwen2Config::from_json(&V4.replace("\"silu\"", "\"gelu\"")).unwrap_err();
         assert!(format!("{e:#}").contains("hidden_act"), "{e:#}");

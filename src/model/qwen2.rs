@@ -46,9 +46,7 @@ impl<B: Backend> Qwen2<B> {
     pub fn from_checkpoint(backend: &B, cfg: Qwen2Config, ckpt: &Checkpoint) -> Result<Self> {
         let load = |name: &str, shape: &[usize]| -> Result<B::Buf> {
             let t = ckpt.get(name, shape)?;
-            backend
-                .upload(&t)
-                .with_context(|| format!("loading tensor {name}"))
+            backend.upload(&t).with_context(|| format!("loading tensor {name}"))
         };
         let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
@@ -71,11 +69,7 @@ impl<B: Backend> Qwen2<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(load("lm_head.weight", &[v, h])?)
-        };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[v, h])?) };
         Ok(Self {
             embed: load("model.embed_tokens.weight", &[v, h])?,
             final_norm: load("model.norm.weight", &[h])?,
@@ -98,17 +92,11 @@ impl<B: Backend> Qwen2<B> {
             );
         }
         if let Some(&t) = meta.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            bail!(
-                "token id {t} is out of range for vocab_size {}",
-                c.vocab_size
-            );
+            bail!("token id {t} is out of range for vocab_size {}", c.vocab_size);
         }
         if let Some(&p) = meta.positions.iter().max() {
             if p as usize >= c.max_position_embeddings {
-                bail!(
-                    "position {p} exceeds max_position_embeddings {}",
-                    c.max_position_embeddings
-                );
+                bail!("position {p} exceeds max_position_embeddings {}", c.max_position_embeddings);
             }
         }
         let dev = be.prepare(meta);
@@ -136,16 +124,7 @@ impl<B: Backend> Qwen2<B> {
             let (k_cache, v_cache) = cache.layer_mut(l);
             be.kv_store(&k, &v, k_cache, v_cache, &dev, kvd);
             let (k_cache, v_cache) = cache.layer(l);
-            be.attention(
-                &q,
-                k_cache,
-                v_cache,
-                &mut attn,
-                &dev,
-                c.num_heads,
-                c.num_kv_heads,
-                c.head_dim,
-            );
+            be.attention(&q, k_cache, v_cache, &mut attn, &dev, c.num_heads, c.num_kv_heads, c.head_dim);
             be.linear(&attn, &w.o, None, &mut proj, rows, qd, h);
             be.add_assign(&mut x, &proj, rows * h);
 
@@ -160,25 +139,10 @@ impl<B: Backend> Qwen2<B> {
         let mut last = be.zeros(n_out * h);
         be.gather_rows(&x, &meta.logit_rows, &mut last, h);
         let mut last_normed = be.zeros(n_out * h);
-        be.rmsnorm(
-            &last,
-            &self.final_norm,
-            &mut last_normed,
-            n_out,
-            h,
-            c.rms_norm_eps,
-        );
+        be.rmsnorm(&last, &self.final_norm, &mut last_normed, n_out, h, c.rms_norm_eps);
         let mut logits = be.zeros(n_out * c.vocab_size);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        be.linear(
-            &last_normed,
-            head,
-            None,
-            &mut logits,
-            n_out,
-            h,
-            c.vocab_size,
-        );
+        be.linear(&last_normed, head, None, &mut logits, n_out, h, c.vocab_size);
         Ok(logits)
     }
 }
@@ -196,15 +160,8 @@ impl<B: Backend> KvCache<B> {
     pub fn new(be: &B, cfg: &Qwen2Config, capacity_tokens: usize, block_size: usize) -> Self {
         let num_blocks = capacity_tokens.div_ceil(block_size).max(1);
         let n = num_blocks * block_size * cfg.kv_dim();
-        let layers = (0..cfg.num_layers)
-            .map(|_| (be.zeros(n), be.zeros(n)))
-            .collect();
-        Self {
-            block_size,
-            num_blocks,
-            layers,
-            free: (0..num_blocks as u32).rev().collect(),
-        }
+        let layers = (0..cfg.num_layers).map(|_| (be.zeros(n), be.zeros(n))).collect();
+        Self { block_size, num_blocks, layers, free: (0..num_blocks as u32).rev().collect() }
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -217,10 +174,7 @@ impl<B: Backend> KvCache<B> {
 
     pub fn alloc_block(&mut self) -> Result<u32> {
         self.free.pop().with_context(|| {
-            format!(
-                "KV cache is full ({} blocks of {} tokens); raise its capacity",
-                self.num_blocks, self.block_size
-            )
+            format!("KV cache is full ({} blocks of {} tokens); raise its capacity", self.num_blocks, self.block_size)
         })
     }
 

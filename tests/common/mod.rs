@@ -8,9 +8,7 @@ use protege::model::Qwen2;
 use safetensors::SafeTensors;
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
 /// The fixture models: (directory, description).
@@ -18,8 +16,7 @@ pub const MODELS: [&str; 3] = ["tiny", "tiny-untied", "odd"];
 
 pub fn load(name: &str) -> (CpuBackend, Qwen2<CpuBackend>) {
     let be = CpuBackend::new();
-    let model =
-        Qwen2::load(&be, &fixture(name)).unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
+    let model = Qwen2::load(&be, &fixture(name)).unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
     (be, model)
 }
 
@@ -47,24 +44,12 @@ impl Tensors {
     pub fn f32s(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
         let st = self.st();
         let t = st.tensor(name).unwrap();
-        (
-            t.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            t.shape().to_vec(),
-        )
+        (t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), t.shape().to_vec())
     }
 }
 
 /// Largest absolute difference; panics on a length mismatch.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        )
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
 }
