@@ -4,7 +4,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod qwen2;
+pub mod training;
 
 pub use checkpoint::Checkpoint;
 pub use config::Qwen2Config;
-pub use qwen2::{KvCache, Qwen2};
+pub use qwen2::{param_shapes, KvCache, Qwen2, Weights};

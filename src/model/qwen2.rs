@@ -26,13 +26,151 @@ pub struct LayerWeights<B: Backend> {
     pub down: B::Buf,
 }
 
-pub struct Qwen2<B: Backend> {
-    pub cfg: Qwen2Config,
+/// Every parameter of the model; also the shape of its gradients.
+pub struct Weights<B: Backend> {
     pub embed: B::Buf,
     pub layers: Vec<LayerWeights<B>>,
     pub final_norm: B::Buf,
     /// `None` when the embeddings are tied: the output projection reuses `embed`.
     pub lm_head: Option<B::Buf>,
+}
+
+impl<B: Backend> LayerWeights<B> {
+    fn named(&self) -> [(&'static str, &B::Buf); 12] {
+        [
+            ("input_layernorm.weight", &self.input_norm),
+            ("self_attn.q_proj.weight", &self.q),
+            ("self_attn.q_proj.bias", &self.q_bias),
+            ("self_attn.k_proj.weight", &self.k),
+            ("self_attn.k_proj.bias", &self.k_bias),
+            ("self_attn.v_proj.weight", &self.v),
+            ("self_attn.v_proj.bias", &self.v_bias),
+            ("self_attn.o_proj.weight", &self.o),
+            ("post_attention_layernorm.weight", &self.post_norm),
+            ("mlp.gate_proj.weight", &self.gate),
+            ("mlp.up_proj.weight", &self.up),
+            ("mlp.down_proj.weight", &self.down),
+        ]
+    }
+
+    fn named_mut(&mut self) -> [(&'static str, &mut B::Buf); 12] {
+        [
+            ("input_layernorm.weight", &mut self.input_norm),
+            ("self_attn.q_proj.weight", &mut self.q),
+            ("self_attn.q_proj.bias", &mut self.q_bias),
+            ("self_attn.k_proj.weight", &mut self.k),
+            ("self_attn.k_proj.bias", &mut self.k_bias),
+            ("self_attn.v_proj.weight", &mut self.v),
+            ("self_attn.v_proj.bias", &mut self.v_bias),
+            ("self_attn.o_proj.weight", &mut self.o),
+            ("post_attention_layernorm.weight", &mut self.post_norm),
+            ("mlp.gate_proj.weight", &mut self.gate),
+            ("mlp.up_proj.weight", &mut self.up),
+            ("mlp.down_proj.weight", &mut self.down),
+        ]
+    }
+}
+
+impl<B: Backend> Weights<B> {
+    /// Builds every tensor with `make(hf_name, shape)`, in [`param_shapes`] order.
+    pub fn try_from_fn(cfg: &Qwen2Config, mut make: impl FnMut(&str, &[usize]) -> Result<B::Buf>) -> Result<Self> {
+        let shapes = param_shapes(cfg);
+        let mut it = shapes.iter();
+        let mut next = || -> Result<B::Buf> {
+            let (name, shape) = it.next().expect("one tensor per shape");
+            make(name, shape)
+        };
+        let embed = next()?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            layers.push(LayerWeights {
+                input_norm: next()?,
+                q: next()?,
+                q_bias: next()?,
+                k: next()?,
+                k_bias: next()?,
+                v: next()?,
+                v_bias: next()?,
+                o: next()?,
+                post_norm: next()?,
+                gate: next()?,
+                up: next()?,
+                down: next()?,
+            });
+        }
+        let final_norm = next()?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(next()?) };
+        Ok(Self { embed, layers, final_norm, lm_head })
+    }
+
+    /// Zero-filled tensors of every parameter's shape (gradients, optimiser state).
+    pub fn zeros(be: &B, cfg: &Qwen2Config) -> Self {
+        Self::try_from_fn(cfg, |_, shape| Ok(be.zeros(shape.iter().product()))).expect("allocation cannot fail")
+    }
+
+    /// The output projection: `lm_head`, or the embedding when tied.
+    pub fn head(&self) -> &B::Buf {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Every tensor with its HF name, in [`param_shapes`] order.
+    pub fn tensors(&self) -> Vec<(String, &B::Buf)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        for (l, layer) in self.layers.iter().enumerate() {
+            out.extend(layer.named().into_iter().map(|(n, b)| (format!("model.layers.{l}.{n}"), b)));
+        }
+        out.push(("model.norm.weight".into(), &self.final_norm));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        out
+    }
+
+    /// As [`Weights::tensors`], mutable.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut B::Buf)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &mut self.embed)];
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            out.extend(layer.named_mut().into_iter().map(|(n, b)| (format!("model.layers.{l}.{n}"), b)));
+        }
+        out.push(("model.norm.weight".into(), &mut self.final_norm));
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        out
+    }
+}
+
+/// HF name and shape of every parameter, in a fixed order.
+pub fn param_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.q_dim(), cfg.kv_dim());
+    let layer: [(&str, Vec<usize>); 12] = [
+        ("input_layernorm.weight", vec![h]),
+        ("self_attn.q_proj.weight", vec![qd, h]),
+        ("self_attn.q_proj.bias", vec![qd]),
+        ("self_attn.k_proj.weight", vec![kvd, h]),
+        ("self_attn.k_proj.bias", vec![kvd]),
+        ("self_attn.v_proj.weight", vec![kvd, h]),
+        ("self_attn.v_proj.bias", vec![kvd]),
+        ("self_attn.o_proj.weight", vec![h, qd]),
+        ("post_attention_layernorm.weight", vec![h]),
+        ("mlp.gate_proj.weight", vec![i, h]),
+        ("mlp.up_proj.weight", vec![i, h]),
+        ("mlp.down_proj.weight", vec![h, i]),
+    ];
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_layers {
+        out.extend(layer.iter().map(|(n, s)| (format!("model.layers.{l}.{n}"), s.clone())));
+    }
+    out.push(("model.norm.weight".into(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    out
+}
+
+pub struct Qwen2<B: Backend> {
+    pub cfg: Qwen2Config,
+    pub w: Weights<B>,
 }
 
 impl<B: Backend> Qwen2<B> {
@@ -44,39 +182,11 @@ impl<B: Backend> Qwen2<B> {
     }
 
     pub fn from_checkpoint(backend: &B, cfg: Qwen2Config, ckpt: &Checkpoint) -> Result<Self> {
-        let load = |name: &str, shape: &[usize]| -> Result<B::Buf> {
+        let w = Weights::try_from_fn(&cfg, |name, shape| {
             let t = ckpt.get(name, shape)?;
             backend.upload(&t).with_context(|| format!("loading tensor {name}"))
-        };
-        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let layers = (0..cfg.num_layers)
-            .map(|l| {
-                let p = format!("model.layers.{l}");
-                Ok(LayerWeights {
-                    input_norm: load(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    q: load(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
-                    q_bias: load(&format!("{p}.self_attn.q_proj.bias"), &[qd])?,
-                    k: load(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
-                    k_bias: load(&format!("{p}.self_attn.k_proj.bias"), &[kvd])?,
-                    v: load(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
-                    v_bias: load(&format!("{p}.self_attn.v_proj.bias"), &[kvd])?,
-                    o: load(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
-                    post_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    gate: load(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
-                    up: load(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
-                    down: load(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[v, h])?) };
-        Ok(Self {
-            embed: load("model.embed_tokens.weight", &[v, h])?,
-            final_norm: load("model.norm.weight", &[h])?,
-            layers,
-            lm_head,
-            cfg,
-        })
+        })?;
+        Ok(Self { cfg, w })
     }
 
     /// Runs one step: stores the new tokens' keys/values in `cache` and returns the logits of
@@ -113,8 +223,8 @@ impl<B: Backend> Qwen2<B> {
         let mut up = be.zeros(rows * inter);
         let mut act = be.zeros(rows * inter);
 
-        be.embedding(&self.embed, &dev, &mut x, h);
-        for (l, w) in self.layers.iter().enumerate() {
+        be.embedding(&self.w.embed, &dev, &mut x, h);
+        for (l, w) in self.w.layers.iter().enumerate() {
             be.rmsnorm(&x, &w.input_norm, &mut normed, rows, h, c.rms_norm_eps);
             be.linear(&normed, &w.q, Some(&w.q_bias), &mut q, rows, h, qd);
             be.linear(&normed, &w.k, Some(&w.k_bias), &mut k, rows, h, kvd);
@@ -139,9 +249,9 @@ impl<B: Backend> Qwen2<B> {
         let mut last = be.zeros(n_out * h);
         be.gather_rows(&x, &meta.logit_rows, &mut last, h);
         let mut last_normed = be.zeros(n_out * h);
-        be.rmsnorm(&last, &self.final_norm, &mut last_normed, n_out, h, c.rms_norm_eps);
+        be.rmsnorm(&last, &self.w.final_norm, &mut last_normed, n_out, h, c.rms_norm_eps);
         let mut logits = be.zeros(n_out * c.vocab_size);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = self.w.head();
         be.linear(&last_normed, head, None, &mut logits, n_out, h, c.vocab_size);
         Ok(logits)
     }

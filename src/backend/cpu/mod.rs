@@ -390,6 +390,10 @@ impl Backend for CpuBackend {
         x[..n].par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
     }
 
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>, n: usize) {
+        dst[..n].copy_from_slice(&src[..n]);
+    }
+
     fn zero(&self, x: &mut Vec<f32>, n: usize) {
         x[..n].par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
     }
