@@ -10,3 +10,4 @@ pub mod check;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;
+pub mod train;

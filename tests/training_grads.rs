@@ -85,3 +85,40 @@ fn masked_targets_do_not_affect_gradients() {
     assert_ne!(other.targets, batch.targets);
     assert_eq!(grads_of(&batch), grads_of(&other));
 }
+
+#[test]
+fn adamw_steps_match_torch_optim() {
+    use protege::train::{Decay, OptimConfig, Optimizer, Schedule};
+    for name in ["tiny", "odd"] {
+        let (be, mut model) = load(name);
+        let t = Tensors::open(&fixture(&format!("{name}/grads.safetensors")));
+        let batch = batch_from(&t);
+        let n = batch.trained_rows() as f32;
+        let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { -1.0 / n } else { 0.0 }).collect();
+        // The hyper-parameters of tools/make_grad_fixtures.py.
+        let cfg = OptimConfig {
+            schedule: Schedule { lr: 1e-2, warmup_steps: 0, total_steps: 3, decay: Decay::Constant, min_lr_ratio: 0.0 },
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-3,
+            weight_decay: 0.1,
+            max_grad_norm: Some(1.0),
+        };
+        let mut opt = Optimizer::new(&be, &model.cfg, cfg);
+        let (want_losses, _) = t.f32s("adamw_loss");
+        for want_loss in want_losses {
+            let (logp, trace) = model.train_forward(&be, &batch, false).unwrap();
+            let loss: f32 = logp.iter().zip(&dlogp).map(|(l, d)| l * d).sum();
+            assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs(), "{name}: loss {loss} vs {want_loss}");
+            let mut grads = Weights::zeros(&be, &model.cfg);
+            model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
+            let report = opt.step(&be, &model.cfg, &mut model.w, &mut grads);
+            assert!(report.grad_norm > 1.0, "the fixture is meant to exercise clipping");
+        }
+        for (pname, p) in model.w.tensors() {
+            let (want, _) = t.f32s(&format!("adamw.{pname}"));
+            let err = be.to_f32(p).iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5, "{name}: {pname} after 3 AdamW steps differs by {err:.2e}");
+        }
+    }
+}

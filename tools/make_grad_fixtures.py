@@ -11,6 +11,10 @@ GQA 3:1) it writes `tests/fixtures/<model>/grads.safetensors`:
     loss       F32 [1]       -sum(trained[t+1] * logp[t]) / (number of trained targets)
     grad.NAME  F32 [shape]   d loss / d parameter, for every parameter (HF names; a tied
                              head's gradient is part of model.embed_tokens.weight)
+    adamw.NAME F32 [shape]   every parameter after ADAMW_STEPS steps of torch.optim.AdamW on
+                             the same batch (ADAMW hyper-parameters; weight decay on matrices
+                             only; clip_grad_norm_ to MAX_GRAD_NORM before each step)
+    adamw_loss F32 [ADAMW_STEPS]  the loss before each of those steps
 
 Everything is float32 with eager attention on the stored (upcast) weights; each sequence is
 run on its own, as the Rust side packs them without cross-attention.
@@ -33,6 +37,11 @@ from make_reference import load_model  # noqa: E402
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 SEQ_LENS = (17, 9, 26)
 SEED = 4321
+ADAMW_STEPS = 3
+# A large eps keeps the comparison well-conditioned: with eps 1e-8, gradients near 0 give
+# updates of +-lr whose sign f32 rounding decides.
+ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
+MAX_GRAD_NORM = 1.0
 
 
 def batch(vocab):
@@ -46,10 +55,8 @@ def batch(vocab):
     return seqs
 
 
-def reference(model_dir):
-    model = load_model(model_dir)
-    model.train(False)
-    seqs = batch(model.config.vocab_size)
+def masked_loss(model, seqs):
+    """(loss, per-row logp) of the masked mean cross-entropy over the sequences."""
     n_trained = sum(int(t[1:].sum()) for _, t in seqs)
     loss = torch.zeros(())
     logps = []
@@ -58,6 +65,34 @@ def reference(model_dir):
         logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[1:, None])[:, 0]
         loss = loss - (logp * trained[1:].float()).sum() / n_trained
         logps.append(torch.cat([logp.detach(), torch.zeros(1)]))
+    return loss, logps
+
+
+def adamw_run(model, seqs):
+    """ADAMW_STEPS optimiser steps; returns the loss before each."""
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [p for p in params.values() if p.dim() >= 2]},
+        {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, foreach=False, **ADAMW)
+    losses = []
+    for _ in range(ADAMW_STEPS):
+        opt.zero_grad()
+        loss, _ = masked_loss(model, seqs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def reference(model_dir):
+    model = load_model(model_dir)
+    model.train(False)
+    seqs = batch(model.config.vocab_size)
+    n_trained = sum(int(t[1:].sum()) for _, t in seqs)
+    loss, logps = masked_loss(model, seqs)
     loss.backward()
     out = {
         "input_ids": torch.cat([s[0] for s in seqs]).numpy().astype(np.int64),
@@ -68,10 +103,13 @@ def reference(model_dir):
     }
     for name, p in model.named_parameters():
         out[f"grad.{name}"] = p.grad.detach().numpy().astype(np.float32)
+    out["adamw_loss"] = np.asarray(adamw_run(model, seqs), dtype=np.float32)
+    for name, p in model.named_parameters():
+        out[f"adamw.{name}"] = p.detach().numpy().astype(np.float32)
     path = model_dir / "grads.safetensors"
     save_file(out, str(path))
     path.chmod(0o644)  # safetensors writes 0600
-    print(f"{model_dir.name}: loss {loss.item():.6f}, {len(out) - 5} gradients, "
+    print(f"{model_dir.name}: loss {loss.item():.6f}, adamw losses {out['adamw_loss'].tolist()}, "
           f"trained targets {n_trained}")
 
 
