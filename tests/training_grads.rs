@@ -5,8 +5,8 @@ mod common;
 
 use common::{fixture, load, Tensors};
 use protege::backend::Backend;
+use protege::model::training::Grads;
 use protege::model::training::TrainBatch;
-use protege::model::Weights;
 
 /// Every gradient element within this relative error (f32 against f32, different summation
 /// orders), measured against the tensor's largest magnitude so tiny entries do not dominate.
@@ -44,10 +44,10 @@ fn full_gradients_match_pytorch() {
                 }
             }
             let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { -1.0 / n_trained } else { 0.0 }).collect();
-            let mut grads = Weights::zeros(&be, &model.cfg);
+            let mut grads = Grads::zeros_for(&be, &model);
             model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
             let mut worst = 0f32;
-            for (pname, g) in grads.tensors() {
+            for ((pname, _), g) in model.trainable().into_iter().zip(grads.tensors(&model.cfg)) {
                 let (want, _) = t.f32s(&format!("grad.{pname}"));
                 let got = be.to_f32(g);
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
@@ -71,9 +71,9 @@ fn masked_targets_do_not_affect_gradients() {
         let (_, trace) = model.train_forward(&be, b, false).unwrap();
         let n = b.trained_rows() as f32;
         let dlogp: Vec<f32> = b.trained.iter().map(|&m| if m { -1.0 / n } else { 0.0 }).collect();
-        let mut grads = Weights::zeros(&be, &model.cfg);
+        let mut grads = Grads::zeros_for(&be, &model);
         model.train_backward(&be, b, trace, &dlogp, &mut grads).unwrap();
-        grads.tensors().into_iter().map(|(n, g)| (n, be.to_f32(g))).collect::<Vec<_>>()
+        grads.tensors(&model.cfg).into_iter().map(|g| be.to_f32(g)).collect::<Vec<_>>()
     };
     let mut other = batch.clone();
     let vocab = model.cfg.vocab_size as u32;
@@ -104,15 +104,16 @@ fn adamw_steps_match_torch_optim() {
             weight_decay: 0.1,
             max_grad_norm: Some(1.0),
         };
-        let mut opt = Optimizer::new(&be, &model.cfg, cfg);
+        let mut opt = Optimizer::new(&be, model.trainable(), cfg);
         let (want_losses, _) = t.f32s("adamw_loss");
         for want_loss in want_losses {
             let (logp, trace) = model.train_forward(&be, &batch, false).unwrap();
             let loss: f32 = logp.iter().zip(&dlogp).map(|(l, d)| l * d).sum();
             assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs(), "{name}: loss {loss} vs {want_loss}");
-            let mut grads = Weights::zeros(&be, &model.cfg);
+            let mut grads = Grads::zeros_for(&be, &model);
             model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
-            let report = opt.step(&be, &model.cfg, &mut model.w, &mut grads);
+            let cfg = model.cfg.clone();
+            let report = opt.step(&be, model.trainable_mut(), grads.tensors_mut(&cfg)).unwrap();
             assert!(report.grad_norm > 1.0, "the fixture is meant to exercise clipping");
         }
         for (pname, p) in model.w.tensors() {

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use common::{fixture, load};
 use protege::chat::{Message, ToolCall};
+use protege::model::training::Grads;
 use protege::model::training::TrainBatch;
-use protege::model::Weights;
 use protege::tokenizer::Tokenizer;
 use protege::train::{Decay, OptimConfig, Optimizer, Schedule};
 use serde_json::json;
@@ -55,7 +55,7 @@ fn overfits_a_handful_of_trajectories() {
         weight_decay: 0.0,
         max_grad_norm: Some(1.0),
     };
-    let mut opt = Optimizer::new(&be, &model.cfg, cfg);
+    let mut opt = Optimizer::new(&be, model.trainable(), cfg);
     let started = Instant::now();
     let mut losses = vec![];
     for _ in 0..200 {
@@ -65,9 +65,10 @@ fn overfits_a_handful_of_trajectories() {
         if loss < 0.05 {
             break;
         }
-        let mut grads = Weights::zeros(&be, &model.cfg);
+        let mut grads = Grads::zeros_for(&be, &model);
         model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
-        opt.step(&be, &model.cfg, &mut model.w, &mut grads);
+        let cfg = model.cfg.clone();
+        opt.step(&be, model.trainable_mut(), grads.tensors_mut(&cfg)).unwrap();
     }
     let last = *losses.last().unwrap();
     println!("loss {:.3} -> {last:.4} in {} steps, {:.2}s", losses[0], losses.len(), started.elapsed().as_secs_f64());

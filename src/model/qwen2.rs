@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use super::lora::{Lora, Target};
 use super::{Checkpoint, Qwen2Config};
 use crate::backend::{Backend, StepMeta};
 
@@ -36,6 +37,32 @@ pub struct Weights<B: Backend> {
 }
 
 impl<B: Backend> LayerWeights<B> {
+    /// The weight and bias of a linear module.
+    pub fn linear(&self, t: Target) -> (&B::Buf, Option<&B::Buf>) {
+        match t {
+            Target::Q => (&self.q, Some(&self.q_bias)),
+            Target::K => (&self.k, Some(&self.k_bias)),
+            Target::V => (&self.v, Some(&self.v_bias)),
+            Target::O => (&self.o, None),
+            Target::Gate => (&self.gate, None),
+            Target::Up => (&self.up, None),
+            Target::Down => (&self.down, None),
+        }
+    }
+
+    /// As [`LayerWeights::linear`], mutable.
+    pub fn linear_mut(&mut self, t: Target) -> (&mut B::Buf, Option<&mut B::Buf>) {
+        match t {
+            Target::Q => (&mut self.q, Some(&mut self.q_bias)),
+            Target::K => (&mut self.k, Some(&mut self.k_bias)),
+            Target::V => (&mut self.v, Some(&mut self.v_bias)),
+            Target::O => (&mut self.o, None),
+            Target::Gate => (&mut self.gate, None),
+            Target::Up => (&mut self.up, None),
+            Target::Down => (&mut self.down, None),
+        }
+    }
+
     fn named(&self) -> [(&'static str, &B::Buf); 12] {
         [
             ("input_layernorm.weight", &self.input_norm),
@@ -171,6 +198,8 @@ pub fn param_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
 pub struct Qwen2<B: Backend> {
     pub cfg: Qwen2Config,
     pub w: Weights<B>,
+    /// Adapters applied on top of the (then frozen) base weights.
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Qwen2<B> {
@@ -186,7 +215,25 @@ impl<B: Backend> Qwen2<B> {
             let t = ckpt.get(name, shape)?;
             backend.upload(&t).with_context(|| format!("loading tensor {name}"))
         })?;
-        Ok(Self { cfg, w })
+        Ok(Self { cfg, w, lora: None })
+    }
+
+    /// `out = x W^T (+ b)` for module `t` of layer `l`, plus its adapter when there is one;
+    /// returns the adapter's `x A^T` (what its backward needs).
+    pub fn linear_fwd(&self, be: &B, l: usize, t: Target, x: &B::Buf, out: &mut B::Buf, rows: usize) -> Option<B::Buf> {
+        let (k, n) = t.dims(&self.cfg);
+        let (w, b) = self.w.layers[l].linear(t);
+        be.linear(x, w, b, out, rows, k, n);
+        let lora = self.lora.as_ref()?;
+        let pair = lora.pair(l, t)?;
+        let r = lora.cfg.rank;
+        let mut xa = be.zeros(rows * r);
+        be.linear(x, &pair.a, None, &mut xa, rows, k, r);
+        let mut y = be.zeros(rows * n);
+        be.linear(&xa, &pair.b, None, &mut y, rows, r, n);
+        be.scale(&mut y, lora.cfg.scale(), rows * n);
+        be.add_assign(out, &y, rows * n);
+        Some(xa)
     }
 
     /// Runs one step: stores the new tokens' keys/values in `cache` and returns the logits of
@@ -226,23 +273,23 @@ impl<B: Backend> Qwen2<B> {
         be.embedding(&self.w.embed, &dev, &mut x, h);
         for (l, w) in self.w.layers.iter().enumerate() {
             be.rmsnorm(&x, &w.input_norm, &mut normed, rows, h, c.rms_norm_eps);
-            be.linear(&normed, &w.q, Some(&w.q_bias), &mut q, rows, h, qd);
-            be.linear(&normed, &w.k, Some(&w.k_bias), &mut k, rows, h, kvd);
-            be.linear(&normed, &w.v, Some(&w.v_bias), &mut v, rows, h, kvd);
+            self.linear_fwd(be, l, Target::Q, &normed, &mut q, rows);
+            self.linear_fwd(be, l, Target::K, &normed, &mut k, rows);
+            self.linear_fwd(be, l, Target::V, &normed, &mut v, rows);
             be.rope(&mut q, &dev, c.num_heads, c.head_dim, c.rope_theta);
             be.rope(&mut k, &dev, c.num_kv_heads, c.head_dim, c.rope_theta);
             let (k_cache, v_cache) = cache.layer_mut(l);
             be.kv_store(&k, &v, k_cache, v_cache, &dev, kvd);
             let (k_cache, v_cache) = cache.layer(l);
             be.attention(&q, k_cache, v_cache, &mut attn, &dev, c.num_heads, c.num_kv_heads, c.head_dim);
-            be.linear(&attn, &w.o, None, &mut proj, rows, qd, h);
+            self.linear_fwd(be, l, Target::O, &attn, &mut proj, rows);
             be.add_assign(&mut x, &proj, rows * h);
 
             be.rmsnorm(&x, &w.post_norm, &mut normed, rows, h, c.rms_norm_eps);
-            be.linear(&normed, &w.gate, None, &mut gate, rows, h, inter);
-            be.linear(&normed, &w.up, None, &mut up, rows, h, inter);
+            self.linear_fwd(be, l, Target::Gate, &normed, &mut gate, rows);
+            self.linear_fwd(be, l, Target::Up, &normed, &mut up, rows);
             be.swiglu(&gate, &up, &mut act, rows * inter);
-            be.linear(&act, &w.down, None, &mut proj, rows, inter, h);
+            self.linear_fwd(be, l, Target::Down, &act, &mut proj, rows);
             be.add_assign(&mut x, &proj, rows * h);
         }
         let n_out = meta.logit_rows.len();

@@ -9,6 +9,7 @@
 
 use anyhow::{bail, Result};
 
+use super::lora::{Lora, Target};
 use super::{Qwen2, Weights};
 use crate::backend::{Backend, SeqSlice, StepMeta};
 
@@ -55,6 +56,64 @@ impl TrainBatch {
     }
 }
 
+/// Where gradients go: every parameter (full fine-tuning), or only the adapters (LoRA, base
+/// frozen).
+pub enum Grads<B: Backend> {
+    Full(Weights<B>),
+    Lora(Lora<B>),
+}
+
+impl<B: Backend> Grads<B> {
+    /// Zeroed gradients for what `model` trains: its adapters when it has them, else everything.
+    pub fn zeros_for(be: &B, model: &Qwen2<B>) -> Self {
+        match &model.lora {
+            Some(l) => Grads::Lora(l.zeros_like(be, &model.cfg)),
+            None => Grads::Full(Weights::zeros(be, &model.cfg)),
+        }
+    }
+
+    /// Every gradient tensor, in [`Qwen2::trainable`] order.
+    pub fn tensors(&self, cfg: &super::Qwen2Config) -> Vec<&B::Buf> {
+        match self {
+            Grads::Full(w) => w.tensors().into_iter().map(|(_, b)| b).collect(),
+            Grads::Lora(l) => l.tensors(cfg).into_iter().map(|(_, _, b)| b).collect(),
+        }
+    }
+
+    /// As [`Grads::tensors`], mutable.
+    pub fn tensors_mut(&mut self, cfg: &super::Qwen2Config) -> Vec<&mut B::Buf> {
+        match self {
+            Grads::Full(w) => w.tensors_mut().into_iter().map(|(_, b)| b).collect(),
+            Grads::Lora(l) => l.tensors_mut(cfg).into_iter().map(|(_, _, b)| b).collect(),
+        }
+    }
+}
+
+impl<B: Backend> Qwen2<B> {
+    /// Name and shape of every trained tensor: the adapters when present, else all weights.
+    pub fn trainable(&self) -> Vec<(String, Vec<usize>)> {
+        match &self.lora {
+            Some(l) => l.tensors(&self.cfg).into_iter().map(|(n, s, _)| (n, s)).collect(),
+            None => super::param_shapes(&self.cfg),
+        }
+    }
+
+    /// The trained tensors themselves, in [`Qwen2::trainable`] order.
+    pub fn trainable_mut(&mut self) -> Vec<&mut B::Buf> {
+        match &mut self.lora {
+            Some(l) => l.tensors_mut(&self.cfg).into_iter().map(|(_, _, b)| b).collect(),
+            None => self.w.tensors_mut().into_iter().map(|(_, b)| b).collect(),
+        }
+    }
+}
+
+fn full<B: Backend>(g: &mut Grads<B>) -> Option<&mut Weights<B>> {
+    match g {
+        Grads::Full(w) => Some(w),
+        Grads::Lora(_) => None,
+    }
+}
+
 /// What one layer's backward needs from its forward.
 struct LayerActs<B: Backend> {
     x_in: B::Buf,
@@ -69,6 +128,8 @@ struct LayerActs<B: Backend> {
     gate: B::Buf,
     up: B::Buf,
     act: B::Buf,
+    /// Each adapted module's `x A^T`, by [`Target::index`].
+    xa: [Option<B::Buf>; 7],
 }
 
 /// Saved state between [`Qwen2::train_forward`] and [`Qwen2::train_backward`].
@@ -97,23 +158,24 @@ impl<B: Backend> Qwen2<B> {
             gate: be.zeros(rows * inter),
             up: be.zeros(rows * inter),
             act: be.zeros(rows * inter),
+            xa: Default::default(),
             x_in,
         };
         be.rmsnorm(&a.x_in, &w.input_norm, &mut a.n1, rows, h, c.rms_norm_eps);
-        be.linear(&a.n1, &w.q, Some(&w.q_bias), &mut a.q, rows, h, qd);
-        be.linear(&a.n1, &w.k, Some(&w.k_bias), &mut a.k, rows, h, kvd);
-        be.linear(&a.n1, &w.v, Some(&w.v_bias), &mut a.v, rows, h, kvd);
+        a.xa[0] = self.linear_fwd(be, l, Target::Q, &a.n1, &mut a.q, rows);
+        a.xa[1] = self.linear_fwd(be, l, Target::K, &a.n1, &mut a.k, rows);
+        a.xa[2] = self.linear_fwd(be, l, Target::V, &a.n1, &mut a.v, rows);
         be.rope(&mut a.q, meta, c.num_heads, c.head_dim, c.rope_theta);
         be.rope(&mut a.k, meta, c.num_kv_heads, c.head_dim, c.rope_theta);
         be.attention_train(&a.q, &a.k, &a.v, &mut a.attn, &mut a.lse, meta, c.num_heads, c.num_kv_heads, c.head_dim);
-        be.linear(&a.attn, &w.o, None, &mut a.x_mid, rows, qd, h);
+        a.xa[3] = self.linear_fwd(be, l, Target::O, &a.attn, &mut a.x_mid, rows);
         be.add_assign(&mut a.x_mid, &a.x_in, rows * h);
         be.rmsnorm(&a.x_mid, &w.post_norm, &mut a.n2, rows, h, c.rms_norm_eps);
-        be.linear(&a.n2, &w.gate, None, &mut a.gate, rows, h, inter);
-        be.linear(&a.n2, &w.up, None, &mut a.up, rows, h, inter);
+        a.xa[4] = self.linear_fwd(be, l, Target::Gate, &a.n2, &mut a.gate, rows);
+        a.xa[5] = self.linear_fwd(be, l, Target::Up, &a.n2, &mut a.up, rows);
         be.swiglu(&a.gate, &a.up, &mut a.act, rows * inter);
         let mut x_out = be.zeros(rows * h);
-        be.linear(&a.act, &w.down, None, &mut x_out, rows, inter, h);
+        a.xa[6] = self.linear_fwd(be, l, Target::Down, &a.act, &mut x_out, rows);
         be.add_assign(&mut x_out, &a.x_mid, rows * h);
         (a, x_out)
     }
@@ -154,9 +216,14 @@ impl<B: Backend> Qwen2<B> {
         batch: &TrainBatch,
         trace: Trace<B>,
         dlogp: &[f32],
-        grads: &mut Weights<B>,
+        grads: &mut Grads<B>,
     ) -> Result<()> {
         let c = &self.cfg;
+        match (&*grads, &self.lora) {
+            (Grads::Full(_), Some(_)) => bail!("the model has LoRA adapters: train them (Grads::Lora), not the base"),
+            (Grads::Lora(_), None) => bail!("LoRA gradients requested but the model has no adapters"),
+            _ => {}
+        }
         let rows = batch.rows();
         if dlogp.len() != rows {
             bail!("dlogp has {} rows, the batch {rows}", dlogp.len());
@@ -168,9 +235,9 @@ impl<B: Backend> Qwen2<B> {
         // Head and final norm. A tied head's gradient lands in the embedding's.
         let mut dhidden = be.zeros(rows * h);
         let dlogp = be.upload_f32(dlogp);
-        let dhead = match grads.lm_head.as_mut() {
-            Some(g) => g,
-            None => &mut grads.embed,
+        let dhead = match grads {
+            Grads::Full(g) => Some(g.lm_head.as_mut().unwrap_or(&mut g.embed)),
+            Grads::Lora(_) => None,
         };
         be.token_logprobs_bwd(
             &dlogp,
@@ -179,7 +246,7 @@ impl<B: Backend> Qwen2<B> {
             &batch.targets,
             &lse,
             &mut dhidden,
-            Some(dhead),
+            dhead,
             rows,
             h,
             c.vocab_size,
@@ -190,7 +257,7 @@ impl<B: Backend> Qwen2<B> {
             &x_final,
             &self.w.final_norm,
             &mut dx,
-            Some(&mut grads.final_norm),
+            full(grads).map(|g| &mut g.final_norm),
             rows,
             h,
             c.rms_norm_eps,
@@ -212,17 +279,26 @@ impl<B: Backend> Qwen2<B> {
                 Ok(a) => a,
                 Err(x_in) => self.layer_forward(be, l, x_in, &meta, rows).0,
             };
-            let (w, g) = (&self.w.layers[l], &mut grads.layers[l]);
+            let w = &self.w.layers[l];
             // MLP: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid).
-            be.linear_bwd(&dx, &a.act, &w.down, Some(&mut dact), Some(&mut g.down), None, rows, inter, h);
+            self.linear_back(be, l, Target::Down, &a.act, &a.xa, &dx, &mut dact, grads, rows);
             be.swiglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup, rows * inter);
-            be.linear_bwd(&dgate, &a.n2, &w.gate, Some(&mut dn), Some(&mut g.gate), None, rows, h, inter);
-            be.linear_bwd(&dup, &a.n2, &w.up, Some(&mut tmp), Some(&mut g.up), None, rows, h, inter);
+            self.linear_back(be, l, Target::Gate, &a.n2, &a.xa, &dgate, &mut dn, grads, rows);
+            self.linear_back(be, l, Target::Up, &a.n2, &a.xa, &dup, &mut tmp, grads, rows);
             be.add_assign(&mut dn, &tmp, rows * h);
-            be.rmsnorm_bwd(&dn, &a.x_mid, &w.post_norm, &mut dmid, Some(&mut g.post_norm), rows, h, c.rms_norm_eps);
+            be.rmsnorm_bwd(
+                &dn,
+                &a.x_mid,
+                &w.post_norm,
+                &mut dmid,
+                full(grads).map(|g| &mut g.layers[l].post_norm),
+                rows,
+                h,
+                c.rms_norm_eps,
+            );
             be.add_assign(&mut dmid, &dx, rows * h);
             // Attention: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in).
-            be.linear_bwd(&dmid, &a.attn, &w.o, Some(&mut dattn), Some(&mut g.o), None, rows, qd, h);
+            self.linear_back(be, l, Target::O, &a.attn, &a.xa, &dmid, &mut dattn, grads, rows);
             be.attention_train_bwd(
                 &a.q,
                 &a.k,
@@ -240,15 +316,65 @@ impl<B: Backend> Qwen2<B> {
             );
             be.rope_bwd(&mut dq, &meta, c.num_heads, c.head_dim, c.rope_theta);
             be.rope_bwd(&mut dk, &meta, c.num_kv_heads, c.head_dim, c.rope_theta);
-            be.linear_bwd(&dq, &a.n1, &w.q, Some(&mut dn), Some(&mut g.q), Some(&mut g.q_bias), rows, h, qd);
-            be.linear_bwd(&dk, &a.n1, &w.k, Some(&mut tmp), Some(&mut g.k), Some(&mut g.k_bias), rows, h, kvd);
+            self.linear_back(be, l, Target::Q, &a.n1, &a.xa, &dq, &mut dn, grads, rows);
+            self.linear_back(be, l, Target::K, &a.n1, &a.xa, &dk, &mut tmp, grads, rows);
             be.add_assign(&mut dn, &tmp, rows * h);
-            be.linear_bwd(&dv, &a.n1, &w.v, Some(&mut tmp), Some(&mut g.v), Some(&mut g.v_bias), rows, h, kvd);
+            self.linear_back(be, l, Target::V, &a.n1, &a.xa, &dv, &mut tmp, grads, rows);
             be.add_assign(&mut dn, &tmp, rows * h);
-            be.rmsnorm_bwd(&dn, &a.x_in, &w.input_norm, &mut dx, Some(&mut g.input_norm), rows, h, c.rms_norm_eps);
+            be.rmsnorm_bwd(
+                &dn,
+                &a.x_in,
+                &w.input_norm,
+                &mut dx,
+                full(grads).map(|g| &mut g.layers[l].input_norm),
+                rows,
+                h,
+                c.rms_norm_eps,
+            );
             be.add_assign(&mut dx, &dmid, rows * h);
         }
-        be.embedding_bwd(&dx, &meta, &mut grads.embed, h);
+        if let Grads::Full(g) = grads {
+            be.embedding_bwd(&dx, &meta, &mut g.embed, h);
+        }
         Ok(())
+    }
+
+    /// Backward of [`Qwen2::linear_fwd`]: `dx` (overwritten) and the gradients of what is
+    /// trained — the base weight and bias, or the adapter.
+    fn linear_back(
+        &self,
+        be: &B,
+        l: usize,
+        t: Target,
+        x: &B::Buf,
+        xa: &[Option<B::Buf>; 7],
+        dout: &B::Buf,
+        dx: &mut B::Buf,
+        grads: &mut Grads<B>,
+        rows: usize,
+    ) {
+        let (k, n) = t.dims(&self.cfg);
+        let (w, _) = self.w.layers[l].linear(t);
+        match grads {
+            Grads::Full(g) => {
+                let (dw, db) = g.layers[l].linear_mut(t);
+                be.linear_bwd(dout, x, w, Some(dx), Some(dw), db, rows, k, n);
+            }
+            Grads::Lora(g) => {
+                be.linear_bwd(dout, x, w, Some(dx), None, None, rows, k, n);
+                let (Some(lora), Some(xa)) = (self.lora.as_ref(), xa[t.index()].as_ref()) else { return };
+                let (Some(pair), Some(gp)) = (lora.pair(l, t), g.layers[l][t.index()].as_mut()) else { return };
+                // y += s (x A^T) B^T:  dB += s dout^T xa,  dxa = s dout B,  dA += dxa^T x,  dx += dxa A.
+                let r = lora.cfg.rank;
+                let mut ds = be.zeros(rows * n);
+                be.copy(dout, &mut ds, rows * n);
+                be.scale(&mut ds, lora.cfg.scale(), rows * n);
+                let mut dxa = be.zeros(rows * r);
+                be.linear_bwd(&ds, xa, &pair.b, Some(&mut dxa), Some(&mut gp.b), None, rows, r, n);
+                let mut dx_lora = be.zeros(rows * k);
+                be.linear_bwd(&dxa, x, &pair.a, Some(&mut dx_lora), Some(&mut gp.a), None, rows, k, r);
+                be.add_assign(dx, &dx_lora, rows * k);
+            }
+        }
     }
 }

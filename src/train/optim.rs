@@ -1,13 +1,14 @@
-//! AdamW over a model's parameters, with global-norm gradient clipping and a schedule.
+//! AdamW over the trained tensors (all weights, or LoRA adapters), with global-norm gradient
+//! clipping and a learning-rate schedule.
 //!
 //! Weight decay applies to matrices only (not to biases and norm weights), as the usual
 //! fine-tuning recipes (and transformers' Trainer) do.
 
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
 use crate::backend::{AdamW, Backend};
-use crate::model::{param_shapes, Qwen2Config, Weights};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct OptimConfig {
@@ -31,61 +32,58 @@ pub struct StepReport {
 
 pub struct Optimizer<B: Backend> {
     pub cfg: OptimConfig,
-    /// First and second moments, shaped like the parameters.
-    pub m: Weights<B>,
-    pub v: Weights<B>,
+    /// Name and shape of every trained tensor, in the order `step` receives them.
+    pub shapes: Vec<(String, Vec<usize>)>,
+    /// First and second moments, one per trained tensor.
+    pub m: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
     /// Steps taken so far.
     pub step: u64,
-    decays: Vec<bool>,
 }
 
 impl<B: Backend> Optimizer<B> {
-    pub fn new(be: &B, model_cfg: &Qwen2Config, cfg: OptimConfig) -> Self {
-        let decays = param_shapes(model_cfg).iter().map(|(_, shape)| shape.len() >= 2).collect();
-        Self { cfg, m: Weights::zeros(be, model_cfg), v: Weights::zeros(be, model_cfg), step: 0, decays }
+    pub fn new(be: &B, shapes: Vec<(String, Vec<usize>)>, cfg: OptimConfig) -> Self {
+        let zeros = || shapes.iter().map(|(_, s)| be.zeros(s.iter().product())).collect::<Vec<_>>();
+        Self { cfg, m: zeros(), v: zeros(), shapes, step: 0 }
     }
 
-    /// Global L2 norm of all gradients.
-    pub fn grad_norm(be: &B, grads: &Weights<B>, shapes: &[(String, Vec<usize>)]) -> f32 {
-        let sq: f64 =
-            grads.tensors().iter().zip(shapes).map(|((_, g), (_, s))| be.sum_squares(g, s.iter().product())).sum();
-        sq.sqrt() as f32
-    }
-
-    /// Clips `grads` (in place), then updates `params`. Gradients are left for the caller to
-    /// zero, so that they can be inspected.
-    pub fn step(
-        &mut self,
-        be: &B,
-        model_cfg: &Qwen2Config,
-        params: &mut Weights<B>,
-        grads: &mut Weights<B>,
-    ) -> StepReport {
-        let shapes = param_shapes(model_cfg);
-        let grad_norm = Self::grad_norm(be, grads, &shapes);
+    /// Clips `grads` in place (global norm), then updates `params`; both in `shapes` order.
+    pub fn step(&mut self, be: &B, params: Vec<&mut B::Buf>, grads: Vec<&mut B::Buf>) -> Result<StepReport> {
+        if params.len() != self.shapes.len() || grads.len() != self.shapes.len() {
+            bail!(
+                "optimiser expects {} tensors, got {} parameters and {} gradients",
+                self.shapes.len(),
+                params.len(),
+                grads.len()
+            );
+        }
+        let numel: Vec<usize> = self.shapes.iter().map(|(_, s)| s.iter().product()).collect();
+        let grad_norm = grads.iter().zip(&numel).map(|(g, &n)| be.sum_squares(g, n)).sum::<f64>().sqrt() as f32;
+        if !grad_norm.is_finite() {
+            bail!("gradient norm is {grad_norm}: refusing to update the weights");
+        }
+        let mut grads = grads;
         if let Some(max) = self.cfg.max_grad_norm {
-            // torch.nn.utils.clip_grad_norm_
+            // As torch.nn.utils.clip_grad_norm_.
             let coef = max / (grad_norm + 1e-6);
             if coef < 1.0 {
-                for ((_, g), (_, s)) in grads.tensors_mut().into_iter().zip(&shapes) {
-                    be.scale(g, coef, s.iter().product());
+                for (g, &n) in grads.iter_mut().zip(&numel) {
+                    be.scale(g, coef, n);
                 }
             }
         }
         self.step += 1;
         let lr = self.cfg.schedule.lr_at(self.step);
-        let (mut ps, gs) = (params.tensors_mut(), grads.tensors());
-        let (mut ms, mut vs) = (self.m.tensors_mut(), self.v.tensors_mut());
-        for (i, (_, shape)) in shapes.iter().enumerate() {
+        for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {
             let hp = AdamW {
                 lr,
                 beta1: self.cfg.beta1,
                 beta2: self.cfg.beta2,
                 eps: self.cfg.eps,
-                weight_decay: if self.decays[i] { self.cfg.weight_decay } else { 0.0 },
+                weight_decay: if self.shapes[i].1.len() >= 2 { self.cfg.weight_decay } else { 0.0 },
             };
-            be.adamw(ps[i].1, gs[i].1, ms[i].1, vs[i].1, shape.iter().product(), &hp, self.step);
+            be.adamw(p, g, &mut self.m[i], &mut self.v[i], numel[i], &hp, self.step);
         }
-        StepReport { step: self.step, lr, grad_norm }
+        Ok(StepReport { step: self.step, lr, grad_norm })
     }
 }

@@ -1,0 +1,193 @@
+//! LoRA adapters: `y = x W^T + b + scale * (x A^T) B^T` on chosen linear modules, with PEFT's
+//! initialisation (A Kaiming-uniform, B zero), tensor names and merge/unmerge.
+
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::Qwen2Config;
+use crate::backend::Backend;
+
+/// A linear module of a Qwen2 layer that can carry an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
+
+    /// The module's name inside a layer, as in HF and PEFT.
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "self_attn.q_proj",
+            Target::K => "self_attn.k_proj",
+            Target::V => "self_attn.v_proj",
+            Target::O => "self_attn.o_proj",
+            Target::Gate => "mlp.gate_proj",
+            Target::Up => "mlp.up_proj",
+            Target::Down => "mlp.down_proj",
+        }
+    }
+
+    /// PEFT's `target_modules` entry.
+    pub fn peft_name(self) -> &'static str {
+        self.module().rsplit('.').next().unwrap()
+    }
+
+    /// (in, out) features.
+    pub fn dims(self, c: &Qwen2Config) -> (usize, usize) {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        match self {
+            Target::Q => (h, c.q_dim()),
+            Target::K | Target::V => (h, c.kv_dim()),
+            Target::O => (c.q_dim(), h),
+            Target::Gate | Target::Up => (h, i),
+            Target::Down => (i, h),
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Target::ALL.iter().position(|&t| t == self).unwrap()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f32,
+    /// Dropout on the adapter's input during training. Only 0 is implemented so far.
+    #[serde(default)]
+    pub dropout: f32,
+    pub targets: Vec<Target>,
+    /// Seed of the A initialisation.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            bail!("lora.rank must be positive");
+        }
+        if self.targets.is_empty() {
+            bail!("lora.targets is empty: name at least one of q, k, v, o, gate, up, down");
+        }
+        if self.dropout != 0.0 {
+            bail!("lora.dropout {} is not supported yet (only 0)", self.dropout);
+        }
+        Ok(())
+    }
+
+    /// `alpha / rank`, PEFT's scaling.
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+}
+
+/// One adapter: `a: [rank, in]`, `b: [out, rank]`.
+pub struct LoraPair<B: Backend> {
+    pub a: B::Buf,
+    pub b: B::Buf,
+}
+
+/// The adapters of a model: per layer, one optional pair per [`Target`].
+pub struct Lora<B: Backend> {
+    pub cfg: LoraConfig,
+    pub layers: Vec<[Option<LoraPair<B>>; 7]>,
+}
+
+impl<B: Backend> Lora<B> {
+    /// Builds every adapter tensor with `make(peft_name, shape)`.
+    pub fn try_from_fn(
+        model: &Qwen2Config,
+        cfg: &LoraConfig,
+        mut make: impl FnMut(&str, &[usize]) -> Result<B::Buf>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let mut layers = Vec::with_capacity(model.num_layers);
+        for l in 0..model.num_layers {
+            let mut slots: [Option<LoraPair<B>>; 7] = Default::default();
+            for t in Target::ALL {
+                if cfg.targets.contains(&t) {
+                    let (i, o) = t.dims(model);
+                    let (na, nb) = peft_names(l, t);
+                    slots[t.index()] = Some(LoraPair { a: make(&na, &[cfg.rank, i])?, b: make(&nb, &[o, cfg.rank])? });
+                }
+            }
+            layers.push(slots);
+        }
+        Ok(Self { cfg: cfg.clone(), layers })
+    }
+
+    /// PEFT's initialisation: `A ~ U(-1/sqrt(in), 1/sqrt(in))` (Kaiming-uniform with a = sqrt(5)),
+    /// `B = 0`, so the adapted model starts equal to the base.
+    pub fn init(be: &B, model: &Qwen2Config, cfg: &LoraConfig) -> Result<Self> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        Self::try_from_fn(model, cfg, |name, shape| {
+            let n = shape.iter().product();
+            if name.contains("lora_A") {
+                let bound = 1.0 / (shape[1] as f32).sqrt();
+                Ok(be.upload_f32(&(0..n).map(|_| rng.gen_range(-bound..bound)).collect::<Vec<_>>()))
+            } else {
+                Ok(be.zeros(n))
+            }
+        })
+    }
+
+    /// Zero-filled adapters of the same shape (gradients, optimiser state).
+    pub fn zeros_like(&self, be: &B, model: &Qwen2Config) -> Self {
+        Self::try_from_fn(model, &self.cfg, |_, shape| Ok(be.zeros(shape.iter().product()))).expect("allocation")
+    }
+
+    pub fn pair(&self, layer: usize, t: Target) -> Option<&LoraPair<B>> {
+        self.layers[layer][t.index()].as_ref()
+    }
+
+    /// Every tensor with its PEFT name and shape.
+    pub fn tensors(&self, model: &Qwen2Config) -> Vec<(String, Vec<usize>, &B::Buf)> {
+        let mut out = vec![];
+        for (l, slots) in self.layers.iter().enumerate() {
+            for t in Target::ALL {
+                if let Some(p) = &slots[t.index()] {
+                    let (i, o) = t.dims(model);
+                    let (na, nb) = peft_names(l, t);
+                    out.push((na, vec![self.cfg.rank, i], &p.a));
+                    out.push((nb, vec![o, self.cfg.rank], &p.b));
+                }
+            }
+        }
+        out
+    }
+
+    /// As [`Lora::tensors`], mutable.
+    pub fn tensors_mut(&mut self, model: &Qwen2Config) -> Vec<(String, Vec<usize>, &mut B::Buf)> {
+        let rank = self.cfg.rank;
+        let mut out = vec![];
+        for (l, slots) in self.layers.iter_mut().enumerate() {
+            for (t, slot) in Target::ALL.into_iter().zip(slots.iter_mut()) {
+                if let Some(p) = slot {
+                    let (i, o) = t.dims(model);
+                    let (na, nb) = peft_names(l, t);
+                    out.push((na, vec![rank, i], &mut p.a));
+                    out.push((nb, vec![o, rank], &mut p.b));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// PEFT's tensor names in `adapter_model.safetensors` for layer `l`, module `t`.
+pub fn peft_names(l: usize, t: Target) -> (String, String) {
+    let base = format!("base_model.model.model.layers.{l}.{}", t.module());
+    (format!("{base}.lora_A.weight"), format!("{base}.lora_B.weight"))
+}
