@@ -123,3 +123,75 @@ fn adamw_steps_match_torch_optim() {
         }
     }
 }
+
+#[test]
+fn lora_gradients_match_peft() {
+    use protege::model::lora::{Lora, LoraConfig, Target};
+    for name in ["tiny", "odd"] {
+        let (be, mut model) = load(name);
+        let t = Tensors::open(&fixture(&format!("{name}/lora_grads.safetensors")));
+        // tools/make_grad_fixtures.py: r 4, alpha 8, all seven modules, no dropout.
+        let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 0 };
+        let lora = Lora::try_from_fn(&model.cfg, &cfg, |n, shape| {
+            let (data, got) = t.f32s(&format!("lora.{n}"));
+            assert_eq!(got, shape, "{n}");
+            Ok(be.upload_f32(&data))
+        })
+        .unwrap();
+        model.lora = Some(lora);
+        let batch = batch_from(&Tensors::open(&fixture(&format!("{name}/grads.safetensors"))));
+        let n = batch.trained_rows() as f32;
+        let (logp, trace) = model.train_forward(&be, &batch, false).unwrap();
+        let loss: f32 = -logp.iter().zip(&batch.trained).filter(|(_, &m)| m).map(|(l, _)| l).sum::<f32>() / n;
+        assert!((loss - t.f32s("lora_loss").0[0]).abs() < 1e-5, "{name}: LoRA loss {loss}");
+        let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { -1.0 / n } else { 0.0 }).collect();
+        let mut grads = Grads::zeros_for(&be, &model);
+        model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
+        let mut worst = 0f32;
+        for ((pname, _), g) in model.trainable().into_iter().zip(grads.tensors(&model.cfg)) {
+            let (want, _) = t.f32s(&format!("lora_grad.{pname}"));
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            let err = be.to_f32(g).iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            worst = worst.max(err);
+            assert!(err <= RTOL, "{name}: {pname}: relative error {err:.2e}");
+        }
+        println!("{name}: LoRA worst relative gradient error {worst:.2e}");
+    }
+}
+
+#[test]
+fn lora_init_is_identity_and_merge_unmerge_round_trips() {
+    use protege::generate::prompt_logits;
+    use protege::model::lora::{Lora, LoraConfig, Target};
+    let (be, mut model) = load("odd");
+    let ids: Vec<u32> = (3..40).collect();
+    let base = prompt_logits(&be, &model, &ids, None).unwrap();
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 3 };
+    model.lora = Some(Lora::init(&be, &model.cfg, &cfg).unwrap());
+    // PEFT initialisation: B = 0, so the adapted model equals the base.
+    assert_eq!(prompt_logits(&be, &model, &ids, None).unwrap(), base);
+    // Non-zero adapters (the PEFT fixture's), then merge: same logits without adapters.
+    let t = Tensors::open(&fixture("odd/lora_grads.safetensors"));
+    model.lora =
+        Some(Lora::try_from_fn(&model.cfg, &cfg, |n, _| Ok(be.upload_f32(&t.f32s(&format!("lora.{n}")).0))).unwrap());
+    let adapted = prompt_logits(&be, &model, &ids, None).unwrap();
+    assert!(common::max_abs_diff(&adapted, &base) > 1e-2, "the adapters should change the logits");
+    let lora = model.merge_lora_keep(&be).unwrap();
+    let merged = prompt_logits(&be, &model, &ids, None).unwrap();
+    assert!(
+        common::max_abs_diff(&merged, &adapted) < 1e-4,
+        "merged differs by {}",
+        common::max_abs_diff(&merged, &adapted)
+    );
+    model.unmerge_lora(&be, lora).unwrap();
+    assert!(common::max_abs_diff(&prompt_logits(&be, &model, &ids, None).unwrap(), &adapted) < 1e-4);
+    model.lora.take();
+    assert!(
+        common::max_abs_diff(&prompt_logits(&be, &model, &ids, None).unwrap(), &base) < 1e-4,
+        "unmerge restores the base"
+    );
+    // A configuration the model cannot honour is an error, not a silent no-op.
+    let bad = LoraConfig { dropout: 0.1, ..cfg.clone() };
+    assert!(Lora::init(&be, &model.cfg, &bad).is_err());
+    assert!(Lora::init(&be, &model.cfg, &LoraConfig { targets: vec![], ..cfg }).is_err());
+}

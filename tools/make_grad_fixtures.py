@@ -16,6 +16,13 @@ GQA 3:1) it writes `tests/fixtures/<model>/grads.safetensors`:
                              only; clip_grad_norm_ to MAX_GRAD_NORM before each step)
     adamw_loss F32 [ADAMW_STEPS]  the loss before each of those steps
 
+and `tests/fixtures/<model>/lora_grads.safetensors` for a PEFT LoRA on all seven linear
+modules (LORA settings, B initialised non-zero so that A receives gradients too):
+
+    lora.NAME       F32   every adapter tensor (PEFT's adapter_model.safetensors names)
+    lora_grad.NAME  F32   d loss / d adapter tensor, same loss and batch as above
+    lora_loss       F32 [1]
+
 Everything is float32 with eager attention on the stored (upcast) weights; each sequence is
 run on its own, as the Rust side packs them without cross-attention.
 """
@@ -42,6 +49,8 @@ ADAMW_STEPS = 3
 # updates of +-lr whose sign f32 rounding decides.
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
 MAX_GRAD_NORM = 1.0
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def batch(vocab):
@@ -113,10 +122,32 @@ def reference(model_dir):
           f"trained targets {n_trained}")
 
 
+def lora_reference(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    model = get_peft_model(load_model(model_dir), LoraConfig(**LORA))
+    model.train(False)
+    seqs = batch(model.config.vocab_size)
+    loss, _ = masked_loss(model, seqs)
+    loss.backward()
+    out = {"lora_loss": np.asarray([loss.item()], dtype=np.float32)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = name.replace(".default", "")  # the adapter file's names
+            out[f"lora.{key}"] = p.detach().numpy().astype(np.float32)
+            out[f"lora_grad.{key}"] = p.grad.detach().numpy().astype(np.float32)
+    path = model_dir / "lora_grads.safetensors"
+    save_file(out, str(path))
+    path.chmod(0o644)
+    print(f"{model_dir.name}: LoRA loss {loss.item():.6f}, {(len(out) - 1) // 2} adapter tensors")
+
+
 def main():
     torch.manual_seed(0)
     for name in ("tiny", "odd"):
         reference(FIXTURES / name)
+        lora_reference(FIXTURES / name)
 
 
 if __name__ == "__main__":

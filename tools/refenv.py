@@ -4,7 +4,7 @@ The reference tools (make_fixtures.py, make_reference.py) must produce the
 same numbers on every machine, so they run under one pinned set of packages:
 
     torch==2.15.0  transformers==5.23.0  tokenizers==0.23.3
-    safetensors==0.8.0  numpy==2.4.6  gguf==0.19.0
+    safetensors==0.8.0  numpy==2.4.6  gguf==0.19.0  peft==0.21.2
 
 `ensure_venv()` makes sure the calling script runs inside that environment:
 if the current interpreter is not the reference venv, it creates
@@ -30,6 +30,7 @@ PINNED = {
     "safetensors": "0.8.0",
     "numpy": "2.4.6",
     "gguf": "0.19.0",
+    "peft": "0.21.2",
 }
 
 _VERSION_PROBE = (

@@ -349,3 +349,54 @@ impl<B: Backend> KvCache<B> {
         (k, v)
     }
 }
+
+impl<B: Backend> Qwen2<B> {
+    /// Folds the adapters into the base weights (`W += scale * B A`) and drops them: the
+    /// result is a plain model with the same outputs, for export or faster inference.
+    pub fn merge_lora(&mut self, be: &B) -> Result<()> {
+        self.fold_lora(be, 1.0)?;
+        self.lora = None;
+        Ok(())
+    }
+
+    /// Folds the adapters into the base weights but keeps them, so that
+    /// [`Qwen2::unmerge_lora`] can restore the base; meanwhile the forward must not apply the
+    /// adapters again, so they are moved to the returned value.
+    pub fn merge_lora_keep(&mut self, be: &B) -> Result<Lora<B>> {
+        self.fold_lora(be, 1.0)?;
+        self.lora.take().context("the model has no LoRA adapters")
+    }
+
+    /// Subtracts adapters merged by [`Qwen2::merge_lora_keep`] and re-attaches them.
+    pub fn unmerge_lora(&mut self, be: &B, lora: Lora<B>) -> Result<()> {
+        self.lora = Some(lora);
+        self.fold_lora(be, -1.0)
+    }
+
+    fn fold_lora(&mut self, be: &B, sign: f32) -> Result<()> {
+        let lora = self.lora.as_ref().context("the model has no LoRA adapters")?;
+        let (r, scale) = (lora.cfg.rank, lora.cfg.scale() * sign);
+        for (l, slots) in lora.layers.iter().enumerate() {
+            for t in Target::ALL {
+                let Some(pair) = &slots[t.index()] else { continue };
+                let (k, n) = t.dims(&self.cfg);
+                let (w, _) = self.w.layers[l].linear_mut(t);
+                let mut host = be.to_f32(w);
+                let (a, b) = (be.to_f32(&pair.a), be.to_f32(&pair.b));
+                crate::backend::cpu::mm(
+                    &mut host,
+                    crate::backend::cpu::as_is(&b),
+                    crate::backend::cpu::as_is(&a),
+                    n,
+                    k,
+                    r,
+                    true,
+                    scale,
+                    true,
+                );
+                *w = be.upload_f32(&host);
+            }
+        }
+        Ok(())
+    }
+}
