@@ -3,6 +3,7 @@
 //! This crate is the engine (model, backends, generation, tokenizer) and the CLI's library
 //! half; `main.rs` only parses arguments and calls into it.
 
+pub mod agent;
 pub mod backend;
 pub mod bench;
 pub mod chat;

@@ -1,5 +1,6 @@
-//! Training: optimiser, learning-rate schedules (SFT and GRPO loops follow).
+//! Training: SFT data, optimiser, learning-rate schedules (the SFT and GRPO loops follow).
 
+pub mod data;
 pub mod optim;
 pub mod schedule;
 

@@ -1,0 +1,3 @@
+//! The agent harness (episodes, tools, experts) and the trajectory files it writes.
+
+pub mod trajectory;
