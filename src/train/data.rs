@@ -126,7 +126,7 @@ mod tests {
         let trained = vec![false, false, true, true, false, false, true, true, true, false];
         let ids: Vec<u32> = (0..10).collect();
         // Fits: untouched.
-        assert_eq!(fit(ids.clone(), trained.clone(), 10, Overlong::Drop).unwrap().2, false);
+        assert!(!fit(ids.clone(), trained.clone(), 10, Overlong::Drop).unwrap().2);
         assert!(fit(ids.clone(), trained.clone(), 9, Overlong::Drop).is_none());
         // max 8 cuts inside the second turn: back to the end of the first (after index 3).
         let (i, m, cut) = fit(ids.clone(), trained.clone(), 8, Overlong::TruncateAtTurn).unwrap();
