@@ -59,6 +59,11 @@ impl Checkpoint {
         } else {
             bail!("no weights in {}: expected model.safetensors or model.safetensors.index.json", dir.display());
         };
+        Self::open_files(dir, &files)
+    }
+
+    /// Opens the given safetensors files of `dir` as one checkpoint.
+    pub fn open_files(dir: &Path, files: &[String]) -> Result<Self> {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for (i, name) in files.iter().enumerate() {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod lora;
 pub mod qwen2;
 pub mod training;
