@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod check;
+pub mod config;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;

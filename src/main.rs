@@ -38,6 +38,18 @@ enum Command {
     CheckLogits(CheckLogitsArgs),
     /// Measure prefill and decode throughput (tokens/s) of a model.
     Bench(BenchArgs),
+    /// Supervised fine-tuning on trajectory files (loss on the agent's tokens only).
+    Sft(SftArgs),
+}
+
+#[derive(Args)]
+struct SftArgs {
+    /// TOML run configuration (see src/config.rs for every field).
+    #[arg(long)]
+    config: PathBuf,
+    /// Continue the run in the config's output.run_dir from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -238,6 +250,22 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_sft(a: SftArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
+    let cfg = protege::config::SftConfig::from_file(&a.config)?;
+    let out = protege::train::sft::run_sft(&cfg, &text, a.resume, None)?;
+    if let Some(m) = out.metrics.last() {
+        eprintln!(
+            "sft: step {} loss {:.4}{}",
+            m.step,
+            m.loss,
+            m.eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default()
+        );
+    }
+    eprintln!("sft: run directory {}", out.run_dir.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -250,6 +278,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => run_generate(a).map(|_| true),
         Command::CheckLogits(a) => run_check_logits(a),
         Command::Bench(a) => run_bench(a).map(|_| true),
+        Command::Sft(a) => run_sft(a).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -23,14 +23,18 @@ pub enum ExportDtype {
     Bf16,
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
 }
 
 /// Serialises named f32 tensors as safetensors in `dtype`, atomically.
-fn write_safetensors(path: &Path, tensors: Vec<(String, Vec<usize>, Vec<f32>)>, dtype: ExportDtype) -> Result<()> {
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    dtype: ExportDtype,
+) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, s, v)| {

@@ -3,6 +3,7 @@
 pub mod data;
 pub mod optim;
 pub mod schedule;
+pub mod sft;
 
 pub use optim::{OptimConfig, Optimizer, StepReport};
 pub use schedule::{Decay, Schedule};

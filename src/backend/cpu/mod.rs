@@ -383,7 +383,11 @@ impl Backend for CpuBackend {
     }
 
     fn sum_squares(&self, x: &Vec<f32>, n: usize) -> f64 {
-        x[..n].par_chunks(1 << 14).map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>()).sum()
+        // Partials in a fixed order, summed serially: the same bits on every run, which exact
+        // resume of a training run relies on (rayon's own reduction order may vary).
+        let partials: Vec<f64> =
+            x[..n].par_chunks(1 << 14).map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>()).collect();
+        partials.iter().sum()
     }
 
     fn scale(&self, x: &mut Vec<f32>, s: f32, n: usize) {
