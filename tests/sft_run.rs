@@ -117,3 +117,30 @@ fn config_typos_fail_before_any_work() {
     assert!(!out.status.success());
     assert!(!dir.path().join("run").exists(), "nothing written for a bad config");
 }
+
+#[test]
+fn a_nan_loss_stops_the_run_with_a_clear_error() {
+    use safetensors::tensor::TensorView;
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of the tiny model whose final norm weights are NaN.
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(fixture("tiny")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(fixture("tiny/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    for t in tensors.iter_mut().filter(|t| t.0 == "model.norm.weight") {
+        t.3 = t.3.chunks(4).flat_map(|_| f32::NAN.to_le_bytes()).collect();
+    }
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
+    let (mut cfg, text) = config(dir.path(), false);
+    cfg.model.path = model;
+    let e = format!("{:#}", run_sft(&cfg, &text, false, None).err().expect("NaN loss must stop the run"));
+    assert!(e.contains("loss is NaN at step 1") && e.contains("checkpoints"), "{e}");
+}
