@@ -176,14 +176,6 @@ impl Tokenizer {
         Self::from_file(&dir.join("tokenizer.json"))
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
     /// Token ids of `text` as it stands (special tokens in the text are recognised; nothing
     /// is added around it).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

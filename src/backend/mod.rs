@@ -288,8 +288,6 @@ pub trait Backend: Send + Sync {
     fn scale(&self, x: &mut Self::Buf, s: f32, n: usize);
     /// `dst[..n] = src[..n]`.
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, n: usize);
-    /// Sets the first `n` values to zero.
-    fn zero(&self, x: &mut Self::Buf, n: usize);
     /// One AdamW step (PyTorch's formulation, decoupled weight decay) on `n` values.
     fn adamw(
         &self,

@@ -66,7 +66,6 @@ pub struct GenStats {
     pub prefill_time: Duration,
     pub decode_tokens: usize,
     pub decode_time: Duration,
-    pub steps: usize,
 }
 
 impl GenStats {
@@ -191,7 +190,6 @@ pub fn generate<B: Backend>(
         let mut rngs: Vec<Rng> = samplers.iter().map(|&i| seqs[i].rng.clone()).collect();
         let next = be.sample(&logits, cfg.vocab_size, &params, &mut rngs);
         let elapsed = started.elapsed();
-        stats.steps += 1;
         if prompt_rows > 0 {
             stats.prefill_tokens += prompt_rows;
             stats.prefill_time += elapsed;

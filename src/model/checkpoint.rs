@@ -83,18 +83,6 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_path_buf(), shards, index })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
-    }
-
-    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(|s| s.as_str())
-    }
-
     /// The tensor `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>> {
         let &i = self.index.get(name).ok_or_else(|| {

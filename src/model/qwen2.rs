@@ -63,40 +63,58 @@ impl<B: Backend> LayerWeights<B> {
         }
     }
 
-    fn named(&self) -> [(&'static str, &B::Buf); 12] {
+    /// The tensors in [`LAYER_TENSORS`] order.
+    fn bufs(&self) -> [&B::Buf; 12] {
         [
-            ("input_layernorm.weight", &self.input_norm),
-            ("self_attn.q_proj.weight", &self.q),
-            ("self_attn.q_proj.bias", &self.q_bias),
-            ("self_attn.k_proj.weight", &self.k),
-            ("self_attn.k_proj.bias", &self.k_bias),
-            ("self_attn.v_proj.weight", &self.v),
-            ("self_attn.v_proj.bias", &self.v_bias),
-            ("self_attn.o_proj.weight", &self.o),
-            ("post_attention_layernorm.weight", &self.post_norm),
-            ("mlp.gate_proj.weight", &self.gate),
-            ("mlp.up_proj.weight", &self.up),
-            ("mlp.down_proj.weight", &self.down),
+            &self.input_norm,
+            &self.q,
+            &self.q_bias,
+            &self.k,
+            &self.k_bias,
+            &self.v,
+            &self.v_bias,
+            &self.o,
+            &self.post_norm,
+            &self.gate,
+            &self.up,
+            &self.down,
         ]
     }
 
-    fn named_mut(&mut self) -> [(&'static str, &mut B::Buf); 12] {
+    /// As [`LayerWeights::bufs`], mutable.
+    fn bufs_mut(&mut self) -> [&mut B::Buf; 12] {
         [
-            ("input_layernorm.weight", &mut self.input_norm),
-            ("self_attn.q_proj.weight", &mut self.q),
-            ("self_attn.q_proj.bias", &mut self.q_bias),
-            ("self_attn.k_proj.weight", &mut self.k),
-            ("self_attn.k_proj.bias", &mut self.k_bias),
-            ("self_attn.v_proj.weight", &mut self.v),
-            ("self_attn.v_proj.bias", &mut self.v_bias),
-            ("self_attn.o_proj.weight", &mut self.o),
-            ("post_attention_layernorm.weight", &mut self.post_norm),
-            ("mlp.gate_proj.weight", &mut self.gate),
-            ("mlp.up_proj.weight", &mut self.up),
-            ("mlp.down_proj.weight", &mut self.down),
+            &mut self.input_norm,
+            &mut self.q,
+            &mut self.q_bias,
+            &mut self.k,
+            &mut self.k_bias,
+            &mut self.v,
+            &mut self.v_bias,
+            &mut self.o,
+            &mut self.post_norm,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
         ]
     }
 }
+
+/// HF names of a layer's tensors (after `model.layers.N.`), in [`LayerWeights::bufs`] order.
+const LAYER_TENSORS: [&str; 12] = [
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+];
 
 impl<B: Backend> Weights<B> {
     /// Builds every tensor with `make(hf_name, shape)`, in [`param_shapes`] order.
@@ -144,7 +162,7 @@ impl<B: Backend> Weights<B> {
     pub fn tensors(&self) -> Vec<(String, &B::Buf)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
         for (l, layer) in self.layers.iter().enumerate() {
-            out.extend(layer.named().into_iter().map(|(n, b)| (format!("model.layers.{l}.{n}"), b)));
+            out.extend(LAYER_TENSORS.iter().zip(layer.bufs()).map(|(n, b)| (format!("model.layers.{l}.{n}"), b)));
         }
         out.push(("model.norm.weight".into(), &self.final_norm));
         if let Some(h) = &self.lm_head {
@@ -157,7 +175,7 @@ impl<B: Backend> Weights<B> {
     pub fn tensors_mut(&mut self) -> Vec<(String, &mut B::Buf)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), &mut self.embed)];
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            out.extend(layer.named_mut().into_iter().map(|(n, b)| (format!("model.layers.{l}.{n}"), b)));
+            out.extend(LAYER_TENSORS.iter().zip(layer.bufs_mut()).map(|(n, b)| (format!("model.layers.{l}.{n}"), b)));
         }
         out.push(("model.norm.weight".into(), &mut self.final_norm));
         if let Some(h) = &mut self.lm_head {
@@ -170,23 +188,24 @@ impl<B: Backend> Weights<B> {
 /// HF name and shape of every parameter, in a fixed order.
 pub fn param_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
     let (h, i, v, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.q_dim(), cfg.kv_dim());
-    let layer: [(&str, Vec<usize>); 12] = [
-        ("input_layernorm.weight", vec![h]),
-        ("self_attn.q_proj.weight", vec![qd, h]),
-        ("self_attn.q_proj.bias", vec![qd]),
-        ("self_attn.k_proj.weight", vec![kvd, h]),
-        ("self_attn.k_proj.bias", vec![kvd]),
-        ("self_attn.v_proj.weight", vec![kvd, h]),
-        ("self_attn.v_proj.bias", vec![kvd]),
-        ("self_attn.o_proj.weight", vec![h, qd]),
-        ("post_attention_layernorm.weight", vec![h]),
-        ("mlp.gate_proj.weight", vec![i, h]),
-        ("mlp.up_proj.weight", vec![i, h]),
-        ("mlp.down_proj.weight", vec![h, i]),
+    // In LAYER_TENSORS order.
+    let layer: [Vec<usize>; 12] = [
+        vec![h],
+        vec![qd, h],
+        vec![qd],
+        vec![kvd, h],
+        vec![kvd],
+        vec![kvd, h],
+        vec![kvd],
+        vec![h, qd],
+        vec![h],
+        vec![i, h],
+        vec![i, h],
+        vec![h, i],
     ];
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..cfg.num_layers {
-        out.extend(layer.iter().map(|(n, s)| (format!("model.layers.{l}.{n}"), s.clone())));
+        out.extend(LAYER_TENSORS.iter().zip(&layer).map(|(n, s)| (format!("model.layers.{l}.{n}"), s.clone())));
     }
     out.push(("model.norm.weight".into(), vec![h]));
     if !cfg.tie_word_embeddings {
@@ -319,14 +338,6 @@ impl<B: Backend> KvCache<B> {
         let n = num_blocks * block_size * cfg.kv_dim();
         let layers = (0..cfg.num_layers).map(|_| (be.zeros(n), be.zeros(n))).collect();
         Self { block_size, num_blocks, layers, free: (0..num_blocks as u32).rev().collect() }
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.free.len()
     }
 
     pub fn alloc_block(&mut self) -> Result<u32> {

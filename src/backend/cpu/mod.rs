@@ -398,10 +398,6 @@ impl Backend for CpuBackend {
         dst[..n].copy_from_slice(&src[..n]);
     }
 
-    fn zero(&self, x: &mut Vec<f32>, n: usize) {
-        x[..n].par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
-    }
-
     fn adamw(
         &self,
         p: &mut Vec<f32>,
