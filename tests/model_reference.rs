@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture, load, max_abs_diff, Tensors, MODELS};
-use protege::backend::{Backend, SeqSlice, StepMeta};
+use protege::backend::{cache_slot, Backend, SeqSlice, StepMeta};
 use protege::generate::{generate, prompt_logits, GenOptions, Request, BLOCK_SIZE};
 use protege::model::KvCache;
 
@@ -48,9 +48,7 @@ fn incremental_logits(name: &str, tokens: &[u32], prefill: usize) -> Vec<Vec<f32
         let meta = StepMeta {
             tokens: tokens[done..done + n_new].to_vec(),
             positions: (done as u32..(done + n_new) as u32).collect(),
-            slots: (done..done + n_new)
-                .map(|p| blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
-                .collect(),
+            slots: (done..done + n_new).map(|p| cache_slot(&blocks, p, BLOCK_SIZE)).collect(),
             seqs: vec![SeqSlice { row_start: 0, n_new, n_ctx: done + n_new, block_table: blocks.clone() }],
             block_size: BLOCK_SIZE,
             logit_rows: vec![n_new as u32 - 1],
@@ -154,7 +152,7 @@ fn batched_decode_logits_equal_one_by_one() {
                 let pos = lens[s] + j;
                 meta.tokens.push(t);
                 meta.positions.push(pos as u32);
-                meta.slots.push(tables[s][pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32);
+                meta.slots.push(cache_slot(&tables[s], pos, BLOCK_SIZE));
             }
             lens[s] += toks.len();
             meta.seqs.push(SeqSlice { row_start, n_new: toks.len(), n_ctx: lens[s], block_table: tables[s].clone() });

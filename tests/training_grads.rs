@@ -35,15 +35,14 @@ fn full_gradients_match_pytorch() {
         for recompute in [false, true] {
             let (logp, trace) = model.train_forward(&be, &batch, recompute).unwrap();
             let (want_logp, _) = t.f32s("logp");
-            let loss: f32 =
-                -logp.iter().zip(&batch.trained).filter(|(_, &m)| m).map(|(l, _)| l).sum::<f32>() / n_trained;
+            let loss = batch.nll(&logp, n_trained) as f32;
             assert!((loss - t.f32s("loss").0[0]).abs() < 1e-5, "{name}: loss {loss}");
             for (r, (a, b)) in logp.iter().zip(&want_logp).enumerate() {
                 if batch.targets[r] != 0 || *b != 0.0 {
                     assert!((a - b).abs() < 1e-4, "{name}: logp row {r}: {a} vs {b}");
                 }
             }
-            let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { -1.0 / n_trained } else { 0.0 }).collect();
+            let dlogp = batch.nll_dlogp(n_trained);
             let mut grads = Grads::zeros_for(&be, &model);
             model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
             let mut worst = 0f32;
@@ -70,7 +69,7 @@ fn masked_targets_do_not_affect_gradients() {
     let grads_of = |b: &TrainBatch| {
         let (_, trace) = model.train_forward(&be, b, false).unwrap();
         let n = b.trained_rows() as f32;
-        let dlogp: Vec<f32> = b.trained.iter().map(|&m| if m { -1.0 / n } else { 0.0 }).collect();
+        let dlogp = b.nll_dlogp(n);
         let mut grads = Grads::zeros_for(&be, &model);
         model.train_backward(&be, b, trace, &dlogp, &mut grads).unwrap();
         grads.tensors(&model.cfg).into_iter().map(|g| be.to_f32(g)).collect::<Vec<_>>()
@@ -94,7 +93,7 @@ fn adamw_steps_match_torch_optim() {
         let t = Tensors::open(&fixture(&format!("{name}/grads.safetensors")));
         let batch = batch_from(&t);
         let n = batch.trained_rows() as f32;
-        let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { -1.0 / n } else { 0.0 }).collect();
+        let dlogp = batch.nll_dlogp(n);
         // The hyper-parameters of tools/make_grad_fixtures.py.
         let cfg = OptimConfig {
             schedule: Schedule { lr: 1e-2, warmup_steps: 0, total_steps: 3, decay: Decay::Constant, min_lr_ratio: 0.0 },
@@ -108,7 +107,7 @@ fn adamw_steps_match_torch_optim() {
         let (want_losses, _) = t.f32s("adamw_loss");
         for want_loss in want_losses {
             let (logp, trace) = model.train_forward(&be, &batch, false).unwrap();
-            let loss: f32 = logp.iter().zip(&dlogp).map(|(l, d)| l * d).sum();
+            let loss = batch.nll(&logp, n) as f32;
             assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs(), "{name}: loss {loss} vs {want_loss}");
             let mut grads = Grads::zeros_for(&be, &model);
             model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
@@ -142,9 +141,9 @@ fn lora_gradients_match_peft() {
         let batch = batch_from(&Tensors::open(&fixture(&format!("{name}/grads.safetensors"))));
         let n = batch.trained_rows() as f32;
         let (logp, trace) = model.train_forward(&be, &batch, false).unwrap();
-        let loss: f32 = -logp.iter().zip(&batch.trained).filter(|(_, &m)| m).map(|(l, _)| l).sum::<f32>() / n;
+        let loss = batch.nll(&logp, n) as f32;
         assert!((loss - t.f32s("lora_loss").0[0]).abs() < 1e-5, "{name}: LoRA loss {loss}");
-        let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { -1.0 / n } else { 0.0 }).collect();
+        let dlogp = batch.nll_dlogp(n);
         let mut grads = Grads::zeros_for(&be, &model);
         model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
         let mut worst = 0f32;

@@ -46,7 +46,7 @@ fn overfits_a_handful_of_trajectories() {
     let batch = TrainBatch::pack(&seqs).unwrap();
     let n = batch.trained_rows() as f32;
     assert!(n > 10.0 && (n as usize) < batch.rows() / 2, "assistant tokens are a minority: {n} of {}", batch.rows());
-    let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { -1.0 / n } else { 0.0 }).collect();
+    let dlogp = batch.nll_dlogp(n);
     let cfg = OptimConfig {
         schedule: Schedule { lr: 1e-2, warmup_steps: 5, total_steps: 200, decay: Decay::Constant, min_lr_ratio: 0.0 },
         beta1: 0.9,
@@ -60,7 +60,7 @@ fn overfits_a_handful_of_trajectories() {
     let mut losses = vec![];
     for _ in 0..200 {
         let (logp, trace) = model.train_forward(&be, &batch, false).unwrap();
-        let loss: f32 = logp.iter().zip(&dlogp).map(|(l, d)| l * d).sum();
+        let loss = batch.nll(&logp, n) as f32;
         losses.push(loss);
         if loss < 0.05 {
             break;

@@ -55,6 +55,11 @@ pub struct SeqSlice {
     pub block_table: Vec<u32>,
 }
 
+/// The KV-cache slot of position `pos` of a sequence whose blocks are `block_table`.
+pub fn cache_slot(block_table: &[u32], pos: usize, block_size: usize) -> u32 {
+    block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
+}
+
 /// Everything about one forward step that is not an activation.
 #[derive(Debug, Clone, Default)]
 pub struct StepMeta {

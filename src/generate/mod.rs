@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use crate::backend::{Backend, SamplingParams, SeqSlice, StepMeta};
+use crate::backend::{cache_slot, Backend, SamplingParams, SeqSlice, StepMeta};
 use crate::model::{KvCache, Qwen2};
 use crate::tokenizer::Tokenizer;
 use sampling::Rng;
@@ -171,7 +171,7 @@ pub fn generate<B: Backend>(
                 let pos = s.cached + j;
                 meta.tokens.push(t);
                 meta.positions.push(pos as u32);
-                meta.slots.push(s.blocks[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32);
+                meta.slots.push(cache_slot(&s.blocks, pos, BLOCK_SIZE));
             }
             if s.generated.is_empty() {
                 prompt_rows += take;
@@ -248,7 +248,7 @@ pub fn prompt_logits<B: Backend>(be: &B, model: &Qwen2<B>, tokens: &[u32], rows:
     let meta = StepMeta {
         tokens: tokens.to_vec(),
         positions: (0..n as u32).collect(),
-        slots: (0..n).map(|p| blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32).collect(),
+        slots: (0..n).map(|p| cache_slot(&blocks, p, BLOCK_SIZE)).collect(),
         seqs: vec![SeqSlice { row_start: 0, n_new: n, n_ctx: n, block_table: blocks }],
         block_size: BLOCK_SIZE,
         logit_rows,

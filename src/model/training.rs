@@ -54,6 +54,17 @@ impl TrainBatch {
     pub fn trained_rows(&self) -> usize {
         self.trained.iter().filter(|&&t| t).count()
     }
+
+    /// The negative log-likelihood of the trained rows divided by `denom` (the token mean when
+    /// `denom` is [`TrainBatch::trained_rows`]), for per-row `logp`.
+    pub fn nll(&self, logp: &[f32], denom: f32) -> f64 {
+        -logp.iter().zip(&self.trained).filter(|(_, &m)| m).map(|(&l, _)| l as f64).sum::<f64>() / denom as f64
+    }
+
+    /// `d nll / d logp` for [`TrainBatch::nll`]: `-1/denom` on trained rows, 0 elsewhere.
+    pub fn nll_dlogp(&self, denom: f32) -> Vec<f32> {
+        self.trained.iter().map(|&m| if m { -1.0 / denom } else { 0.0 }).collect()
+    }
 }
 
 /// Where gradients go: every parameter (full fine-tuning), or only the adapters (LoRA, base
@@ -99,6 +110,14 @@ impl<B: Backend> Qwen2<B> {
     }
 
     /// The trained tensors themselves, in [`Qwen2::trainable`] order.
+    pub fn trainable_tensors(&self) -> Vec<&B::Buf> {
+        match &self.lora {
+            Some(l) => l.tensors(&self.cfg).into_iter().map(|(_, _, b)| b).collect(),
+            None => self.w.tensors().into_iter().map(|(_, b)| b).collect(),
+        }
+    }
+
+    /// As [`Qwen2::trainable_tensors`], mutable.
     pub fn trainable_mut(&mut self) -> Vec<&mut B::Buf> {
         match &mut self.lora {
             Some(l) => l.tensors_mut(&self.cfg).into_iter().map(|(_, _, b)| b).collect(),

@@ -101,14 +101,10 @@ fn save_checkpoint<B: Backend>(be: &B, run: &Path, model: &Qwen2<B>, opt: &Optim
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let names = model.trainable();
-    let params: Vec<&B::Buf> = match &model.lora {
-        Some(l) => l.tensors(&model.cfg).into_iter().map(|(_, _, b)| b).collect(),
-        None => model.w.tensors().into_iter().map(|(_, b)| b).collect(),
-    };
     let named = |prefix: &str, bufs: Vec<&B::Buf>| {
         names.iter().zip(bufs).map(|((n, s), b)| (format!("{prefix}{n}"), s.clone(), be.to_f32(b))).collect::<Vec<_>>()
     };
-    write_safetensors(&tmp.join("trainable.safetensors"), named("", params), ExportDtype::F32)?;
+    write_safetensors(&tmp.join("trainable.safetensors"), named("", model.trainable_tensors()), ExportDtype::F32)?;
     let mut moments = named("m.", opt.m.iter().collect());
     moments.extend(named("v.", opt.v.iter().collect()));
     write_safetensors(&tmp.join("optimizer.safetensors"), moments, ExportDtype::F32)?;
@@ -255,10 +251,10 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
             let batch = to_batch(&train, &batches[state.cursor.batch])?;
             state.cursor.batch += 1;
             // Token mean within the micro-batch, averaged over the accumulated micro-batches.
-            let w = -1.0 / (batch.trained_rows().max(1) as f32 * cfg.train.grad_accum as f32);
-            let dlogp: Vec<f32> = batch.trained.iter().map(|&m| if m { w } else { 0.0 }).collect();
+            let denom = batch.trained_rows().max(1) as f32 * cfg.train.grad_accum as f32;
             let (logp, trace) = model.train_forward(&be, &batch, cfg.train.recompute)?;
-            let micro: f64 = logp.iter().zip(&dlogp).map(|(l, d)| (*l * *d) as f64).sum();
+            let micro = batch.nll(&logp, denom);
+            let dlogp = batch.nll_dlogp(denom);
             if !micro.is_finite() {
                 bail!(
                     "loss is {micro} at step {}; stopping. The last good checkpoint is in {}",

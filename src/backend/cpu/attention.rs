@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::matmul::{as_is, mm, transposed, SharedMut};
 use super::vector::{dot, exp_f32, softmax_in_place};
-use crate::backend::{SeqSlice, StepMeta};
+use crate::backend::{cache_slot, SeqSlice, StepMeta};
 
 /// Query rows per work item: bounds the score matrix and gives rayon enough items.
 const Q_CHUNK: usize = 64;
@@ -88,7 +88,7 @@ pub fn paged(q: &[f32], k_cache: &[f32], v_cache: &[f32], out: &mut [f32], meta:
         let mut keys = vec![0f32; len * hd];
         let mut vals = vec![0f32; len * hd];
         for t in 0..len {
-            let slot = seq.block_table[t / bs] as usize * bs + t % bs;
+            let slot = cache_slot(&seq.block_table, t, bs) as usize;
             let src = slot * kv_dim + kvh * hd;
             keys[t * hd..(t + 1) * hd].copy_from_slice(&k_cache[src..src + hd]);
             vals[t * hd..(t + 1) * hd].copy_from_slice(&v_cache[src..src + hd]);

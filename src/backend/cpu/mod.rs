@@ -552,7 +552,7 @@ mod tests {
         let mut meta = StepMeta { block_size: bs, ..Default::default() };
         for (s, &(past, new)) in lens.iter().enumerate() {
             for t in 0..past + new {
-                let slot = (tables[s][t / bs] as usize * bs + t % bs) * kvd;
+                let slot = crate::backend::cache_slot(&tables[s], t, bs) as usize * kvd;
                 k_cache[slot..slot + kvd].copy_from_slice(&k_all[s][t * kvd..(t + 1) * kvd]);
                 v_cache[slot..slot + kvd].copy_from_slice(&v_all[s][t * kvd..(t + 1) * kvd]);
             }
