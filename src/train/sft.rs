@@ -78,6 +78,7 @@ fn eval_loss<B: Backend>(be: &B, model: &Qwen2<B>, examples: &[Example], batch_t
     let (mut sum, mut n) = (0f64, 0usize);
     for idx in pack_batches(examples, batch_tokens, 0) {
         let batch = to_batch(examples, &idx)?;
+        // No backward follows: recomputation mode keeps only layer inputs alive.
         let (logp, _) = model.train_forward(be, &batch, true)?;
         for (l, &m) in logp.iter().zip(&batch.trained) {
             if m {
@@ -141,14 +142,23 @@ fn load_checkpoint<B: Backend>(be: &B, run: &Path, model: &mut Qwen2<B>, opt: &m
 }
 
 /// Keeps the metrics lines up to `step` (dropping what a killed run wrote after its last
-/// checkpoint) and returns them.
+/// checkpoint, including a half-written last line) and returns them. Any other unreadable line
+/// is an error rather than silently lost history.
 fn cut_metrics(path: &Path, step: u64) -> Result<Vec<StepMetrics>> {
     if !path.exists() {
         return Ok(vec![]);
     }
     let text = std::fs::read_to_string(path)?;
-    let kept: Vec<StepMetrics> =
-        text.lines().filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok()).filter(|m| m.step <= step).collect();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut kept = vec![];
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<StepMetrics>(line) {
+            Ok(m) if m.step <= step => kept.push(m),
+            Ok(_) => {}
+            Err(_) if i + 1 == lines.len() => {}
+            Err(e) => bail!("{}:{}: unreadable metrics line: {e}", path.display(), i + 1),
+        }
+    }
     let mut out = String::new();
     for m in &kept {
         out.push_str(&serde_json::to_string(m)?);
@@ -301,4 +311,35 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
         }
     }
     Ok(SftOutcome { run_dir: run, last_step: state.step, data: stats, metrics })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cutting_metrics_drops_later_steps_and_a_torn_last_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let line = |step| {
+            let m = StepMetrics {
+                step,
+                loss: 1.0,
+                eval_loss: None,
+                lr: 0.1,
+                grad_norm: 1.0,
+                tokens: 4,
+                tokens_per_s: 1.0,
+                elapsed_s: 1.0,
+            };
+            serde_json::to_string(&m).unwrap()
+        };
+        std::fs::write(&path, format!("{}\n{}\n{}\n{{\"step\": 4, \"lo", line(1), line(2), line(3))).unwrap();
+        let kept = cut_metrics(&path, 2).unwrap();
+        assert_eq!(kept.iter().map(|m| m.step).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n{}\n", line(1), line(2)));
+        std::fs::write(&path, format!("{}\ngarbage\n{}\n", line(1), line(2))).unwrap();
+        let e = format!("{:#}", cut_metrics(&path, 2).unwrap_err());
+        assert!(e.contains("metrics.jsonl:2"), "{e}");
+    }
 }
