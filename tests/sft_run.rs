@@ -37,7 +37,8 @@ fn trajectories() -> Vec<Trajectory> {
 
 fn config(dir: &Path, lora: bool) -> (SftConfig, String) {
     write_jsonl(&dir.join("train.jsonl"), &trajectories()).unwrap();
-    let lora = if lora { "[lora]\nrank = 4\nalpha = 8.0\ntargets = [\"q\", \"v\", \"down\"]\n" } else { "" };
+    let lora =
+        if lora { "[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q\", \"v\", \"down\"]\n" } else { "" };
     let text = format!(
         r#"[model]
 path = "{}"

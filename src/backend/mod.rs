@@ -55,6 +55,17 @@ pub struct SeqSlice {
     pub block_table: Vec<u32>,
 }
 
+/// Whether element `i` survives dropout with probability `p` under `seed`: a counter-based hash
+/// (splitmix64's finaliser) that every backend computes the same way.
+pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 24 uniform bits against p.
+    ((z >> 40) as f32) >= p * (1u32 << 24) as f32
+}
+
 /// The KV-cache slot of position `pos` of a sequence whose blocks are `block_table`.
 pub fn cache_slot(block_table: &[u32], pos: usize, block_size: usize) -> u32 {
     block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
@@ -293,6 +304,10 @@ pub trait Backend: Send + Sync {
     fn scale(&self, x: &mut Self::Buf, s: f32, n: usize);
     /// `dst[..n] = src[..n]`.
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, n: usize);
+    /// Inverted dropout: `out[i] = x[i] / (1 - p)` where [`dropout_keeps`]`(seed, i, p)`, else 0.
+    /// The mask is a pure function of `(seed, i)`, so the backward is this same op on the
+    /// gradient and no mask is stored.
+    fn dropout(&self, x: &Self::Buf, out: &mut Self::Buf, n: usize, p: f32, seed: u64);
     /// One AdamW step (PyTorch's formulation, decoupled weight decay) on `n` values.
     fn adamw(
         &self,

@@ -64,7 +64,8 @@ impl Target {
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f32,
-    /// Dropout on the adapter's input during training. Only 0 is implemented so far.
+    /// Dropout probability on the adapter's input during training (PEFT's `lora_dropout`);
+    /// never applied at evaluation or generation.
     #[serde(default)]
     pub dropout: f32,
     pub targets: Vec<Target>,
@@ -81,8 +82,8 @@ impl LoraConfig {
         if self.targets.is_empty() {
             bail!("lora.targets is empty: name at least one of q, k, v, o, gate, up, down");
         }
-        if self.dropout != 0.0 {
-            bail!("lora.dropout {} is not supported yet (only 0)", self.dropout);
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("lora.dropout {} must be in [0, 1)", self.dropout);
         }
         Ok(())
     }
@@ -184,6 +185,11 @@ impl<B: Backend> Lora<B> {
         }
         out
     }
+}
+
+/// The dropout seed of module `t` of layer `l` within a step whose seed is `step_seed`.
+pub fn module_dropout_seed(step_seed: u64, l: usize, t: Target) -> u64 {
+    step_seed.wrapping_add(((l * Target::ALL.len() + t.index()) as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 /// PEFT's tensor names in `adapter_model.safetensors` for layer `l`, module `t`.

@@ -238,8 +238,18 @@ impl<B: Backend> Qwen2<B> {
     }
 
     /// `out = x W^T (+ b)` for module `t` of layer `l`, plus its adapter when there is one;
-    /// returns the adapter's `x A^T` (what its backward needs).
-    pub fn linear_fwd(&self, be: &B, l: usize, t: Target, x: &B::Buf, out: &mut B::Buf, rows: usize) -> Option<B::Buf> {
+    /// returns the adapter's `x A^T` (what its backward needs). With `dropout_seed` (training)
+    /// the adapter sees `x` through LoRA dropout.
+    pub fn linear_fwd(
+        &self,
+        be: &B,
+        l: usize,
+        t: Target,
+        x: &B::Buf,
+        out: &mut B::Buf,
+        rows: usize,
+        dropout_seed: Option<u64>,
+    ) -> Option<B::Buf> {
         let (k, n) = t.dims(&self.cfg);
         let (w, b) = self.w.layers[l].linear(t);
         be.linear(x, w, b, out, rows, k, n);
@@ -247,12 +257,33 @@ impl<B: Backend> Qwen2<B> {
         let pair = lora.pair(l, t)?;
         let r = lora.cfg.rank;
         let mut xa = be.zeros(rows * r);
-        be.linear(x, &pair.a, None, &mut xa, rows, k, r);
+        match self.lora_dropout(be, l, t, x, rows, dropout_seed) {
+            Some(xd) => be.linear(&xd, &pair.a, None, &mut xa, rows, k, r),
+            None => be.linear(x, &pair.a, None, &mut xa, rows, k, r),
+        }
         let mut y = be.zeros(rows * n);
         be.linear(&xa, &pair.b, None, &mut y, rows, r, n);
         be.scale(&mut y, lora.cfg.scale(), rows * n);
         be.add_assign(out, &y, rows * n);
         Some(xa)
+    }
+
+    /// The adapter input of module `t` after LoRA dropout, or `None` when no dropout applies.
+    pub(crate) fn lora_dropout(
+        &self,
+        be: &B,
+        l: usize,
+        t: Target,
+        x: &B::Buf,
+        rows: usize,
+        seed: Option<u64>,
+    ) -> Option<B::Buf> {
+        let p = self.lora.as_ref()?.cfg.dropout;
+        let seed = seed.filter(|_| p > 0.0)?;
+        let n = rows * t.dims(&self.cfg).0;
+        let mut xd = be.zeros(n);
+        be.dropout(x, &mut xd, n, p, super::lora::module_dropout_seed(seed, l, t));
+        Some(xd)
     }
 
     /// Runs one step: stores the new tokens' keys/values in `cache` and returns the logits of
@@ -292,23 +323,23 @@ impl<B: Backend> Qwen2<B> {
         be.embedding(&self.w.embed, &dev, &mut x, h);
         for (l, w) in self.w.layers.iter().enumerate() {
             be.rmsnorm(&x, &w.input_norm, &mut normed, rows, h, c.rms_norm_eps);
-            self.linear_fwd(be, l, Target::Q, &normed, &mut q, rows);
-            self.linear_fwd(be, l, Target::K, &normed, &mut k, rows);
-            self.linear_fwd(be, l, Target::V, &normed, &mut v, rows);
+            self.linear_fwd(be, l, Target::Q, &normed, &mut q, rows, None);
+            self.linear_fwd(be, l, Target::K, &normed, &mut k, rows, None);
+            self.linear_fwd(be, l, Target::V, &normed, &mut v, rows, None);
             be.rope(&mut q, &dev, c.num_heads, c.head_dim, c.rope_theta);
             be.rope(&mut k, &dev, c.num_kv_heads, c.head_dim, c.rope_theta);
             let (k_cache, v_cache) = cache.layer_mut(l);
             be.kv_store(&k, &v, k_cache, v_cache, &dev, kvd);
             let (k_cache, v_cache) = cache.layer(l);
             be.attention(&q, k_cache, v_cache, &mut attn, &dev, c.num_heads, c.num_kv_heads, c.head_dim);
-            self.linear_fwd(be, l, Target::O, &attn, &mut proj, rows);
+            self.linear_fwd(be, l, Target::O, &attn, &mut proj, rows, None);
             be.add_assign(&mut x, &proj, rows * h);
 
             be.rmsnorm(&x, &w.post_norm, &mut normed, rows, h, c.rms_norm_eps);
-            self.linear_fwd(be, l, Target::Gate, &normed, &mut gate, rows);
-            self.linear_fwd(be, l, Target::Up, &normed, &mut up, rows);
+            self.linear_fwd(be, l, Target::Gate, &normed, &mut gate, rows, None);
+            self.linear_fwd(be, l, Target::Up, &normed, &mut up, rows, None);
             be.swiglu(&gate, &up, &mut act, rows * inter);
-            self.linear_fwd(be, l, Target::Down, &act, &mut proj, rows);
+            self.linear_fwd(be, l, Target::Down, &act, &mut proj, rows, None);
             be.add_assign(&mut x, &proj, rows * h);
         }
         let n_out = meta.logit_rows.len();

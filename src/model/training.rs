@@ -22,13 +22,16 @@ pub struct TrainBatch {
     pub targets: Vec<u32>,
     /// Whether each row's prediction counts (its target is a trained token).
     pub trained: Vec<bool>,
+    /// Seed of this batch's LoRA dropout masks; `None` (the default) applies no dropout, as
+    /// for evaluation.
+    pub dropout_seed: Option<u64>,
 }
 
 impl TrainBatch {
     /// Packs `(token ids, trained)` sequences, where `trained[t]` says whether token `t` is
     /// learned (e.g. produced by the assistant). Row `t` predicts token `t + 1`.
     pub fn pack(seqs: &[(Vec<u32>, Vec<bool>)]) -> Result<Self> {
-        let mut b = TrainBatch { meta: StepMeta::default(), targets: vec![], trained: vec![] };
+        let mut b = TrainBatch { meta: StepMeta::default(), targets: vec![], trained: vec![], dropout_seed: None };
         for (i, (ids, mask)) in seqs.iter().enumerate() {
             if ids.len() != mask.len() {
                 bail!("sequence {i}: {} tokens but {} mask entries", ids.len(), mask.len());
@@ -161,7 +164,15 @@ pub struct Trace<B: Backend> {
 }
 
 impl<B: Backend> Qwen2<B> {
-    fn layer_forward(&self, be: &B, l: usize, x_in: B::Buf, meta: &B::Meta, rows: usize) -> (LayerActs<B>, B::Buf) {
+    fn layer_forward(
+        &self,
+        be: &B,
+        l: usize,
+        x_in: B::Buf,
+        meta: &B::Meta,
+        rows: usize,
+        dropout: Option<u64>,
+    ) -> (LayerActs<B>, B::Buf) {
         let c = &self.cfg;
         let w = &self.w.layers[l];
         let (h, inter, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
@@ -181,20 +192,20 @@ impl<B: Backend> Qwen2<B> {
             x_in,
         };
         be.rmsnorm(&a.x_in, &w.input_norm, &mut a.n1, rows, h, c.rms_norm_eps);
-        a.xa[0] = self.linear_fwd(be, l, Target::Q, &a.n1, &mut a.q, rows);
-        a.xa[1] = self.linear_fwd(be, l, Target::K, &a.n1, &mut a.k, rows);
-        a.xa[2] = self.linear_fwd(be, l, Target::V, &a.n1, &mut a.v, rows);
+        a.xa[0] = self.linear_fwd(be, l, Target::Q, &a.n1, &mut a.q, rows, dropout);
+        a.xa[1] = self.linear_fwd(be, l, Target::K, &a.n1, &mut a.k, rows, dropout);
+        a.xa[2] = self.linear_fwd(be, l, Target::V, &a.n1, &mut a.v, rows, dropout);
         be.rope(&mut a.q, meta, c.num_heads, c.head_dim, c.rope_theta);
         be.rope(&mut a.k, meta, c.num_kv_heads, c.head_dim, c.rope_theta);
         be.attention_train(&a.q, &a.k, &a.v, &mut a.attn, &mut a.lse, meta, c.num_heads, c.num_kv_heads, c.head_dim);
-        a.xa[3] = self.linear_fwd(be, l, Target::O, &a.attn, &mut a.x_mid, rows);
+        a.xa[3] = self.linear_fwd(be, l, Target::O, &a.attn, &mut a.x_mid, rows, dropout);
         be.add_assign(&mut a.x_mid, &a.x_in, rows * h);
         be.rmsnorm(&a.x_mid, &w.post_norm, &mut a.n2, rows, h, c.rms_norm_eps);
-        a.xa[4] = self.linear_fwd(be, l, Target::Gate, &a.n2, &mut a.gate, rows);
-        a.xa[5] = self.linear_fwd(be, l, Target::Up, &a.n2, &mut a.up, rows);
+        a.xa[4] = self.linear_fwd(be, l, Target::Gate, &a.n2, &mut a.gate, rows, dropout);
+        a.xa[5] = self.linear_fwd(be, l, Target::Up, &a.n2, &mut a.up, rows, dropout);
         be.swiglu(&a.gate, &a.up, &mut a.act, rows * inter);
         let mut x_out = be.zeros(rows * h);
-        a.xa[6] = self.linear_fwd(be, l, Target::Down, &a.act, &mut x_out, rows);
+        a.xa[6] = self.linear_fwd(be, l, Target::Down, &a.act, &mut x_out, rows, dropout);
         be.add_assign(&mut x_out, &a.x_mid, rows * h);
         (a, x_out)
     }
@@ -216,7 +227,7 @@ impl<B: Backend> Qwen2<B> {
         be.embedding(&self.w.embed, &meta, &mut x, h);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
-            let (acts, x_out) = self.layer_forward(be, l, x, &meta, rows);
+            let (acts, x_out) = self.layer_forward(be, l, x, &meta, rows, batch.dropout_seed);
             layers.push(if recompute { Err(acts.x_in) } else { Ok(acts) });
             x = x_out;
         }
@@ -296,14 +307,14 @@ impl<B: Backend> Qwen2<B> {
         for (l, saved) in layers.into_iter().enumerate().rev() {
             let a = match saved {
                 Ok(a) => a,
-                Err(x_in) => self.layer_forward(be, l, x_in, &meta, rows).0,
+                Err(x_in) => self.layer_forward(be, l, x_in, &meta, rows, batch.dropout_seed).0,
             };
             let w = &self.w.layers[l];
             // MLP: x_out = x_mid + down(silu(gate(n2)) * up(n2)), n2 = norm(x_mid).
-            self.linear_back(be, l, Target::Down, &a.act, &a.xa, &dx, &mut dact, grads, rows);
+            self.linear_back(be, l, Target::Down, &a.act, &a.xa, &dx, &mut dact, grads, rows, batch.dropout_seed);
             be.swiglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup, rows * inter);
-            self.linear_back(be, l, Target::Gate, &a.n2, &a.xa, &dgate, &mut dn, grads, rows);
-            self.linear_back(be, l, Target::Up, &a.n2, &a.xa, &dup, &mut tmp, grads, rows);
+            self.linear_back(be, l, Target::Gate, &a.n2, &a.xa, &dgate, &mut dn, grads, rows, batch.dropout_seed);
+            self.linear_back(be, l, Target::Up, &a.n2, &a.xa, &dup, &mut tmp, grads, rows, batch.dropout_seed);
             be.add_assign(&mut dn, &tmp, rows * h);
             be.rmsnorm_bwd(
                 &dn,
@@ -317,7 +328,7 @@ impl<B: Backend> Qwen2<B> {
             );
             be.add_assign(&mut dmid, &dx, rows * h);
             // Attention: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x_in).
-            self.linear_back(be, l, Target::O, &a.attn, &a.xa, &dmid, &mut dattn, grads, rows);
+            self.linear_back(be, l, Target::O, &a.attn, &a.xa, &dmid, &mut dattn, grads, rows, batch.dropout_seed);
             be.attention_train_bwd(
                 &a.q,
                 &a.k,
@@ -335,10 +346,10 @@ impl<B: Backend> Qwen2<B> {
             );
             be.rope_bwd(&mut dq, &meta, c.num_heads, c.head_dim, c.rope_theta);
             be.rope_bwd(&mut dk, &meta, c.num_kv_heads, c.head_dim, c.rope_theta);
-            self.linear_back(be, l, Target::Q, &a.n1, &a.xa, &dq, &mut dn, grads, rows);
-            self.linear_back(be, l, Target::K, &a.n1, &a.xa, &dk, &mut tmp, grads, rows);
+            self.linear_back(be, l, Target::Q, &a.n1, &a.xa, &dq, &mut dn, grads, rows, batch.dropout_seed);
+            self.linear_back(be, l, Target::K, &a.n1, &a.xa, &dk, &mut tmp, grads, rows, batch.dropout_seed);
             be.add_assign(&mut dn, &tmp, rows * h);
-            self.linear_back(be, l, Target::V, &a.n1, &a.xa, &dv, &mut tmp, grads, rows);
+            self.linear_back(be, l, Target::V, &a.n1, &a.xa, &dv, &mut tmp, grads, rows, batch.dropout_seed);
             be.add_assign(&mut dn, &tmp, rows * h);
             be.rmsnorm_bwd(
                 &dn,
@@ -371,6 +382,7 @@ impl<B: Backend> Qwen2<B> {
         dx: &mut B::Buf,
         grads: &mut Grads<B>,
         rows: usize,
+        dropout: Option<u64>,
     ) {
         let (k, n) = t.dims(&self.cfg);
         let (w, _) = self.w.layers[l].linear(t);
@@ -383,7 +395,8 @@ impl<B: Backend> Qwen2<B> {
                 be.linear_bwd(dout, x, w, Some(dx), None, None, rows, k, n);
                 let (Some(lora), Some(xa)) = (self.lora.as_ref(), xa[t.index()].as_ref()) else { return };
                 let (Some(pair), Some(gp)) = (lora.pair(l, t), g.layers[l][t.index()].as_mut()) else { return };
-                // y += s (x A^T) B^T:  dB += s dout^T xa,  dxa = s dout B,  dA += dxa^T x,  dx += dxa A.
+                // y += s (d(x) A^T) B^T, d = dropout (identity without it):
+                // dB += s dout^T xa,  dxa = s dout B,  dA += dxa^T d(x),  dx += d(dxa A).
                 let r = lora.cfg.rank;
                 let mut ds = be.zeros(rows * n);
                 be.copy(dout, &mut ds, rows * n);
@@ -391,7 +404,17 @@ impl<B: Backend> Qwen2<B> {
                 let mut dxa = be.zeros(rows * r);
                 be.linear_bwd(&ds, xa, &pair.b, Some(&mut dxa), Some(&mut gp.b), None, rows, r, n);
                 let mut dx_lora = be.zeros(rows * k);
-                be.linear_bwd(&dxa, x, &pair.a, Some(&mut dx_lora), Some(&mut gp.a), None, rows, k, r);
+                match self.lora_dropout(be, l, t, x, rows, dropout) {
+                    Some(xd) => {
+                        be.linear_bwd(&dxa, &xd, &pair.a, Some(&mut dx_lora), Some(&mut gp.a), None, rows, k, r);
+                        // The mask is linear: the backward is the same dropout on the gradient.
+                        let mut masked = be.zeros(rows * k);
+                        let seed = super::lora::module_dropout_seed(dropout.unwrap_or_default(), l, t);
+                        be.dropout(&dx_lora, &mut masked, rows * k, lora.cfg.dropout, seed);
+                        dx_lora = masked;
+                    }
+                    None => be.linear_bwd(&dxa, x, &pair.a, Some(&mut dx_lora), Some(&mut gp.a), None, rows, k, r),
+                }
                 be.add_assign(dx, &dx_lora, rows * k);
             }
         }

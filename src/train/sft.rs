@@ -253,13 +253,18 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
         let step_started = Instant::now();
         let mut grads = Grads::zeros_for(&be, &model);
         let (mut loss, mut tokens) = (0f64, 0usize);
-        for _ in 0..cfg.train.grad_accum {
+        for micro in 0..cfg.train.grad_accum {
             if state.cursor.batch >= batches.len() {
                 state.cursor = Cursor { epoch: state.cursor.epoch + 1, batch: 0 };
                 batches = epoch_batches(&train, cfg.data.batch_tokens, cfg.train.seed, state.cursor.epoch);
             }
-            let batch = to_batch(&train, &batches[state.cursor.batch])?;
+            let mut batch = to_batch(&train, &batches[state.cursor.batch])?;
             state.cursor.batch += 1;
+            // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
+            batch.dropout_seed = Some(
+                cfg.train.seed
+                    ^ (state.step * cfg.train.grad_accum as u64 + micro as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+            );
             // Token mean within the micro-batch, averaged over the accumulated micro-batches.
             let denom = batch.trained_rows().max(1) as f32 * cfg.train.grad_accum as f32;
             let (logp, trace) = model.train_forward(&be, &batch, cfg.train.recompute)?;

@@ -193,3 +193,32 @@ fn adamw_matches_a_hand_computed_step() {
         assert!((p[i] - want).abs() < 1e-6, "{} vs {want}", p[i]);
     }
 }
+
+#[test]
+fn dropout_keeps_the_expected_share_and_is_its_own_backward() {
+    let be = CpuBackend::new();
+    let n = 100_000;
+    let x = vec![1.0f32; n];
+    let mut y = be.zeros(n);
+    be.dropout(&x, &mut y, n, 0.25, 42);
+    let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+    assert!((kept - 0.75).abs() < 0.01, "kept share {kept}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6), "survivors are scaled by 1/(1-p)");
+    let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+    assert!((mean - 1.0).abs() < 0.02, "inverted dropout preserves the mean: {mean}");
+    // Another seed, another mask; the same seed, the same mask.
+    let mut z = be.zeros(n);
+    be.dropout(&x, &mut z, n, 0.25, 43);
+    assert_ne!(y, z);
+    be.dropout(&x, &mut z, n, 0.25, 42);
+    assert_eq!(y, z);
+    // L = sum(dropout(x) * r): dL/dx = dropout(r).
+    let (x, r) = (rand_vec(64, 1), rand_vec(64, 2));
+    let mut g = be.zeros(64);
+    be.dropout(&r, &mut g, 64, 0.5, 7);
+    fd_check("dropout", &x, &g, |x| {
+        let mut y = be.zeros(64);
+        be.dropout(&x.to_vec(), &mut y, 64, 0.5, 7);
+        proj(&y, &r)
+    });
+}

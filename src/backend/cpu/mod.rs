@@ -398,6 +398,17 @@ impl Backend for CpuBackend {
         dst[..n].copy_from_slice(&src[..n]);
     }
 
+    fn dropout(&self, x: &Vec<f32>, out: &mut Vec<f32>, n: usize, p: f32, seed: u64) {
+        let s = 1.0 / (1.0 - p);
+        out[..n].par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
+            let base = c << 14;
+            for (j, v) in o.iter_mut().enumerate() {
+                let i = base + j;
+                *v = if crate::backend::dropout_keeps(seed, i as u64, p) { x[i] * s } else { 0.0 };
+            }
+        });
+    }
+
     fn adamw(
         &self,
         p: &mut Vec<f32>,
