@@ -36,6 +36,10 @@ fn trajectories() -> Vec<Trajectory> {
 }
 
 fn config(dir: &Path, lora: bool) -> (SftConfig, String) {
+    config_with_steps(dir, lora, 6, 2)
+}
+
+fn config_with_steps(dir: &Path, lora: bool, steps: u64, checkpoint_every: u64) -> (SftConfig, String) {
     write_jsonl(&dir.join("train.jsonl"), &trajectories()).unwrap();
     let lora =
         if lora { "[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q\", \"v\", \"down\"]\n" } else { "" };
@@ -48,10 +52,10 @@ eval_fraction = 0.25
 max_seq_len = 256
 batch_tokens = 200
 [train]
-steps = 6
+steps = {steps}
 grad_accum = 2
 seed = 3
-checkpoint_every = 2
+checkpoint_every = {checkpoint_every}
 eval_every = 3
 [optim]
 lr = 0.01
@@ -101,6 +105,52 @@ fn resumed_run_matches_an_uninterrupted_one() {
         let lines = std::fs::read_to_string(b.path().join("run/metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 6, "no duplicated or lost steps");
     }
+}
+
+/// The acceptance test of resume: `protege sft` killed (SIGKILL, possibly mid-checkpoint) and
+/// started again with `--resume` writes the same metrics as an uninterrupted run.
+#[test]
+fn a_killed_process_resumes_with_identical_metrics() {
+    use std::process::Command;
+    let (steps, every) = (30, 3);
+    let a = tempfile::tempdir().unwrap();
+    let (cfg, text) = config_with_steps(a.path(), true, steps, every);
+    let full = run_sft(&cfg, &text, false, None).unwrap();
+
+    let b = tempfile::tempdir().unwrap();
+    config_with_steps(b.path(), true, steps, every);
+    let conf = b.path().join("sft.toml");
+    let metrics = b.path().join("run/metrics.jsonl");
+    let lines = || std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_protege"))
+        .args(["sft", "--config", conf.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while lines() < 8 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 300, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = lines();
+    assert!(killed_at < steps as usize, "killed mid-way (at {killed_at} steps)");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_protege"))
+        .args(["sft", "--config", conf.to_str().unwrap(), "--resume"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resumed: Vec<protege::train::sft::StepMetrics> =
+        std::fs::read_to_string(&metrics).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let strip = |m: &[protege::train::sft::StepMetrics]| {
+        m.iter().map(|m| (m.step, m.loss, m.eval_loss, m.lr, m.grad_norm, m.tokens)).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&resumed), strip(&full.metrics), "killed after {killed_at} steps");
+    let adapter = |d: &Path| std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(a.path()), adapter(b.path()), "the same final adapter");
 }
 
 #[test]
