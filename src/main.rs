@@ -36,7 +36,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Compare the model's logits with a reference file; exits non-zero beyond tolerance.
     CheckLogits(CheckLogitsArgs),
-    /// Measure prefill and decode throughput (tokens/s) of a model.
+    /// Measure prefill and decode throughput (tokens/s) of a model, or (--sft) one training step.
     Bench(BenchArgs),
     /// Supervised fine-tuning on trajectory files (loss on the agent's tokens only).
     Sft(SftArgs),
@@ -68,6 +68,15 @@ struct BenchArgs {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time one SFT step (forward, backward, AdamW) over --prefill-tokens tokens instead:
+    /// `full` fine-tuning or `lora` (all seven modules, rank --lora-rank).
+    #[arg(long, value_parser = ["full", "lora"])]
+    sft: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    /// With --sft: recompute each layer's activations in the backward.
+    #[arg(long)]
+    recompute: bool,
 }
 
 #[derive(Args)]
@@ -235,16 +244,27 @@ fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
 fn run_bench(a: BenchArgs) -> Result<()> {
     let tok = Tokenizer::from_dir(&a.model)?;
     let be = CpuBackend::new();
-    let model = load_model(&be, &a.model)?;
+    let mut model = load_model(&be, &a.model)?;
     let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
-    let r = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
-    println!("backend  {}", r.backend);
-    println!("prefill  {} tokens: {:.1} tok/s", r.prefill_tokens, r.prefill_tok_s);
-    println!("decode   {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tok_s);
+    let json = if let Some(mode) = &a.sft {
+        let rank = (mode == "lora").then_some(a.lora_rank);
+        let r = protege::bench::bench_sft_step(&be, &mut model, &prompt, rank, a.recompute, a.repeats)?;
+        println!("backend  {}", r.backend);
+        println!(
+            "sft step {} over {} tokens ({} trained parameters): {:.2} s, {:.1} tok/s (loss {:.4} -> {:.4})",
+            r.mode, r.seq_tokens, r.trainable_params, r.step_s, r.tokens_per_s, r.losses[0], r.losses[1]
+        );
+        serde_json::to_string_pretty(&r)?
+    } else {
+        let r = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
+        println!("backend  {}", r.backend);
+        println!("prefill  {} tokens: {:.1} tok/s", r.prefill_tokens, r.prefill_tok_s);
+        println!("decode   {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tok_s);
+        serde_json::to_string_pretty(&r)?
+    };
     if let Some(path) = &a.json {
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&r)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
