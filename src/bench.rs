@@ -93,6 +93,8 @@ pub struct SftBenchResult {
     pub repeats: usize,
     /// The loss of the first and last timed step (a sanity check that it trains).
     pub losses: Vec<f64>,
+    /// Median seconds of each phase: zeroed gradients, forward, backward, optimiser.
+    pub phases_s: [f64; 4],
 }
 
 /// One SFT step over a single sequence of `prompt` (every token trained, as `labels = ids` in
@@ -130,15 +132,22 @@ pub fn bench_sft_step<B: Backend>(
     let shapes = model.trainable();
     let trainable_params = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let mut opt = Optimizer::new(be, shapes, cfg);
-    let mut step = || -> Result<(Duration, f64)> {
-        let started = std::time::Instant::now();
-        let mut grads = Grads::zeros_for(be, model);
+    let mut grads = Grads::zeros_for(be, model);
+    let mut step = || -> Result<(Vec<Duration>, f64)> {
+        let mut marks = vec![std::time::Instant::now()];
+        grads.zero(be, &model.cfg);
+        marks.push(std::time::Instant::now());
         let (logp, trace) = model.train_forward(be, &batch, recompute)?;
         let loss = batch.nll(&logp, denom);
+        marks.push(std::time::Instant::now());
         model.train_backward(be, &batch, trace, &batch.nll_dlogp(denom), &mut grads)?;
+        marks.push(std::time::Instant::now());
         let model_cfg = model.cfg.clone();
         opt.step(be, model.trainable_mut(), grads.tensors_mut(&model_cfg))?;
-        Ok((started.elapsed(), loss))
+        marks.push(std::time::Instant::now());
+        let mut times: Vec<Duration> = marks.windows(2).map(|w| w[1] - w[0]).collect();
+        times.insert(0, marks[4] - marks[0]);
+        Ok((times, loss))
     };
     step()?; // warm-up: page in the weights, allocate the optimiser moments
     let repeats = repeats.max(1);
@@ -148,7 +157,8 @@ pub fn bench_sft_step<B: Backend>(
         times.push(t);
         losses.push(loss);
     }
-    let step_s = median(times).as_secs_f64();
+    let phase = |i: usize| median(times.iter().map(|t| t[i]).collect()).as_secs_f64();
+    let step_s = phase(0);
     Ok(SftBenchResult {
         backend: be.name(),
         threads: rayon::current_num_threads(),
@@ -159,5 +169,6 @@ pub fn bench_sft_step<B: Backend>(
         tokens_per_s: prompt.len() as f64 / step_s,
         repeats,
         losses: vec![losses[0], *losses.last().unwrap()],
+        phases_s: [phase(1), phase(2), phase(3), phase(4)],
     })
 }

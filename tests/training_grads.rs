@@ -230,7 +230,7 @@ fn lora_dropout_gradients_match_finite_differences() {
             let i = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
             let eps = 1e-2f32;
             let original = be.to_f32(model.trainable_tensors()[ti]);
-            let mut set = |d: f32, model: &mut protege::model::Qwen2<_>| {
+            let set = |d: f32, model: &mut protege::model::Qwen2<_>| {
                 let mut host = original.clone();
                 host[i] += d;
                 *model.trainable_mut()[ti] = be.upload_f32(&host);

@@ -300,6 +300,10 @@ pub trait Backend: Send + Sync {
     );
     /// `sum(x^2)` over the first `n` values, in f64.
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
+    /// Number of values `x` holds.
+    fn len(&self, x: &Self::Buf) -> usize;
+    /// `x[..n] = 0`.
+    fn zero(&self, x: &mut Self::Buf, n: usize);
     /// `x *= s` over `n` values.
     fn scale(&self, x: &mut Self::Buf, s: f32, n: usize);
     /// `dst[..n] = src[..n]`.

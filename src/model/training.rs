@@ -86,6 +86,15 @@ impl<B: Backend> Grads<B> {
         }
     }
 
+    /// Sets every gradient to zero in place (reusing the buffers between steps avoids
+    /// re-faulting gigabytes of fresh memory).
+    pub fn zero(&mut self, be: &B, cfg: &super::Qwen2Config) {
+        for g in self.tensors_mut(cfg) {
+            let n = be.len(g);
+            be.zero(g, n);
+        }
+    }
+
     /// Every gradient tensor, in [`Qwen2::trainable`] order.
     pub fn tensors(&self, cfg: &super::Qwen2Config) -> Vec<&B::Buf> {
         match self {

@@ -246,12 +246,13 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
     let started = Instant::now();
     let mut batches = epoch_batches(&train, cfg.data.batch_tokens, cfg.train.seed, state.cursor.epoch);
     let first = state.step;
+    let mut grads = Grads::zeros_for(&be, &model);
     while state.step < cfg.train.steps {
         if stop_after.is_some_and(|n| state.step - first >= n) {
             break;
         }
         let step_started = Instant::now();
-        let mut grads = Grads::zeros_for(&be, &model);
+        grads.zero(&be, &model.cfg);
         let (mut loss, mut tokens) = (0f64, 0usize);
         for micro in 0..cfg.train.grad_accum {
             if state.cursor.batch >= batches.len() {
@@ -263,7 +264,7 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
             // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
             batch.dropout_seed = Some(
                 cfg.train.seed
-                    ^ (state.step * cfg.train.grad_accum as u64 + micro as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+                    ^ (state.step * cfg.train.grad_accum + micro).wrapping_mul(0xA24B_AED4_963E_E407),
             );
             // Token mean within the micro-batch, averaged over the accumulated micro-batches.
             let denom = batch.trained_rows().max(1) as f32 * cfg.train.grad_accum as f32;
