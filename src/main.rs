@@ -40,6 +40,56 @@ enum Command {
     Bench(BenchArgs),
     /// Supervised fine-tuning on trajectory files (loss on the agent's tokens only).
     Sft(SftArgs),
+    /// Run agent episodes on a task suite in the sandbox, grade them, write trajectories and a summary.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Task suite: a JSONL file, or a directory holding tasks.jsonl.
+    #[arg(long)]
+    suite: PathBuf,
+    /// Who plays the agent: `local` (protege's engine on --model) or `replay` (--replay FILE).
+    #[arg(long, value_parser = ["local", "replay"], default_value = "local")]
+    policy: String,
+    /// HF model directory of the local policy.
+    #[arg(long, required_if_eq("policy", "local"))]
+    model: Option<PathBuf>,
+    /// Recorded replies for the replay policy: {"instance_id": ["reply", ...], ...}.
+    #[arg(long, required_if_eq("policy", "replay"))]
+    replay: Option<PathBuf>,
+    /// The expert behind ask_expert: `none` or `oracle` (guidance from the gold patch).
+    #[arg(long, value_parser = ["none", "oracle"], default_value = "oracle")]
+    expert: String,
+    /// Episodes run at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Output directory (trajectories.jsonl, summary.json, summary.md).
+    #[arg(long)]
+    out: PathBuf,
+    /// Only these instance ids (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
+    #[arg(long, default_value_t = 75)]
+    max_steps: usize,
+    #[arg(long, default_value_t = 6)]
+    expert_quota: usize,
+    /// Context budget of an episode, tokens.
+    #[arg(long, default_value_t = 32768)]
+    context_tokens: usize,
+    /// Seconds per command.
+    #[arg(long, default_value_t = 60.0)]
+    command_timeout: f64,
+    /// Largest reply of the local policy, tokens.
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run commands as plain subprocesses even when bubblewrap works (not isolated).
+    #[arg(long)]
+    no_sandbox: bool,
 }
 
 #[derive(Args)]
@@ -254,6 +304,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             "sft step {} over {} tokens ({} trained parameters): {:.2} s, {:.1} tok/s (loss {:.4} -> {:.4})",
             r.mode, r.seq_tokens, r.trainable_params, r.step_s, r.tokens_per_s, r.losses[0], r.losses[1]
         );
+        let p = r.phases_s;
+        println!(
+            "phases   zero grads {:.2} s, forward {:.2} s, backward {:.2} s, optimiser {:.2} s",
+            p[0], p[1], p[2], p[3]
+        );
         serde_json::to_string_pretty(&r)?
     } else {
         let r = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
@@ -267,6 +322,47 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    use protege::agent::episode::EpisodeConfig;
+    use protege::agent::sandbox::{Isolation, Limits};
+    use protege::eval::{EvalOptions, ExpertSpec, PolicySpec};
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!("--temperature must be >= 0");
+    }
+    let policy = match a.policy.as_str() {
+        "local" => PolicySpec::Local {
+            model: a.model.context("--policy local needs --model")?,
+            sampling: SamplingParams { temperature: a.temperature, ..Default::default() },
+            max_new_tokens: a.max_new_tokens,
+        },
+        _ => PolicySpec::Replay(a.replay.context("--policy replay needs --replay")?),
+    };
+    let limits = Limits { timeout_s: a.command_timeout, ..Default::default() };
+    let opts = EvalOptions {
+        suite: a.suite,
+        policy,
+        expert: if a.expert == "oracle" { ExpertSpec::Oracle } else { ExpertSpec::None },
+        concurrency: a.concurrency,
+        out: a.out,
+        episode: EpisodeConfig {
+            max_steps: a.max_steps,
+            expert_quota: a.expert_quota,
+            context_tokens: a.context_tokens,
+            ..Default::default()
+        },
+        limits,
+        grade_limits: Limits { timeout_s: 600.0, cpu_s: 600, ..limits },
+        loops: Default::default(),
+        only: a.tasks,
+        seed: a.seed,
+        isolation: a.no_sandbox.then_some(Isolation::Plain),
+    };
+    let summary = protege::eval::run_eval(&opts)?;
+    print!("{}", summary.markdown());
+    eprintln!("eval: wrote {}", opts.out.display());
     Ok(())
 }
 
@@ -299,6 +395,7 @@ fn main() -> ExitCode {
         Command::CheckLogits(a) => run_check_logits(a),
         Command::Bench(a) => run_bench(a).map(|_| true),
         Command::Sft(a) => run_sft(a).map(|_| true),
+        Command::Eval(a) => run_eval(a).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,3 +1,10 @@
-//! The agent harness (episodes, tools, experts) and the trajectory files it writes.
+//! The agent harness: episodes, tools, the sandbox, experts, policies, the loop detector, and
+//! the trajectory files it writes.
 
+pub mod episode;
+pub mod expert;
+pub mod loops;
+pub mod policy;
+pub mod sandbox;
+pub mod tools;
 pub mod trajectory;

@@ -1,0 +1,212 @@
+//! Policies choose the agent's next message. `local` runs protege's own engine token-in /
+//! token-out: it keeps the exact ids of the episode (prompt, its own samples, appended
+//! observations and expert replies) with a per-token source, so RL never re-tokenises.
+//! `replay` plays recorded replies (tests, demos).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use super::trajectory::{Source, TokenRecord};
+use crate::backend::{Backend, SamplingParams};
+use crate::chat::{Message, Role, ToolCall};
+use crate::generate::{generate, GenOptions, Request};
+use crate::model::Qwen2;
+use crate::tokenizer::{render_qwen25, Tokenizer};
+
+/// The name a tool message carries when it holds an expert's reply (its tokens are `e`).
+pub const EXPERT_TOOL: &str = "ask_expert";
+
+/// One reply of a policy.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyTurn {
+    /// The reply's text as produced (with the `<tool_call>` block for text-format policies).
+    pub text: String,
+    /// A structured call, for policies whose API returns one (OpenAI tool calls).
+    pub tool_call: Option<ToolCall>,
+    pub tokens_in: usize,
+    pub tokens_out: usize,
+    /// Seconds spent in the model.
+    pub seconds: f64,
+}
+
+pub trait Policy: Send {
+    fn name(&self) -> String;
+    /// The next assistant reply to `messages` (system, user, then alternating assistant and
+    /// tool messages), with `tools` offered.
+    fn act(&mut self, messages: &[Message], tools: &[Value]) -> Result<PolicyTurn>;
+    /// Tokens in the context after the last reply, when the policy counts them exactly.
+    fn context_tokens(&self) -> Option<usize> {
+        None
+    }
+    /// The most tokens the policy's context can hold, when it is known.
+    fn max_context(&self) -> Option<usize> {
+        None
+    }
+    /// The exact token record of the episode (local policies).
+    fn token_record(&self) -> Option<TokenRecord> {
+        None
+    }
+}
+
+/// Plays a fixed list of replies, then fails.
+pub struct Replay {
+    replies: std::vec::IntoIter<String>,
+}
+
+impl Replay {
+    pub fn new(replies: Vec<String>) -> Self {
+        Self { replies: replies.into_iter() }
+    }
+
+    /// A reply that calls `name` with `args` in the Qwen2.5 format.
+    pub fn call(thought: &str, name: &str, args: Value) -> String {
+        format!("{thought}\n<tool_call>\n{}\n</tool_call>", serde_json::json!({"name": name, "arguments": args}))
+    }
+}
+
+impl Policy for Replay {
+    fn name(&self) -> String {
+        "replay".into()
+    }
+
+    fn act(&mut self, _: &[Message], _: &[Value]) -> Result<PolicyTurn> {
+        match self.replies.next() {
+            Some(text) => {
+                Ok(PolicyTurn { tokens_out: super::expert::approx_tokens(&text), text, ..Default::default() })
+            }
+            None => bail!("the replay policy has no more recorded replies"),
+        }
+    }
+}
+
+/// Protege's own engine as the policy.
+pub struct LocalPolicy<'a, B: Backend> {
+    be: &'a B,
+    model: &'a Qwen2<B>,
+    tok: &'a Tokenizer,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    ids: Vec<u32>,
+    sources: Vec<Source>,
+    /// Messages already in `ids`.
+    consumed: usize,
+    turns: u64,
+}
+
+impl<'a, B: Backend> LocalPolicy<'a, B> {
+    pub fn new(be: &'a B, model: &'a Qwen2<B>, tok: &'a Tokenizer, sampling: SamplingParams, seed: u64) -> Self {
+        Self {
+            be,
+            model,
+            tok,
+            sampling,
+            seed,
+            max_new_tokens: 1024,
+            ids: vec![],
+            sources: vec![],
+            consumed: 0,
+            turns: 0,
+        }
+    }
+
+    fn append(&mut self, text: &str, source: Source) -> Result<()> {
+        let ids = self.tok.encode(text)?;
+        self.sources.extend(std::iter::repeat_n(source, ids.len()));
+        self.ids.extend(ids);
+        Ok(())
+    }
+
+    /// Appends the messages that arrived since the last reply: tool results (`o`, or `e` for
+    /// the expert's), closing the last assistant turn and opening the next, exactly as the
+    /// chat template renders them.
+    fn append_new_messages(&mut self, messages: &[Message]) -> Result<()> {
+        let im_end = self.tok.encode("<|im_end|>")?;
+        let new = &messages[self.consumed..];
+        if new.is_empty() {
+            bail!("no new message since the last reply");
+        }
+        // A reply cut by the token limit did not close its turn.
+        if !self.ids.ends_with(&im_end) {
+            self.append("<|im_end|>", Source::Observation)?;
+        }
+        for (i, m) in new.iter().enumerate() {
+            let source = if m.name.as_deref() == Some(EXPERT_TOOL) { Source::Expert } else { Source::Observation };
+            let text = match m.role {
+                Role::Tool => {
+                    let open = if i == 0 { "\n<|im_start|>user" } else { "" };
+                    let close = if i + 1 == new.len() || new[i + 1].role != Role::Tool { "<|im_end|>" } else { "" };
+                    format!("{open}\n<tool_response>\n{}\n</tool_response>{close}", m.text())
+                }
+                Role::User => format!("\n<|im_start|>user\n{}<|im_end|>", m.text()),
+                r => bail!(
+                    "message {} has role {}: only tool and user messages may follow a reply",
+                    self.consumed + i,
+                    r.as_str()
+                ),
+            };
+            self.append(&text, source)?;
+        }
+        self.append("\n<|im_start|>assistant\n", Source::Observation)
+    }
+}
+
+impl<B: Backend + Sync> Policy for LocalPolicy<'_, B>
+where
+    B::Buf: Send + Sync,
+{
+    fn name(&self) -> String {
+        "local".into()
+    }
+
+    fn act(&mut self, messages: &[Message], tools: &[Value]) -> Result<PolicyTurn> {
+        if self.ids.is_empty() {
+            let r = render_qwen25(messages, tools, true)?;
+            self.append(&r.text, Source::Prompt)?;
+        } else {
+            // The last consumed message is our own reply: skip it.
+            self.append_new_messages(messages)?;
+        }
+        let started = Instant::now();
+        let room = self.model.cfg.max_position_embeddings.saturating_sub(self.ids.len());
+        if room == 0 {
+            bail!("the episode's {} tokens fill the model's context", self.ids.len());
+        }
+        let req = Request {
+            prompt: self.ids.clone(),
+            max_new_tokens: self.max_new_tokens.min(room),
+            sampling: self.sampling.clone(),
+            seed: self.seed.wrapping_add(self.turns),
+            stop_tokens: self.tok.stop_ids.clone(),
+            stop_strings: vec![],
+        };
+        let (mut out, _) = generate(self.be, self.model, &[req], None, &GenOptions::default(), |_, _| {})?;
+        let completion = out.remove(0);
+        let tokens_in = self.ids.len();
+        self.sources.extend(std::iter::repeat_n(Source::Policy, completion.tokens.len()));
+        self.ids.extend(&completion.tokens);
+        self.consumed = messages.len() + 1;
+        self.turns += 1;
+        Ok(PolicyTurn {
+            text: self.tok.decode(&completion.tokens, true)?,
+            tool_call: None,
+            tokens_in,
+            tokens_out: completion.tokens.len(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn context_tokens(&self) -> Option<usize> {
+        Some(self.ids.len())
+    }
+
+    fn max_context(&self) -> Option<usize> {
+        Some(self.model.cfg.max_position_embeddings)
+    }
+
+    fn token_record(&self) -> Option<TokenRecord> {
+        Some(TokenRecord::new(self.ids.clone(), &self.sources))
+    }
+}

@@ -1,0 +1,308 @@
+//! The agent's tools (SWE-agent conventions) and the Qwen2.5 `<tool_call>` format.
+//!
+//! `bash` runs a stateless command in the repository root; `str_replace_editor` views, creates
+//! and edits files (paths confined to the work tree, with undo); `ask_expert` sends a free-text
+//! query to the expert; `submit` ends the episode with the work tree's diff as the patch.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use super::loops::Action;
+use super::sandbox::{agent_path, Executor, PathKind};
+use crate::chat::ToolCall;
+
+/// The function definitions given to the model (OpenAI / Qwen2.5 tool format).
+pub fn tool_specs(workdir: &str) -> Vec<Value> {
+    let function = |name: &str, description: String, properties: Value, required: &[&str]| {
+        json!({"type": "function", "function": {"name": name, "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": required}}})
+    };
+    vec![
+        function(
+            "bash",
+            format!(
+                "Run a bash command in the repository root ({workdir}). Each call starts a fresh shell (no state \
+                 is kept between calls); there is no network and no interactive input; long outputs are cut."
+            ),
+            json!({"command": {"type": "string", "description": "The command to run."}}),
+            &["command"],
+        ),
+        function(
+            "str_replace_editor",
+            "View, create and edit files. `view` shows a file with line numbers (optionally a `view_range` \
+             [start, end], end -1 for the end of the file) or lists a directory two levels deep. `create` writes \
+             a new file. `str_replace` replaces `old_str`, which must occur exactly once, with `new_str`. `insert` \
+             adds `new_str` after line `insert_line` (0 for the top). `undo_edit` reverts the last edit of a file."
+                .into(),
+            json!({
+                "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "undo_edit"]},
+                "path": {"type": "string", "description": format!("A path in the repository, absolute ({workdir}/...) or relative to it.")},
+                "file_text": {"type": "string"},
+                "old_str": {"type": "string"},
+                "new_str": {"type": "string"},
+                "insert_line": {"type": "integer"},
+                "view_range": {"type": "array", "items": {"type": "integer"}}
+            }),
+            &["command", "path"],
+        ),
+        function(
+            "ask_expert",
+            "Ask a stronger expert model for guidance when you are stuck or unsure how to proceed. The expert sees \
+             your question and the last few messages of this conversation. Calls are limited: ask specific \
+             questions, and follow the advice you get."
+                .into(),
+            json!({"query": {"type": "string", "description": "What you need help with, with the relevant context."}}),
+            &["query"],
+        ),
+        function(
+            "submit",
+            "Submit your changes to the repository as the final fix. Ends the task.".into(),
+            json!({}),
+            &[],
+        ),
+    ]
+}
+
+/// The tool call of a model reply written in the Qwen2.5 format: free text, then
+/// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. Returns the text before the call
+/// and the call, or a message for the model saying what is wrong with the format.
+pub fn parse_tool_call(text: &str) -> std::result::Result<(String, ToolCall), String> {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let Some(start) = text.find(OPEN) else {
+        return Err(format!(
+            "Your reply has no tool call. Every reply must end with exactly one call: {OPEN}\n{{\"name\": \
+             <tool name>, \"arguments\": <arguments object>}}\n{CLOSE}"
+        ));
+    };
+    let body = &text[start + OPEN.len()..];
+    let body = body.find(CLOSE).map_or(body, |end| &body[..end]);
+    let v: Value = serde_json::from_str(body.trim()).map_err(|e| format!("The tool call is not valid JSON: {e}."))?;
+    let name = v.get("name").and_then(Value::as_str).ok_or("The tool call has no \"name\" string.")?;
+    let args = v.get("arguments").cloned().unwrap_or_else(|| json!({}));
+    let args = match args {
+        Value::String(s) => serde_json::from_str(&s).map_err(|_| "\"arguments\" must be a JSON object.".to_string())?,
+        a => a,
+    };
+    if !args.is_object() {
+        return Err("\"arguments\" must be a JSON object.".into());
+    }
+    Ok((text[..start].trim_end().to_string(), ToolCall::new(name, args)))
+}
+
+/// What a tool call asks the harness to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Bash(String),
+    Editor(Value),
+    AskExpert(String),
+    Submit,
+}
+
+impl Request {
+    /// Checks the call's name and arguments; an error is the message for the model.
+    pub fn from_call(call: &ToolCall) -> std::result::Result<Self, String> {
+        let args = call.arguments();
+        let string = |k: &str| {
+            args.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or(format!("`{}` needs a string argument \"{k}\".", call.function.name))
+        };
+        match call.function.name.as_str() {
+            "bash" => Ok(Request::Bash(string("command")?)),
+            "str_replace_editor" => {
+                string("command")?;
+                string("path")?;
+                Ok(Request::Editor(args))
+            }
+            "ask_expert" => Ok(Request::AskExpert(string("query")?)),
+            "submit" => Ok(Request::Submit),
+            other => {
+                Err(format!("Unknown tool {other:?}. The tools are bash, str_replace_editor, ask_expert and submit."))
+            }
+        }
+    }
+
+    /// The action as the loop detector sees it.
+    pub fn action(&self) -> Action {
+        match self {
+            Request::Bash(c) => Action::Bash { command: c.clone() },
+            Request::Editor(a) => {
+                Action::Editor { command: a.get("command").and_then(Value::as_str).unwrap_or("").to_string() }
+            }
+            Request::AskExpert(_) => Action::AskExpert,
+            Request::Submit => Action::Submit,
+        }
+    }
+}
+
+/// `str_replace_editor` with its undo history.
+#[derive(Default)]
+pub struct Editor {
+    history: HashMap<PathBuf, Vec<Vec<u8>>>,
+}
+
+const SNIPPET_CONTEXT: usize = 4;
+
+fn numbered(text: &str, first_line: usize) -> String {
+    text.lines().enumerate().map(|(i, l)| format!("{:6}\t{l}\n", first_line + i)).collect()
+}
+
+impl Editor {
+    /// Runs one editor command. `Ok` is the observation; `Err` an error message for the model
+    /// (the episode continues either way). Harness failures are `Result` errors.
+    pub fn run(&mut self, exec: &dyn Executor, args: &Value) -> Result<std::result::Result<String, String>> {
+        let s = |k: &str| args.get(k).and_then(Value::as_str);
+        let command = s("command").unwrap_or("");
+        let given = s("path").unwrap_or("");
+        let workdir = exec.workdir();
+        let rel = match agent_path(&workdir, given) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(format!("Refused: {e}."))),
+        };
+        let shown = if rel.as_os_str().is_empty() { workdir.clone() } else { format!("{workdir}/{}", rel.display()) };
+        let kind = match exec.kind(&rel) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(format!("Refused: {e}."))),
+        };
+        let read_text = |exec: &dyn Executor| -> Result<std::result::Result<String, String>> {
+            match kind {
+                PathKind::File => Ok(Ok(String::from_utf8_lossy(&exec.read(&rel)?).into_owned())),
+                PathKind::Dir => Ok(Err(format!("{shown} is a directory."))),
+                PathKind::Missing => Ok(Err(format!("{shown} does not exist."))),
+            }
+        };
+        Ok(match command {
+            "view" => {
+                if kind == PathKind::Dir {
+                    let q = shell_quote(&shown);
+                    let listing = exec.run(&format!(
+                        "cd {q} && find . -mindepth 1 -maxdepth 2 -not -path '*/.*' | sort | sed \"s|^\\./|$(pwd)/|\""
+                    ))?;
+                    return Ok(Ok(format!(
+                        "Files and directories up to 2 levels deep in {shown}:\n{}",
+                        listing.output
+                    )));
+                }
+                let text = match read_text(exec)? {
+                    Ok(t) => t,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let lines: Vec<&str> = text.lines().collect();
+                let (mut start, mut end) = (1usize, lines.len());
+                if let Some(r) = args.get("view_range") {
+                    let r: Option<Vec<i64>> = serde_json::from_value(r.clone()).ok();
+                    match r.as_deref() {
+                        Some(&[a, b]) if a >= 1 && (a as usize) <= lines.len().max(1) && (b == -1 || b >= a) => {
+                            start = a as usize;
+                            if b != -1 {
+                                end = (b as usize).min(lines.len());
+                            }
+                        }
+                        _ => {
+                            return Ok(Err(format!(
+                                "Invalid view_range {r:?}: expected [start, end] with 1 <= start <= {} and end >= start or -1.",
+                                lines.len()
+                            )))
+                        }
+                    }
+                }
+                let body = lines.get(start - 1..end).unwrap_or(&[]).join("\n");
+                Ok(format!("Here's the result of running `cat -n` on {shown}:\n{}", numbered(&body, start)))
+            }
+            "create" => {
+                let Some(text) = s("file_text") else { return Ok(Err("`create` needs \"file_text\".".into())) };
+                if kind != PathKind::Missing {
+                    return Ok(Err(format!("{shown} already exists; edit it with `str_replace` instead.")));
+                }
+                exec.write(&rel, text.as_bytes())?;
+                self.history.entry(rel.clone()).or_default().push(vec![]);
+                Ok(format!("File created at {shown}."))
+            }
+            "str_replace" => {
+                let Some(old) = s("old_str") else { return Ok(Err("`str_replace` needs \"old_str\".".into())) };
+                let new = s("new_str").unwrap_or("");
+                let text = match read_text(exec)? {
+                    Ok(t) => t,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let hits: Vec<usize> = text.match_indices(old).map(|(i, _)| i).collect();
+                if old.is_empty() || hits.is_empty() {
+                    return Ok(Err(format!(
+                        "No replacement was performed: old_str did not appear verbatim in {shown}."
+                    )));
+                }
+                if hits.len() > 1 {
+                    let lines: Vec<usize> = hits.iter().map(|&i| text[..i].lines().count().max(1)).collect();
+                    return Ok(Err(format!(
+                        "No replacement was performed: old_str occurs {} times (lines {lines:?}). Include more context \
+                         so that it is unique.",
+                        hits.len()
+                    )));
+                }
+                let updated = format!("{}{new}{}", &text[..hits[0]], &text[hits[0] + old.len()..]);
+                self.save(exec, &rel, text.as_bytes(), updated.as_bytes())?;
+                let first = text[..hits[0]].matches('\n').count() + 1;
+                Ok(format!("The file {shown} has been edited. {}", snippet(&updated, first, new.lines().count())))
+            }
+            "insert" => {
+                let Some(new) = s("new_str") else { return Ok(Err("`insert` needs \"new_str\".".into())) };
+                let text = match read_text(exec)? {
+                    Ok(t) => t,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let lines: Vec<&str> = text.lines().collect();
+                let at = match args.get("insert_line").and_then(Value::as_i64) {
+                    Some(n) if n >= 0 && (n as usize) <= lines.len() => n as usize,
+                    _ => return Ok(Err(format!("`insert` needs \"insert_line\" between 0 and {}.", lines.len()))),
+                };
+                let mut out: Vec<&str> = lines[..at].to_vec();
+                out.extend(new.lines());
+                out.extend(&lines[at..]);
+                let mut updated = out.join("\n");
+                if text.ends_with('\n') || text.is_empty() {
+                    updated.push('\n');
+                }
+                self.save(exec, &rel, text.as_bytes(), updated.as_bytes())?;
+                Ok(format!("The file {shown} has been edited. {}", snippet(&updated, at + 1, new.lines().count())))
+            }
+            "undo_edit" => match self.history.get_mut(&rel).and_then(Vec::pop) {
+                Some(previous) => {
+                    exec.write(&rel, &previous)?;
+                    Ok(format!("Last edit to {shown} undone."))
+                }
+                None => Err(format!("No edit to undo for {shown}.")),
+            },
+            other => {
+                Err(format!("Unknown editor command {other:?}: use view, create, str_replace, insert or undo_edit."))
+            }
+        })
+    }
+
+    fn save(&mut self, exec: &dyn Executor, rel: &std::path::Path, old: &[u8], new: &[u8]) -> Result<()> {
+        exec.write(rel, new)?;
+        self.history.entry(rel.to_path_buf()).or_default().push(old.to_vec());
+        Ok(())
+    }
+}
+
+/// The edited region with a few lines of context, numbered.
+fn snippet(text: &str, first_changed: usize, changed: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = first_changed.saturating_sub(SNIPPET_CONTEXT).max(1);
+    let end = (first_changed + changed.max(1) - 1 + SNIPPET_CONTEXT).min(lines.len());
+    let body = lines.get(start - 1..end).unwrap_or(&[]).join("\n");
+    format!(
+        "Here's a snippet of the result:\n{}Review the changes and make sure they are as expected.",
+        numbered(&body, start)
+    )
+}
+
+/// Single-quotes a string for bash.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}

@@ -1,0 +1,350 @@
+//! `protege eval`: episodes of a task suite in parallel, graded, summarised.
+//!
+//! Writes to the output directory: `trajectories.jsonl` (the shared schema; `meta` holds the
+//! exit status, actions, expert calls, patch, timing, loop report and grade), `summary.json` and
+//! `summary.md`. Metrics: Pass@1 (resolved / tasks), expert calls per task, expert share of
+//! tokens (expert reply tokens / (expert reply + policy tokens)), steps per task, looping rate
+//! (a run of one base command longer than 10), cost per task, exit statuses, and the harness
+//! overhead per step (episode time outside the model, commands and expert).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::agent::episode::{run_episode, EpisodeConfig, ExitStatus};
+use crate::agent::expert::{Expert, Oracle};
+use crate::agent::loops::{analyse, LoopConfig};
+use crate::agent::policy::{LocalPolicy, Policy, Replay};
+use crate::agent::sandbox::{best_isolation, Isolation, Limits, LocalSandbox};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::SamplingParams;
+use crate::model::export::write_atomic;
+use crate::model::Qwen2;
+use crate::tasks::grade::{grade, setup, GradeReport};
+use crate::tasks::{load_suite, TaskInstance};
+use crate::tokenizer::Tokenizer;
+
+/// Which policy plays the agent.
+#[derive(Debug, Clone)]
+pub enum PolicySpec {
+    /// Protege's engine on an HF model directory.
+    Local { model: PathBuf, sampling: SamplingParams, max_new_tokens: usize },
+    /// Recorded replies: a JSON object mapping instance ids to lists of reply texts.
+    Replay(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpertSpec {
+    None,
+    Oracle,
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub suite: PathBuf,
+    pub policy: PolicySpec,
+    pub expert: ExpertSpec,
+    pub concurrency: usize,
+    pub out: PathBuf,
+    pub episode: EpisodeConfig,
+    pub limits: Limits,
+    /// Limits of the grading test run.
+    pub grade_limits: Limits,
+    pub loops: LoopConfig,
+    /// Only these instance ids (all when empty).
+    pub only: Vec<String>,
+    pub seed: u64,
+    pub isolation: Option<Isolation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task_id: String,
+    pub resolved: bool,
+    pub exit_status: ExitStatus,
+    pub steps: usize,
+    pub expert_calls: usize,
+    pub expert_tokens: usize,
+    pub policy_tokens: usize,
+    pub cost_usd: f64,
+    pub looping: bool,
+    pub longest_run: usize,
+    pub episode_s: f64,
+    pub harness_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub suite: String,
+    pub policy: String,
+    pub expert: String,
+    pub isolation: Isolation,
+    pub tasks: usize,
+    pub resolved: usize,
+    pub pass_at_1: f64,
+    pub expert_calls_per_task: f64,
+    pub expert_token_share: f64,
+    pub steps_per_task: f64,
+    pub looping_rate: f64,
+    pub cost_per_task_usd: f64,
+    pub exit_statuses: BTreeMap<String, usize>,
+    /// Mean harness time per step, milliseconds.
+    pub harness_ms_per_step: f64,
+    pub wall_s: f64,
+    pub results: Vec<TaskResult>,
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+impl Summary {
+    fn new(
+        suite: &Path,
+        policy: String,
+        expert: String,
+        isolation: Isolation,
+        results: Vec<TaskResult>,
+        wall_s: f64,
+    ) -> Self {
+        let n = results.len();
+        let f = |x: usize| x as f64;
+        let mut exit_statuses = BTreeMap::new();
+        for r in &results {
+            *exit_statuses.entry(r.exit_status.as_str().to_string()).or_insert(0) += 1;
+        }
+        let expert_tokens: usize = results.iter().map(|r| r.expert_tokens).sum();
+        let policy_tokens: usize = results.iter().map(|r| r.policy_tokens).sum();
+        let steps: usize = results.iter().map(|r| r.steps).sum();
+        Summary {
+            suite: suite.display().to_string(),
+            policy,
+            expert,
+            isolation,
+            tasks: n,
+            resolved: results.iter().filter(|r| r.resolved).count(),
+            pass_at_1: mean(results.iter().map(|r| f(r.resolved as usize))),
+            expert_calls_per_task: mean(results.iter().map(|r| f(r.expert_calls))),
+            expert_token_share: f(expert_tokens) / f(expert_tokens + policy_tokens).max(1.0),
+            steps_per_task: mean(results.iter().map(|r| f(r.steps))),
+            looping_rate: mean(results.iter().map(|r| f(r.looping as usize))),
+            cost_per_task_usd: mean(results.iter().map(|r| r.cost_usd)),
+            exit_statuses,
+            harness_ms_per_step: 1000.0 * results.iter().map(|r| r.harness_s).sum::<f64>() / f(steps).max(1.0),
+            wall_s,
+            results,
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "# protege eval\n\nsuite `{}`, policy `{}`, expert `{}`, sandbox {:?}\n\n| metric | value |\n|---|---|\n",
+            self.suite, self.policy, self.expert, self.isolation
+        );
+        let rows = [
+            ("tasks", format!("{}", self.tasks)),
+            ("resolved (Pass@1)", format!("{} ({:.1}%)", self.resolved, 100.0 * self.pass_at_1)),
+            ("expert calls / task", format!("{:.2}", self.expert_calls_per_task)),
+            ("expert share of tokens", format!("{:.1}%", 100.0 * self.expert_token_share)),
+            ("steps / task", format!("{:.1}", self.steps_per_task)),
+            ("looping trajectories", format!("{:.1}%", 100.0 * self.looping_rate)),
+            ("cost / task", format!("${:.4}", self.cost_per_task_usd)),
+            ("harness overhead / step", format!("{:.1} ms", self.harness_ms_per_step)),
+            ("wall time", format!("{:.1} s", self.wall_s)),
+        ];
+        for (k, v) in rows {
+            s += &format!("| {k} | {v} |\n");
+        }
+        s += "\n| exit status | episodes |\n|---|---|\n";
+        for (k, v) in &self.exit_statuses {
+            s += &format!("| {k} | {v} |\n");
+        }
+        s += "\n| task | resolved | exit | steps | expert calls | longest run |\n|---|---|---|---|---|---|\n";
+        for r in &self.results {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.task_id,
+                if r.resolved { "yes" } else { "no" },
+                r.exit_status.as_str(),
+                r.steps,
+                r.expert_calls,
+                r.longest_run
+            );
+        }
+        s
+    }
+}
+
+enum Engine {
+    Local {
+        be: CpuBackend,
+        model: Box<Qwen2<CpuBackend>>,
+        tok: Tokenizer,
+        sampling: SamplingParams,
+        max_new_tokens: usize,
+    },
+    Replay(BTreeMap<String, Vec<String>>),
+}
+
+/// Runs the evaluation and writes its files; returns the summary.
+pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
+    let started = std::time::Instant::now();
+    let mut tasks = load_suite(&o.suite)?;
+    if !o.only.is_empty() {
+        for id in &o.only {
+            if !tasks.iter().any(|t| &t.instance_id == id) {
+                bail!("task {id:?} is not in {}", o.suite.display());
+            }
+        }
+        tasks.retain(|t| o.only.contains(&t.instance_id));
+    }
+    let (engine, policy_name) = match &o.policy {
+        PolicySpec::Local { model, sampling, max_new_tokens } => {
+            let be = CpuBackend::new();
+            let m = Qwen2::load(&be, model)?;
+            let tok = Tokenizer::from_dir(model)?;
+            let engine = Engine::Local {
+                be,
+                model: Box::new(m),
+                tok,
+                sampling: sampling.clone(),
+                max_new_tokens: *max_new_tokens,
+            };
+            (engine, format!("local:{}", model.display()))
+        }
+        PolicySpec::Replay(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let map: BTreeMap<String, Vec<String>> = serde_json::from_str(&text).with_context(|| {
+                format!("{}: expected a JSON object mapping instance ids to lists of replies", file.display())
+            })?;
+            (Engine::Replay(map), format!("replay:{}", file.display()))
+        }
+    };
+    let isolation = o.isolation.unwrap_or_else(best_isolation);
+    std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
+    let scratch = tempfile::Builder::new().prefix("protege-eval-").tempdir()?;
+    let suite_dir = std::fs::canonicalize(if o.suite.is_dir() {
+        o.suite.clone()
+    } else {
+        o.suite.parent().unwrap_or(Path::new(".")).to_path_buf()
+    })?;
+    let hidden = vec![suite_dir, std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf()];
+
+    let traj_path = o.out.join("trajectories.jsonl");
+    let traj_file = Mutex::new(
+        std::fs::File::create(&traj_path).with_context(|| format!("cannot create {}", traj_path.display()))?,
+    );
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(vec![]);
+    let bar = indicatif::ProgressBar::new(tasks.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tasks, ETA {eta} | {msg}").expect("template"),
+    );
+    let worker = || -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            let Some(task) = tasks.get(i) else { return Ok(()) };
+            let (result, line) = run_one(o, task, i, &engine, isolation, &hidden, scratch.path())?;
+            {
+                let mut f = traj_file.lock().expect("lock");
+                f.write_all(line.as_bytes())?;
+                f.flush()?;
+            }
+            let mut rs = results.lock().expect("lock");
+            rs.push(result);
+            let solved = rs.iter().filter(|r| r.resolved).count();
+            bar.set_message(format!("{solved}/{} resolved", rs.len()));
+            bar.inc(1);
+        }
+    };
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = (0..o.concurrency.max(1)).map(|_| s.spawn(worker)).collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("an episode worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let mut results = results.into_inner().expect("lock");
+    results.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+    let expert = match o.expert {
+        ExpertSpec::None => "none",
+        ExpertSpec::Oracle => "oracle",
+    };
+    let summary =
+        Summary::new(&o.suite, policy_name, expert.into(), isolation, results, started.elapsed().as_secs_f64());
+    write_atomic(&o.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    write_atomic(&o.out.join("summary.md"), summary.markdown().as_bytes())?;
+    Ok(summary)
+}
+
+/// One task: episode, grade, trajectory line.
+fn run_one(
+    o: &EvalOptions,
+    task: &TaskInstance,
+    index: usize,
+    engine: &Engine,
+    isolation: Isolation,
+    hidden: &[PathBuf],
+    scratch: &Path,
+) -> Result<(TaskResult, String)> {
+    let work = scratch.join(format!("ep-{index}"));
+    let sandbox = LocalSandbox::create(&task.env.repo_path, &work, isolation, o.limits, hidden.to_vec())?;
+    setup(task, &sandbox).with_context(|| format!("task {}", task.instance_id))?;
+    let mut policy: Box<dyn Policy + '_> = match engine {
+        Engine::Local { be, model, tok, sampling, max_new_tokens } => {
+            let mut p = LocalPolicy::new(be, model, tok, sampling.clone(), o.seed.wrapping_add(index as u64 * 7919));
+            p.max_new_tokens = *max_new_tokens;
+            Box::new(p)
+        }
+        Engine::Replay(map) => Box::new(Replay::new(map.get(&task.instance_id).cloned().unwrap_or_default())),
+    };
+    let mut oracle = Oracle;
+    let expert: Option<&mut dyn Expert> = match o.expert {
+        ExpertSpec::None => None,
+        ExpertSpec::Oracle => Some(&mut oracle),
+    };
+    let ep = run_episode(task, &sandbox, policy.as_mut(), expert, &o.episode);
+    drop(sandbox);
+    let _ = std::fs::remove_dir_all(&work);
+    let grade_dir = scratch.join(format!("grade-{index}"));
+    let grade: Result<GradeReport> = grade(task, &ep.patch, &grade_dir, isolation, &o.grade_limits);
+    let loops = analyse(&ep.actions, &o.loops);
+    let (resolved, grade_json, grade_error) = match &grade {
+        Ok(g) => (g.resolved, json!(g), None),
+        Err(e) => (false, json!({"error": format!("{e:#}")}), Some(format!("grading: {e:#}"))),
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert("loops".into(), json!(loops));
+    extra.insert("grade".into(), grade_json);
+    let traj = ep.to_trajectory(Some(resolved), extra);
+    let result = TaskResult {
+        task_id: task.instance_id.clone(),
+        resolved,
+        exit_status: ep.exit_status,
+        steps: ep.actions.len(),
+        expert_calls: ep.expert_calls.len(),
+        expert_tokens: ep.expert_calls.iter().map(|c| c.tokens_out).sum(),
+        policy_tokens: ep.policy_tokens,
+        cost_usd: ep.expert_calls.iter().map(|c| c.cost_usd).sum(),
+        looping: loops.looping,
+        longest_run: loops.longest_run,
+        episode_s: ep.timing.total_s,
+        harness_s: ep.timing.harness_s,
+        error: ep.error.clone().or(grade_error),
+    };
+    Ok((result, serde_json::to_string(&traj)? + "\n"))
+}

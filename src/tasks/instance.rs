@@ -1,0 +1,166 @@
+//! Task instances: SWE-bench's fields plus what a docker-free local task needs.
+//!
+//! A suite is a JSONL file (or a directory holding `tasks.jsonl`), one instance per line:
+//!
+//! ```json
+//! {"instance_id": "calc__off-by-one-1", "repo": "calc", "base_commit": "base",
+//!  "problem_statement": "...", "patch": "diff --git ...", "test_patch": "diff --git ...",
+//!  "FAIL_TO_PASS": ["tests/test_calc.py::test_range"], "PASS_TO_PASS": ["tests/test_calc.py::test_add"],
+//!  "env": {"repo_path": "repos/calc", "setup": [], "test_cmd": "python3 -m pytest -rA -p no:cacheprovider"}}
+//! ```
+//!
+//! `FAIL_TO_PASS`/`PASS_TO_PASS` may also be JSON strings holding a list, as in the SWE-bench
+//! dataset. `env.repo_path` (relative to the suite file) is the repository snapshot at
+//! `base_commit`: a plain directory the harness copies for every episode. `env.setup` are shell
+//! commands run in a fresh copy before anything else (e.g. building an extension); `env.test_cmd`
+//! runs the tests, with the test ids appended. Other SWE-bench fields (`version`, `created_at`,
+//! `hints_text`, ...) are kept in `extra`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+pub const DEFAULT_TEST_CMD: &str = "python3 -m pytest -rA -p no:cacheprovider";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalEnv {
+    /// The repository snapshot, relative to the suite file (absolute once loaded).
+    pub repo_path: PathBuf,
+    #[serde(default)]
+    pub setup: Vec<String>,
+    #[serde(default = "default_test_cmd")]
+    pub test_cmd: String,
+}
+
+fn default_test_cmd() -> String {
+    DEFAULT_TEST_CMD.into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInstance {
+    pub instance_id: String,
+    pub repo: String,
+    pub base_commit: String,
+    pub problem_statement: String,
+    /// The gold patch (never shown to the agent; the oracle expert reads it).
+    pub patch: String,
+    /// The hidden tests, applied only when grading.
+    pub test_patch: String,
+    #[serde(rename = "FAIL_TO_PASS", deserialize_with = "list_or_json_string")]
+    pub fail_to_pass: Vec<String>,
+    #[serde(rename = "PASS_TO_PASS", deserialize_with = "list_or_json_string", default)]
+    pub pass_to_pass: Vec<String>,
+    pub env: LocalEnv,
+    /// Other fields of the instance, kept as they are.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+fn list_or_json_string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    match Either::deserialize(d)? {
+        Either::List(l) => Ok(l),
+        Either::Text(t) => serde_json::from_str(&t)
+            .map_err(|e| serde::de::Error::custom(format!("expected a list of test ids or a JSON string of one: {e}"))),
+    }
+}
+
+/// The SWE-bench fields that may appear in `extra`; anything else is probably a typo.
+const KNOWN_EXTRA: [&str; 8] =
+    ["version", "created_at", "hints_text", "environment_setup_commit", "split", "difficulty", "provenance", "notes"];
+
+impl TaskInstance {
+    /// Checks what the types cannot, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let nonempty = [
+            ("instance_id", &self.instance_id),
+            ("repo", &self.repo),
+            ("base_commit", &self.base_commit),
+            ("problem_statement", &self.problem_statement),
+            ("patch", &self.patch),
+            ("test_patch", &self.test_patch),
+        ];
+        for (name, v) in nonempty {
+            if v.trim().is_empty() {
+                bail!("`{name}` is empty");
+            }
+        }
+        for (name, p) in [("patch", &self.patch), ("test_patch", &self.test_patch)] {
+            if !p.contains("\n+++ ") && !p.starts_with("+++ ") {
+                bail!("`{name}` is not a unified diff (no `+++` file header)");
+            }
+        }
+        if self.fail_to_pass.is_empty() {
+            bail!("`FAIL_TO_PASS` is empty: a task needs at least one test that the fix makes pass");
+        }
+        for t in self.fail_to_pass.iter().chain(&self.pass_to_pass) {
+            if t.trim().is_empty() || t.contains(char::is_whitespace) {
+                bail!("test id {t:?} is empty or contains whitespace");
+            }
+        }
+        if let Some(k) = self.extra.keys().find(|k| !KNOWN_EXTRA.contains(&k.as_str())) {
+            bail!("unknown field `{k}` (expected SWE-bench fields, `env`, or one of {KNOWN_EXTRA:?})");
+        }
+        if !self.env.repo_path.is_dir() {
+            bail!("`env.repo_path` {} is not a directory", self.env.repo_path.display());
+        }
+        if self.env.test_cmd.trim().is_empty() {
+            bail!("`env.test_cmd` is empty");
+        }
+        Ok(())
+    }
+
+    /// The files the hidden tests touch (from `test_patch`'s headers).
+    pub fn test_files(&self) -> Vec<String> {
+        patch_files(&self.test_patch)
+    }
+}
+
+/// The paths a unified diff writes (its `+++ b/...` headers; `/dev/null` skipped).
+pub fn patch_files(diff: &str) -> Vec<String> {
+    diff.lines()
+        .filter_map(|l| l.strip_prefix("+++ "))
+        .map(|p| p.split('\t').next().unwrap_or(p).trim())
+        .filter(|p| *p != "/dev/null")
+        .map(|p| p.strip_prefix("b/").unwrap_or(p).to_string())
+        .collect()
+}
+
+/// Loads a suite: a JSONL file, or a directory holding `tasks.jsonl`. Every instance is
+/// validated; an error names the file, the line and the field.
+pub fn load_suite(path: &Path) -> Result<Vec<TaskInstance>> {
+    let file = if path.is_dir() { path.join("tasks.jsonl") } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read task suite {}", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut out = vec![];
+    let mut seen = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", file.display(), i + 1);
+        let mut t: TaskInstance =
+            serde_json::from_str(line).with_context(|| format!("{}: not a task instance", at()))?;
+        if t.env.repo_path.is_relative() {
+            t.env.repo_path = base.join(&t.env.repo_path);
+        }
+        t.validate().with_context(|| format!("{}: task {:?}", at(), t.instance_id))?;
+        if !seen.insert(t.instance_id.clone()) {
+            bail!("{}: duplicate instance_id {:?}", at(), t.instance_id);
+        }
+        out.push(t);
+    }
+    if out.is_empty() {
+        bail!("task suite {} holds no tasks", file.display());
+    }
+    Ok(out)
+}

@@ -1,0 +1,358 @@
+//! The agent harness end to end: the sandbox's guarantees, the editor's confinement, grading,
+//! a replay agent that follows the oracle expert, `protege eval`, and a local-model episode.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::fixture;
+use protege::agent::episode::{run_episode, EpisodeConfig, ExitStatus};
+use protege::agent::expert::{Expert, Oracle};
+use protege::agent::policy::{LocalPolicy, Replay};
+use protege::agent::sandbox::{bubblewrap_works, Executor, Isolation, Limits, LocalSandbox};
+use protege::agent::tools::Editor;
+use protege::tasks::grade::grade;
+use protege::tasks::{load_suite, TaskInstance};
+use serde_json::json;
+
+fn suite() -> Vec<TaskInstance> {
+    load_suite(&fixture("tasks")).unwrap()
+}
+
+fn task(id: &str) -> TaskInstance {
+    suite().into_iter().find(|t| t.instance_id == id).unwrap()
+}
+
+fn limits(timeout_s: f64) -> Limits {
+    Limits { timeout_s, ..Default::default() }
+}
+
+/// A fresh sandbox of the calc repository; `None` (with a message) when bubblewrap is asked
+/// for but cannot run on this machine.
+fn sandbox(dir: &Path, isolation: Isolation, timeout_s: f64) -> Option<LocalSandbox> {
+    if isolation == Isolation::Bubblewrap && !bubblewrap_works() {
+        eprintln!("SKIPPED: bubblewrap is not installed or cannot create namespaces here");
+        return None;
+    }
+    let t = task("calc__clamp-above");
+    Some(
+        LocalSandbox::create(&t.env.repo_path, &dir.join("work"), isolation, limits(timeout_s), vec![fixture("tasks")])
+            .unwrap(),
+    )
+}
+
+fn has_pytest() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-m", "pytest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: pytest is not installed (pip install pytest; .ci/run does)");
+    }
+    ok
+}
+
+#[test]
+fn the_sandbox_isolates_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sb) = sandbox(dir.path(), Isolation::Bubblewrap, 10.0) else { return };
+    assert_eq!(sb.workdir(), "/repo");
+    let run = |c: &str| sb.run(c).unwrap();
+    // The work tree is writable, and its files are there.
+    let out = run("echo hi > new.txt && cat new.txt && ls calc");
+    assert_eq!(out.exit_code, Some(0), "{}", out.output);
+    assert!(out.output.contains("hi") && out.output.contains("ops.py"));
+    assert!(sb.host_root().join("new.txt").exists());
+    // No network.
+    let out = run("python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), timeout=3)'");
+    assert_ne!(out.exit_code, Some(0), "network connect should fail: {}", out.output);
+    assert!(out.output.contains("Network is unreachable") || out.output.contains("Errno"), "{}", out.output);
+    // Nothing outside the work tree and /tmp is writable; /tmp is private.
+    for target in ["/etc/protege-test", "/usr/protege-test", &format!("{}/escape", dir.path().display())] {
+        let out = run(&format!("echo x > {target}"));
+        assert_ne!(out.exit_code, Some(0), "writing {target} should fail");
+    }
+    assert!(!dir.path().join("escape").exists());
+    assert_eq!(run("echo x > /tmp/private && cat /tmp/private").exit_code, Some(0));
+    // The hidden suite (with the test patches) cannot be read.
+    let hidden = fixture("tasks/tasks.jsonl");
+    let out = run(&format!("cat {}", hidden.display()));
+    assert_ne!(out.exit_code, Some(0), "hidden tests readable: {}", out.output);
+    // Secrets in the environment do not reach commands.
+    std::env::set_var("PROTEGE_TEST_API_KEY", "sk-secret");
+    assert!(!run("env").output.contains("sk-secret"));
+}
+
+fn check_limits(isolation: Isolation) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sb) = sandbox(dir.path(), isolation, 1.5) else { return };
+    // A sleeping command is killed at the timeout.
+    let out = sb.run("sleep 1000").unwrap();
+    assert!(out.timed_out && out.seconds < 5.0, "{out:?}");
+    assert!(out.output.contains("timed out"));
+    // So is a tree of busy processes, children included: none lives on to leave a mark.
+    let out = sb.run("for i in $(seq 1 64); do (sleep 2.5; touch late-$i) & done; while true; do :; done").unwrap();
+    assert!(out.timed_out, "{out:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    let late: Vec<_> = std::fs::read_dir(sb.host_root())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("late"))
+        .collect();
+    assert!(late.is_empty(), "{} background processes survived the timeout ({isolation:?})", late.len());
+    // 10 MB of output is cut to head + tail with a marker.
+    let out = sb.run("head -c 10000000 /dev/zero | tr '\\0' a; echo END").unwrap();
+    assert_eq!(out.exit_code, Some(0));
+    assert!(out.output.len() < 20_000, "{} bytes kept", out.output.len());
+    assert!(out.output.contains("bytes of output truncated") && out.output.trim_end().ends_with("END"));
+    assert!(out.dropped_bytes > 9_900_000);
+    // The memory limit (4 GiB of address space by default).
+    let out = sb.run("python3 -c 'x = bytearray(6 << 30)'").unwrap();
+    assert_ne!(out.exit_code, Some(0), "a 6 GiB allocation should fail: {}", out.output);
+    assert!(out.output.contains("MemoryError"), "{}", out.output);
+}
+
+#[test]
+fn limits_hold_under_bubblewrap() {
+    check_limits(Isolation::Bubblewrap);
+}
+
+#[test]
+fn limits_hold_for_plain_subprocesses() {
+    check_limits(Isolation::Plain);
+}
+
+#[test]
+fn the_editor_is_confined_to_the_work_tree_and_can_undo() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = sandbox(dir.path(), Isolation::Plain, 10.0).unwrap();
+    let root = sb.workdir();
+    let mut ed = Editor::default();
+    let mut edit = |args: serde_json::Value| ed.run(&sb, &args).unwrap();
+    for bad in ["../../etc/passwd", "calc/../../x", "/etc/passwd"] {
+        let r = edit(json!({"command": "view", "path": bad}));
+        assert!(r.as_ref().is_err_and(|e| e.starts_with("Refused")), "{bad}: {r:?}");
+    }
+    std::os::unix::fs::symlink("/etc", sb.host_root().join("link")).unwrap();
+    assert!(edit(json!({"command": "view", "path": "link/passwd"})).is_err());
+    assert!(edit(json!({"command": "create", "path": "link/x", "file_text": "x"})).is_err());
+    std::fs::remove_file(sb.host_root().join("link")).unwrap();
+
+    let view = edit(json!({"command": "view", "path": format!("{root}/calc/ops.py"), "view_range": [5, 6]})).unwrap();
+    assert!(view.contains("     5\t    if x > hi:\n     6\t        return lo\n"), "{view}");
+    let r =
+        edit(json!({"command": "str_replace", "path": "calc/ops.py", "old_str": "return lo", "new_str": "return hi"}));
+    assert!(r.unwrap_err().contains("occurs 2 times"));
+    let r = edit(
+        json!({"command": "str_replace", "path": "calc/ops.py", "old_str": "        return lo\n    return x", "new_str": "        return hi\n    return x"}),
+    );
+    assert!(r.unwrap().contains("has been edited"));
+    assert!(std::fs::read_to_string(sb.host_root().join("calc/ops.py")).unwrap().contains("return hi"));
+    edit(json!({"command": "insert", "path": "calc/ops.py", "insert_line": 0, "new_str": "# top"})).unwrap();
+    assert!(std::fs::read_to_string(sb.host_root().join("calc/ops.py")).unwrap().starts_with("# top\ndef clamp"));
+    edit(json!({"command": "undo_edit", "path": "calc/ops.py"})).unwrap();
+    edit(json!({"command": "undo_edit", "path": "calc/ops.py"})).unwrap();
+    assert!(sb.diff().unwrap().is_empty(), "two undos restore the base");
+    assert!(edit(json!({"command": "create", "path": "calc/ops.py", "file_text": ""}))
+        .unwrap_err()
+        .contains("already exists"));
+    edit(json!({"command": "create", "path": "notes/todo.md", "file_text": "fix clamp\n"})).unwrap();
+    assert!(sb.diff().unwrap().contains("+++ b/notes/todo.md"));
+    let listing = edit(json!({"command": "view", "path": "."})).unwrap();
+    assert!(listing.contains("calc/ops.py"), "{listing}");
+}
+
+fn fix_replies(root: &str) -> Vec<String> {
+    vec![
+        Replay::call("Let me ask for a pointer.", "ask_expert", json!({"query": "Where is the clamp bug?"})),
+        Replay::call(
+            "The expert says `lo` should be `hi` in the upper branch.",
+            "str_replace_editor",
+            json!({"command": "str_replace", "path": format!("{root}/calc/ops.py"),
+                   "old_str": "    if x > hi:\n        return lo", "new_str": "    if x > hi:\n        return hi"}),
+        ),
+        Replay::call(
+            "Check.",
+            "bash",
+            json!({"command": "python3 -c 'from calc.ops import clamp; print(clamp(42, 0, 10))'"}),
+        ),
+        Replay::call("Done.", "submit", json!({})),
+    ]
+}
+
+#[test]
+fn a_replay_agent_following_the_oracle_resolves_a_task_and_a_wrong_patch_does_not() {
+    if !has_pytest() {
+        return;
+    }
+    let t = task("calc__clamp-above");
+    let isolation = if bubblewrap_works() { Isolation::Bubblewrap } else { Isolation::Plain };
+    let dir = tempfile::tempdir().unwrap();
+    let sb = LocalSandbox::create(
+        &t.env.repo_path,
+        &dir.path().join("work"),
+        isolation,
+        limits(30.0),
+        vec![fixture("tasks")],
+    )
+    .unwrap();
+    let mut policy = Replay::new(fix_replies(&sb.workdir()));
+    let mut oracle = Oracle;
+    let ep = run_episode(&t, &sb, &mut policy, Some(&mut oracle as &mut dyn Expert), &EpisodeConfig::default());
+    assert_eq!(ep.exit_status, ExitStatus::Submitted, "{:?}", ep.error);
+    assert_eq!(ep.expert_calls.len(), 1);
+    assert!(ep.expert_calls[0].reply.contains("The `lo` there should be `hi`"), "{}", ep.expert_calls[0].reply);
+    assert_eq!(ep.messages[3].name.as_deref(), Some("ask_expert"), "the expert's reply is marked");
+    assert!(ep.messages.iter().any(|m| m.text().trim() == "10"), "the check ran in the sandbox");
+    assert!(ep.patch.contains("+        return hi"), "{}", ep.patch);
+    let report = grade(&t, &ep.patch, &dir.path().join("grade"), isolation, &limits(120.0)).unwrap();
+    assert!(report.resolved, "{report:#?}");
+    assert!(!dir.path().join("grade").exists(), "grading cleans up");
+
+    // The same episode without the fix: unresolved, the hidden test named as failing.
+    let wrong = ep.patch.replace("return hi", "return x");
+    let report = grade(&t, &wrong, &dir.path().join("grade"), isolation, &limits(120.0)).unwrap();
+    assert!(!report.resolved);
+    assert_eq!(
+        report.fail_to_pass["tests/test_clamp_above.py::test_clamp_above"],
+        protege::tasks::grade::TestStatus::Failed
+    );
+    // No patch at all, and a patch that does not apply.
+    assert!(!grade(&t, "", &dir.path().join("grade"), isolation, &limits(120.0)).unwrap().resolved);
+    let broken = grade(
+        &t,
+        "--- a/nope.py\n+++ b/nope.py\n@@ -1 +1 @@\n-a\n+b\n",
+        &dir.path().join("grade"),
+        isolation,
+        &limits(120.0),
+    )
+    .unwrap();
+    assert!(!broken.resolved && !broken.patch_applied);
+}
+
+#[test]
+fn limits_end_episodes_with_named_statuses() {
+    let t = task("calc__clamp-above");
+    let dir = tempfile::tempdir().unwrap();
+    let sb = sandbox(dir.path(), Isolation::Plain, 10.0).unwrap();
+    let cfg = EpisodeConfig { max_steps: 2, expert_quota: 1, ..Default::default() };
+    let ls = || Replay::call("", "bash", json!({"command": "ls"}));
+    let run = |replies: Vec<String>, cfg: &EpisodeConfig| {
+        let mut oracle = Oracle;
+        run_episode(&t, &sb, &mut Replay::new(replies), Some(&mut oracle as &mut dyn Expert), cfg)
+    };
+    assert_eq!(run(vec![ls(), ls(), ls()], &cfg).exit_status, ExitStatus::StepLimit);
+    let bad = vec![
+        "no call".to_string(),
+        "<tool_call>{oops</tool_call>".into(),
+        "<tool_call>{\"name\": \"rm\"}</tool_call>".into(),
+    ];
+    let ep = run(bad, &cfg);
+    assert_eq!((ep.exit_status, ep.format_errors), (ExitStatus::FormatErrors, 3));
+    assert!(ep.messages[3].text().contains("has no tool call") && ep.messages[5].text().contains("not valid JSON"));
+    let ask = || Replay::call("", "ask_expert", json!({"query": "help"}));
+    assert_eq!(run(vec![ask(), ask()], &cfg).exit_status, ExitStatus::ExpertQuota);
+    let ep = run(vec![], &cfg);
+    assert_eq!(ep.exit_status, ExitStatus::Error);
+    assert!(ep.error.unwrap().contains("no more recorded replies"));
+    let tight = EpisodeConfig { context_tokens: 10, ..cfg.clone() };
+    assert_eq!(run(vec![ls()], &tight).exit_status, ExitStatus::ContextLimit);
+    let quick = EpisodeConfig { episode_timeout_s: 0.0, ..cfg };
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(run(vec![ls()], &quick).exit_status, ExitStatus::Timeout);
+}
+
+#[test]
+fn protege_eval_runs_a_suite_and_writes_trajectories_and_a_summary() {
+    if !has_pytest() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = if bubblewrap_works() { "/repo".to_string() } else { String::new() };
+    // Without bubblewrap the work tree's path is not known in advance: use relative paths.
+    let path_root = if root.is_empty() { ".".to_string() } else { root };
+    let replies = json!({
+        "calc__clamp-above": fix_replies(&path_root),
+        "calc__running-total-first": [Replay::call("Give up.", "submit", json!({}))],
+    });
+    let replay = dir.path().join("replay.json");
+    std::fs::write(&replay, replies.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_protege"))
+        .args(["eval", "--suite", fixture("tasks").to_str().unwrap(), "--policy", "replay", "--replay"])
+        .arg(&replay)
+        .args(["--expert", "oracle", "--concurrency", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["tasks"], 2);
+    assert_eq!(summary["resolved"], 1);
+    assert_eq!(summary["pass_at_1"], 0.5);
+    assert_eq!(summary["expert_calls_per_task"], 0.5);
+    assert_eq!(summary["exit_statuses"]["submitted"], 2);
+    assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| resolved (Pass@1) | 1 (50.0%) |"));
+    let lines: Vec<protege::agent::trajectory::Trajectory> = std::fs::read_to_string(out.join("trajectories.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let solved = lines.iter().find(|t| t.task_id == "calc__clamp-above").unwrap();
+    assert_eq!((solved.resolved, solved.expert_calls), (Some(true), 1));
+    assert_eq!(solved.meta["grade"]["resolved"], true);
+    assert_eq!(solved.meta["exit_status"], "submitted");
+    // The trajectories are valid SFT input.
+    for t in &lines {
+        t.validate().unwrap();
+    }
+}
+
+#[test]
+fn a_local_model_runs_an_episode_with_consistent_tokens() {
+    use protege::agent::trajectory::Source;
+    let (be, mut model) = common::load("tiny");
+    // The fixture declares a short context; RoPE has no such limit, and the prompt needs more.
+    model.cfg.max_position_embeddings = 8192;
+    let tok = protege::tokenizer::Tokenizer::from_dir(&fixture("tiny")).unwrap();
+    let t = task("calc__clamp-above");
+    let dir = tempfile::tempdir().unwrap();
+    let sb = sandbox(dir.path(), Isolation::Plain, 10.0).unwrap();
+    let sampling = protege::backend::SamplingParams { temperature: 1.0, ..Default::default() };
+    let mut policy = LocalPolicy::new(&be, &model, &tok, sampling, 5);
+    policy.max_new_tokens = 24;
+    let cfg = EpisodeConfig { max_steps: 5, ..Default::default() };
+    let ep = run_episode(&t, &sb, &mut policy, None, &cfg);
+    assert_eq!(ep.exit_status, ExitStatus::FormatErrors, "{:?}", ep.error);
+    let rec = ep.tokens.clone().expect("the local policy records tokens");
+    let sources = rec.sources().unwrap();
+    assert_eq!(sources.len(), rec.ids.len());
+    // The prompt is the chat template's rendering of the first two messages.
+    let prompt = protege::tokenizer::render_qwen25(&ep.messages[..2], &ep.tools, true).unwrap();
+    let n_prompt = sources.iter().take_while(|s| **s == Source::Prompt).count();
+    assert_eq!(rec.ids[..n_prompt], tok.encode(&prompt.text).unwrap()[..]);
+    // Each run of policy tokens is exactly what became an assistant message.
+    let mut spans = vec![];
+    let mut i = 0;
+    while i < sources.len() {
+        let j = (i..sources.len()).find(|&j| sources[j] != sources[i]).unwrap_or(sources.len());
+        spans.push((sources[i], i, j));
+        i = j;
+    }
+    let policy_spans: Vec<_> = spans.iter().filter(|s| s.0 == Source::Policy).collect();
+    let assistant: Vec<_> = ep.messages.iter().filter(|m| m.role == protege::chat::Role::Assistant).collect();
+    assert_eq!(policy_spans.len(), assistant.len());
+    for ((_, a, b), m) in policy_spans.iter().zip(&assistant) {
+        assert_eq!(tok.decode(&rec.ids[*a..*b], true).unwrap(), m.text());
+    }
+    assert_eq!(policy_spans.iter().map(|(_, a, b)| b - a).sum::<usize>(), ep.policy_tokens);
+    // The whole record decodes to the conversation in the template's layout.
+    let text = tok.decode(&rec.ids, false).unwrap();
+    for m in &ep.messages[1..] {
+        assert!(text.contains(m.text()), "{:?} missing", m.text());
+    }
+    assert_eq!(text.matches("<|im_start|>assistant\n").count(), assistant.len());
+}
