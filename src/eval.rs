@@ -21,6 +21,7 @@ use crate::agent::episode::{run_episode, EpisodeConfig, ExitStatus};
 use crate::agent::expert::{Expert, Oracle};
 use crate::agent::loops::{analyse, LoopConfig};
 use crate::agent::policy::{LocalPolicy, Policy, Replay};
+use crate::agent::remote::{Endpoint, LocalExpert, OpenAiPolicy, RemoteExpert};
 use crate::agent::sandbox::{best_isolation, Isolation, Limits, LocalSandbox};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::SamplingParams;
@@ -37,12 +38,35 @@ pub enum PolicySpec {
     Local { model: PathBuf, sampling: SamplingParams, max_new_tokens: usize },
     /// Recorded replies: a JSON object mapping instance ids to lists of reply texts.
     Replay(PathBuf),
+    /// A model behind an OpenAI-compatible server.
+    Openai { endpoint: Endpoint, sampling: SamplingParams, max_new_tokens: usize },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ExpertSpec {
     None,
     Oracle,
+    /// An OpenAI-compatible or Anthropic endpoint; replies up to `max_tokens`.
+    Remote {
+        endpoint: Endpoint,
+        max_tokens: usize,
+    },
+    /// A second model in-process.
+    Local {
+        model: PathBuf,
+        max_tokens: usize,
+    },
+}
+
+impl ExpertSpec {
+    pub fn name(&self) -> String {
+        match self {
+            ExpertSpec::None => "none".into(),
+            ExpertSpec::Oracle => "oracle".into(),
+            ExpertSpec::Remote { endpoint, .. } => format!("{:?}:{}", endpoint.api, endpoint.model).to_lowercase(),
+            ExpertSpec::Local { model, .. } => format!("local:{}", model.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +221,19 @@ enum Engine {
         max_new_tokens: usize,
     },
     Replay(BTreeMap<String, Vec<String>>),
+    Openai {
+        endpoint: Endpoint,
+        sampling: SamplingParams,
+        max_new_tokens: usize,
+    },
+}
+
+/// A loaded local expert model.
+struct ExpertModel {
+    be: CpuBackend,
+    model: Qwen2<CpuBackend>,
+    tok: Tokenizer,
+    max_tokens: usize,
 }
 
 /// Runs the evaluation and writes its files; returns the summary.
@@ -232,6 +269,31 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             })?;
             (Engine::Replay(map), format!("replay:{}", file.display()))
         }
+        PolicySpec::Openai { endpoint, sampling, max_new_tokens } => {
+            // Fail early on a missing key rather than in every episode.
+            OpenAiPolicy::new(endpoint.clone(), sampling.clone(), *max_new_tokens)?;
+            let name = format!("openai:{}@{}", endpoint.model, endpoint.base_url);
+            (
+                Engine::Openai {
+                    endpoint: endpoint.clone(),
+                    sampling: sampling.clone(),
+                    max_new_tokens: *max_new_tokens,
+                },
+                name,
+            )
+        }
+    };
+    let expert_model = match &o.expert {
+        ExpertSpec::Local { model, max_tokens } => {
+            let be = CpuBackend::new();
+            let m = Qwen2::load(&be, model)?;
+            Some(ExpertModel { be, model: m, tok: Tokenizer::from_dir(model)?, max_tokens: *max_tokens })
+        }
+        ExpertSpec::Remote { endpoint, max_tokens } => {
+            RemoteExpert::new(endpoint.clone(), *max_tokens)?;
+            None
+        }
+        _ => None,
     };
     let isolation = o.isolation.unwrap_or_else(best_isolation);
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
@@ -257,7 +319,8 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
         loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
-            let (result, line) = run_one(o, task, i, &engine, isolation, &hidden, scratch.path())?;
+            let (result, line) =
+                run_one(o, task, i, &engine, expert_model.as_ref(), isolation, &hidden, scratch.path())?;
             {
                 let mut f = traj_file.lock().expect("lock");
                 f.write_all(line.as_bytes())?;
@@ -280,12 +343,8 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     bar.finish_and_clear();
     let mut results = results.into_inner().expect("lock");
     results.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-    let expert = match o.expert {
-        ExpertSpec::None => "none",
-        ExpertSpec::Oracle => "oracle",
-    };
     let summary =
-        Summary::new(&o.suite, policy_name, expert.into(), isolation, results, started.elapsed().as_secs_f64());
+        Summary::new(&o.suite, policy_name, o.expert.name(), isolation, results, started.elapsed().as_secs_f64());
     write_atomic(&o.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     write_atomic(&o.out.join("summary.md"), summary.markdown().as_bytes())?;
     Ok(summary)
@@ -297,6 +356,7 @@ fn run_one(
     task: &TaskInstance,
     index: usize,
     engine: &Engine,
+    expert_model: Option<&ExpertModel>,
     isolation: Isolation,
     hidden: &[PathBuf],
     scratch: &Path,
@@ -311,13 +371,22 @@ fn run_one(
             Box::new(p)
         }
         Engine::Replay(map) => Box::new(Replay::new(map.get(&task.instance_id).cloned().unwrap_or_default())),
+        Engine::Openai { endpoint, sampling, max_new_tokens } => {
+            Box::new(OpenAiPolicy::new(endpoint.clone(), sampling.clone(), *max_new_tokens)?)
+        }
     };
-    let mut oracle = Oracle;
-    let expert: Option<&mut dyn Expert> = match o.expert {
-        ExpertSpec::None => None,
-        ExpertSpec::Oracle => Some(&mut oracle),
+    let mut expert: Option<Box<dyn Expert + '_>> = match (&o.expert, expert_model) {
+        (ExpertSpec::None, _) => None,
+        (ExpertSpec::Oracle, _) => Some(Box::new(Oracle)),
+        (ExpertSpec::Remote { endpoint, max_tokens }, _) => {
+            Some(Box::new(RemoteExpert::new(endpoint.clone(), *max_tokens)?))
+        }
+        (ExpertSpec::Local { .. }, Some(m)) => {
+            Some(Box::new(LocalExpert { be: &m.be, model: &m.model, tok: &m.tok, max_tokens: m.max_tokens }))
+        }
+        (ExpertSpec::Local { .. }, None) => bail!("the local expert model is not loaded"),
     };
-    let ep = run_episode(task, &sandbox, policy.as_mut(), expert, &o.episode);
+    let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &o.episode);
     drop(sandbox);
     let _ = std::fs::remove_dir_all(&work);
     let grade_dir = scratch.join(format!("grade-{index}"));

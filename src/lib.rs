@@ -12,6 +12,7 @@ pub mod config;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod serve;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;

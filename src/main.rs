@@ -41,7 +41,24 @@ enum Command {
     /// Supervised fine-tuning on trajectory files (loss on the agent's tokens only).
     Sft(SftArgs),
     /// Run agent episodes on a task suite in the sandbox, grade them, write trajectories and a summary.
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
+    /// Serve a model over OpenAI-compatible /v1/chat/completions and Anthropic-compatible /v1/messages.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (loopback by default; port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: std::net::SocketAddr,
+    /// The model name the API reports.
+    #[arg(long, default_value = "protege")]
+    name: String,
+    /// Context length in tokens, overriding config.json's max_position_embeddings.
+    #[arg(long)]
+    context: Option<usize>,
 }
 
 #[derive(Args)]
@@ -49,18 +66,49 @@ struct EvalArgs {
     /// Task suite: a JSONL file, or a directory holding tasks.jsonl.
     #[arg(long)]
     suite: PathBuf,
-    /// Who plays the agent: `local` (protege's engine on --model) or `replay` (--replay FILE).
-    #[arg(long, value_parser = ["local", "replay"], default_value = "local")]
+    /// Who plays the agent: `local` (protege's engine on --model), `replay` (--replay FILE) or
+    /// `openai` (an OpenAI-compatible server: --policy-url, --policy-model).
+    #[arg(long, value_parser = ["local", "replay", "openai"], default_value = "local")]
     policy: String,
+    /// Base URL of the policy's server, e.g. http://127.0.0.1:8000/v1.
+    #[arg(long, required_if_eq("policy", "openai"))]
+    policy_url: Option<String>,
+    #[arg(long, default_value = "default")]
+    policy_model: String,
+    /// Environment variable holding the policy server's API key.
+    #[arg(long)]
+    policy_key_env: Option<String>,
     /// HF model directory of the local policy.
     #[arg(long, required_if_eq("policy", "local"))]
     model: Option<PathBuf>,
     /// Recorded replies for the replay policy: {"instance_id": ["reply", ...], ...}.
     #[arg(long, required_if_eq("policy", "replay"))]
     replay: Option<PathBuf>,
-    /// The expert behind ask_expert: `none` or `oracle` (guidance from the gold patch).
-    #[arg(long, value_parser = ["none", "oracle"], default_value = "oracle")]
+    /// The expert behind ask_expert: `none`, `oracle` (guidance from the gold patch), `openai`
+    /// or `anthropic` (--expert-url, --expert-model, --expert-key-env), or `local` (--expert-model
+    /// is then an HF model directory).
+    #[arg(long, value_parser = ["none", "oracle", "openai", "anthropic", "local"], default_value = "oracle")]
     expert: String,
+    /// Base URL of the expert's API, e.g. https://api.anthropic.com or http://127.0.0.1:8000/v1.
+    #[arg(long)]
+    expert_url: Option<String>,
+    #[arg(long)]
+    expert_model: Option<String>,
+    /// Environment variable holding the expert API's key (keys are never passed on the command line).
+    #[arg(long)]
+    expert_key_env: Option<String>,
+    /// Expert price, USD per million input and output tokens: IN,OUT.
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    expert_price: Vec<f64>,
+    /// Longest expert reply, tokens.
+    #[arg(long, default_value_t = 1024)]
+    expert_max_tokens: usize,
+    /// Seconds an HTTP request may take before it is retried.
+    #[arg(long, default_value_t = 120.0)]
+    http_timeout: f64,
+    /// HTTP attempts per request (retries on timeouts, 429 and 5xx).
+    #[arg(long, default_value_t = 4)]
+    http_tries: usize,
     /// Episodes run at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
@@ -327,12 +375,50 @@ fn run_bench(a: BenchArgs) -> Result<()> {
 
 fn run_eval(a: EvalArgs) -> Result<()> {
     use protege::agent::episode::EpisodeConfig;
+    use protege::agent::http::HttpConfig;
+    use protege::agent::remote::{Api, Endpoint, Pricing};
     use protege::agent::sandbox::{Isolation, Limits};
     use protege::eval::{EvalOptions, ExpertSpec, PolicySpec};
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         bail!("--temperature must be >= 0");
     }
+    let http = HttpConfig { timeout_s: a.http_timeout, max_tries: a.http_tries, ..Default::default() };
+    let pricing = match a.expert_price[..] {
+        [i, o] => Pricing { input_per_mtok: i, output_per_mtok: o },
+        _ => Pricing::default(),
+    };
+    let expert = match a.expert.as_str() {
+        "none" => ExpertSpec::None,
+        "oracle" => ExpertSpec::Oracle,
+        "local" => ExpertSpec::Local {
+            model: a.expert_model.context("--expert local needs --expert-model DIR")?.into(),
+            max_tokens: a.expert_max_tokens,
+        },
+        api => ExpertSpec::Remote {
+            endpoint: Endpoint {
+                api: if api == "openai" { Api::Openai } else { Api::Anthropic },
+                base_url: a.expert_url.context("a remote expert needs --expert-url")?,
+                model: a.expert_model.context("a remote expert needs --expert-model")?,
+                api_key_env: a.expert_key_env,
+                pricing,
+                http,
+            },
+            max_tokens: a.expert_max_tokens,
+        },
+    };
     let policy = match a.policy.as_str() {
+        "openai" => PolicySpec::Openai {
+            endpoint: Endpoint {
+                api: Api::Openai,
+                base_url: a.policy_url.context("--policy openai needs --policy-url")?,
+                model: a.policy_model,
+                api_key_env: a.policy_key_env,
+                pricing: Pricing::default(),
+                http,
+            },
+            sampling: SamplingParams { temperature: a.temperature, ..Default::default() },
+            max_new_tokens: a.max_new_tokens,
+        },
         "local" => PolicySpec::Local {
             model: a.model.context("--policy local needs --model")?,
             sampling: SamplingParams { temperature: a.temperature, ..Default::default() },
@@ -344,7 +430,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let opts = EvalOptions {
         suite: a.suite,
         policy,
-        expert: if a.expert == "oracle" { ExpertSpec::Oracle } else { ExpertSpec::None },
+        expert,
         concurrency: a.concurrency,
         out: a.out,
         episode: EpisodeConfig {
@@ -395,7 +481,14 @@ fn main() -> ExitCode {
         Command::CheckLogits(a) => run_check_logits(a),
         Command::Bench(a) => run_bench(a).map(|_| true),
         Command::Sft(a) => run_sft(a).map(|_| true),
-        Command::Eval(a) => run_eval(a).map(|_| true),
+        Command::Eval(a) => run_eval(*a).map(|_| true),
+        Command::Serve(a) => protege::serve::run_serve(&protege::serve::ServeOptions {
+            model: a.model,
+            addr: a.addr,
+            name: a.name,
+            context: a.context,
+        })
+        .map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

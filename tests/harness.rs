@@ -113,6 +113,27 @@ fn check_limits(isolation: Isolation) {
     assert!(out.output.contains("MemoryError"), "{}", out.output);
 }
 
+/// A real fork bomb, where the process limit applies (not as root: the kernel exempts root,
+/// and an unbounded bomb would starve the machine before the timeout).
+#[test]
+fn a_fork_bomb_is_contained() {
+    if unsafe { libc::geteuid() } == 0 {
+        eprintln!("SKIPPED: running as root, where RLIMIT_NPROC does not apply; the bounded process-tree test covers the timeout kill");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let isolation = if bubblewrap_works() { Isolation::Bubblewrap } else { Isolation::Plain };
+    let limits = Limits { timeout_s: 3.0, max_processes: 256, ..Default::default() };
+    let t = task("calc__clamp-above");
+    let sb = LocalSandbox::create(&t.env.repo_path, &dir.path().join("work"), isolation, limits, vec![]).unwrap();
+    let out = sb.run(":(){ :|:& };:; sleep 100").unwrap();
+    assert!(out.timed_out || out.exit_code.is_some(), "{out:?}");
+    assert!(out.seconds < 10.0);
+    // The machine still starts processes.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sb.run("echo alive").unwrap().output.trim(), "alive");
+}
+
 #[test]
 fn limits_hold_under_bubblewrap() {
     check_limits(Isolation::Bubblewrap);

@@ -155,11 +155,11 @@ fn approx_context(messages: &[Message], tools: &[Value]) -> usize {
 }
 
 /// Runs one episode of `task` in `exec`.
-pub fn run_episode(
+pub fn run_episode<'p, 'e>(
     task: &TaskInstance,
     exec: &dyn Executor,
-    policy: &mut dyn Policy,
-    mut expert: Option<&mut dyn Expert>,
+    policy: &mut (dyn Policy + 'p),
+    mut expert: Option<&mut (dyn Expert + 'e)>,
     cfg: &EpisodeConfig,
 ) -> Episode {
     let started = Instant::now();
@@ -223,6 +223,9 @@ pub fn run_episode(
             }
         };
         consecutive_errors = 0;
+        let mut call = call;
+        // OpenAI-style servers pair each tool result with its call.
+        let call_id = call.id.get_or_insert_with(|| format!("call_{}", ep.actions.len())).clone();
         let mut reply = Message::assistant(thought);
         reply.tool_calls = vec![call];
         ep.messages.push(reply);
@@ -258,7 +261,9 @@ pub fn run_episode(
             },
             Request::AskExpert(query) => {
                 let Some(ex) = expert.as_deref_mut() else {
-                    ep.messages.push(Message::tool("No expert is available in this episode."));
+                    let mut m = Message::tool("No expert is available in this episode.");
+                    m.tool_call_id = Some(call_id);
+                    ep.messages.push(m);
                     continue;
                 };
                 if ep.expert_calls.len() >= cfg.expert_quota {
@@ -306,6 +311,8 @@ pub fn run_episode(
                 m
             }
         };
+        let mut observation = observation;
+        observation.tool_call_id = Some(call_id);
         ep.messages.push(observation);
     };
     ep.exit_status = status;

@@ -3,8 +3,10 @@
 
 pub mod episode;
 pub mod expert;
+pub mod http;
 pub mod loops;
 pub mod policy;
+pub mod remote;
 pub mod sandbox;
 pub mod tools;
 pub mod trajectory;

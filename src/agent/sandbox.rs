@@ -34,11 +34,21 @@ pub struct Limits {
     pub file_mib: u64,
     /// Bytes of output kept (half from the head, half from the tail).
     pub output_bytes: usize,
+    /// Processes of the user (RLIMIT_NPROC): stops a fork bomb early. The kernel does not
+    /// apply it to root, where the timeout alone ends one.
+    pub max_processes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { timeout_s: 60.0, cpu_s: 120, memory_mib: 4096, file_mib: 256, output_bytes: 16 * 1024 }
+        Self {
+            timeout_s: 60.0,
+            cpu_s: 120,
+            memory_mib: 4096,
+            file_mib: 256,
+            output_bytes: 16 * 1024,
+            max_processes: 4096,
+        }
     }
 }
 
@@ -355,6 +365,7 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
             set(libc::RLIMIT_AS, l.memory_mib << 20);
             set(libc::RLIMIT_FSIZE, l.file_mib << 20);
             set(libc::RLIMIT_CORE, 0);
+            set(libc::RLIMIT_NPROC, l.max_processes);
             Ok(())
         });
     }
@@ -388,7 +399,15 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
                 libc::kill(-(child.id() as i32), libc::SIGKILL);
             }
             let _ = child.kill();
-            break child.wait()?;
+            let status = child.wait()?;
+            // Processes forked while the first signal was delivered join the group too.
+            for _ in 0..3 {
+                unsafe {
+                    libc::kill(-(child.id() as i32), libc::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            break status;
         }
         std::thread::sleep(Duration::from_millis(5));
     };

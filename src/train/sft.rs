@@ -262,10 +262,8 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
             let mut batch = to_batch(&train, &batches[state.cursor.batch])?;
             state.cursor.batch += 1;
             // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
-            batch.dropout_seed = Some(
-                cfg.train.seed
-                    ^ (state.step * cfg.train.grad_accum + micro).wrapping_mul(0xA24B_AED4_963E_E407),
-            );
+            batch.dropout_seed =
+                Some(cfg.train.seed ^ (state.step * cfg.train.grad_accum + micro).wrapping_mul(0xA24B_AED4_963E_E407));
             // Token mean within the micro-batch, averaged over the accumulated micro-batches.
             let denom = batch.trained_rows().max(1) as f32 * cfg.train.grad_accum as f32;
             let (logp, trace) = model.train_forward(&be, &batch, cfg.train.recompute)?;
