@@ -5,7 +5,7 @@
 //! `summary.md`. Metrics: Pass@1 (resolved / tasks), expert calls per task, expert share of
 //! tokens (expert reply tokens / (expert reply + policy tokens)), steps per task, looping rate
 //! (a run of one base command longer than 10), cost per task, exit statuses, and the harness
-//! overhead per step (episode time outside the model, commands and expert).
+//! overhead per policy turn (episode time outside the model, commands and expert).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -93,6 +93,7 @@ pub struct TaskResult {
     pub resolved: bool,
     pub exit_status: ExitStatus,
     pub steps: usize,
+    pub turns: usize,
     pub expert_calls: usize,
     pub expert_tokens: usize,
     pub policy_tokens: usize,
@@ -120,8 +121,9 @@ pub struct Summary {
     pub looping_rate: f64,
     pub cost_per_task_usd: f64,
     pub exit_statuses: BTreeMap<String, usize>,
-    /// Mean harness time per step, milliseconds.
-    pub harness_ms_per_step: f64,
+    /// Harness time per policy turn, milliseconds (episode time outside the model, the
+    /// commands and the expert).
+    pub harness_ms_per_turn: f64,
     pub wall_s: f64,
     pub results: Vec<TaskResult>,
 }
@@ -152,7 +154,7 @@ impl Summary {
         }
         let expert_tokens: usize = results.iter().map(|r| r.expert_tokens).sum();
         let policy_tokens: usize = results.iter().map(|r| r.policy_tokens).sum();
-        let steps: usize = results.iter().map(|r| r.steps).sum();
+        let turns: usize = results.iter().map(|r| r.turns).sum();
         Summary {
             suite: suite.display().to_string(),
             policy,
@@ -167,7 +169,7 @@ impl Summary {
             looping_rate: mean(results.iter().map(|r| f(r.looping as usize))),
             cost_per_task_usd: mean(results.iter().map(|r| r.cost_usd)),
             exit_statuses,
-            harness_ms_per_step: 1000.0 * results.iter().map(|r| r.harness_s).sum::<f64>() / f(steps).max(1.0),
+            harness_ms_per_turn: 1000.0 * results.iter().map(|r| r.harness_s).sum::<f64>() / f(turns).max(1.0),
             wall_s,
             results,
         }
@@ -186,7 +188,7 @@ impl Summary {
             ("steps / task", format!("{:.1}", self.steps_per_task)),
             ("looping trajectories", format!("{:.1}%", 100.0 * self.looping_rate)),
             ("cost / task", format!("${:.4}", self.cost_per_task_usd)),
-            ("harness overhead / step", format!("{:.1} ms", self.harness_ms_per_step)),
+            ("harness overhead / turn", format!("{:.1} ms", self.harness_ms_per_turn)),
             ("wall time", format!("{:.1} s", self.wall_s)),
         ];
         for (k, v) in rows {
@@ -405,6 +407,7 @@ fn run_one(
         resolved,
         exit_status: ep.exit_status,
         steps: ep.actions.len(),
+        turns: ep.turns,
         expert_calls: ep.expert_calls.len(),
         expert_tokens: ep.expert_calls.iter().map(|c| c.tokens_out).sum(),
         policy_tokens: ep.policy_tokens,

@@ -124,6 +124,8 @@ pub struct Episode {
     /// The work tree's diff at the end (graded whatever the exit status).
     pub patch: String,
     pub policy_tokens: usize,
+    /// Replies of the policy (steps plus replies without a valid tool call).
+    pub turns: usize,
     pub format_errors: usize,
     pub timing: Timing,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,6 +180,7 @@ pub fn run_episode<'p, 'e>(
         expert_calls: vec![],
         patch: String::new(),
         policy_tokens: 0,
+        turns: 0,
         format_errors: 0,
         timing: Timing::default(),
         tokens: None,
@@ -204,6 +207,7 @@ pub fn run_episode<'p, 'e>(
             }
         };
         ep.timing.model_s += turn.seconds;
+        ep.turns += 1;
         ep.policy_tokens += turn.tokens_out;
         let parsed = match turn.tool_call.clone() {
             Some(call) => Ok((turn.text.clone(), call)),
@@ -342,6 +346,7 @@ impl Episode {
         meta.insert("expert".into(), json!(self.expert_calls));
         meta.insert("patch".into(), json!(self.patch));
         meta.insert("policy_tokens".into(), json!(self.policy_tokens));
+        meta.insert("turns".into(), json!(self.turns));
         meta.insert("format_errors".into(), json!(self.format_errors));
         meta.insert("timing".into(), json!(self.timing));
         meta.extend(extra);

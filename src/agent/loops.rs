@@ -126,7 +126,7 @@ pub fn analyse(actions: &[Action], cfg: &LoopConfig) -> LoopReport {
     LoopReport {
         longest_run: longest.map_or(0, |r| r.len),
         longest_base: longest.map(|r| r.base.clone()).unwrap_or_default(),
-        penalty: (-cfg.lambda * total).max(cfg.floor),
+        penalty: if total > 0.0 { (-cfg.lambda * total).max(cfg.floor) } else { 0.0 },
         looping: longest.is_some_and(|r| r.len > cfg.looping_run),
     }
 }

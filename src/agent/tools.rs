@@ -67,19 +67,28 @@ pub fn tool_specs(workdir: &str) -> Vec<Value> {
 }
 
 /// The tool call of a model reply written in the Qwen2.5 format: free text, then
-/// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. Returns the text before the call
-/// and the call, or a message for the model saying what is wrong with the format.
+/// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. Small models often write the same
+/// object in a fenced ```json block instead; that is accepted too, when it is the reply's only
+/// such block and has a `name`. Returns the text before the call and the call, or a message for
+/// the model saying what is wrong with the format.
 pub fn parse_tool_call(text: &str) -> std::result::Result<(String, ToolCall), String> {
     const OPEN: &str = "<tool_call>";
     const CLOSE: &str = "</tool_call>";
-    let Some(start) = text.find(OPEN) else {
-        return Err(format!(
-            "Your reply has no tool call. Every reply must end with exactly one call: {OPEN}\n{{\"name\": \
-             <tool name>, \"arguments\": <arguments object>}}\n{CLOSE}"
-        ));
+    let (start, body) = match text.find(OPEN) {
+        Some(start) => {
+            let body = &text[start + OPEN.len()..];
+            (start, body.find(CLOSE).map_or(body, |end| &body[..end]))
+        }
+        None => match fenced_call(text) {
+            Some(x) => x,
+            None => {
+                return Err(format!(
+                    "Your reply has no tool call. Every reply must end with exactly one call: {OPEN}\n{{\"name\": \
+                     <tool name>, \"arguments\": <arguments object>}}\n{CLOSE}"
+                ))
+            }
+        },
     };
-    let body = &text[start + OPEN.len()..];
-    let body = body.find(CLOSE).map_or(body, |end| &body[..end]);
     let v: Value = serde_json::from_str(body.trim()).map_err(|e| format!("The tool call is not valid JSON: {e}."))?;
     let name = v.get("name").and_then(Value::as_str).ok_or("The tool call has no \"name\" string.")?;
     let args = v.get("arguments").cloned().unwrap_or_else(|| json!({}));
@@ -91,6 +100,28 @@ pub fn parse_tool_call(text: &str) -> std::result::Result<(String, ToolCall), St
         return Err("\"arguments\" must be a JSON object.".into());
     }
     Ok((text[..start].trim_end().to_string(), ToolCall::new(name, args)))
+}
+
+/// The one fenced block (```json or ```) of `text` holding an object with a "name" key:
+/// (where the fence starts, its body).
+fn fenced_call(text: &str) -> Option<(usize, &str)> {
+    let mut found = None;
+    let mut rest = 0;
+    while let Some(open) = text[rest..].find("```") {
+        let fence = rest + open;
+        let after = &text[fence + 3..];
+        let body_start = after.find('\n')? + 1;
+        let close = after[body_start..].find("```")?;
+        let body = &after[body_start..body_start + close];
+        if serde_json::from_str::<Value>(body.trim()).is_ok_and(|v| v.get("name").is_some()) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some((fence, body));
+        }
+        rest = fence + 3 + body_start + close + 3;
+    }
+    found
 }
 
 /// What a tool call asks the harness to do.
@@ -137,6 +168,35 @@ impl Request {
             Request::AskExpert(_) => Action::AskExpert,
             Request::Submit => Action::Submit,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_calls_parse_from_tags_and_from_one_fenced_json_block() {
+        let (thought, call) = parse_tool_call(
+            "Look.\n<tool_call>\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}\n</tool_call>",
+        )
+        .unwrap();
+        assert_eq!((thought.as_str(), call.function.name.as_str()), ("Look.", "bash"));
+        assert_eq!(call.arguments()["command"], "ls");
+        let fenced = "I will list.\n```json\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}\n```";
+        let (thought, call) = parse_tool_call(fenced).unwrap();
+        assert_eq!((thought.as_str(), call.arguments()["command"].as_str()), ("I will list.", Some("ls")));
+        // Arguments as a JSON string (the OpenAI wire form).
+        let (_, call) = parse_tool_call(
+            "<tool_call>{\"name\": \"bash\", \"arguments\": \"{\\\"command\\\": \\\"ls\\\"}\"}</tool_call>",
+        )
+        .unwrap();
+        assert_eq!(call.arguments()["command"], "ls");
+        // Two fenced calls are ambiguous; code that is not a call is not one.
+        assert!(parse_tool_call(&format!("{fenced}\n{fenced}")).is_err());
+        assert!(parse_tool_call("```python\nprint(1)\n```").unwrap_err().contains("no tool call"));
+        assert!(parse_tool_call("<tool_call>{\"arguments\": {}}</tool_call>").unwrap_err().contains("name"));
+        assert!(parse_tool_call("<tool_call>{\"name\": \"bash\", \"arguments\": [1]}</tool_call>").is_err());
     }
 }
 
