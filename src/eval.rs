@@ -27,7 +27,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::SamplingParams;
 use crate::model::export::write_atomic;
 use crate::model::Qwen2;
-use crate::tasks::grade::{grade, setup, GradeReport};
+use crate::tasks::grade::{grade, GradeReport};
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
 
@@ -104,6 +104,27 @@ pub struct TaskResult {
     pub harness_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl TaskResult {
+    fn failed(task_id: &str, error: String) -> Self {
+        TaskResult {
+            task_id: task_id.into(),
+            resolved: false,
+            exit_status: ExitStatus::Error,
+            steps: 0,
+            turns: 0,
+            expert_calls: 0,
+            expert_tokens: 0,
+            policy_tokens: 0,
+            cost_usd: 0.0,
+            looping: false,
+            longest_run: 0,
+            episode_s: 0.0,
+            harness_s: 0.0,
+            error: Some(error),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -321,13 +342,16 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
         loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
-            let (result, line) =
-                run_one(o, task, i, &engine, expert_model.as_ref(), isolation, &hidden, scratch.path())?;
-            {
-                let mut f = traj_file.lock().expect("lock");
-                f.write_all(line.as_bytes())?;
-                f.flush()?;
-            }
+            let result = match run_one(o, task, i, &engine, expert_model.as_ref(), isolation, &hidden, scratch.path()) {
+                Ok((result, line)) => {
+                    let mut f = traj_file.lock().expect("lock");
+                    f.write_all(line.as_bytes())?;
+                    f.flush()?;
+                    result
+                }
+                // The task could not even start (sandbox, setup): recorded, the others go on.
+                Err(e) => TaskResult::failed(&task.instance_id, format!("{e:#}")),
+            };
             let mut rs = results.lock().expect("lock");
             rs.push(result);
             let solved = rs.iter().filter(|r| r.resolved).count();
@@ -364,8 +388,9 @@ fn run_one(
     scratch: &Path,
 ) -> Result<(TaskResult, String)> {
     let work = scratch.join(format!("ep-{index}"));
-    let sandbox = LocalSandbox::create(&task.env.repo_path, &work, isolation, o.limits, hidden.to_vec())?;
-    setup(task, &sandbox).with_context(|| format!("task {}", task.instance_id))?;
+    let sandbox =
+        LocalSandbox::create(&task.env.repo_path, &work, isolation, o.limits, hidden.to_vec(), &task.env.setup)
+            .with_context(|| format!("task {}", task.instance_id))?;
     let mut policy: Box<dyn Policy + '_> = match engine {
         Engine::Local { be, model, tok, sampling, max_new_tokens } => {
             let mut p = LocalPolicy::new(be, model, tok, sampling.clone(), o.seed.wrapping_add(index as u64 * 7919));

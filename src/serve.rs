@@ -128,7 +128,8 @@ fn job(
         prompt: enc.ids,
         max_tokens: max.min(room).max(1),
         sampling: SamplingParams { temperature: temperature as f32, top_k: 0, top_p: top_p as f32 },
-        seed: body.get("seed").and_then(Value::as_u64).unwrap_or(0),
+        // Without a seed, every request samples differently (as OpenAI's API does).
+        seed: body.get("seed").and_then(Value::as_u64).unwrap_or_else(fresh_seed),
         stop,
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
     })
@@ -195,6 +196,13 @@ pub fn split_tool_calls(text: &str) -> (String, Vec<Value>) {
     } else {
         (content, calls)
     }
+}
+
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn now() -> u64 {
@@ -269,17 +277,19 @@ async fn chat_completions(State(engine): State<Arc<Engine>>, Json(body): Json<Va
             format!("data: {c}\n\n")
         };
         let _ = tx.blocking_send(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
-        // With tools, the reply is held back until its tool calls can be parsed.
+        // With tools, the reply is held back until its tool calls can be parsed; with stop
+        // strings, until the stop string is cut off.
+        let hold = has_tools || !job.stop.is_empty();
         let result = run_job(&e, &job, |d| {
-            if !has_tools {
+            if !hold {
                 let _ = tx.blocking_send(chunk(json!({"content": d}), Value::Null));
             }
         });
         match result {
             Ok((text, _, finish)) => {
                 let mut finish_reason = if finish == Finish::Length { "length" } else { "stop" };
-                if has_tools {
-                    let (content, calls) = split_tool_calls(&text);
+                if hold {
+                    let (content, calls) = if has_tools { split_tool_calls(&text) } else { (text, vec![]) };
                     let mut delta = json!({"content": content});
                     if !calls.is_empty() {
                         finish_reason = "tool_calls";
@@ -351,7 +361,8 @@ async fn messages_api(State(engine): State<Arc<Engine>>, Json(body): Json<Value>
         return Json(json!({
             "id": id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": text}],
-            "stop_reason": stop_reason(&finish), "stop_sequence": Value::Null,
+            "stop_reason": stop_reason(&finish),
+            "stop_sequence": match &finish { Finish::StopString(s) => json!(s), _ => Value::Null },
             "usage": {"input_tokens": input_tokens, "output_tokens": n},
         }))
         .into_response();
@@ -367,10 +378,19 @@ async fn messages_api(State(engine): State<Arc<Engine>>, Json(body): Json<Value>
             "content_block_start",
             json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         ));
-        let result = run_job(&e, &job, |d| {
+        let hold = !job.stop.is_empty();
+        let delta = |d: &str| {
             let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}});
-            let _ = tx.blocking_send(event("content_block_delta", delta));
+            event("content_block_delta", delta)
+        };
+        let result = run_job(&e, &job, |d| {
+            if !hold {
+                let _ = tx.blocking_send(delta(d));
+            }
         });
+        if let (true, Ok((text, _, _))) = (hold, &result) {
+            let _ = tx.blocking_send(delta(text));
+        }
         let _ = tx.blocking_send(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
         match result {
             Ok((_, n, finish)) => {

@@ -37,8 +37,15 @@ fn sandbox(dir: &Path, isolation: Isolation, timeout_s: f64) -> Option<LocalSand
     }
     let t = task("calc__clamp-above");
     Some(
-        LocalSandbox::create(&t.env.repo_path, &dir.join("work"), isolation, limits(timeout_s), vec![fixture("tasks")])
-            .unwrap(),
+        LocalSandbox::create(
+            &t.env.repo_path,
+            &dir.join("work"),
+            isolation,
+            limits(timeout_s),
+            vec![fixture("tasks")],
+            &[],
+        )
+        .unwrap(),
     )
 }
 
@@ -125,7 +132,7 @@ fn a_fork_bomb_is_contained() {
     let isolation = if bubblewrap_works() { Isolation::Bubblewrap } else { Isolation::Plain };
     let limits = Limits { timeout_s: 3.0, max_processes: 256, ..Default::default() };
     let t = task("calc__clamp-above");
-    let sb = LocalSandbox::create(&t.env.repo_path, &dir.path().join("work"), isolation, limits, vec![]).unwrap();
+    let sb = LocalSandbox::create(&t.env.repo_path, &dir.path().join("work"), isolation, limits, vec![], &[]).unwrap();
     let out = sb.run(":(){ :|:& };:; sleep 100").unwrap();
     assert!(out.timed_out || out.exit_code.is_some(), "{out:?}");
     assert!(out.seconds < 10.0);
@@ -182,6 +189,48 @@ fn the_editor_is_confined_to_the_work_tree_and_can_undo() {
     assert!(sb.diff().unwrap().contains("+++ b/notes/todo.md"));
     let listing = edit(json!({"command": "view", "path": "."})).unwrap();
     assert!(listing.contains("calc/ops.py"), "{listing}");
+    // Undoing a create deletes the file.
+    edit(json!({"command": "undo_edit", "path": "notes/todo.md"})).unwrap();
+    assert!(!sb.host_root().join("notes/todo.md").exists());
+    // A dangling symlink to a host path cannot be used to create that file.
+    let outside = dir.path().join("outside.txt");
+    std::os::unix::fs::symlink(&outside, sb.host_root().join("dangling")).unwrap();
+    let r = edit(json!({"command": "create", "path": "dangling", "file_text": "x"}));
+    assert!(r.as_ref().is_err_and(|e| e.contains("dangling")), "{r:?}");
+    assert!(!outside.exists());
+    std::fs::remove_file(sb.host_root().join("dangling")).unwrap();
+    // A FIFO is refused instead of blocking the harness.
+    assert_eq!(sb.run("mkfifo pipe").unwrap().exit_code, Some(0));
+    let r = edit(json!({"command": "view", "path": "pipe"}));
+    assert!(r.is_err(), "{r:?}");
+    std::fs::remove_file(sb.host_root().join("pipe")).unwrap();
+    // Line endings survive an insert.
+    std::fs::write(sb.host_root().join("dos.txt"), "a\r\nb\r\n").unwrap();
+    edit(json!({"command": "insert", "path": "dos.txt", "insert_line": 1, "new_str": "x"})).unwrap();
+    assert_eq!(std::fs::read_to_string(sb.host_root().join("dos.txt")).unwrap(), "a\r\nx\r\nb\r\n");
+}
+
+/// The agent controls the work tree's `.git` (config, hooks, filters): none of it may run on
+/// the host when the harness takes the diff.
+#[test]
+fn the_agents_git_config_never_runs_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = sandbox(dir.path(), Isolation::Plain, 10.0).unwrap();
+    let marker = dir.path().join("pwned");
+    let script = format!(
+        "git config filter.x.clean 'touch {m}; cat' && git config core.fsmonitor 'touch {m}' && \
+         printf '#!/bin/sh\\ntouch {m}\\n' > .git/hooks/pre-commit && chmod +x .git/hooks/pre-commit && \
+         echo '* filter=x' > .gitattributes && echo changed >> calc/ops.py",
+        m = marker.display()
+    );
+    let out = sb.run(&script).unwrap();
+    assert_eq!(out.exit_code, Some(0), "{}", out.output);
+    // The agent's own git works (and may run its own filter inside its command: that is its business).
+    let _ = std::fs::remove_file(&marker);
+    let diff = sb.diff().unwrap();
+    assert!(diff.contains("+changed") && diff.contains(".gitattributes"), "{diff}");
+    assert!(!diff.contains(".git/"), "the agent's repository is not part of the patch");
+    assert!(!marker.exists(), "a filter, hook or fsmonitor of the agent ran on the host");
 }
 
 fn fix_replies(root: &str) -> Vec<String> {
@@ -216,6 +265,7 @@ fn a_replay_agent_following_the_oracle_resolves_a_task_and_a_wrong_patch_does_no
         isolation,
         limits(30.0),
         vec![fixture("tasks")],
+        &[],
     )
     .unwrap();
     let mut policy = Replay::new(fix_replies(&sb.workdir()));

@@ -256,6 +256,7 @@ fn http_errors_are_retried_then_reported_and_keys_stay_secret() {
         protege::agent::sandbox::Isolation::Plain,
         Default::default(),
         vec![],
+        &[],
     )
     .unwrap();
     use protege::agent::policy::Replay;

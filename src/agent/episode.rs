@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::expert::{cap_reply, Expert};
 use super::loops::Action;
-use super::policy::{Policy, EXPERT_TOOL};
+use super::policy::{ContextFull, Policy, EXPERT_TOOL};
 use super::sandbox::Executor;
 use super::tools::{parse_tool_call, tool_specs, Editor, Request};
 use super::trajectory::{TokenRecord, Trajectory};
@@ -69,6 +69,8 @@ pub struct EpisodeConfig {
     pub expert_reply_chars: usize,
     /// Wall-clock seconds for the whole episode (`timeout`).
     pub episode_timeout_s: f64,
+    /// Characters of one tool observation kept (head and tail, with a marker).
+    pub observation_chars: usize,
 }
 
 impl Default for EpisodeConfig {
@@ -81,6 +83,7 @@ impl Default for EpisodeConfig {
             expert_context_messages: 5,
             expert_reply_chars: 4000,
             episode_timeout_s: 1800.0,
+            observation_chars: 16000,
         }
     }
 }
@@ -150,6 +153,17 @@ pub fn task_prompt(task: &TaskInstance, workdir: &str) -> String {
     )
 }
 
+/// Keeps the first and last `max / 2` characters of a long observation.
+pub fn cap_observation(text: &str, max: usize) -> String {
+    let n = text.chars().count();
+    if n <= max {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(max / 2).collect();
+    let tail: String = text.chars().skip(n - max / 2).collect();
+    format!("{head}\n[... {} characters truncated ...]\n{tail}", n - 2 * (max / 2))
+}
+
 fn approx_context(messages: &[Message], tools: &[Value]) -> usize {
     let chars: usize = messages.iter().map(|m| m.text().len() + m.tool_calls.len() * 64).sum::<usize>()
         + tools.iter().map(|t| t.to_string().len()).sum::<usize>();
@@ -201,6 +215,7 @@ pub fn run_episode<'p, 'e>(
         }
         let turn = match policy.act(&ep.messages, &ep.tools) {
             Ok(t) => t,
+            Err(e) if e.downcast_ref::<ContextFull>().is_some() => break ExitStatus::ContextLimit,
             Err(e) => {
                 ep.error = Some(format!("policy: {e:#}"));
                 break ExitStatus::Error;
@@ -249,7 +264,7 @@ pub fn run_episode<'p, 'e>(
                         None if !out.timed_out => text.push_str("\n[killed by a signal]"),
                         None => {}
                     }
-                    Message::tool(text)
+                    Message::tool(cap_observation(&text, cfg.observation_chars))
                 }
                 Err(e) => {
                     ep.error = Some(format!("executor: {e:#}"));
@@ -257,7 +272,7 @@ pub fn run_episode<'p, 'e>(
                 }
             },
             Request::Editor(args) => match editor.run(exec, args) {
-                Ok(Ok(text)) | Ok(Err(text)) => Message::tool(text),
+                Ok(Ok(text)) | Ok(Err(text)) => Message::tool(cap_observation(&text, cfg.observation_chars)),
                 Err(e) => {
                     ep.error = Some(format!("editor: {e:#}"));
                     break ExitStatus::Error;

@@ -201,7 +201,21 @@ impl Oracle {
                 s += &match (gone.len(), new.len()) {
                     (0, 0) => "Only its layout needs to change.".to_string(),
                     (_, 0) => format!("It should not use {} there; remove that part.", quoted(&gone)),
-                    (0, _) => format!("It is missing {}.", quoted(&new)),
+                    (0, _) => {
+                        // Name what is missing (identifiers only, a few), never the new code itself.
+                        let mut names: Vec<String> = new
+                            .iter()
+                            .filter(|t| t.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_'))
+                            .cloned()
+                            .collect();
+                        names.dedup();
+                        names.truncate(4);
+                        if names.is_empty() {
+                            "Something is missing from it.".to_string()
+                        } else {
+                            format!("It is missing something involving {}.", quoted(&names))
+                        }
+                    }
                     (1, 1) => format!("The {} there should be {}.", quoted(&gone), quoted(&new)),
                     _ if added.is_empty() => "Those lines should be removed.".to_string(),
                     _ => format!(

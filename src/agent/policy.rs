@@ -18,6 +18,21 @@ use crate::tokenizer::{render_qwen25, Tokenizer};
 /// The name a tool message carries when it holds an expert's reply (its tokens are `e`).
 pub const EXPERT_TOOL: &str = "ask_expert";
 
+/// The episode no longer fits the policy's context (the episode ends with `context_limit`).
+#[derive(Debug)]
+pub struct ContextFull {
+    pub tokens: usize,
+    pub max: usize,
+}
+
+impl std::fmt::Display for ContextFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the episode's {} tokens fill the model's context of {}", self.tokens, self.max)
+    }
+}
+
+impl std::error::Error for ContextFull {}
+
 /// One reply of a policy.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyTurn {
@@ -172,7 +187,7 @@ where
         let started = Instant::now();
         let room = self.model.cfg.max_position_embeddings.saturating_sub(self.ids.len());
         if room == 0 {
-            bail!("the episode's {} tokens fill the model's context", self.ids.len());
+            return Err(ContextFull { tokens: self.ids.len(), max: self.model.cfg.max_position_embeddings }.into());
         }
         let req = Request {
             prompt: self.ids.clone(),

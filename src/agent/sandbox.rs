@@ -18,6 +18,24 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// Environment variables commands inherit; everything else is dropped.
+const ENV_ALLOWED: [&str; 14] = [
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "PYENV_ROOT",
+    "PYENV_VERSION",
+    "VIRTUAL_ENV",
+    "CONDA_PREFIX",
+    "PYTHONPATH",
+];
+
 /// Where the work tree appears inside the bubblewrap sandbox.
 pub const SANDBOX_REPO: &str = "/repo";
 
@@ -76,6 +94,8 @@ pub trait Executor: Send + Sync {
     fn write(&self, rel: &Path, data: &[u8]) -> Result<()>;
     /// Whether `rel` is a directory, a file, or missing.
     fn kind(&self, rel: &Path) -> Result<PathKind>;
+    /// Deletes a file relative to the work tree.
+    fn remove(&self, rel: &Path) -> Result<()>;
     /// The work tree's changes against the task's base, as a git patch.
     fn diff(&self) -> Result<String>;
 }
@@ -128,6 +148,8 @@ pub fn best_isolation() -> Isolation {
 /// A work tree on this machine: a copy of a repository snapshot committed as the base.
 pub struct LocalSandbox {
     root: PathBuf,
+    /// The harness's own repository of the work tree (outside it).
+    harness_git: PathBuf,
     isolation: Isolation,
     limits: Limits,
     /// Host paths masked inside the sandbox (the task suite, other episodes, run outputs).
@@ -135,14 +157,18 @@ pub struct LocalSandbox {
 }
 
 impl LocalSandbox {
-    /// Copies `snapshot` into `root` (which must not exist) and commits it, so that
-    /// [`Executor::diff`] shows exactly the episode's changes.
+    /// Copies `snapshot` into `root` (which must not exist), runs the task's `setup` commands
+    /// in the sandbox, and records the result as the base twice: in a repository inside the work
+    /// tree for the agent's own `git` use, and in a harness repository beside it (never visible
+    /// in the sandbox) that [`Executor::diff`] reads, so that nothing the agent does to its
+    /// `.git` (hooks, filters, config) runs on the host.
     pub fn create(
         snapshot: &Path,
         root: &Path,
         isolation: Isolation,
         limits: Limits,
         hidden: Vec<PathBuf>,
+        setup: &[String],
     ) -> Result<Self> {
         if root.exists() {
             bail!("work tree {} already exists", root.display());
@@ -151,24 +177,46 @@ impl LocalSandbox {
         if root.join(".git").exists() {
             std::fs::remove_dir_all(root.join(".git"))?;
         }
-        git(root, &["init", "-q"])?;
-        git(root, &["add", "-A"])?;
-        git(
-            root,
-            &[
-                "-c",
-                "user.name=protege",
-                "-c",
-                "user.email=protege@localhost",
-                "commit",
-                "-q",
-                "--allow-empty",
-                "-m",
-                "base",
-            ],
-        )?;
         let root = root.canonicalize()?;
-        Ok(Self { root, isolation, limits, hidden })
+        let mut name = root.file_name().context("work tree has no name")?.to_os_string();
+        name.push(".harness-git");
+        let harness_git = root.with_file_name(name);
+        let sandbox = Self { root, harness_git, isolation, limits, hidden };
+        for c in setup {
+            let out = sandbox.run(c)?;
+            if out.exit_code != Some(0) {
+                bail!("setup command {c:?} failed:\n{}", out.output);
+            }
+        }
+        let commit = [
+            "-c",
+            "user.name=protege",
+            "-c",
+            "user.email=protege@localhost",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "base",
+        ];
+        git(&sandbox.root, &["init", "-q"])?;
+        git(&sandbox.root, &["add", "-A"])?;
+        git(&sandbox.root, &commit)?;
+        sandbox.harness_git(&["init", "-q"])?;
+        sandbox.harness_git(&["add", "-A"])?;
+        sandbox.harness_git(&commit)?;
+        Ok(sandbox)
+    }
+
+    /// Runs git on the harness repository (work tree = the sandbox's), with every hook, filter
+    /// and monitor the work tree could name switched off.
+    fn harness_git(&self, args: &[&str]) -> Result<String> {
+        let git_dir = format!("--git-dir={}", self.harness_git.display());
+        let work_tree = format!("--work-tree={}", self.root.display());
+        let mut all =
+            vec![git_dir.as_str(), work_tree.as_str(), "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"];
+        all.extend_from_slice(args);
+        git(&self.root, &all)
     }
 
     pub fn host_root(&self) -> &Path {
@@ -202,6 +250,19 @@ impl LocalSandbox {
                     };
                 }
                 c.args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
+                // /run holds sockets (docker, dbus) that read-only does not protect; the home
+                // directory holds credentials. Only the tool directories on PATH stay visible.
+                if Path::new("/run").is_dir() {
+                    c.args(["--tmpfs", "/run"]);
+                }
+                if let Some(home) =
+                    std::env::var_os("HOME").map(PathBuf::from).filter(|h| h.is_dir() && h != Path::new("/"))
+                {
+                    c.arg("--tmpfs").arg(&home);
+                    for keep in home_tool_dirs(&home) {
+                        c.arg("--ro-bind").arg(&keep).arg(&keep);
+                    }
+                }
                 for h in &self.hidden {
                     if h.is_dir() && !h.starts_with("/tmp") {
                         c.arg("--tmpfs").arg(h);
@@ -216,11 +277,11 @@ impl LocalSandbox {
             }
         };
         cmd.arg("-c").arg(script);
-        // Secrets never reach the agent's commands.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().to_uppercase();
-            if ["KEY", "TOKEN", "SECRET", "PASSWORD"].iter().any(|s| k.contains(s)) {
-                cmd.env_remove(&k);
+        // Only an allowlist of the environment reaches commands (no API keys or tokens).
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os() {
+            if ENV_ALLOWED.contains(&k.to_string_lossy().as_ref()) {
+                cmd.env(k, v);
             }
         }
         cmd.env("PAGER", "cat").env("GIT_PAGER", "cat").env("TERM", "dumb").env("PYTHONDONTWRITEBYTECODE", "1");
@@ -229,17 +290,22 @@ impl LocalSandbox {
 
     fn confine(&self, rel: &Path) -> Result<PathBuf> {
         let joined = self.root.join(rel);
-        // The deepest existing ancestor must resolve inside the work tree (no symlink escapes).
+        // The deepest existing ancestor (a dangling symlink counts as existing) must resolve
+        // inside the work tree: no escape through symlinks.
         let mut probe = joined.as_path();
-        while !probe.exists() {
+        while probe.symlink_metadata().is_err() {
             probe = probe.parent().context("path has no existing ancestor")?;
         }
-        if !probe.canonicalize()?.starts_with(&self.root) {
+        let resolved = probe.canonicalize().map_err(|_| anyhow::anyhow!("{} is a dangling symlink", rel.display()))?;
+        if !resolved.starts_with(&self.root) {
             bail!("{} leaves the work tree", rel.display());
         }
         Ok(joined)
     }
 }
+
+/// Largest file the editor reads.
+pub const MAX_EDITOR_FILE: u64 = 8 << 20;
 
 impl Executor for LocalSandbox {
     fn workdir(&self) -> String {
@@ -254,7 +320,15 @@ impl Executor for LocalSandbox {
     }
 
     fn read(&self, rel: &Path) -> Result<Vec<u8>> {
-        Ok(std::fs::read(self.confine(rel)?)?)
+        let path = self.confine(rel)?;
+        let meta = std::fs::metadata(&path)?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", rel.display());
+        }
+        if meta.len() > MAX_EDITOR_FILE {
+            bail!("{} has {} bytes; the editor reads files up to {MAX_EDITOR_FILE}", rel.display(), meta.len());
+        }
+        Ok(std::fs::read(path)?)
     }
 
     fn write(&self, rel: &Path, data: &[u8]) -> Result<()> {
@@ -267,19 +341,44 @@ impl Executor for LocalSandbox {
 
     fn kind(&self, rel: &Path) -> Result<PathKind> {
         let p = self.confine(rel)?;
-        Ok(if p.is_dir() {
-            PathKind::Dir
-        } else if p.exists() {
-            PathKind::File
-        } else {
-            PathKind::Missing
+        Ok(match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => PathKind::Dir,
+            Ok(m) if m.is_file() => PathKind::File,
+            Ok(_) => bail!("{} is not a regular file or directory", rel.display()),
+            Err(_) if p.symlink_metadata().is_ok() => bail!("{} is a dangling symlink", rel.display()),
+            Err(_) => PathKind::Missing,
         })
     }
 
     fn diff(&self) -> Result<String> {
-        git(&self.root, &["add", "-A"])?;
-        git(&self.root, &["diff", "--cached", "--no-color", "--no-ext-diff", "HEAD"])
+        self.harness_git(&["add", "-A"])?;
+        self.harness_git(&["diff", "--cached", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "HEAD"])
     }
+
+    fn remove(&self, rel: &Path) -> Result<()> {
+        Ok(std::fs::remove_file(self.confine(rel)?)?)
+    }
+}
+
+/// The top-level directories under `home` that PATH, PYENV_ROOT or VIRTUAL_ENV point into
+/// (e.g. `~/.pyenv`, `~/.local`, `~/.cargo`): kept visible when the home directory is masked.
+fn home_tool_dirs(home: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = vec![];
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    candidates
+        .extend(["PYENV_ROOT", "VIRTUAL_ENV", "CONDA_PREFIX"].iter().filter_map(std::env::var_os).map(PathBuf::from));
+    for c in candidates {
+        if let Ok(rest) = c.strip_prefix(home) {
+            if let Some(first) = rest.components().next() {
+                let d = home.join(first);
+                if d.is_dir() && !dirs.contains(&d) {
+                    dirs.push(d);
+                }
+            }
+        }
+    }
+    dirs
 }
 
 /// Runs `git args` in `dir`, returning stdout; an error carries stderr.
@@ -337,11 +436,14 @@ impl HeadTail {
     }
 
     fn finish(self) -> (String, usize) {
-        let head = String::from_utf8_lossy(&self.head).into_owned();
-        let tail = String::from_utf8_lossy(&self.tail.into_iter().collect::<Vec<_>>()).into_owned();
+        let mut bytes = self.head;
         if self.dropped == 0 {
-            (head + &tail, 0)
-        } else {
+            bytes.extend(self.tail);
+            return (String::from_utf8_lossy(&bytes).into_owned(), 0);
+        }
+        let head = String::from_utf8_lossy(&bytes).into_owned();
+        let tail = String::from_utf8_lossy(&self.tail.into_iter().collect::<Vec<_>>()).into_owned();
+        {
             (format!("{head}\n[... {} bytes of output truncated ...]\n{tail}", self.dropped), self.dropped)
         }
     }
@@ -389,6 +491,10 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
     let mut timed_out = false;
     let status = loop {
         if let Some(s) = child.try_wait()? {
+            // Commands are stateless: background jobs they left behind die with them.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
             break s;
         }
         if started.elapsed() >= timeout {

@@ -110,8 +110,8 @@ fn fenced_call(text: &str) -> Option<(usize, &str)> {
     while let Some(open) = text[rest..].find("```") {
         let fence = rest + open;
         let after = &text[fence + 3..];
-        let body_start = after.find('\n')? + 1;
-        let close = after[body_start..].find("```")?;
+        let Some(body_start) = after.find('\n').map(|i| i + 1) else { break };
+        let Some(close) = after[body_start..].find("```") else { break };
         let body = &after[body_start..body_start + close];
         if serde_json::from_str::<Value>(body.trim()).is_ok_and(|v| v.get("name").is_some()) {
             if found.is_some() {
@@ -203,7 +203,8 @@ mod tests {
 /// `str_replace_editor` with its undo history.
 #[derive(Default)]
 pub struct Editor {
-    history: HashMap<PathBuf, Vec<Vec<u8>>>,
+    /// Per file, its contents before each edit (`None`: it did not exist).
+    history: HashMap<PathBuf, Vec<Option<Vec<u8>>>>,
 }
 
 const SNIPPET_CONTEXT: usize = 4;
@@ -231,7 +232,10 @@ impl Editor {
         };
         let read_text = |exec: &dyn Executor| -> Result<std::result::Result<String, String>> {
             match kind {
-                PathKind::File => Ok(Ok(String::from_utf8_lossy(&exec.read(&rel)?).into_owned())),
+                PathKind::File => match exec.read(&rel) {
+                    Ok(bytes) => Ok(String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text."))),
+                    Err(e) => Ok(Err(format!("Cannot read {shown}: {e:#}."))),
+                },
                 PathKind::Dir => Ok(Err(format!("{shown} is a directory."))),
                 PathKind::Missing => Ok(Err(format!("{shown} does not exist."))),
             }
@@ -279,8 +283,10 @@ impl Editor {
                 if kind != PathKind::Missing {
                     return Ok(Err(format!("{shown} already exists; edit it with `str_replace` instead.")));
                 }
-                exec.write(&rel, text.as_bytes())?;
-                self.history.entry(rel.clone()).or_default().push(vec![]);
+                if let Err(e) = exec.write(&rel, text.as_bytes()) {
+                    return Ok(Err(format!("Cannot create {shown}: {e:#}.")));
+                }
+                self.history.entry(rel.clone()).or_default().push(None);
                 Ok(format!("File created at {shown}."))
             }
             "str_replace" => {
@@ -297,7 +303,7 @@ impl Editor {
                     )));
                 }
                 if hits.len() > 1 {
-                    let lines: Vec<usize> = hits.iter().map(|&i| text[..i].lines().count().max(1)).collect();
+                    let lines: Vec<usize> = hits.iter().map(|&i| text[..i].matches('\n').count() + 1).collect();
                     return Ok(Err(format!(
                         "No replacement was performed: old_str occurs {} times (lines {lines:?}). Include more context \
                          so that it is unique.",
@@ -305,7 +311,9 @@ impl Editor {
                     )));
                 }
                 let updated = format!("{}{new}{}", &text[..hits[0]], &text[hits[0] + old.len()..]);
-                self.save(exec, &rel, text.as_bytes(), updated.as_bytes())?;
+                if let Err(e) = self.save(exec, &rel, text.as_bytes(), updated.as_bytes()) {
+                    return Ok(Err(format!("Cannot write {shown}: {e:#}.")));
+                }
                 let first = text[..hits[0]].matches('\n').count() + 1;
                 Ok(format!("The file {shown} has been edited. {}", snippet(&updated, first, new.lines().count())))
             }
@@ -315,25 +323,37 @@ impl Editor {
                     Ok(t) => t,
                     Err(e) => return Ok(Err(e)),
                 };
-                let lines: Vec<&str> = text.lines().collect();
+                // Lines keep their own endings (LF or CRLF); the new text takes the file's.
+                let lines: Vec<&str> = text.split_inclusive('\n').collect();
                 let at = match args.get("insert_line").and_then(Value::as_i64) {
                     Some(n) if n >= 0 && (n as usize) <= lines.len() => n as usize,
                     _ => return Ok(Err(format!("`insert` needs \"insert_line\" between 0 and {}.", lines.len()))),
                 };
-                let mut out: Vec<&str> = lines[..at].to_vec();
-                out.extend(new.lines());
-                out.extend(&lines[at..]);
-                let mut updated = out.join("\n");
-                if text.ends_with('\n') || text.is_empty() {
-                    updated.push('\n');
+                let eol = if text.contains("\r\n") { "\r\n" } else { "\n" };
+                let mut updated: String = lines[..at].concat();
+                if !updated.is_empty() && !updated.ends_with('\n') {
+                    updated.push_str(eol);
                 }
-                self.save(exec, &rel, text.as_bytes(), updated.as_bytes())?;
+                for l in new.lines() {
+                    updated.push_str(l);
+                    updated.push_str(eol);
+                }
+                updated.push_str(&lines[at..].concat());
+                if let Err(e) = self.save(exec, &rel, text.as_bytes(), updated.as_bytes()) {
+                    return Ok(Err(format!("Cannot write {shown}: {e:#}.")));
+                }
                 Ok(format!("The file {shown} has been edited. {}", snippet(&updated, at + 1, new.lines().count())))
             }
             "undo_edit" => match self.history.get_mut(&rel).and_then(Vec::pop) {
                 Some(previous) => {
-                    exec.write(&rel, &previous)?;
-                    Ok(format!("Last edit to {shown} undone."))
+                    let done = match &previous {
+                        Some(bytes) => exec.write(&rel, bytes),
+                        None => exec.remove(&rel),
+                    };
+                    match done {
+                        Ok(()) => Ok(format!("Last edit to {shown} undone.")),
+                        Err(e) => Err(format!("Cannot undo the last edit to {shown}: {e:#}.")),
+                    }
                 }
                 None => Err(format!("No edit to undo for {shown}.")),
             },
@@ -345,7 +365,7 @@ impl Editor {
 
     fn save(&mut self, exec: &dyn Executor, rel: &std::path::Path, old: &[u8], new: &[u8]) -> Result<()> {
         exec.write(rel, new)?;
-        self.history.entry(rel.to_path_buf()).or_default().push(old.to_vec());
+        self.history.entry(rel.to_path_buf()).or_default().push(Some(old.to_vec()));
         Ok(())
     }
 }
