@@ -42,8 +42,44 @@ enum Command {
     Sft(SftArgs),
     /// Run agent episodes on a task suite in the sandbox, grade them, write trajectories and a summary.
     Eval(Box<EvalArgs>),
+    /// Task suites: validate, list, show, stats.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
     /// Serve a model over OpenAI-compatible /v1/chat/completions and Anthropic-compatible /v1/messages.
     Serve(ServeArgs),
+}
+
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// Check every task in the sandbox: FAIL_TO_PASS fail before the fix, everything passes after
+    /// it, PASS_TO_PASS pass before and after, in every run. Exits non-zero on any invalid task.
+    Validate {
+        /// A suite: a JSONL file, or a directory holding tasks.jsonl.
+        suite: PathBuf,
+        /// Repetitions per task (flaky tests show up as invalid).
+        #[arg(long, default_value_t = 2)]
+        runs: usize,
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Only these instance ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// Seconds for one test run.
+        #[arg(long, default_value_t = 300.0)]
+        timeout: f64,
+        /// Run tests as plain subprocesses even when bubblewrap works.
+        #[arg(long)]
+        no_sandbox: bool,
+        /// Also write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// One line per task: split, files and lines the fix changes, test counts.
+    List { suite: PathBuf },
+    /// Everything about one task.
+    Show { suite: PathBuf, id: String },
+    /// Counts by package, operator and difficulty.
+    Stats { suite: PathBuf },
 }
 
 #[derive(Args)]
@@ -373,6 +409,63 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Returns whether every task was valid (validate) or true.
+fn run_tasks(c: TasksCommand) -> Result<bool> {
+    use protege::agent::sandbox::{best_isolation, Isolation, Limits};
+    use protege::tasks::{load_suite, validate};
+    match c {
+        TasksCommand::Validate { suite, runs, concurrency, tasks, timeout, no_sandbox, json } => {
+            let mut all = load_suite(&suite)?;
+            if !tasks.is_empty() {
+                all.retain(|t| tasks.contains(&t.instance_id));
+                if all.len() != tasks.len() {
+                    bail!("some of --tasks are not in {}", suite.display());
+                }
+            }
+            let isolation = if no_sandbox { Isolation::Plain } else { best_isolation() };
+            let limits = Limits { timeout_s: timeout, cpu_s: timeout.ceil() as u64 * 2, ..Default::default() };
+            let results = validate::validate_suite(&all, isolation, &limits, runs, concurrency)?;
+            println!("| task | valid | seconds | problems |\n|---|---|---|---|");
+            for v in &results {
+                println!(
+                    "| {} | {} | {:.1} | {} |",
+                    v.instance_id,
+                    if v.valid { "yes" } else { "NO" },
+                    v.seconds,
+                    v.problems.join("; ")
+                );
+            }
+            let invalid = results.iter().filter(|v| !v.valid).count();
+            println!(
+                "\n{} of {} tasks valid ({runs} runs each, sandbox {isolation:?})",
+                results.len() - invalid,
+                results.len()
+            );
+            if let Some(path) = json {
+                protege::model::export::write_atomic(&path, serde_json::to_string_pretty(&results)?.as_bytes())?;
+            }
+            Ok(invalid == 0)
+        }
+        TasksCommand::List { suite } => {
+            print!("{}", validate::list(&load_suite(&suite)?));
+            Ok(true)
+        }
+        TasksCommand::Stats { suite } => {
+            print!("{}", validate::stats(&load_suite(&suite)?));
+            Ok(true)
+        }
+        TasksCommand::Show { suite, id } => {
+            let all = load_suite(&suite)?;
+            let t = all
+                .iter()
+                .find(|t| t.instance_id == id)
+                .with_context(|| format!("no task {id:?} in {}", suite.display()))?;
+            println!("{}", serde_json::to_string_pretty(t)?);
+            Ok(true)
+        }
+    }
+}
+
 fn run_eval(a: EvalArgs) -> Result<()> {
     use protege::agent::episode::EpisodeConfig;
     use protege::agent::http::HttpConfig;
@@ -482,6 +575,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => run_bench(a).map(|_| true),
         Command::Sft(a) => run_sft(a).map(|_| true),
         Command::Eval(a) => run_eval(*a).map(|_| true),
+        Command::Tasks(c) => run_tasks(c),
         Command::Serve(a) => protege::serve::run_serve(&protege::serve::ServeOptions {
             model: a.model,
             addr: a.addr,

@@ -2,5 +2,6 @@
 
 pub mod grade;
 pub mod instance;
+pub mod validate;
 
 pub use instance::{load_suite, TaskInstance};

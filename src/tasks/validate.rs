@@ -1,0 +1,181 @@
+//! `protege tasks validate|list|show|stats`: checking a suite's instances and describing them.
+//!
+//! A task is valid when, in the sandbox and in every one of `runs` repetitions (flakiness):
+//! with only `test_patch` applied, every FAIL_TO_PASS test fails and every PASS_TO_PASS test
+//! passes; with `patch` and `test_patch`, all of them pass.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use super::grade::{grade, TestStatus};
+use super::instance::{patch_files, TaskInstance};
+use crate::agent::sandbox::{Isolation, Limits};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Validation {
+    pub instance_id: String,
+    pub valid: bool,
+    /// What is wrong, one line each (empty when valid).
+    pub problems: Vec<String>,
+    pub seconds: f64,
+}
+
+fn check_run(task: &TaskInstance, scratch: &Path, isolation: Isolation, limits: &Limits, run: usize) -> Vec<String> {
+    let mut problems = vec![];
+    let tag = |what: &str| format!("run {}: {what}", run + 1);
+    match grade(task, "", &scratch.join(format!("{}-before-{run}", task.instance_id)), isolation, limits) {
+        Ok(before) => {
+            for (t, s) in &before.fail_to_pass {
+                if *s == TestStatus::Passed {
+                    problems.push(tag(&format!("FAIL_TO_PASS {t} passes before the fix")));
+                }
+            }
+            for (t, s) in &before.pass_to_pass {
+                if *s != TestStatus::Passed {
+                    problems.push(tag(&format!("PASS_TO_PASS {t} is {s:?} before the fix")));
+                }
+            }
+        }
+        Err(e) => problems.push(tag(&format!("before the fix: {e:#}"))),
+    }
+    match grade(task, &task.patch, &scratch.join(format!("{}-after-{run}", task.instance_id)), isolation, limits) {
+        Ok(after) if !after.patch_applied => {
+            problems.push(tag(&format!("the gold patch does not apply: {}", after.error.unwrap_or_default())))
+        }
+        Ok(after) => {
+            for (t, s) in after.fail_to_pass.iter().chain(&after.pass_to_pass) {
+                if *s != TestStatus::Passed {
+                    problems.push(tag(&format!("{t} is {s:?} after the fix")));
+                }
+            }
+        }
+        Err(e) => problems.push(tag(&format!("after the fix: {e:#}"))),
+    }
+    problems
+}
+
+/// Validates one task `runs` times.
+pub fn validate_task(
+    task: &TaskInstance,
+    scratch: &Path,
+    isolation: Isolation,
+    limits: &Limits,
+    runs: usize,
+) -> Validation {
+    let started = std::time::Instant::now();
+    let mut problems = vec![];
+    for run in 0..runs.max(1) {
+        problems.extend(check_run(task, scratch, isolation, limits, run));
+    }
+    Validation {
+        instance_id: task.instance_id.clone(),
+        valid: problems.is_empty(),
+        problems,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Validates every task, `concurrency` at a time, with a progress bar; results in suite order.
+pub fn validate_suite(
+    tasks: &[TaskInstance],
+    isolation: Isolation,
+    limits: &Limits,
+    runs: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Validation>> {
+    let scratch = tempfile::Builder::new().prefix("protege-validate-").tempdir()?;
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(BTreeMap::new());
+    let bar = indicatif::ProgressBar::new(tasks.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tasks, ETA {eta} | {msg}").expect("template"),
+    );
+    std::thread::scope(|s| {
+        for _ in 0..concurrency.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(t) = tasks.get(i) else { return };
+                let v = validate_task(t, scratch.path(), isolation, limits, runs);
+                let mut o = out.lock().expect("lock");
+                o.insert(i, v);
+                bar.set_message(format!("{} invalid", o.values().filter(|v| !v.valid).count()));
+                bar.inc(1);
+            });
+        }
+    });
+    bar.finish_and_clear();
+    Ok(out.into_inner().expect("lock").into_values().collect())
+}
+
+/// Lines and files a patch changes.
+pub fn patch_size(patch: &str) -> (usize, usize) {
+    let lines = patch
+        .lines()
+        .filter(|l| (l.starts_with('+') && !l.starts_with("+++")) || (l.starts_with('-') && !l.starts_with("---")))
+        .count();
+    (lines, patch_files(patch).len())
+}
+
+fn field<'a>(t: &'a TaskInstance, path: &str) -> Option<&'a str> {
+    let mut parts = path.split('.');
+    let mut v = t.extra.get(parts.next()?)?;
+    for p in parts {
+        v = v.get(p)?;
+    }
+    v.as_str()
+}
+
+/// One line per task: id, split, files and lines the fix changes, tests.
+pub fn list(tasks: &[TaskInstance]) -> String {
+    let mut s = format!("{:48} {:6} {:>5} {:>5} {:>4} {:>4}\n", "instance_id", "split", "files", "lines", "F2P", "P2P");
+    for t in tasks {
+        let (lines, files) = patch_size(&t.patch);
+        s += &format!(
+            "{:48} {:6} {:>5} {:>5} {:>4} {:>4}\n",
+            t.instance_id,
+            field(t, "split").unwrap_or("-"),
+            files,
+            lines,
+            t.fail_to_pass.len(),
+            t.pass_to_pass.len()
+        );
+    }
+    s
+}
+
+/// Counts by package, mutation operator (generated tasks) and difficulty.
+pub fn stats(tasks: &[TaskInstance]) -> String {
+    let mut by_repo: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_op: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_lines: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut by_files: BTreeMap<usize, usize> = BTreeMap::new();
+    for t in tasks {
+        *by_repo.entry(t.repo.clone()).or_default() += 1;
+        *by_op.entry(field(t, "provenance.operator").unwrap_or("hand-written").to_string()).or_default() += 1;
+        let (lines, files) = patch_size(&t.patch);
+        let bucket = match lines {
+            0..=2 => "1-2 lines",
+            3..=6 => "3-6 lines",
+            7..=20 => "7-20 lines",
+            _ => "over 20 lines",
+        };
+        *by_lines.entry(bucket).or_default() += 1;
+        *by_files.entry(files).or_default() += 1;
+    }
+    let mut s = format!("{} tasks\n", tasks.len());
+    let mut table = |title: &str, rows: Vec<(String, usize)>| {
+        s += &format!("\n| {title} | tasks |\n|---|---|\n");
+        for (k, v) in rows {
+            s += &format!("| {k} | {v} |\n");
+        }
+    };
+    table("package", by_repo.into_iter().collect());
+    table("operator", by_op.into_iter().collect());
+    table("lines changed by the fix", by_lines.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    table("files changed by the fix", by_files.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    s
+}
