@@ -74,6 +74,36 @@ enum TasksCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Synthesise tasks from PyPI packages: download the source, run its tests, inject bugs with
+    /// mutation operators, keep those that the tests catch (SWE-smith style). Resumable.
+    Build {
+        /// Packages as NAME==VERSION (repeatable).
+        #[arg(long = "pypi", required = true, num_args = 1..)]
+        packages: Vec<String>,
+        /// Output suite directory (tasks.jsonl, repos/, .work/); keep it out of git.
+        #[arg(long)]
+        out: PathBuf,
+        /// Drop a mutant that fails more than this share of the passing tests.
+        #[arg(long, default_value_t = 0.2)]
+        max_fail_share: f64,
+        /// Mutants tried per package.
+        #[arg(long, default_value_t = 200)]
+        max_mutants: usize,
+        /// Mutants tried per source file and per function (diversity caps).
+        #[arg(long, default_value_t = 150)]
+        per_file: usize,
+        #[arg(long, default_value_t = 3)]
+        per_function: usize,
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Seconds for one run of a package's test suite.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        no_sandbox: bool,
+    },
     /// One line per task: split, files and lines the fix changes, test counts.
     List { suite: PathBuf },
     /// Everything about one task.
@@ -445,6 +475,54 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
                 protege::model::export::write_atomic(&path, serde_json::to_string_pretty(&results)?.as_bytes())?;
             }
             Ok(invalid == 0)
+        }
+        TasksCommand::Build {
+            packages,
+            out,
+            max_fail_share,
+            max_mutants,
+            per_file,
+            per_function,
+            concurrency,
+            timeout,
+            seed,
+            no_sandbox,
+        } => {
+            let opts = protege::tasks::build::BuildOptions {
+                packages,
+                out: out.clone(),
+                max_fail_share,
+                max_mutants,
+                per_file,
+                per_function,
+                concurrency,
+                seed,
+                limits: Limits {
+                    timeout_s: timeout,
+                    cpu_s: timeout.ceil() as u64 * 2,
+                    output_bytes: 64 << 20,
+                    ..Default::default()
+                },
+                isolation: if no_sandbox { Isolation::Plain } else { best_isolation() },
+            };
+            let started = Instant::now();
+            let (reports, n) = protege::tasks::build::build(&opts)?;
+            println!(
+                "| package | passing tests | mutants tried | valid | outcomes | error |\n|---|---|---|---|---|---|"
+            );
+            for r in &reports {
+                println!(
+                    "| {} | {} | {} | {} | {:?} | {} |",
+                    r.package,
+                    r.passing_tests,
+                    r.tried,
+                    r.valid,
+                    r.by_status,
+                    r.error.as_deref().unwrap_or("").lines().next().unwrap_or("")
+                );
+            }
+            println!("\n{n} tasks in {} ({:.0} s)", out.join("tasks.jsonl").display(), started.elapsed().as_secs_f64());
+            Ok(true)
         }
         TasksCommand::List { suite } => {
             print!("{}", validate::list(&load_suite(&suite)?));

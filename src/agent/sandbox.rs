@@ -170,12 +170,39 @@ impl LocalSandbox {
         hidden: Vec<PathBuf>,
         setup: &[String],
     ) -> Result<Self> {
+        Self::create_with(snapshot, None, root, isolation, limits, hidden, setup)
+    }
+
+    /// The work tree of a task: its snapshot, its `base_patch` (generated tasks) and setup.
+    pub fn for_task(
+        task: &crate::tasks::TaskInstance,
+        root: &Path,
+        isolation: Isolation,
+        limits: Limits,
+        hidden: Vec<PathBuf>,
+    ) -> Result<Self> {
+        let e = &task.env;
+        Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup)
+    }
+
+    fn create_with(
+        snapshot: &Path,
+        base_patch: Option<&str>,
+        root: &Path,
+        isolation: Isolation,
+        limits: Limits,
+        hidden: Vec<PathBuf>,
+        setup: &[String],
+    ) -> Result<Self> {
         if root.exists() {
             bail!("work tree {} already exists", root.display());
         }
         copy_tree(snapshot, root).with_context(|| format!("copying {} to {}", snapshot.display(), root.display()))?;
         if root.join(".git").exists() {
             std::fs::remove_dir_all(root.join(".git"))?;
+        }
+        if let Some(p) = base_patch.filter(|p| !p.trim().is_empty()) {
+            apply_patch(root, p, "the task's base_patch")?;
         }
         let root = root.canonicalize()?;
         let mut name = root.file_name().context("work tree has no name")?.to_os_string();
@@ -395,6 +422,26 @@ pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
         bail!("git {} in {}: {}", args.join(" "), dir.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Applies a unified diff in `dir` with `git apply` (works outside a repository too).
+pub fn apply_patch(dir: &Path, patch: &str, what: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("git")
+        .args(["apply", "--whitespace=nowarn", "--recount", "-"])
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run git apply")?;
+    child.stdin.take().expect("stdin").write_all(patch.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{what} does not apply: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Copies a directory tree (files, directories, symlinks as links).

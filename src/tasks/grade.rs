@@ -3,15 +3,13 @@
 //! PASS_TO_PASS, and parse per-test results. Resolved iff every one of them passes.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::instance::TaskInstance;
-use crate::agent::sandbox::{Executor, Isolation, Limits, LocalSandbox};
+use crate::agent::sandbox::{apply_patch, Executor, Isolation, Limits, LocalSandbox};
 use crate::agent::tools::shell_quote;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,23 +60,6 @@ pub fn parse_pytest(output: &str) -> BTreeMap<String, TestStatus> {
     out
 }
 
-fn apply(dir: &Path, patch: &str, what: &str) -> Result<()> {
-    let mut child = Command::new("git")
-        .args(["apply", "--whitespace=nowarn", "--recount", "-"])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run git apply")?;
-    child.stdin.take().expect("stdin").write_all(patch.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{what} does not apply: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
 /// The test command of `task` for `ids`.
 pub fn test_command(task: &TaskInstance, ids: &[&String]) -> String {
     let ids: Vec<String> = ids.iter().map(|t| shell_quote(t)).collect();
@@ -97,7 +78,7 @@ pub fn grade(
     let started = std::time::Instant::now();
     // The whole test log is parsed: no truncation of the grading run's output.
     let limits = Limits { output_bytes: 256 << 20, ..*limits };
-    let sandbox = LocalSandbox::create(&task.env.repo_path, dir, isolation, limits, vec![], &task.env.setup)?;
+    let sandbox = LocalSandbox::for_task(task, dir, isolation, limits, vec![])?;
     let result = grade_in(task, model_patch, &sandbox);
     let _ = std::fs::remove_dir_all(dir);
     let mut report = result?;
@@ -118,7 +99,7 @@ fn grade_in(task: &TaskInstance, model_patch: &str, sandbox: &LocalSandbox) -> R
         log_tail: String::new(),
     };
     if !model_patch.trim().is_empty() {
-        if let Err(e) = apply(root, model_patch, "the model's patch") {
+        if let Err(e) = apply_patch(root, model_patch, "the model's patch") {
             report.patch_applied = false;
             report.error = Some(format!("{e:#}"));
             return Ok(report);
@@ -133,7 +114,9 @@ fn grade_in(task: &TaskInstance, model_patch: &str, sandbox: &LocalSandbox) -> R
             let _ = std::fs::remove_file(root.join(&f));
         }
     }
-    apply(root, &task.test_patch, "test_patch").with_context(|| format!("task {}", task.instance_id))?;
+    if !task.test_patch.trim().is_empty() {
+        apply_patch(root, &task.test_patch, "test_patch").with_context(|| format!("task {}", task.instance_id))?;
+    }
     let ids: Vec<&String> = task.fail_to_pass.iter().chain(&task.pass_to_pass).collect();
     let out = sandbox.run(&test_command(task, &ids))?;
     let results = parse_pytest(&out.output);

@@ -14,7 +14,9 @@
 //! `base_commit`: a plain directory the harness copies for every episode. `env.setup` are shell
 //! commands run in a fresh copy before anything else (e.g. building an extension); `env.test_cmd`
 //! runs the tests, with the test ids appended. Other SWE-bench fields (`version`, `created_at`,
-//! `hints_text`, ...) are kept in `extra`.
+//! `hints_text`, ...) are kept in `extra`. Generated tasks (`protege tasks build`) share one
+//! clean snapshot per package and carry their bug as `env.base_patch`; their `test_patch` is
+//! empty because the failing tests are the package's own.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,10 @@ pub struct LocalEnv {
     pub setup: Vec<String>,
     #[serde(default = "default_test_cmd")]
     pub test_cmd: String,
+    /// A diff applied to the snapshot to form the base (generated tasks share one clean
+    /// snapshot per package and carry their bug here). Never shown to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_patch: Option<String>,
 }
 
 fn default_test_cmd() -> String {
@@ -87,14 +93,17 @@ impl TaskInstance {
             ("base_commit", &self.base_commit),
             ("problem_statement", &self.problem_statement),
             ("patch", &self.patch),
-            ("test_patch", &self.test_patch),
         ];
         for (name, v) in nonempty {
             if v.trim().is_empty() {
                 bail!("`{name}` is empty");
             }
         }
-        for (name, p) in [("patch", &self.patch), ("test_patch", &self.test_patch)] {
+        // `test_patch` may be empty: tasks whose failing tests are already in the repository.
+        let test_patch = Some(&self.test_patch).filter(|p| !p.trim().is_empty());
+        let base_patch = self.env.base_patch.as_ref().filter(|p| !p.trim().is_empty());
+        let diffs = [("patch", Some(&self.patch)), ("test_patch", test_patch), ("env.base_patch", base_patch)];
+        for (name, p) in diffs.into_iter().filter_map(|(n, p)| p.map(|p| (n, p))) {
             if !p.contains("\n+++ ") && !p.starts_with("+++ ") {
                 bail!("`{name}` is not a unified diff (no `+++` file header)");
             }
