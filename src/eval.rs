@@ -326,7 +326,14 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     } else {
         o.suite.parent().unwrap_or(Path::new(".")).to_path_buf()
     })?;
-    let hidden = vec![suite_dir, std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf()];
+    // Masked in the sandbox: the suite's task files (gold and test patches) and build work,
+    // the run's outputs, other episodes. Snapshots and a generated suite's venvs stay visible.
+    let mut hidden = vec![std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf(), suite_dir.join(".work")];
+    for e in std::fs::read_dir(&suite_dir)?.flatten() {
+        if e.path().extension().is_some_and(|x| x == "jsonl" || x == "json") {
+            hidden.push(e.path());
+        }
+    }
 
     let traj_path = o.out.join("trajectories.jsonl");
     let traj_file = Mutex::new(

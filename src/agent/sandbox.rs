@@ -154,6 +154,8 @@ pub struct LocalSandbox {
     limits: Limits,
     /// Host paths masked inside the sandbox (the task suite, other episodes, run outputs).
     hidden: Vec<PathBuf>,
+    /// Host paths made visible read-only even where a mask covers them (a task's venv).
+    pub visible: Vec<PathBuf>,
 }
 
 impl LocalSandbox {
@@ -170,7 +172,7 @@ impl LocalSandbox {
         hidden: Vec<PathBuf>,
         setup: &[String],
     ) -> Result<Self> {
-        Self::create_with(snapshot, None, root, isolation, limits, hidden, setup)
+        Self::create_with(snapshot, None, root, isolation, limits, hidden, setup, vec![])
     }
 
     /// The work tree of a task: its snapshot, its `base_patch` (generated tasks) and setup.
@@ -182,10 +184,12 @@ impl LocalSandbox {
         hidden: Vec<PathBuf>,
     ) -> Result<Self> {
         let e = &task.env;
-        Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup)
+        let visible = e.venv.iter().cloned().collect();
+        Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup, visible)
     }
 
-    fn create_with(
+    /// [`LocalSandbox::create`] with a base patch and paths kept visible.
+    pub fn create_with(
         snapshot: &Path,
         base_patch: Option<&str>,
         root: &Path,
@@ -193,6 +197,7 @@ impl LocalSandbox {
         limits: Limits,
         hidden: Vec<PathBuf>,
         setup: &[String],
+        visible: Vec<PathBuf>,
     ) -> Result<Self> {
         if root.exists() {
             bail!("work tree {} already exists", root.display());
@@ -208,7 +213,7 @@ impl LocalSandbox {
         let mut name = root.file_name().context("work tree has no name")?.to_os_string();
         name.push(".harness-git");
         let harness_git = root.with_file_name(name);
-        let sandbox = Self { root, harness_git, isolation, limits, hidden };
+        let sandbox = Self { root, harness_git, isolation, limits, hidden, visible };
         for c in setup {
             let out = sandbox.run(c)?;
             if out.exit_code != Some(0) {
@@ -296,6 +301,9 @@ impl LocalSandbox {
                     } else if h.is_file() {
                         c.arg("--ro-bind").arg("/dev/null").arg(h);
                     }
+                }
+                for v in &self.visible {
+                    c.arg("--ro-bind").arg(v).arg(v);
                 }
                 c.arg("--bind").arg(&self.root).arg(SANDBOX_REPO);
                 c.args(["--chdir", SANDBOX_REPO, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]);

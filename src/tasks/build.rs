@@ -6,7 +6,8 @@
 //! patch is the reverse of the mutation; the problem statement comes from the observed failure.
 //!
 //! Output directory: `tasks.jsonl` (every valid task of every package), `repos/<pkg>-<ver>/`
-//! (one clean snapshot per package; each task's bug is its `env.base_patch`) and `.work/` (the
+//! (one clean snapshot per package; each task's bug is its `env.base_patch`), `venvs/<pkg>-<ver>/`
+//! (when its tests need more than pytest: its dependencies and test extras) and `.work/` (the
 //! downloads and `results.jsonl` per package: one line per tried mutant, so an interrupted build
 //! resumes where it stopped and never duplicates a task).
 
@@ -50,8 +51,20 @@ pub struct BuildOptions {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Baseline {
     passing: Vec<String>,
+    /// With `{venv}` for the venv's path when there is one.
     test_cmd: String,
+    #[serde(default)]
+    venv: Option<PathBuf>,
     seconds: f64,
+}
+
+impl Baseline {
+    fn command(&self) -> String {
+        match &self.venv {
+            Some(v) => self.test_cmd.replace("{venv}", &v.display().to_string()),
+            None => self.test_cmd.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,10 +171,67 @@ fn source_files(root: &Path) -> Vec<String> {
     out
 }
 
-fn test_cmd(root: &Path) -> String {
+fn test_cmd(root: &Path, python: &str) -> String {
     // src layouts import from src/; addopts of the project (coverage plugins...) are dropped.
     let path = if root.join("src").is_dir() { "src:." } else { "." };
-    format!("PYTHONPATH={path} python3 -m pytest -rA -p no:cacheprovider -o addopts= -q")
+    format!("PYTHONPATH={path} {python} -m pytest -rA -p no:cacheprovider -o addopts= -q")
+}
+
+/// What the package's tests need besides pytest: its declared dependencies and test extras
+/// (pyproject.toml, setup.cfg) and test requirement files.
+const FIND_REQUIREMENTS: &str = r##"
+import configparser, os, sys
+root = sys.argv[1]
+reqs = []
+try:
+    import tomllib
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        p = tomllib.load(f).get("project", {})
+    reqs += p.get("dependencies", [])
+    for k, v in p.get("optional-dependencies", {}).items():
+        if k in ("test", "tests", "testing"):
+            reqs += v
+except Exception:
+    pass
+c = configparser.ConfigParser()
+try:
+    c.read(os.path.join(root, "setup.cfg"))
+    reqs += [l for l in c.get("options", "install_requires", fallback="").splitlines() if l.strip()]
+    for k in ("test", "tests", "testing"):
+        reqs += [l for l in c.get("options.extras_require", k, fallback="").splitlines() if l.strip()]
+except Exception:
+    pass
+for name in ("requirements-test.txt", "requirements_test.txt", "test-requirements.txt", "test_requirements.txt", "requirements/test.txt", "requirements/tests.txt"):
+    try:
+        with open(os.path.join(root, name)) as f:
+            reqs += [l.strip() for l in f if l.strip() and not l.startswith(("#", "-"))]
+    except OSError:
+        pass
+skip = ("tox", "flake8", "mypy", "black", "ruff", "pylint", "sphinx")
+print("\n".join(sorted({r.split(";")[0].strip() for r in reqs if r.strip() and not r.lower().startswith(skip)})))
+"##;
+
+/// A venv for the package's test requirements (system site packages give it pytest), or
+/// `None` when the system `python3` with pytest is enough.
+fn test_venv(src: &Path, venv: &Path) -> Result<Option<PathBuf>> {
+    let out = Command::new("python3").arg("-c").arg(FIND_REQUIREMENTS).arg(src).output()?;
+    let reqs: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+    if reqs.is_empty() {
+        return Ok(None);
+    }
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let ok = Command::new("python3").args(["-m", "venv", "--system-site-packages"]).arg(venv).status()?.success();
+        if !ok {
+            bail!("cannot create a venv at {} for its test requirements {reqs:?}", venv.display());
+        }
+    }
+    let out = Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(&reqs).output()?;
+    if !out.status.success() {
+        bail!("cannot install its test requirements {reqs:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(Some(venv.canonicalize()?))
 }
 
 fn excerpt(log: &str, test: &str) -> String {
@@ -218,14 +288,23 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
             std::fs::remove_dir_all(&snapshot)?;
         }
         copy_tree(&src, &snapshot)?;
-        let cmd = test_cmd(&snapshot);
-        let sb = LocalSandbox::create(&snapshot, &work.join("baseline-run"), o.isolation, o.limits, vec![], &[])?;
+        let venv = test_venv(&snapshot, &o.out.join("venvs").join(&id))?;
+        let cmd = test_cmd(&snapshot, if venv.is_some() { "{venv}/bin/python" } else { "python3" });
+        let b = Baseline { passing: vec![], test_cmd: cmd, venv, seconds: 0.0 };
+        let visible: Vec<PathBuf> = b.venv.iter().cloned().collect();
+        let run_dir = work.join("baseline-run");
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let _ = std::fs::remove_dir_all(work.join("baseline-run.harness-git"));
+        let sb = LocalSandbox::create_with(&snapshot, None, &run_dir, o.isolation, o.limits, vec![], &[], visible)?;
         let started = std::time::Instant::now();
-        let (results, log, timed_out) = run_suite(&sb, &cmd)?;
+        let (results, log, timed_out) = run_suite(&sb, &b.command())?;
         drop(sb);
         let _ = std::fs::remove_dir_all(work.join("baseline-run"));
         let passing: Vec<String> =
             results.iter().filter(|(_, s)| **s == TestStatus::Passed).map(|(t, _)| t.clone()).collect();
+        if passing.is_empty() && !timed_out && (log.contains("no tests ran") || log.contains("collected 0 items")) {
+            bail!("pytest found no tests in its source distribution");
+        }
         if passing.is_empty() || timed_out {
             let tail: String =
                 log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
@@ -235,7 +314,7 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
                 if timed_out { ", timed out" } else { "" }
             );
         }
-        let b = Baseline { passing, test_cmd: cmd, seconds: started.elapsed().as_secs_f64() };
+        let b = Baseline { passing, seconds: started.elapsed().as_secs_f64(), ..b };
         write_atomic(&baseline_path, serde_json::to_string(&b)?.as_bytes())?;
     }
     let baseline: Baseline = serde_json::from_str(&std::fs::read_to_string(&baseline_path)?)
@@ -294,14 +373,16 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
                 let dir = work.join(format!("worker-{w}"));
                 let _ = std::fs::remove_dir_all(&dir);
                 let _ = std::fs::remove_dir_all(dir.with_file_name(format!("worker-{w}.harness-git")));
-                let sb = match LocalSandbox::create(snapshot, &dir, o.isolation, limits, vec![], &[]) {
-                    Ok(sb) => sb,
-                    Err(e) => return errors.lock().expect("lock").push(format!("{e:#}")),
-                };
+                let visible = baseline.venv.iter().cloned().collect();
+                let sb =
+                    match LocalSandbox::create_with(snapshot, None, &dir, o.isolation, limits, vec![], &[], visible) {
+                        Ok(sb) => sb,
+                        Err(e) => return errors.lock().expect("lock").push(format!("{e:#}")),
+                    };
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(m) = todo.get(i) else { break };
-                    match try_mutant(&sb, m, passing, &baseline.test_cmd, o.max_fail_share) {
+                    match try_mutant(&sb, m, passing, &baseline.command(), o.max_fail_share) {
                         Ok(t) => {
                             let mut f = results_file.lock().expect("lock");
                             let _ = writeln!(f, "{}", serde_json::to_string(&t).unwrap_or_default());
@@ -440,6 +521,7 @@ fn write_tasks(o: &BuildOptions) -> Result<usize> {
                         setup: vec![],
                         test_cmd: baseline.test_cmd.clone(),
                         base_patch: Some(file_diff(&m.file, &correct, &buggy)?),
+                        venv: baseline.venv.as_ref().map(|_| PathBuf::from("venvs").join(&id)),
                     },
                     extra,
                 },

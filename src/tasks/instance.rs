@@ -40,6 +40,10 @@ pub struct LocalEnv {
     /// snapshot per package and carry their bug here). Never shown to the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_patch: Option<String>,
+    /// A Python environment the tests need (relative to the suite file; absolute once loaded),
+    /// made visible read-only in the sandbox; `{venv}` in `test_cmd` stands for its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub venv: Option<PathBuf>,
 }
 
 fn default_test_cmd() -> String {
@@ -161,6 +165,12 @@ pub fn load_suite(path: &Path) -> Result<Vec<TaskInstance>> {
             serde_json::from_str(line).with_context(|| format!("{}: not a task instance", at()))?;
         if t.env.repo_path.is_relative() {
             t.env.repo_path = base.join(&t.env.repo_path);
+        }
+        if let Some(v) = t.env.venv.take() {
+            let v = if v.is_relative() { base.join(v) } else { v };
+            let v = v.canonicalize().with_context(|| format!("{}: `env.venv` {} does not exist", at(), v.display()))?;
+            t.env.test_cmd = t.env.test_cmd.replace("{venv}", &v.display().to_string());
+            t.env.venv = Some(v);
         }
         t.validate().with_context(|| format!("{}: task {:?}", at(), t.instance_id))?;
         if !seen.insert(t.instance_id.clone()) {
