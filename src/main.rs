@@ -103,6 +103,16 @@ enum TasksCommand {
         seed: u64,
         #[arg(long)]
         no_sandbox: bool,
+        /// A model that writes the problem statements: `openai` or `anthropic` (with
+        /// --writer-url, --writer-model, --writer-key-env); default: a template.
+        #[arg(long, value_parser = ["openai", "anthropic"])]
+        writer: Option<String>,
+        #[arg(long, requires = "writer")]
+        writer_url: Option<String>,
+        #[arg(long, requires = "writer")]
+        writer_model: Option<String>,
+        #[arg(long, requires = "writer")]
+        writer_key_env: Option<String>,
     },
     /// One line per task: split, files and lines the fix changes, test counts.
     List { suite: PathBuf },
@@ -487,7 +497,23 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
             timeout,
             seed,
             no_sandbox,
+            writer,
+            writer_url,
+            writer_model,
+            writer_key_env,
         } => {
+            use protege::agent::remote::{Api, Endpoint};
+            let writer = match writer {
+                None => None,
+                Some(api) => Some(Endpoint {
+                    api: if api == "openai" { Api::Openai } else { Api::Anthropic },
+                    base_url: writer_url.context("--writer needs --writer-url")?,
+                    model: writer_model.context("--writer needs --writer-model")?,
+                    api_key_env: writer_key_env,
+                    pricing: Default::default(),
+                    http: Default::default(),
+                }),
+            };
             let opts = protege::tasks::build::BuildOptions {
                 packages,
                 out: out.clone(),
@@ -504,6 +530,7 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
                     ..Default::default()
                 },
                 isolation: if no_sandbox { Isolation::Plain } else { best_isolation() },
+                writer,
             };
             let started = Instant::now();
             let (reports, n) = protege::tasks::build::build(&opts)?;

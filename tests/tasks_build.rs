@@ -66,6 +66,50 @@ fn builds_valid_tasks_from_a_pypi_package_and_resumes() {
     let unique: std::collections::BTreeSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "no duplicated tasks");
 
+    // A model writes the problem statements when one is configured (here the tiny model behind
+    // protege serve: gibberish, but every task gets its own, cached for resumed builds).
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_protege"))
+        .args([
+            "serve",
+            "--model",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny"),
+            "--addr",
+            "127.0.0.1:0",
+            "--context",
+            "8192",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(serve.stderr.take().unwrap()));
+    let url = loop {
+        let l = lines.next().unwrap().unwrap();
+        if let Some(a) = l.strip_prefix("protege serve: listening on ") {
+            break format!("{}/v1", a.trim());
+        }
+    };
+    let (ok, log) = protege(&[
+        "tasks",
+        "build",
+        "--pypi",
+        "inflection==0.5.1",
+        "--out",
+        o,
+        "--max-mutants",
+        "12",
+        "--writer",
+        "openai",
+        "--writer-url",
+        &url,
+        "--writer-model",
+        "tiny",
+    ]);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(ok, "{log}");
+    let written = std::fs::read_to_string(out.join(".work/inflection-0.5.1/statements.jsonl")).unwrap().lines().count();
+    assert_eq!(written, ids.len(), "one written statement per task");
+
     // Every generated task is valid in the sandbox.
     let (ok, log) = protege(&["tasks", "validate", o, "--runs", "1"]);
     assert!(ok, "{log}");

@@ -178,6 +178,12 @@ impl Remote {
     }
 }
 
+/// One system + user exchange with an endpoint: (text, tokens in, tokens out).
+pub fn complete_text(ep: &Endpoint, system: &str, user: &str, max_tokens: usize) -> Result<(String, usize, usize)> {
+    let c = Remote::new(ep.clone())?.complete(system, &[Message::user(user)], &[], max_tokens, 0.0)?;
+    Ok((c.text, c.tokens_in, c.tokens_out))
+}
+
 pub const EXPERT_SYSTEM: &str = "You are an expert software engineer advising a less experienced coding agent that is \
 fixing an issue in a Python repository. The agent asks you a question and shows you its last few messages. Reply \
 with short, specific, actionable guidance: where to look, what is wrong, what to do next. Do not write the full \

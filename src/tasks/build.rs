@@ -46,6 +46,42 @@ pub struct BuildOptions {
     /// Limits of one test-suite run.
     pub limits: Limits,
     pub isolation: Isolation,
+    /// A model that writes each task's problem statement (from the failure and the hidden fix);
+    /// without one, statements come from a template over the observed failure.
+    pub writer: Option<crate::agent::remote::Endpoint>,
+}
+
+const WRITER_SYSTEM: &str = "You write bug reports for open-source Python libraries, the way a user who hit the bug \
+would: a one-line title, then the symptom, a minimal reproduction (a short code snippet and the wrong output), and \
+the expected behaviour. You are shown the failing test output and the fix so that the report is accurate, but the \
+report must not reveal the fix, the changed line, or the names of tests.";
+
+/// A written problem statement, cached in `statements.jsonl` so a resumed build asks once.
+fn written_statement(o: &BuildOptions, work: &Path, key: &str, prompt: &str) -> Option<String> {
+    let ep = o.writer.as_ref()?;
+    let cache = work.join("statements.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        for line in text.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if v["key"] == key {
+                    return v["statement"].as_str().map(str::to_string);
+                }
+            }
+        }
+    }
+    match crate::agent::remote::complete_text(ep, WRITER_SYSTEM, prompt, 600) {
+        Ok((text, _, _)) if !text.trim().is_empty() => {
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&cache) {
+                let _ = writeln!(f, "{}", json!({"key": key, "statement": text}));
+            }
+            Some(text)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("tasks build: the statement writer failed ({e:#}); using the template");
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -499,6 +535,12 @@ fn write_tasks(o: &BuildOptions) -> Result<usize> {
                 if t.excerpt.is_empty() { "    (no assertion message)".to_string() } else { t.excerpt.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n") },
                 m.function
             );
+            let gold = file_diff(&m.file, &buggy, &correct)?;
+            let prompt = format!(
+                "Library: {id}. Module `{module}`, function `{}`.\n\nFailing test output:\n{}\n\nThe fix (do not reveal it):\n{gold}",
+                m.function, t.excerpt
+            );
+            let problem = written_statement(o, &entry.path(), &t.key, &prompt).unwrap_or(problem);
             let failing: BTreeSet<&String> = t.failing.iter().collect();
             let mut extra = serde_json::Map::new();
             extra.insert(
@@ -512,7 +554,7 @@ fn write_tasks(o: &BuildOptions) -> Result<usize> {
                     repo: format!("pypi/{id}"),
                     base_commit: id.clone(),
                     problem_statement: problem,
-                    patch: file_diff(&m.file, &buggy, &correct)?,
+                    patch: gold,
                     test_patch: String::new(),
                     fail_to_pass: t.failing.clone(),
                     pass_to_pass: baseline.passing.iter().filter(|p| !failing.contains(p)).cloned().collect(),
