@@ -545,7 +545,8 @@ fn write_tasks(o: &BuildOptions) -> Result<usize> {
             let mut extra = serde_json::Map::new();
             extra.insert(
                 "provenance".into(),
-                json!({"package": id, "operator": m.operator, "file": m.file, "line": m.line, "function": m.function}),
+                json!({"package": id, "operator": m.operator, "file": m.file, "line": m.line, "function": m.function,
+                       "test_seconds": baseline.seconds}),
             );
             tasks.insert(
                 instance_id.clone(),

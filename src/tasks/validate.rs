@@ -153,7 +153,11 @@ pub fn stats(tasks: &[TaskInstance]) -> String {
     let mut by_op: BTreeMap<String, usize> = BTreeMap::new();
     let mut by_lines: BTreeMap<&str, usize> = BTreeMap::new();
     let mut by_files: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut runtime: BTreeMap<String, f64> = BTreeMap::new();
     for t in tasks {
+        if let Some(secs) = t.extra.get("provenance").and_then(|p| p.get("test_seconds")).and_then(|v| v.as_f64()) {
+            runtime.insert(t.repo.clone(), secs);
+        }
         *by_repo.entry(t.repo.clone()).or_default() += 1;
         *by_op.entry(field(t, "provenance.operator").unwrap_or("hand-written").to_string()).or_default() += 1;
         let (lines, files) = patch_size(&t.patch);
@@ -177,5 +181,11 @@ pub fn stats(tasks: &[TaskInstance]) -> String {
     table("operator", by_op.into_iter().collect());
     table("lines changed by the fix", by_lines.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
     table("files changed by the fix", by_files.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    if !runtime.is_empty() {
+        s += "\n| package | test suite seconds (baseline run) |\n|---|---|\n";
+        for (k, v) in runtime {
+            s += &format!("| {k} | {v:.1} |\n");
+        }
+    }
     s
 }
