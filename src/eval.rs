@@ -326,14 +326,9 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     } else {
         o.suite.parent().unwrap_or(Path::new(".")).to_path_buf()
     })?;
-    // Masked in the sandbox: the suite's task files (gold and test patches) and build work,
-    // the run's outputs, other episodes. Snapshots and a generated suite's venvs stay visible.
-    let mut hidden = vec![std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf(), suite_dir.join(".work")];
-    for e in std::fs::read_dir(&suite_dir)?.flatten() {
-        if e.path().extension().is_some_and(|x| x == "jsonl" || x == "json") {
-            hidden.push(e.path());
-        }
-    }
+    // Masked in the sandbox: the whole suite (gold and test patches, clean snapshots), the
+    // run's outputs, other episodes. A task's venv is bound back in by its sandbox.
+    let hidden = vec![suite_dir, std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf()];
 
     let traj_path = o.out.join("trajectories.jsonl");
     let traj_file = Mutex::new(
@@ -395,9 +390,8 @@ fn run_one(
     scratch: &Path,
 ) -> Result<(TaskResult, String)> {
     let work = scratch.join(format!("ep-{index}"));
-    let sandbox =
-        LocalSandbox::create(&task.env.repo_path, &work, isolation, o.limits, hidden.to_vec(), &task.env.setup)
-            .with_context(|| format!("task {}", task.instance_id))?;
+    let sandbox = LocalSandbox::for_task(task, &work, isolation, o.limits, hidden.to_vec())
+        .with_context(|| format!("task {}", task.instance_id))?;
     let mut policy: Box<dyn Policy + '_> = match engine {
         Engine::Local { be, model, tok, sampling, max_new_tokens } => {
             let mut p = LocalPolicy::new(be, model, tok, sampling.clone(), o.seed.wrapping_add(index as u64 * 7919));
@@ -421,8 +415,7 @@ fn run_one(
         (ExpertSpec::Local { .. }, None) => bail!("the local expert model is not loaded"),
     };
     let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &o.episode);
-    drop(sandbox);
-    let _ = std::fs::remove_dir_all(&work);
+    sandbox.discard();
     let grade_dir = scratch.join(format!("grade-{index}"));
     let grade: Result<GradeReport> = grade(task, &ep.patch, &grade_dir, isolation, &o.grade_limits);
     let loops = analyse(&ep.actions, &o.loops);

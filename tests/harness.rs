@@ -280,6 +280,7 @@ fn a_replay_agent_following_the_oracle_resolves_a_task_and_a_wrong_patch_does_no
     let report = grade(&t, &ep.patch, &dir.path().join("grade"), isolation, &limits(120.0)).unwrap();
     assert!(report.resolved, "{report:#?}");
     assert!(!dir.path().join("grade").exists(), "grading cleans up");
+    assert!(!dir.path().join("grade.harness-git").exists(), "grading cleans up its harness repository");
 
     // The same episode without the fix: unresolved, the hidden test named as failing.
     let wrong = ep.patch.replace("return hi", "return x");
@@ -345,7 +346,11 @@ fn protege_eval_runs_a_suite_and_writes_trajectories_and_a_summary() {
     let path_root = if root.is_empty() { ".".to_string() } else { root };
     let replies = json!({
         "calc__clamp-above": fix_replies(&path_root),
-        "calc__running-total-first": [Replay::call("Give up.", "submit", json!({}))],
+        "calc__running-total-first": [
+            // The suite (gold patches, clean snapshots) must not be readable from the sandbox.
+            Replay::call("Peek.", "bash", json!({"command": format!("ls {}/repos", fixture("tasks").display())})),
+            Replay::call("Give up.", "submit", json!({})),
+        ],
     });
     let replay = dir.path().join("replay.json");
     std::fs::write(&replay, replies.to_string()).unwrap();
@@ -376,6 +381,11 @@ fn protege_eval_runs_a_suite_and_writes_trajectories_and_a_summary() {
     assert_eq!((solved.resolved, solved.expert_calls), (Some(true), 1));
     assert_eq!(solved.meta["grade"]["resolved"], true);
     assert_eq!(solved.meta["exit_status"], "submitted");
+    if bubblewrap_works() {
+        let peek = lines.iter().find(|t| t.task_id == "calc__running-total-first").unwrap();
+        let listing = peek.messages[3].text();
+        assert!(!listing.contains("calc"), "the suite is visible in the sandbox: {listing}");
+    }
     // The trajectories are valid SFT input.
     for t in &lines {
         t.validate().unwrap();
@@ -429,4 +439,35 @@ fn a_local_model_runs_an_episode_with_consistent_tokens() {
         assert!(whole.contains(m.text()), "{:?} missing", m.text());
     }
     assert_eq!(text.matches("<|im_start|>assistant\n").count(), assistant.len());
+}
+
+/// A generated task's bug is its `env.base_patch`: the episode's work tree (not only grading)
+/// must start from it.
+#[test]
+fn episodes_start_from_the_base_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = task("calc__clamp-above");
+    t.env.base_patch = Some(
+        "diff --git a/BUG.txt b/BUG.txt\nnew file mode 100644\n--- /dev/null\n+++ b/BUG.txt\n@@ -0,0 +1 @@\n+injected\n".into(),
+    );
+    t.extra.clear();
+    let suite = dir.path().join("suite.jsonl");
+    std::fs::write(&suite, serde_json::to_string(&t).unwrap() + "\n").unwrap();
+    let replay = dir.path().join("replay.json");
+    let replies = json!({"calc__clamp-above": [
+        Replay::call("", "bash", json!({"command": "cat BUG.txt"})),
+        Replay::call("", "submit", json!({})),
+    ]});
+    std::fs::write(&replay, replies.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_protege"))
+        .args(["eval", "--suite", suite.to_str().unwrap(), "--policy", "replay", "--replay", replay.to_str().unwrap()])
+        .args(["--expert", "none", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let line = std::fs::read_to_string(out.join("trajectories.jsonl")).unwrap();
+    let traj: protege::agent::trajectory::Trajectory = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(traj.messages[3].text().trim(), "injected", "{:?}", traj.messages[3]);
+    assert!(!traj.meta["patch"].as_str().unwrap().contains("BUG.txt"), "the base is not part of the agent's patch");
 }

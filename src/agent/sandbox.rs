@@ -210,9 +210,7 @@ impl LocalSandbox {
             apply_patch(root, p, "the task's base_patch")?;
         }
         let root = root.canonicalize()?;
-        let mut name = root.file_name().context("work tree has no name")?.to_os_string();
-        name.push(".harness-git");
-        let harness_git = root.with_file_name(name);
+        let harness_git = harness_git_dir(&root);
         let sandbox = Self { root, harness_git, isolation, limits, hidden, visible };
         for c in setup {
             let out = sandbox.run(c)?;
@@ -249,6 +247,11 @@ impl LocalSandbox {
             vec![git_dir.as_str(), work_tree.as_str(), "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"];
         all.extend_from_slice(args);
         git(&self.root, &all)
+    }
+
+    /// Deletes the work tree and the harness repository beside it.
+    pub fn discard(self) {
+        discard(&self.root);
     }
 
     pub fn host_root(&self) -> &Path {
@@ -430,6 +433,20 @@ pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
         bail!("git {} in {}: {}", args.join(" "), dir.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The harness repository of the work tree `root`: a sibling, never inside the sandbox.
+fn harness_git_dir(root: &Path) -> PathBuf {
+    let mut name = root.file_name().unwrap_or_default().to_os_string();
+    name.push(".harness-git");
+    root.with_file_name(name)
+}
+
+/// Deletes a work tree at `root` and its harness repository, if they exist (also what a
+/// crashed run left behind).
+pub fn discard(root: &Path) {
+    let _ = std::fs::remove_dir_all(root);
+    let _ = std::fs::remove_dir_all(harness_git_dir(root));
 }
 
 /// Applies a unified diff in `dir` with `git apply` (works outside a repository too).

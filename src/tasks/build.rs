@@ -27,7 +27,7 @@ use serde_json::json;
 use super::grade::{parse_pytest, TestStatus};
 use super::instance::{LocalEnv, TaskInstance};
 use super::mutate::{mutants, Mutant};
-use crate::agent::sandbox::{copy_tree, git, Executor, Isolation, Limits, LocalSandbox};
+use crate::agent::sandbox::{copy_tree, discard, git, Executor, Isolation, Limits, LocalSandbox};
 use crate::model::export::write_atomic;
 
 #[derive(Debug, Clone)]
@@ -329,13 +329,11 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
         let b = Baseline { passing: vec![], test_cmd: cmd, venv, seconds: 0.0 };
         let visible: Vec<PathBuf> = b.venv.iter().cloned().collect();
         let run_dir = work.join("baseline-run");
-        let _ = std::fs::remove_dir_all(&run_dir);
-        let _ = std::fs::remove_dir_all(work.join("baseline-run.harness-git"));
+        discard(&run_dir);
         let sb = LocalSandbox::create_with(&snapshot, None, &run_dir, o.isolation, o.limits, vec![], &[], visible)?;
         let started = std::time::Instant::now();
         let (results, log, timed_out) = run_suite(&sb, &b.command())?;
-        drop(sb);
-        let _ = std::fs::remove_dir_all(work.join("baseline-run"));
+        sb.discard();
         let passing: Vec<String> =
             results.iter().filter(|(_, s)| **s == TestStatus::Passed).map(|(t, _)| t.clone()).collect();
         if passing.is_empty() && !timed_out && (log.contains("no tests ran") || log.contains("collected 0 items")) {
@@ -407,8 +405,7 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
                 (&todo, &next, &bar, &errors, &results_file, &passing, &baseline, &snapshot, &work);
             s.spawn(move || {
                 let dir = work.join(format!("worker-{w}"));
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = std::fs::remove_dir_all(dir.with_file_name(format!("worker-{w}.harness-git")));
+                discard(&dir);
                 let visible = baseline.venv.iter().cloned().collect();
                 let sb =
                     match LocalSandbox::create_with(snapshot, None, &dir, o.isolation, limits, vec![], &[], visible) {
@@ -428,9 +425,7 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
                     }
                     bar.inc(1);
                 }
-                drop(sb);
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = std::fs::remove_dir_all(dir.with_file_name(format!("worker-{w}.harness-git")));
+                sb.discard();
             });
         }
     });

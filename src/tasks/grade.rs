@@ -80,7 +80,7 @@ pub fn grade(
     let limits = Limits { output_bytes: 256 << 20, ..*limits };
     let sandbox = LocalSandbox::for_task(task, dir, isolation, limits, vec![])?;
     let result = grade_in(task, model_patch, &sandbox);
-    let _ = std::fs::remove_dir_all(dir);
+    sandbox.discard();
     let mut report = result?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
