@@ -9,12 +9,12 @@ visible tests, plus tasks.json: a list of bugs, each as exact text edits (correc
 a bug report, hidden test files and the FAIL_TO_PASS ids (see tools/suite_src/README.md).
 For every task this script:
 
-  1. copies the package with the bug applied to <out>/repos/<instance_id>/ (the snapshot the
-     agent works on; no hidden tests, no tasks.json);
-  2. makes `patch` (buggy -> correct) and `test_patch` (adds the hidden tests) with git;
-  3. runs pytest on the snapshot to find PASS_TO_PASS (the visible tests that pass with the bug),
+  1. uses the package's clean snapshot <out>/repos/<package>/ (no hidden tests, no tasks.json;
+     one per package) and makes `env.base_patch` (correct -> buggy: the bug the agent starts
+     from), `patch` (buggy -> correct) and `test_patch` (adds the hidden tests) with git;
+  2. runs pytest on the buggy tree to find PASS_TO_PASS (the visible tests that pass with the bug),
      and checks that FAIL_TO_PASS fail with the bug and pass with the fix;
-  4. writes the instance to <out>/train.jsonl or <out>/test.jsonl (by the task's split).
+  3. writes the instance to <out>/train.jsonl or <out>/test.jsonl (by the task's split).
 
 The output is deterministic, so re-running it on unchanged sources changes nothing. Needs git
 and pytest (`python3 -m pytest`).
@@ -86,17 +86,16 @@ def tree_hash(root):
 def build_task(pkg, src, task, out_dir):
     where = f"{pkg}/tasks.json:{task['id']}"
     iid = f"{pkg}__{task['id']}"
-    snapshot = os.path.join(out_dir, "repos", iid)
-    if os.path.exists(snapshot):
-        shutil.rmtree(snapshot)
-    copy_package(src, snapshot)
-    apply_edits(snapshot, task["edits"], True, where)
+    snapshot = os.path.join(out_dir, "repos", pkg)
     with tempfile.TemporaryDirectory() as tmp:
         work = os.path.join(tmp, "w")
         copy_package(snapshot, work)
         git(work, "init", "-q")
         git(work, "add", "-A")
-        git(work, "commit", "-q", "-m", "base")
+        git(work, "commit", "-q", "-m", "clean")
+        apply_edits(work, task["edits"], True, where)
+        base_patch = git(work, "diff", "--no-color")
+        git(work, "commit", "-q", "-am", "base")
         apply_edits(work, task["edits"], False, where)
         patch = git(work, "diff", "--no-color")
         git(work, "checkout", "-q", ".")
@@ -137,7 +136,7 @@ def build_task(pkg, src, task, out_dir):
         "test_patch": test_patch,
         "FAIL_TO_PASS": f2p,
         "PASS_TO_PASS": p2p,
-        "env": {"repo_path": f"repos/{iid}", "setup": [], "test_cmd": TEST_CMD},
+        "env": {"repo_path": f"repos/{pkg}", "setup": [], "test_cmd": TEST_CMD, "base_patch": base_patch},
         "split": task["split"],
         "difficulty": {"files_changed": len(files), "lines_changed": lines},
         "provenance": {"package": pkg, "source": "hand-written (tools/suite_src)", "bug": task["id"]},
@@ -157,6 +156,10 @@ def main():
     splits = {"train": [], "test": []}
     for pkg in packages:
         src = os.path.join(a.src, pkg)
+        snapshot = os.path.join(a.out, "repos", pkg)
+        if os.path.exists(snapshot):
+            shutil.rmtree(snapshot)
+        copy_package(src, snapshot)
         with open(os.path.join(src, "tasks.json"), encoding="utf-8") as f:
             tasks = json.load(f)
         for t in tasks:
@@ -165,7 +168,7 @@ def main():
             inst = build_task(pkg, src, t, a.out)
             splits[t["split"]].append(inst)
             print(f"{inst['instance_id']:45} {t['split']:5} F2P {len(inst['FAIL_TO_PASS'])} P2P {len(inst['PASS_TO_PASS'])}")
-    keep = {i["instance_id"] for s in splits.values() for i in s}
+    keep = set(packages)
     for name in os.listdir(os.path.join(a.out, "repos")):
         if name not in keep:
             shutil.rmtree(os.path.join(a.out, "repos", name))
