@@ -341,11 +341,10 @@ fn protege_eval_runs_a_suite_and_writes_trajectories_and_a_summary() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let root = if bubblewrap_works() { "/repo".to_string() } else { String::new() };
     // Without bubblewrap the work tree's path is not known in advance: use relative paths.
-    let path_root = if root.is_empty() { ".".to_string() } else { root };
+    let path_root = if bubblewrap_works() { "/repo" } else { "." };
     let replies = json!({
-        "calc__clamp-above": fix_replies(&path_root),
+        "calc__clamp-above": fix_replies(path_root),
         "calc__running-total-first": [
             // The suite (gold patches, clean snapshots) must not be readable from the sandbox.
             Replay::call("Peek.", "bash", json!({"command": format!("ls {}/repos", fixture("tasks").display())})),

@@ -214,7 +214,6 @@ pub fn mutants(source: &str, file: &str) -> Vec<Mutant> {
                         "true" => Some("False".to_string()),
                         "false" => Some("True".to_string()),
                         "integer" => t.parse::<i64>().ok().map(|x| (x + 1).to_string()),
-                        "none" => None,
                         _ => None,
                     };
                     if let Some(c) = changed {
