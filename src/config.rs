@@ -30,6 +30,9 @@ pub struct ModelSection {
     /// HF model directory (config.json, safetensors, tokenizer.json). Relative paths are
     /// resolved against the config file's directory.
     pub path: PathBuf,
+    /// Context length in tokens, overriding config.json's `max_position_embeddings`.
+    #[serde(default)]
+    pub context: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +157,395 @@ impl SftConfig {
         if let Some(l) = &self.lora {
             l.validate()?;
         }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared sections of the agent configs (synth, rl, train).
+
+/// The policy model: an HF directory, optionally with a PEFT adapter merged into it first
+/// (e.g. the SFT stage's `adapter/`), and a context override.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyModelSection {
+    /// HF model directory; relative to the config file.
+    pub path: PathBuf,
+    /// A PEFT adapter directory merged into the weights at load.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+    /// Context length in tokens, overriding config.json's `max_position_embeddings` (RoPE
+    /// positions extend; useful for small test models).
+    #[serde(default)]
+    pub context: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertKind {
+    None,
+    /// The rule-based gold-patch oracle (deterministic; demos, tests).
+    #[default]
+    Oracle,
+    /// A model behind an OpenAI-compatible or Anthropic endpoint (`[expert.endpoint]`).
+    Remote,
+    /// A second local model (`path`).
+    Local,
+}
+
+/// `[expert]`: who answers `ask_expert` (and, with `judge = "expert"`, scores the calls).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertSection {
+    #[serde(default)]
+    pub kind: ExpertKind,
+    #[serde(default)]
+    pub endpoint: Option<crate::agent::remote::Endpoint>,
+    /// Local expert model directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Most tokens of one reply.
+    #[serde(default = "default_expert_tokens")]
+    pub max_tokens: usize,
+}
+
+fn default_expert_tokens() -> usize {
+    1024
+}
+
+impl Default for ExpertSection {
+    fn default() -> Self {
+        Self { kind: ExpertKind::Oracle, endpoint: None, path: None, max_tokens: default_expert_tokens() }
+    }
+}
+
+impl ExpertSection {
+    pub fn spec(&self) -> Result<crate::eval::ExpertSpec> {
+        use crate::eval::ExpertSpec;
+        Ok(match self.kind {
+            ExpertKind::None => ExpertSpec::None,
+            ExpertKind::Oracle => ExpertSpec::Oracle,
+            ExpertKind::Remote => ExpertSpec::Remote {
+                endpoint: self.endpoint.clone().context("expert.kind = \"remote\" needs an [expert.endpoint] table")?,
+                max_tokens: self.max_tokens,
+            },
+            ExpertKind::Local => ExpertSpec::Local {
+                model: self.path.clone().context("expert.kind = \"local\" needs expert.path (a model directory)")?,
+                max_tokens: self.max_tokens,
+            },
+        })
+    }
+}
+
+/// Resolves `p` against the directory of the config file.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
+    toml::from_str(text).with_context(|| format!("invalid config {origin}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// `protege rl`.
+
+/// One curriculum stage: a number of RL steps with its own task pool and reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSection {
+    pub name: String,
+    /// RL steps of this stage (stages run in order).
+    pub steps: u64,
+    /// Task suite (JSONL file or directory); relative to the config file.
+    pub suite: PathBuf,
+    /// Only these instance ids (all when empty).
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    #[serde(default)]
+    pub reward: crate::reward::RewardConfig,
+}
+
+/// `[grpo]`: the GRPO settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// Tasks sampled per RL step.
+    pub tasks_per_step: usize,
+    /// Episodes per task (the GRPO group).
+    pub group_size: usize,
+    pub seed: u64,
+    /// "mean_std" (GRPO), "mean" (no std) or "rloo".
+    pub advantage: crate::train::grpo::AdvantageMode,
+    /// "token-mean", "seq-mean-token-sum" or "seq-mean-token-mean".
+    pub loss_agg: crate::train::grpo::LossAgg,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    /// β of the KL penalty to the reference (the model RL starts from); 0 disables it.
+    pub kl_beta: f64,
+    /// Episodes ending with these statuses are left out of the loss (they still count in
+    /// their group's statistics).
+    pub mask_exit: Vec<crate::agent::episode::ExitStatus>,
+    /// Passes over each step's episodes, and optimiser steps per pass.
+    pub ppo_epochs: usize,
+    pub minibatches: usize,
+    /// Tokens per training micro-batch.
+    pub batch_tokens: usize,
+    pub recompute: bool,
+    /// Checkpoint every this many RL steps (0: only at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        use crate::agent::episode::ExitStatus;
+        Self {
+            tasks_per_step: 4,
+            group_size: 6,
+            seed: 0,
+            advantage: Default::default(),
+            loss_agg: Default::default(),
+            clip_low: 0.2,
+            clip_high: 0.28,
+            kl_beta: 0.0,
+            mask_exit: vec![ExitStatus::ContextLimit, ExitStatus::StepLimit, ExitStatus::Timeout],
+            ppo_epochs: 1,
+            minibatches: 1,
+            batch_tokens: 16384,
+            recompute: true,
+            checkpoint_every: 1,
+        }
+    }
+}
+
+/// `protege rl --config FILE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlConfig {
+    pub model: PolicyModelSection,
+    #[serde(default)]
+    pub grpo: GrpoSection,
+    #[serde(default)]
+    pub optim: OptimSection,
+    /// Present: train a fresh LoRA on the (frozen) starting model. Absent: full fine-tuning.
+    pub lora: Option<LoraConfig>,
+    #[serde(default)]
+    pub rollout: crate::train::rollout::RolloutConfig,
+    #[serde(default)]
+    pub expert: ExpertSection,
+    #[serde(rename = "stage")]
+    pub stages: Vec<StageSection>,
+    pub output: OutputSection,
+}
+
+impl RlConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: RlConfig = parse_toml(&text, &path.display().to_string())?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        cfg.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        self.model.path = resolve(base, &self.model.path);
+        self.model.adapter = self.model.adapter.as_ref().map(|p| resolve(base, p));
+        self.output.run_dir = resolve(base, &self.output.run_dir);
+        self.expert.path = self.expert.path.as_ref().map(|p| resolve(base, p));
+        for s in &mut self.stages {
+            s.suite = resolve(base, &s.suite);
+        }
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.stages.iter().map(|s| s.steps).sum()
+    }
+
+    /// The stage of RL step `step` (0-based) and its index.
+    pub fn stage_at(&self, step: u64) -> (usize, &StageSection) {
+        let mut end = 0;
+        for (i, s) in self.stages.iter().enumerate() {
+            end += s.steps;
+            if step < end {
+                return (i, s);
+            }
+        }
+        let last = self.stages.len() - 1;
+        (last, &self.stages[last])
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let r = &self.grpo;
+        if self.stages.is_empty() || self.total_steps() == 0 {
+            bail!("at least one [[stage]] with steps > 0 is needed");
+        }
+        for s in &self.stages {
+            s.reward.validate().with_context(|| format!("stage {:?}", s.name))?;
+            if s.reward.judge == crate::reward::JudgeKind::Expert && self.expert.kind != ExpertKind::Remote {
+                bail!(
+                    "stage {:?}: judge = \"expert\" needs a model expert (expert.kind = \"remote\"); the {:?} expert cannot judge",
+                    s.name,
+                    self.expert.kind
+                );
+            }
+        }
+        if r.tasks_per_step == 0 || r.group_size == 0 || r.ppo_epochs == 0 || r.minibatches == 0 || r.batch_tokens == 0 {
+            bail!("grpo: tasks_per_step, group_size, ppo_epochs, minibatches and batch_tokens must be positive");
+        }
+        if r.group_size < 2 {
+            bail!("grpo.group_size must be at least 2: advantages compare episodes of one task");
+        }
+        if r.minibatches > r.tasks_per_step * r.group_size {
+            bail!("grpo.minibatches ({}) exceeds the episodes per step ({})", r.minibatches, r.tasks_per_step * r.group_size);
+        }
+        crate::train::grpo::PgConfig { clip_low: r.clip_low, clip_high: r.clip_high, kl_beta: r.kl_beta }
+            .validate()
+            .context("grpo")?;
+        let t = self.rollout.temperature;
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("rollout.temperature must be positive (RL samples its episodes), got {t}");
+        }
+        if self.rollout.concurrency == 0 || self.rollout.max_new_tokens == 0 {
+            bail!("rollout.concurrency and rollout.max_new_tokens must be positive");
+        }
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            bail!("optim.lr must be positive");
+        }
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
+        self.expert.spec()?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `protege synth`.
+
+/// Who plays the agent during synthesis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// "remote" (a strong model over an OpenAI-compatible API, `[agent.endpoint]`), "local"
+    /// (protege's engine on `path`) or "scripted" (the rule-based teacher that reads the gold
+    /// patch: a stand-in for a strong model in demos and tests, labelled as such).
+    pub kind: String,
+    #[serde(default)]
+    pub endpoint: Option<crate::agent::remote::Endpoint>,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub context: Option<usize>,
+    #[serde(default = "default_agent_temperature")]
+    pub temperature: f32,
+    #[serde(default = "default_agent_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_agent_temperature() -> f32 {
+    0.7
+}
+
+fn default_agent_tokens() -> usize {
+    1024
+}
+
+/// Which episodes synthesis keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcceptSection {
+    /// Keep only resolved episodes (rejection sampling).
+    pub resolved: bool,
+    /// Reject an episode with a run of one base command longer than this (0: no limit).
+    pub max_loop_run: usize,
+    /// Reject an episode with more expert calls than this (0: no limit).
+    pub max_expert_calls: usize,
+    /// Reject an episode with fewer expert calls than this.
+    pub min_expert_calls: usize,
+}
+
+impl Default for AcceptSection {
+    fn default() -> Self {
+        Self { resolved: true, max_loop_run: 10, max_expert_calls: 0, min_expert_calls: 0 }
+    }
+}
+
+/// `protege synth --config FILE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthConfig {
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub expert: ExpertSection,
+    /// Task suite; relative to the config file.
+    pub suite: PathBuf,
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    /// Attempts per task.
+    #[serde(default = "one_usize")]
+    pub attempts: usize,
+    /// Stop trying a task once this many of its episodes were accepted (0: run every attempt).
+    #[serde(default = "one_usize")]
+    pub keep_per_task: usize,
+    #[serde(default = "two")]
+    pub concurrency: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub accept: AcceptSection,
+    #[serde(default)]
+    pub episode: crate::agent::episode::EpisodeConfig,
+    #[serde(default)]
+    pub limits: crate::agent::sandbox::Limits,
+    pub output: OutputSection,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+fn two() -> usize {
+    2
+}
+
+impl SynthConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: SynthConfig = parse_toml(&text, &path.display().to_string())?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        cfg.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        self.suite = resolve(base, &self.suite);
+        self.output.run_dir = resolve(base, &self.output.run_dir);
+        self.agent.path = self.agent.path.as_ref().map(|p| resolve(base, p));
+        self.expert.path = self.expert.path.as_ref().map(|p| resolve(base, p));
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self.agent.kind.as_str() {
+            "remote" => {
+                let ep = self.agent.endpoint.as_ref().context("agent.kind = \"remote\" needs [agent.endpoint]")?;
+                if ep.api != crate::agent::remote::Api::Openai {
+                    bail!("agent.endpoint.api must be \"openai\" (the agent needs tool calling)");
+                }
+            }
+            "local" => {
+                self.agent.path.as_ref().context("agent.kind = \"local\" needs agent.path (a model directory)")?;
+            }
+            "scripted" => {}
+            k => bail!("agent.kind must be \"remote\", \"local\" or \"scripted\", got {k:?}"),
+        }
+        if self.attempts == 0 || self.concurrency == 0 {
+            bail!("attempts and concurrency must be positive");
+        }
+        self.expert.spec()?;
         Ok(())
     }
 }

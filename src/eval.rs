@@ -30,12 +30,15 @@ use crate::model::Qwen2;
 use crate::tasks::grade::{grade, GradeReport};
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
+use crate::generate::GenOptions;
+use crate::train::rollout::{serve_while, EngineClient};
 
 /// Which policy plays the agent.
 #[derive(Debug, Clone)]
 pub enum PolicySpec {
-    /// Protege's engine on an HF model directory.
-    Local { model: PathBuf, sampling: SamplingParams, max_new_tokens: usize },
+    /// Protege's engine on an HF model directory (`context` overrides its length). Episodes
+    /// share one batching engine.
+    Local { model: PathBuf, adapter: Option<PathBuf>, sampling: SamplingParams, max_new_tokens: usize, context: Option<usize> },
     /// Recorded replies: a JSON object mapping instance ids to lists of reply texts.
     Replay(PathBuf),
     /// A model behind an OpenAI-compatible server.
@@ -252,11 +255,50 @@ enum Engine {
 }
 
 /// A loaded local expert model.
-struct ExpertModel {
+pub struct ExpertModel {
     be: CpuBackend,
     model: Qwen2<CpuBackend>,
     tok: Tokenizer,
     max_tokens: usize,
+}
+
+/// Loads what `spec` needs once per run (the local expert's model) and checks a remote
+/// expert's key, so that a bad setting fails before any episode.
+pub fn prepare_expert(spec: &ExpertSpec) -> Result<Option<ExpertModel>> {
+    match spec {
+        ExpertSpec::Local { model, max_tokens } => {
+            let be = CpuBackend::new();
+            let m = Qwen2::load(&be, model)?;
+            Ok(Some(ExpertModel { be, model: m, tok: Tokenizer::from_dir(model)?, max_tokens: *max_tokens }))
+        }
+        ExpertSpec::Remote { endpoint, max_tokens } => {
+            RemoteExpert::new(endpoint.clone(), *max_tokens)?;
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The expert of one episode. `sees_gold_patch` shows a remote expert the task's gold patch
+/// (trajectory synthesis); the oracle always reads it.
+pub fn make_expert<'m>(
+    spec: &ExpertSpec,
+    loaded: Option<&'m ExpertModel>,
+    sees_gold_patch: bool,
+) -> Result<Option<Box<dyn Expert + 'm>>> {
+    Ok(match (spec, loaded) {
+        (ExpertSpec::None, _) => None,
+        (ExpertSpec::Oracle, _) => Some(Box::new(Oracle)),
+        (ExpertSpec::Remote { endpoint, max_tokens }, _) => {
+            let mut e = RemoteExpert::new(endpoint.clone(), *max_tokens)?;
+            e.sees_gold_patch = sees_gold_patch;
+            Some(Box::new(e))
+        }
+        (ExpertSpec::Local { .. }, Some(m)) => {
+            Some(Box::new(LocalExpert { be: &m.be, model: &m.model, tok: &m.tok, max_tokens: m.max_tokens }))
+        }
+        (ExpertSpec::Local { .. }, None) => bail!("the local expert model is not loaded"),
+    })
 }
 
 /// Runs the evaluation and writes its files; returns the summary.
@@ -272,9 +314,9 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
         tasks.retain(|t| o.only.contains(&t.instance_id));
     }
     let (engine, policy_name) = match &o.policy {
-        PolicySpec::Local { model, sampling, max_new_tokens } => {
+        PolicySpec::Local { model, adapter, sampling, max_new_tokens, context } => {
             let be = CpuBackend::new();
-            let m = Qwen2::load(&be, model)?;
+            let m = Qwen2::load_merged(&be, model, adapter.as_deref(), *context)?;
             let tok = Tokenizer::from_dir(model)?;
             let engine = Engine::Local {
                 be,
@@ -306,18 +348,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             )
         }
     };
-    let expert_model = match &o.expert {
-        ExpertSpec::Local { model, max_tokens } => {
-            let be = CpuBackend::new();
-            let m = Qwen2::load(&be, model)?;
-            Some(ExpertModel { be, model: m, tok: Tokenizer::from_dir(model)?, max_tokens: *max_tokens })
-        }
-        ExpertSpec::Remote { endpoint, max_tokens } => {
-            RemoteExpert::new(endpoint.clone(), *max_tokens)?;
-            None
-        }
-        _ => None,
-    };
+    let expert_model = prepare_expert(&o.expert)?;
     let isolation = o.isolation.unwrap_or_else(best_isolation);
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
     let scratch = tempfile::Builder::new().prefix("protege-eval-").tempdir()?;
@@ -340,11 +371,12 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tasks, ETA {eta} | {msg}").expect("template"),
     );
-    let worker = || -> Result<()> {
+    let worker = |client: Option<&EngineClient>| -> Result<()> {
         loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
-            let result = match run_one(o, task, i, &engine, expert_model.as_ref(), isolation, &hidden, scratch.path()) {
+            let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), isolation, &hidden, scratch.path())
+            {
                 Ok((result, line)) => {
                     let mut f = traj_file.lock().expect("lock");
                     f.write_all(line.as_bytes())?;
@@ -361,13 +393,31 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             bar.inc(1);
         }
     };
-    std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = (0..o.concurrency.max(1)).map(|_| s.spawn(worker)).collect();
-        for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("an episode worker panicked"))??;
+    let workers = |client: Option<EngineClient>| {
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = (0..o.concurrency.max(1))
+                .map(|_| {
+                    let c = client.clone();
+                    let worker = &worker;
+                    s.spawn(move || worker(c.as_ref()))
+                })
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| anyhow::anyhow!("an episode worker panicked"))??;
+            }
+            Ok(())
+        })
+    };
+    match &engine {
+        // Local episodes share one batching engine on this thread.
+        Engine::Local { be, model, .. } => {
+            let ctx = model.cfg.max_position_embeddings.min(o.episode.context_tokens.max(1));
+            let capacity = o.concurrency.max(1) * ctx;
+            let opts = GenOptions { max_step_tokens: 2048 };
+            serve_while(be, model, capacity, &opts, ctx, |_| {}, |c| workers(Some(c)))?.0?;
         }
-        Ok(())
-    })?;
+        _ => workers(None)?,
+    }
     bar.finish_and_clear();
     let mut results = results.into_inner().expect("lock");
     results.sort_by(|a, b| a.task_id.cmp(&b.task_id));
@@ -384,6 +434,7 @@ fn run_one(
     task: &TaskInstance,
     index: usize,
     engine: &Engine,
+    client: Option<&EngineClient>,
     expert_model: Option<&ExpertModel>,
     isolation: Isolation,
     hidden: &[PathBuf],
@@ -394,7 +445,11 @@ fn run_one(
         .with_context(|| format!("task {}", task.instance_id))?;
     let mut policy: Box<dyn Policy + '_> = match engine {
         Engine::Local { be, model, tok, sampling, max_new_tokens } => {
-            let mut p = LocalPolicy::new(be, model, tok, sampling.clone(), o.seed.wrapping_add(index as u64 * 7919));
+            let seed = o.seed.wrapping_add(index as u64 * 7919);
+            let mut p = match client {
+                Some(c) => LocalPolicy::with_generator(Box::new(c.handle()), tok, sampling.clone(), seed),
+                None => LocalPolicy::new(be, model, tok, sampling.clone(), seed),
+            };
             p.max_new_tokens = *max_new_tokens;
             Box::new(p)
         }
@@ -403,17 +458,7 @@ fn run_one(
             Box::new(OpenAiPolicy::new(endpoint.clone(), sampling.clone(), *max_new_tokens)?)
         }
     };
-    let mut expert: Option<Box<dyn Expert + '_>> = match (&o.expert, expert_model) {
-        (ExpertSpec::None, _) => None,
-        (ExpertSpec::Oracle, _) => Some(Box::new(Oracle)),
-        (ExpertSpec::Remote { endpoint, max_tokens }, _) => {
-            Some(Box::new(RemoteExpert::new(endpoint.clone(), *max_tokens)?))
-        }
-        (ExpertSpec::Local { .. }, Some(m)) => {
-            Some(Box::new(LocalExpert { be: &m.be, model: &m.model, tok: &m.tok, max_tokens: m.max_tokens }))
-        }
-        (ExpertSpec::Local { .. }, None) => bail!("the local expert model is not loaded"),
-    };
+    let mut expert = make_expert(&o.expert, expert_model, false)?;
     let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &o.episode);
     sandbox.discard();
     let grade_dir = scratch.join(format!("grade-{index}"));

@@ -47,6 +47,42 @@ enum Command {
     Tasks(TasksCommand),
     /// Serve a model over OpenAI-compatible /v1/chat/completions and Anthropic-compatible /v1/messages.
     Serve(ServeArgs),
+    /// Expert-augmented trajectories: an agent works tasks with an expert that sees the gold
+    /// patch; resolved episodes are kept (rejection sampling).
+    Synth(ResumableArgs),
+    /// Agentic RL (GRPO) with the SWE-Protégé reward and a curriculum of stages.
+    Rl(ResumableArgs),
+    /// The whole pipeline: synth -> sft -> rl -> eval -> report. With no --config, the embedded
+    /// demo (configs/demo.toml: tiny model, bundled tasks, CPU).
+    Train(TrainArgs),
+    /// Plots (PNG) and a Markdown summary of a run directory.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ResumableArgs {
+    /// TOML config (every field documented in src/config.rs).
+    #[arg(long)]
+    config: PathBuf,
+    /// Continue the run in the config's run directory from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Pipeline config; the embedded demo when absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the embedded demo config and exit.
+    #[arg(long)]
+    print_demo_config: bool,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// A run directory (of protege train, rl or sft).
+    run_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +193,10 @@ struct EvalArgs {
     /// HF model directory of the local policy.
     #[arg(long, required_if_eq("policy", "local"))]
     model: Option<PathBuf>,
+    /// Context length of the local policy in tokens, overriding config.json's
+    /// max_position_embeddings.
+    #[arg(long)]
+    context: Option<usize>,
     /// Recorded replies for the replay policy: {"instance_id": ["reply", ...], ...}.
     #[arg(long, required_if_eq("policy", "replay"))]
     replay: Option<PathBuf>,
@@ -619,8 +659,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         },
         "local" => PolicySpec::Local {
             model: a.model.context("--policy local needs --model")?,
+            adapter: None,
             sampling: SamplingParams { temperature: a.temperature, ..Default::default() },
             max_new_tokens: a.max_new_tokens,
+            context: a.context,
         },
         _ => PolicySpec::Replay(a.replay.context("--policy replay needs --replay")?),
     };
@@ -666,6 +708,52 @@ fn run_sft(a: SftArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_synth(a: ResumableArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
+    let cfg = protege::config::SynthConfig::from_file(&a.config)?;
+    if cfg.agent.kind == "scripted" {
+        eprintln!("synth: the agent is the {}", protege::agent::teacher::TEACHER_LABEL);
+    }
+    let s = protege::synth::run_synth(&cfg, &text, a.resume)?;
+    eprintln!(
+        "synth: {} of {} attempts accepted ({:.0}%) over {} tasks; {:.2} expert calls and {:.1} steps per accepted \
+         trajectory; {} policy and {} expert tokens; ${:.4}; rejected: {:?}",
+        s.accepted,
+        s.attempts,
+        100.0 * s.accept_rate,
+        s.tasks,
+        s.expert_calls_per_accepted,
+        s.steps_per_accepted,
+        s.policy_tokens,
+        s.expert_tokens,
+        s.cost_usd,
+        s.rejected
+    );
+    eprintln!("synth: {}", cfg.output.run_dir.join("trajectories.jsonl").display());
+    Ok(())
+}
+
+fn run_rl(a: ResumableArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
+    let cfg = protege::config::RlConfig::from_file(&a.config)?;
+    let out = protege::train::rl::run_rl(&cfg, &text, a.resume, None)?;
+    eprintln!("rl: {} steps; run directory {}", out.last_step, out.run_dir.display());
+    Ok(())
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    if a.print_demo_config {
+        print!("{}", protege::pipeline::DEMO_CONFIG);
+        return Ok(());
+    }
+    let p = match &a.config {
+        Some(c) => protege::pipeline::Pipeline::from_file(c)?,
+        None => protege::pipeline::Pipeline::demo()?,
+    };
+    protege::pipeline::run_pipeline(&p)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -688,6 +776,13 @@ fn main() -> ExitCode {
             context: a.context,
         })
         .map(|_| true),
+        Command::Synth(a) => run_synth(a).map(|_| true),
+        Command::Rl(a) => run_rl(a).map(|_| true),
+        Command::Train(a) => run_train(a).map(|_| true),
+        Command::Report(a) => protege::report::write_report(&a.run_dir).map(|p| {
+            eprintln!("report: {}", p.display());
+            true
+        }),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -8,5 +8,6 @@ pub mod loops;
 pub mod policy;
 pub mod remote;
 pub mod sandbox;
+pub mod teacher;
 pub mod tools;
 pub mod trajectory;

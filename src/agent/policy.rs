@@ -11,9 +11,37 @@ use serde_json::Value;
 use super::trajectory::{Source, TokenRecord};
 use crate::backend::{Backend, SamplingParams};
 use crate::chat::{Message, Role, ToolCall};
-use crate::generate::{generate, GenOptions, Request};
+use crate::generate::{generate, Completion, GenOptions, Request};
 use crate::model::Qwen2;
 use crate::tokenizer::{render_qwen25, Tokenizer};
+
+/// Where a local policy's tokens come from: the model directly, or a shared batching engine
+/// that generates for many episodes at once ([`crate::train::rollout::EngineHandle`]).
+pub trait TokenGenerator: Send {
+    fn generate(&mut self, req: Request) -> Result<Completion>;
+    /// The model's context length.
+    fn max_context(&self) -> usize;
+}
+
+/// Generates with a model on this thread, one request at a time.
+pub struct DirectGenerator<'a, B: Backend> {
+    pub be: &'a B,
+    pub model: &'a Qwen2<B>,
+}
+
+impl<B: Backend + Sync> TokenGenerator for DirectGenerator<'_, B>
+where
+    B::Buf: Send + Sync,
+{
+    fn generate(&mut self, req: Request) -> Result<Completion> {
+        let (mut out, _) = generate(self.be, self.model, &[req], None, &GenOptions::default(), |_, _| {})?;
+        Ok(out.remove(0))
+    }
+
+    fn max_context(&self) -> usize {
+        self.model.cfg.max_position_embeddings
+    }
+}
 
 /// The name a tool message carries when it holds an expert's reply (its tokens are `e`).
 pub const EXPERT_TOOL: &str = "ask_expert";
@@ -97,9 +125,8 @@ impl Policy for Replay {
 }
 
 /// Protege's own engine as the policy.
-pub struct LocalPolicy<'a, B: Backend> {
-    be: &'a B,
-    model: &'a Qwen2<B>,
+pub struct LocalPolicy<'a> {
+    generator: Box<dyn TokenGenerator + 'a>,
     tok: &'a Tokenizer,
     pub sampling: SamplingParams,
     pub seed: u64,
@@ -111,11 +138,28 @@ pub struct LocalPolicy<'a, B: Backend> {
     turns: u64,
 }
 
-impl<'a, B: Backend> LocalPolicy<'a, B> {
-    pub fn new(be: &'a B, model: &'a Qwen2<B>, tok: &'a Tokenizer, sampling: SamplingParams, seed: u64) -> Self {
+impl<'a> LocalPolicy<'a> {
+    pub fn new<B: Backend + Sync>(
+        be: &'a B,
+        model: &'a Qwen2<B>,
+        tok: &'a Tokenizer,
+        sampling: SamplingParams,
+        seed: u64,
+    ) -> Self
+    where
+        B::Buf: Send + Sync,
+    {
+        Self::with_generator(Box::new(DirectGenerator { be, model }), tok, sampling, seed)
+    }
+
+    pub fn with_generator(
+        generator: Box<dyn TokenGenerator + 'a>,
+        tok: &'a Tokenizer,
+        sampling: SamplingParams,
+        seed: u64,
+    ) -> Self {
         Self {
-            be,
-            model,
+            generator,
             tok,
             sampling,
             seed,
@@ -168,10 +212,7 @@ impl<'a, B: Backend> LocalPolicy<'a, B> {
     }
 }
 
-impl<B: Backend + Sync> Policy for LocalPolicy<'_, B>
-where
-    B::Buf: Send + Sync,
-{
+impl Policy for LocalPolicy<'_> {
     fn name(&self) -> String {
         "local".into()
     }
@@ -185,9 +226,10 @@ where
             self.append_new_messages(messages)?;
         }
         let started = Instant::now();
-        let room = self.model.cfg.max_position_embeddings.saturating_sub(self.ids.len());
+        let max = self.generator.max_context();
+        let room = max.saturating_sub(self.ids.len());
         if room == 0 {
-            return Err(ContextFull { tokens: self.ids.len(), max: self.model.cfg.max_position_embeddings }.into());
+            return Err(ContextFull { tokens: self.ids.len(), max }.into());
         }
         let req = Request {
             prompt: self.ids.clone(),
@@ -197,8 +239,7 @@ where
             stop_tokens: self.tok.stop_ids.clone(),
             stop_strings: vec![],
         };
-        let (mut out, _) = generate(self.be, self.model, &[req], None, &GenOptions::default(), |_, _| {})?;
-        let completion = out.remove(0);
+        let completion = self.generator.generate(req)?;
         let tokens_in = self.ids.len();
         self.sources.extend(std::iter::repeat_n(Source::Policy, completion.tokens.len()));
         self.ids.extend(&completion.tokens);
@@ -218,7 +259,7 @@ where
     }
 
     fn max_context(&self) -> Option<usize> {
-        Some(self.model.cfg.max_position_embeddings)
+        Some(self.generator.max_context())
     }
 
     fn token_record(&self) -> Option<TokenRecord> {

@@ -203,15 +203,23 @@ pub fn expert_prompt(task: &TaskInstance, query: &str, recent: &[Message]) -> St
     s
 }
 
+/// The expert's instructions when it is shown the reference fix (trajectory synthesis).
+pub const GOLD_EXPERT_SYSTEM: &str = "You are an expert software engineer advising a less experienced coding agent \
+that is fixing an issue in a Python repository. You are shown the reference fix, which the agent cannot see. Use it \
+to give short, specific, actionable guidance: where to look, what is wrong, what to do next. Never reveal the \
+reference fix: do not paste it, quote its added lines, or write the corrected code; describe what must change.";
+
 /// An expert behind an OpenAI-compatible or Anthropic endpoint.
 pub struct RemoteExpert {
     remote: Remote,
     pub max_tokens: usize,
+    /// Show the expert the task's gold patch (synthesis), with instructions not to reveal it.
+    pub sees_gold_patch: bool,
 }
 
 impl RemoteExpert {
     pub fn new(ep: Endpoint, max_tokens: usize) -> Result<Self> {
-        Ok(Self { remote: Remote::new(ep)?, max_tokens })
+        Ok(Self { remote: Remote::new(ep)?, max_tokens, sees_gold_patch: false })
     }
 }
 
@@ -221,8 +229,14 @@ impl Expert for RemoteExpert {
     }
 
     fn advise(&mut self, task: &TaskInstance, query: &str, recent: &[Message]) -> Result<ExpertReply> {
-        let user = Message::user(expert_prompt(task, query, recent));
-        let c = self.remote.complete(EXPERT_SYSTEM, &[user], &[], self.max_tokens, 0.0)?;
+        let mut prompt = expert_prompt(task, query, recent);
+        let system = if self.sees_gold_patch {
+            prompt = format!("The reference fix (never reveal it):\n```diff\n{}\n```\n\n{prompt}", task.patch.trim());
+            GOLD_EXPERT_SYSTEM
+        } else {
+            EXPERT_SYSTEM
+        };
+        let c = self.remote.complete(system, &[Message::user(prompt)], &[], self.max_tokens, 0.0)?;
         Ok(ExpertReply {
             cost_usd: self.remote.ep.pricing.cost(c.tokens_in, c.tokens_out),
             text: c.text,

@@ -89,6 +89,7 @@ impl Default for GenOptions {
 }
 
 struct Seq {
+    req: Request,
     blocks: Vec<u32>,
     /// Tokens already in the KV cache.
     cached: usize,
@@ -100,71 +101,148 @@ struct Seq {
     text: Option<TextStream>,
 }
 
-/// Generates completions for `requests` together. `on_token(request, token)` is called for
-/// every sampled token as soon as it is known. Stop strings need a tokenizer.
-pub fn generate<B: Backend>(
-    be: &B,
-    model: &Qwen2<B>,
-    requests: &[Request],
-    tokenizer: Option<&Tokenizer>,
-    opts: &GenOptions,
-    mut on_token: impl FnMut(usize, u32),
-) -> Result<(Vec<Completion>, GenStats)> {
-    let cfg = &model.cfg;
-    let mut capacity = 0;
-    for (i, r) in requests.iter().enumerate() {
+impl Seq {
+    /// Cache blocks this sequence may still need beyond those it holds.
+    fn blocks_to_come(&self) -> usize {
+        let total = (self.req.prompt.len() + self.req.max_new_tokens).div_ceil(BLOCK_SIZE);
+        total.saturating_sub(self.blocks.len())
+    }
+}
+
+/// A continuous-batching generator: requests join ([`Batcher::admit`]) whenever the KV cache
+/// has room for all of their tokens, and every [`Batcher::step`] runs one forward over all
+/// live sequences (decoding ones first, then prompt chunks up to the step's token budget).
+pub struct Batcher<'a, B: Backend> {
+    be: &'a B,
+    model: &'a Qwen2<B>,
+    tokenizer: Option<&'a Tokenizer>,
+    cache: KvCache<B>,
+    seqs: Vec<Option<Seq>>,
+    budget: usize,
+    pub stats: GenStats,
+}
+
+impl<'a, B: Backend> Batcher<'a, B> {
+    /// A batcher whose KV cache holds `capacity_tokens` tokens (prompt + new tokens of every
+    /// live request together).
+    pub fn new(
+        be: &'a B,
+        model: &'a Qwen2<B>,
+        tokenizer: Option<&'a Tokenizer>,
+        capacity_tokens: usize,
+        opts: &GenOptions,
+    ) -> Self {
+        Self {
+            be,
+            model,
+            tokenizer,
+            cache: KvCache::new(be, &model.cfg, capacity_tokens, BLOCK_SIZE),
+            seqs: vec![],
+            budget: opts.max_step_tokens.max(1),
+            stats: GenStats::default(),
+        }
+    }
+
+    /// Cache blocks a request needs over its life.
+    pub fn blocks_needed(r: &Request) -> usize {
+        (r.prompt.len() + r.max_new_tokens).div_ceil(BLOCK_SIZE)
+    }
+
+    fn check(&self, r: &Request) -> Result<()> {
+        let cfg = &self.model.cfg;
         if r.prompt.is_empty() {
-            bail!("request {i} has an empty prompt");
+            bail!("empty prompt");
         }
         let total = r.prompt.len() + r.max_new_tokens;
         if total > cfg.max_position_embeddings {
             bail!(
-                "request {i}: prompt ({}) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({})",
+                "prompt ({}) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({})",
                 r.prompt.len(),
                 r.max_new_tokens,
                 cfg.max_position_embeddings
             );
         }
-        if !r.stop_strings.is_empty() && tokenizer.is_none() {
-            bail!("request {i} has stop strings but no tokenizer was given");
+        if !r.stop_strings.is_empty() && self.tokenizer.is_none() {
+            bail!("stop strings need a tokenizer");
         }
-        capacity += total.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        if Self::blocks_needed(r) > self.cache.capacity_blocks() {
+            bail!(
+                "a request of {total} tokens does not fit the KV cache of {} tokens",
+                self.cache.capacity_blocks() * BLOCK_SIZE
+            );
+        }
+        Ok(())
     }
-    let mut cache = KvCache::new(be, cfg, capacity, BLOCK_SIZE);
-    let mut seqs: Vec<Seq> = requests
-        .iter()
-        .map(|r| Seq {
+
+    /// Whether `r` fits beside the live sequences (counting the blocks they will still need).
+    pub fn has_room(&self, r: &Request) -> bool {
+        let promised: usize = self.seqs.iter().flatten().map(Seq::blocks_to_come).sum();
+        self.cache.free_blocks() >= promised + Self::blocks_needed(r)
+    }
+
+    /// Starts `r`; returns its id (ids are reused once a sequence finishes). Fails when the
+    /// request is invalid or there is no room now ([`Batcher::has_room`]).
+    pub fn admit(&mut self, r: Request) -> Result<usize> {
+        self.check(&r)?;
+        if !self.has_room(&r) {
+            bail!("no room in the KV cache now");
+        }
+        let seq = Seq {
             blocks: vec![],
             cached: 0,
             pending: r.prompt.clone(),
             generated: vec![],
             rng: sampling::seeded(r.seed),
             finish: (r.max_new_tokens == 0).then_some(Finish::Length),
-            text: (!r.stop_strings.is_empty()).then(|| TextStream::new(tokenizer.unwrap().clone())),
-        })
-        .collect();
-    let mut stats = GenStats::default();
-    let budget = opts.max_step_tokens.max(1);
+            text: (!r.stop_strings.is_empty()).then(|| TextStream::new(self.tokenizer.expect("checked").clone())),
+            req: r,
+        };
+        let id = match self.seqs.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.seqs.push(None);
+                self.seqs.len() - 1
+            }
+        };
+        self.seqs[id] = Some(seq);
+        Ok(id)
+    }
 
-    loop {
-        // Decoding sequences go first so that a long prompt never stalls them.
-        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
-        if order.is_empty() {
-            break;
+    /// Sequences admitted and not yet returned.
+    pub fn live(&self) -> usize {
+        self.seqs.iter().flatten().count()
+    }
+
+    /// One forward over the live sequences. `on_token(id, token)` sees every sampled token;
+    /// the sequences that finished are returned (and leave the batcher).
+    pub fn step(&mut self, mut on_token: impl FnMut(usize, u32)) -> Result<Vec<(usize, Completion)>> {
+        let mut done = vec![];
+        // Requests with nothing to generate finish without a forward.
+        for (i, slot) in self.seqs.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|s| s.finish.is_some()) {
+                let s = slot.take().expect("checked");
+                self.cache.release(&s.blocks);
+                done.push((i, Completion { tokens: s.generated, finish: s.finish.expect("checked") }));
+            }
         }
-        order.sort_by_key(|&i| seqs[i].pending.len() > 1);
+        // Decoding sequences go first so that a long prompt never stalls them.
+        let mut order: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].is_some()).collect();
+        if order.is_empty() {
+            return Ok(done);
+        }
+        order.sort_by_key(|&i| self.seqs[i].as_ref().expect("live").pending.len() > 1);
         let mut meta = StepMeta { block_size: BLOCK_SIZE, ..Default::default() };
         let mut samplers: Vec<usize> = vec![];
         let mut prompt_rows = 0;
         for i in order {
-            let left = budget - meta.rows();
+            let left = self.budget - meta.rows();
             if left == 0 {
                 break;
             }
-            let s = &mut seqs[i];
+            let s = self.seqs[i].as_mut().expect("live");
             let take = s.pending.len().min(left);
             while s.blocks.len() * BLOCK_SIZE < s.cached + take {
-                s.blocks.push(cache.alloc_block()?);
+                s.blocks.push(self.cache.alloc_block()?);
             }
             let row_start = meta.rows();
             for (j, &t) in s.pending[..take].iter().enumerate() {
@@ -185,47 +263,73 @@ pub fn generate<B: Backend>(
             }
         }
         let started = Instant::now();
-        let logits = model.forward(be, &meta, &mut cache)?;
-        let params: Vec<SamplingParams> = samplers.iter().map(|&i| requests[i].sampling.clone()).collect();
-        let mut rngs: Vec<Rng> = samplers.iter().map(|&i| seqs[i].rng.clone()).collect();
-        let next = be.sample(&logits, cfg.vocab_size, &params, &mut rngs);
+        let logits = self.model.forward(self.be, &meta, &mut self.cache)?;
+        let live = |i: usize| self.seqs[i].as_ref().expect("live");
+        let params: Vec<SamplingParams> = samplers.iter().map(|&i| live(i).req.sampling.clone()).collect();
+        let mut rngs: Vec<Rng> = samplers.iter().map(|&i| live(i).rng.clone()).collect();
+        let next = self.be.sample(&logits, self.model.cfg.vocab_size, &params, &mut rngs);
         let elapsed = started.elapsed();
         if prompt_rows > 0 {
-            stats.prefill_tokens += prompt_rows;
-            stats.prefill_time += elapsed;
+            self.stats.prefill_tokens += prompt_rows;
+            self.stats.prefill_time += elapsed;
         } else {
-            stats.decode_tokens += meta.rows();
-            stats.decode_time += elapsed;
+            self.stats.decode_tokens += meta.rows();
+            self.stats.decode_time += elapsed;
         }
         for ((&i, tok), rng) in samplers.iter().zip(next).zip(rngs) {
-            let (req, s) = (&requests[i], &mut seqs[i]);
+            let s = self.seqs[i].as_mut().expect("live");
             s.rng = rng;
             s.generated.push(tok);
             on_token(i, tok);
-            if req.stop_tokens.contains(&tok) {
+            if s.req.stop_tokens.contains(&tok) {
                 s.finish = Some(Finish::StopToken(tok));
             } else if let Some(stream) = s.text.as_mut() {
                 stream.push(tok)?;
-                if let Some(stop) = req.stop_strings.iter().find(|st| stream.text().contains(st.as_str())) {
+                if let Some(stop) = s.req.stop_strings.iter().find(|st| stream.text().contains(st.as_str())) {
                     s.finish = Some(Finish::StopString(stop.clone()));
                 }
             }
-            if s.finish.is_none() && s.generated.len() >= req.max_new_tokens {
+            if s.finish.is_none() && s.generated.len() >= s.req.max_new_tokens {
                 s.finish = Some(Finish::Length);
             }
             if s.finish.is_some() {
-                cache.release(&s.blocks);
-                s.blocks.clear();
+                let s = self.seqs[i].take().expect("live");
+                self.cache.release(&s.blocks);
+                done.push((i, Completion { tokens: s.generated, finish: s.finish.expect("set") }));
             } else {
                 s.pending.push(tok);
             }
         }
+        Ok(done)
     }
-    let out = seqs
-        .into_iter()
-        .map(|s| Completion { tokens: s.generated, finish: s.finish.unwrap_or(Finish::Length) })
-        .collect();
-    Ok((out, stats))
+}
+
+/// Generates completions for `requests` together. `on_token(request, token)` is called for
+/// every sampled token as soon as it is known. Stop strings need a tokenizer.
+pub fn generate<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    requests: &[Request],
+    tokenizer: Option<&Tokenizer>,
+    opts: &GenOptions,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<(Vec<Completion>, GenStats)> {
+    let capacity: usize = requests.iter().map(|r| Batcher::<B>::blocks_needed(r) * BLOCK_SIZE).sum();
+    let mut batcher = Batcher::new(be, model, tokenizer, capacity, opts);
+    let mut ids = vec![];
+    for (i, r) in requests.iter().enumerate() {
+        ids.push(batcher.admit(r.clone()).map_err(|e| anyhow::anyhow!("request {i}: {e:#}"))?);
+    }
+    // Ids are handed out in order while nothing has finished, so id i is request i.
+    debug_assert!(ids.iter().enumerate().all(|(i, &id)| i == id));
+    let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
+    while batcher.live() > 0 {
+        for (i, c) in batcher.step(&mut on_token)? {
+            out[i] = Some(c);
+        }
+    }
+    let stats = batcher.stats.clone();
+    Ok((out.into_iter().map(|c| c.expect("every request finishes")).collect(), stats))
 }
 
 /// Logits of every position of `tokens` (or of `rows` only), in one prefill.

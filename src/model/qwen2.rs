@@ -229,6 +229,25 @@ impl<B: Backend> Qwen2<B> {
         Self::from_checkpoint(backend, cfg, &ckpt)
     }
 
+    /// [`Qwen2::load`], then a PEFT adapter merged into the weights (e.g. an SFT result) and a
+    /// context override (RoPE positions extend beyond config.json's length).
+    pub fn load_merged(backend: &B, dir: &Path, adapter: Option<&Path>, context: Option<usize>) -> Result<Self> {
+        let mut model = Self::load(backend, dir)?;
+        if let Some(a) = adapter {
+            let lora = super::export::load_peft(backend, &model, a)
+                .with_context(|| format!("cannot load the adapter {} for {}", a.display(), dir.display()))?;
+            model.lora = Some(lora);
+            model.merge_lora(backend)?;
+        }
+        if let Some(n) = context {
+            if n == 0 {
+                bail!("the context override must be positive");
+            }
+            model.cfg.max_position_embeddings = n;
+        }
+        Ok(model)
+    }
+
     pub fn from_checkpoint(backend: &B, cfg: Qwen2Config, ckpt: &Checkpoint) -> Result<Self> {
         let w = Weights::try_from_fn(&cfg, |name, shape| {
             let t = ckpt.get(name, shape)?;
@@ -379,6 +398,14 @@ impl<B: Backend> KvCache<B> {
 
     pub fn release(&mut self, blocks: &[u32]) {
         self.free.extend_from_slice(blocks);
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn capacity_blocks(&self) -> usize {
+        self.num_blocks
     }
 
     fn layer(&self, l: usize) -> (&B::Buf, &B::Buf) {

@@ -25,13 +25,22 @@ pub struct TrainBatch {
     /// Seed of this batch's LoRA dropout masks; `None` (the default) applies no dropout, as
     /// for evaluation.
     pub dropout_seed: Option<u64>,
+    /// Sampling temperature `T` the log-probs are of: `log softmax(logits / T)` (RL scores the
+    /// tokens under the distribution they were sampled from). 1 for SFT.
+    pub temperature: f32,
 }
 
 impl TrainBatch {
     /// Packs `(token ids, trained)` sequences, where `trained[t]` says whether token `t` is
     /// learned (e.g. produced by the assistant). Row `t` predicts token `t + 1`.
     pub fn pack(seqs: &[(Vec<u32>, Vec<bool>)]) -> Result<Self> {
-        let mut b = TrainBatch { meta: StepMeta::default(), targets: vec![], trained: vec![], dropout_seed: None };
+        let mut b = TrainBatch {
+            meta: StepMeta::default(),
+            targets: vec![],
+            trained: vec![],
+            dropout_seed: None,
+            temperature: 1.0,
+        };
         for (i, (ids, mask)) in seqs.iter().enumerate() {
             if ids.len() != mask.len() {
                 bail!("sequence {i}: {} tokens but {} mask entries", ids.len(), mask.len());
@@ -240,8 +249,15 @@ impl<B: Backend> Qwen2<B> {
             layers.push(if recompute { Err(acts.x_in) } else { Ok(acts) });
             x = x_out;
         }
+        if !(batch.temperature > 0.0 && batch.temperature.is_finite()) {
+            bail!("temperature must be positive, got {}", batch.temperature);
+        }
         let mut hidden = be.zeros(rows * h);
         be.rmsnorm(&x, &self.w.final_norm, &mut hidden, rows, h, c.rms_norm_eps);
+        // logits / T = (hidden / T) W^T: the head sees the scaled hidden state.
+        if batch.temperature != 1.0 {
+            be.scale(&mut hidden, 1.0 / batch.temperature, rows * h);
+        }
         let (mut logp, mut lse) = (be.zeros(rows), be.zeros(rows));
         be.token_logprobs(&hidden, self.w.head(), &batch.targets, &mut logp, &mut lse, rows, h, c.vocab_size);
         Ok((be.to_f32(&logp), Trace { layers, x_final: x, hidden, lse }))
@@ -290,6 +306,9 @@ impl<B: Backend> Qwen2<B> {
             h,
             c.vocab_size,
         );
+        if batch.temperature != 1.0 {
+            be.scale(&mut dhidden, 1.0 / batch.temperature, rows * h);
+        }
         let mut dx = be.zeros(rows * h);
         be.rmsnorm_bwd(
             &dhidden,

@@ -1,7 +1,11 @@
 //! Training: SFT data, optimiser, learning-rate schedules (the SFT and GRPO loops follow).
 
+pub mod checkpoint;
 pub mod data;
+pub mod grpo;
 pub mod optim;
+pub mod rl;
+pub mod rollout;
 pub mod schedule;
 pub mod sft;
 

@@ -9,7 +9,7 @@
 //! curve continues exactly as an uninterrupted run's.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -17,16 +17,17 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint;
 use super::data::{build_examples, pack_batches, DataStats, Example};
 use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::trajectory::read_jsonl;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::config::SftConfig;
-use crate::model::export::{export_hf, export_peft, write_atomic, write_safetensors, ExportDtype};
+use crate::model::export::{export_hf, export_peft, write_atomic, ExportDtype};
 use crate::model::lora::Lora;
 use crate::model::training::{Grads, TrainBatch};
-use crate::model::{Checkpoint, Qwen2};
+use crate::model::Qwen2;
 use crate::tokenizer::Tokenizer;
 
 /// Where the data stream stands: epoch and next batch within it.
@@ -90,84 +91,6 @@ fn eval_loss<B: Backend>(be: &B, model: &Qwen2<B>, examples: &[Example], batch_t
     Ok(sum / n.max(1) as f64)
 }
 
-fn checkpoint_dir(run: &Path, step: u64) -> PathBuf {
-    run.join("checkpoints").join(format!("step-{step}"))
-}
-
-fn save_checkpoint<B: Backend>(be: &B, run: &Path, model: &Qwen2<B>, opt: &Optimizer<B>, state: &State) -> Result<()> {
-    let dir = checkpoint_dir(run, state.step);
-    let tmp = dir.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let names = model.trainable();
-    let named = |prefix: &str, bufs: Vec<&B::Buf>| {
-        names.iter().zip(bufs).map(|((n, s), b)| (format!("{prefix}{n}"), s.clone(), be.to_f32(b))).collect::<Vec<_>>()
-    };
-    write_safetensors(&tmp.join("trainable.safetensors"), named("", model.trainable_tensors()), ExportDtype::F32)?;
-    let mut moments = named("m.", opt.m.iter().collect());
-    moments.extend(named("v.", opt.v.iter().collect()));
-    write_safetensors(&tmp.join("optimizer.safetensors"), moments, ExportDtype::F32)?;
-    write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move {} into place", tmp.display()))?;
-    write_atomic(&run.join("checkpoints").join("latest"), format!("step-{}\n", state.step).as_bytes())
-}
-
-fn load_checkpoint<B: Backend>(be: &B, run: &Path, model: &mut Qwen2<B>, opt: &mut Optimizer<B>) -> Result<State> {
-    let latest = run.join("checkpoints").join("latest");
-    let name = std::fs::read_to_string(&latest)
-        .with_context(|| format!("cannot resume: no checkpoint ({} is missing)", latest.display()))?;
-    let dir = run.join("checkpoints").join(name.trim());
-    let state: State = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("state.json"))
-            .with_context(|| format!("cannot read {}/state.json", dir.display()))?,
-    )
-    .with_context(|| format!("{}/state.json is corrupt", dir.display()))?;
-    let names = model.trainable();
-    let params = Checkpoint::open_files(&dir, &["trainable.safetensors".to_string()])?;
-    for ((n, s), buf) in names.iter().zip(model.trainable_mut()) {
-        *buf = be.upload(&params.get(n, s)?)?;
-    }
-    let moments = Checkpoint::open_files(&dir, &["optimizer.safetensors".to_string()])?;
-    for (i, (n, s)) in names.iter().enumerate() {
-        opt.m[i] = be.upload(&moments.get(&format!("m.{n}"), s)?)?;
-        opt.v[i] = be.upload(&moments.get(&format!("v.{n}"), s)?)?;
-    }
-    opt.step = state.step;
-    Ok(state)
-}
-
-/// Keeps the metrics lines up to `step` (dropping what a killed run wrote after its last
-/// checkpoint, including a half-written last line) and returns them. Any other unreadable line
-/// is an error rather than silently lost history.
-fn cut_metrics(path: &Path, step: u64) -> Result<Vec<StepMetrics>> {
-    if !path.exists() {
-        return Ok(vec![]);
-    }
-    let text = std::fs::read_to_string(path)?;
-    let lines: Vec<&str> = text.lines().collect();
-    let mut kept = vec![];
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<StepMetrics>(line) {
-            Ok(m) if m.step <= step => kept.push(m),
-            Ok(_) => {}
-            Err(_) if i + 1 == lines.len() => {}
-            Err(e) => bail!("{}:{}: unreadable metrics line: {e}", path.display(), i + 1),
-        }
-    }
-    let mut out = String::new();
-    for m in &kept {
-        out.push_str(&serde_json::to_string(m)?);
-        out.push('\n');
-    }
-    write_atomic(path, out.as_bytes())?;
-    Ok(kept)
-}
-
 /// Runs (or, with `resume`, continues) the SFT run of `cfg`. `config_text` is snapshotted into
 /// the run directory. `stop_after` ends the process-local run after that many steps (as an
 /// interruption would), leaving the checkpoints to resume from.
@@ -185,7 +108,7 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
 
     let be = CpuBackend::new();
     let tok = Tokenizer::from_dir(&cfg.model.path)?;
-    let mut model = Qwen2::load(&be, &cfg.model.path)?;
+    let mut model = Qwen2::load_merged(&be, &cfg.model.path, None, cfg.model.context)?;
     if let Some(l) = &cfg.lora {
         model.lora = Some(Lora::init(&be, &model.cfg, l)?);
     }
@@ -229,8 +152,9 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
     let mut state = State { step: 0, cursor: Cursor { epoch: 0, batch: 0 } };
     let mut metrics = vec![];
     if resume {
-        state = load_checkpoint(&be, &run, &mut model, &mut opt)?;
-        metrics = cut_metrics(&metrics_path, state.step)?;
+        state = checkpoint::load(&be, &run, &mut model, &mut opt)?;
+        opt.step = state.step;
+        metrics = checkpoint::cut_metrics(&metrics_path, state.step)?;
         eprintln!("sft: resumed at step {}", state.step);
     } else if metrics_path.exists() {
         std::fs::remove_file(&metrics_path)?;
@@ -304,7 +228,7 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
         let ckpt_due = (cfg.train.checkpoint_every > 0 && state.step.is_multiple_of(cfg.train.checkpoint_every))
             || state.step == cfg.train.steps;
         if ckpt_due {
-            save_checkpoint(&be, &run, &model, &opt, &state)?;
+            checkpoint::save(&be, &run, &model, &opt, state.step, &state)?;
         }
     }
     bar.finish_and_clear();
@@ -339,11 +263,11 @@ mod tests {
             serde_json::to_string(&m).unwrap()
         };
         std::fs::write(&path, format!("{}\n{}\n{}\n{{\"step\": 4, \"lo", line(1), line(2), line(3))).unwrap();
-        let kept = cut_metrics(&path, 2).unwrap();
+        let kept: Vec<StepMetrics> = checkpoint::cut_metrics(&path, 2).unwrap();
         assert_eq!(kept.iter().map(|m| m.step).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n{}\n", line(1), line(2)));
         std::fs::write(&path, format!("{}\ngarbage\n{}\n", line(1), line(2))).unwrap();
-        let e = format!("{:#}", cut_metrics(&path, 2).unwrap_err());
+        let e = format!("{:#}", checkpoint::cut_metrics::<StepMetrics>(&path, 2).unwrap_err());
         assert!(e.contains("metrics.jsonl:2"), "{e}");
     }
 }

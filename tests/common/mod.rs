@@ -38,6 +38,9 @@ impl Tensors {
             .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
             .collect()
     }
+    pub fn has(&self, name: &str) -> bool {
+        self.st().tensor(name).is_ok()
+    }
     pub fn u32s(&self, name: &str) -> Vec<u32> {
         self.i64s(name).into_iter().map(|v| v as u32).collect()
     }

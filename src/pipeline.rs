@@ -1,0 +1,399 @@
+//! `protege train`: the whole method as stages of one run directory —
+//! synth → sft → rl → eval (before and after) → report.
+//!
+//! Each stage's table in the config is the stage's own config (`protege synth|sft|rl`)
+//! without what the pipeline wires in: the base model, the run directories, and the files one
+//! stage hands the next. A stage whose output exists is skipped; one that was interrupted is
+//! resumed from its checkpoints. With no config, the embedded `configs/demo.toml` runs: the
+//! tiny test model, the bundled suite, the oracle expert and the scripted teacher, on the CPU.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::episode::EpisodeConfig;
+use crate::agent::sandbox::Limits;
+use crate::backend::SamplingParams;
+use crate::config::{ExpertSection, RlConfig, SftConfig, SynthConfig};
+use crate::eval::{run_eval, EvalOptions, PolicySpec, Summary};
+
+/// The embedded default: `protege train` with no arguments.
+pub const DEMO_CONFIG: &str = include_str!("../configs/demo.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// The run directory (relative to the config file).
+    pub dir: PathBuf,
+    /// The model to post-train: an HF directory (relative to the config file).
+    pub model: PathBuf,
+    /// Context length override for every stage (small test models).
+    #[serde(default)]
+    pub context: Option<usize>,
+    /// Stages to run, in this order: any of "synth", "sft", "rl", "eval".
+    #[serde(default = "all_stages")]
+    pub stages: Vec<String>,
+    /// Printed at the start: what is scripted or simplified in this run.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+fn all_stages() -> Vec<String> {
+    ["synth", "sft", "rl", "eval"].iter().map(|s| s.to_string()).collect()
+}
+
+/// `[eval]`: evaluation of the models before and after training on a held-out suite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    pub suite: PathBuf,
+    /// Which models: "base" (before training), "sft", "final" (after RL).
+    #[serde(default = "default_eval_models")]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub expert: ExpertSection,
+    #[serde(default = "one")]
+    pub concurrency: usize,
+    /// 0 is greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub episode: EpisodeConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_eval_models() -> Vec<String> {
+    vec!["base".into(), "final".into()]
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_new_tokens() -> usize {
+    512
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub run: RunSection,
+    #[serde(default)]
+    pub synth: Option<toml::Table>,
+    #[serde(default)]
+    pub sft: Option<toml::Table>,
+    #[serde(default)]
+    pub rl: Option<toml::Table>,
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
+}
+
+/// Sets `table.section.key = value`, refusing a value the user set (the pipeline owns it).
+fn inject(table: &mut toml::Table, stage: &str, section: &str, key: &str, value: toml::Value) -> Result<()> {
+    let sec = table.entry(section).or_insert_with(|| toml::Value::Table(Default::default()));
+    let sec = sec.as_table_mut().with_context(|| format!("[{stage}.{section}] must be a table"))?;
+    if sec.contains_key(key) {
+        bail!("[{stage}.{section}] {key} is set by protege train; remove it");
+    }
+    sec.insert(key.into(), value);
+    Ok(())
+}
+
+fn path_value(p: &Path) -> toml::Value {
+    toml::Value::String(p.display().to_string())
+}
+
+fn parse_stage<T: serde::de::DeserializeOwned>(table: toml::Table, stage: &str) -> Result<T> {
+    toml::Value::Table(table).try_into().with_context(|| format!("invalid [{stage}] table"))
+}
+
+/// A loaded pipeline with every stage's config resolved and checked up front.
+pub struct Pipeline {
+    pub text: String,
+    pub run: RunSection,
+    pub dir: PathBuf,
+    pub synth: Option<SynthConfig>,
+    pub sft: Option<SftConfig>,
+    pub rl: Option<RlConfig>,
+    pub eval: Option<EvalSection>,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl Pipeline {
+    /// Parses `text` as if it were the file `origin` (relative paths resolve against its
+    /// directory).
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let cfg: TrainConfig =
+            toml::from_str(text).with_context(|| format!("invalid config {}", origin.display()))?;
+        // Absolute, so that stage configs can resolve their own relative paths again safely.
+        let base = std::env::current_dir()?.join(origin.parent().unwrap_or(Path::new(".")));
+        let mut run = cfg.run.clone();
+        run.model = resolve(&base, &run.model);
+        let dir = resolve(&base, &run.dir);
+        for s in &run.stages {
+            if !["synth", "sft", "rl", "eval"].contains(&s.as_str()) {
+                bail!("run.stages: unknown stage {s:?} (synth, sft, rl, eval)");
+            }
+        }
+        let on = |s: &str| run.stages.iter().any(|x| x == s);
+        let context = run.context.map(|c| toml::Value::Integer(c as i64));
+
+        let synth = match (on("synth"), cfg.synth.clone()) {
+            (true, Some(mut t)) => {
+                inject(&mut t, "synth", "output", "run_dir", path_value(&dir.join("synth")))?;
+                let mut c: SynthConfig = parse_stage(t, "synth")?;
+                c.resolve_paths(&base);
+                c.validate().context("[synth]")?;
+                Some(c)
+            }
+            (true, None) => bail!("run.stages has \"synth\" but there is no [synth] table"),
+            _ => None,
+        };
+        let sft = match (on("sft"), cfg.sft.clone()) {
+            (true, Some(mut t)) => {
+                inject(&mut t, "sft", "model", "path", path_value(&run.model))?;
+                if let Some(c) = &context {
+                    inject(&mut t, "sft", "model", "context", c.clone())?;
+                }
+                inject(&mut t, "sft", "output", "run_dir", path_value(&dir.join("sft")))?;
+                // The synthesised trajectories come first; [sft.data] train may add more.
+                let data = t.entry("data").or_insert_with(|| toml::Value::Table(Default::default()));
+                let data = data.as_table_mut().context("[sft.data] must be a table")?;
+                let mut train = match data.remove("train") {
+                    Some(toml::Value::Array(a)) => a,
+                    None => vec![],
+                    Some(_) => bail!("[sft.data] train must be a list of files"),
+                };
+                if let Some(s) = &synth {
+                    train.insert(0, path_value(&s.output.run_dir.join("trajectories.jsonl")));
+                }
+                data.insert("train".into(), toml::Value::Array(train));
+                let mut c: SftConfig = parse_stage(t, "sft")?;
+                let r = |p: &Path| resolve(&base, p);
+                c.data.train = c.data.train.iter().map(|p| r(p)).collect();
+                c.validate().context("[sft]")?;
+                Some(c)
+            }
+            (true, None) => bail!("run.stages has \"sft\" but there is no [sft] table"),
+            _ => None,
+        };
+        let rl = match (on("rl"), cfg.rl.clone()) {
+            (true, Some(mut t)) => {
+                let (path, adapter) = sft_output(&run.model, sft.as_ref());
+                inject(&mut t, "rl", "model", "path", path_value(&path))?;
+                if let Some(a) = adapter {
+                    inject(&mut t, "rl", "model", "adapter", path_value(&a))?;
+                }
+                if let Some(c) = &context {
+                    inject(&mut t, "rl", "model", "context", c.clone())?;
+                }
+                inject(&mut t, "rl", "output", "run_dir", path_value(&dir.join("rl")))?;
+                let mut c: RlConfig = parse_stage(t, "rl")?;
+                c.resolve_paths(&base);
+                c.validate().context("[rl]")?;
+                Some(c)
+            }
+            (true, None) => bail!("run.stages has \"rl\" but there is no [rl] table"),
+            _ => None,
+        };
+        let eval = match (on("eval"), cfg.eval.clone()) {
+            (true, Some(mut e)) => {
+                e.suite = resolve(&base, &e.suite);
+                e.expert.path = e.expert.path.as_ref().map(|p| resolve(&base, p));
+                e.expert.spec().context("[eval.expert]")?;
+                for m in &e.models {
+                    if !["base", "sft", "final"].contains(&m.as_str()) {
+                        bail!("eval.models: unknown model {m:?} (base, sft, final)");
+                    }
+                }
+                Some(e)
+            }
+            (true, None) => bail!("run.stages has \"eval\" but there is no [eval] table"),
+            _ => None,
+        };
+        Ok(Self { text: text.to_string(), run, dir, synth, sft, rl, eval })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// The embedded demo, resolved as if it were `./configs/demo.toml`.
+    pub fn demo() -> Result<Self> {
+        let origin = Path::new("configs").join("demo.toml");
+        let p = Self::parse(DEMO_CONFIG, &origin)?;
+        if !p.run.model.join("config.json").exists() {
+            bail!(
+                "the embedded demo uses the repository's files ({} is missing): run `protege train` from the \
+                 repository root, or pass --config FILE",
+                p.run.model.display()
+            );
+        }
+        Ok(p)
+    }
+}
+
+/// The model SFT produces: (directory, adapter to merge).
+fn sft_output(base: &Path, sft: Option<&SftConfig>) -> (PathBuf, Option<PathBuf>) {
+    match sft {
+        Some(s) if s.lora.is_some() => (base.to_path_buf(), Some(s.output.run_dir.join("adapter"))),
+        Some(s) => (s.output.run_dir.join("model"), None),
+        None => (base.to_path_buf(), None),
+    }
+}
+
+fn stage_line(name: &str, what: &str) {
+    eprintln!("\n== {name}: {what}");
+}
+
+/// Runs the pipeline; returns the eval summaries by model name.
+pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
+    std::fs::create_dir_all(&p.dir).with_context(|| format!("cannot create {}", p.dir.display()))?;
+    crate::model::export::write_atomic(&p.dir.join("config.toml"), p.text.as_bytes())?;
+    eprintln!("protege train: run directory {}", p.dir.display());
+    if let Some(n) = &p.run.note {
+        eprintln!("note: {}", n.trim());
+    }
+    if let Some(s) = &p.synth {
+        let dir = &s.output.run_dir;
+        if dir.join("summary.json").exists() {
+            stage_line("synth", "done (skipped)");
+        } else {
+            stage_line("synth", "expert-augmented trajectories by rejection sampling");
+            if s.agent.kind == "scripted" {
+                eprintln!("   the agent is the SCRIPTED TEACHER: {}", crate::agent::teacher::TEACHER_LABEL);
+            }
+            let resume = dir.join("attempts.jsonl").exists();
+            let text = toml::to_string(s)?;
+            let sum = crate::synth::run_synth(s, &text, resume)?;
+            eprintln!(
+                "   {} of {} attempts accepted ({:.0}%), {:.1} expert calls and {:.1} steps per accepted trajectory",
+                sum.accepted,
+                sum.attempts,
+                100.0 * sum.accept_rate,
+                sum.expert_calls_per_accepted,
+                sum.steps_per_accepted
+            );
+            if sum.accepted == 0 {
+                bail!("synthesis accepted no trajectory; nothing to fine-tune on ({})", dir.display());
+            }
+        }
+    }
+    if let Some(s) = &p.sft {
+        let dir = &s.output.run_dir;
+        if dir.join("adapter/adapter_config.json").exists() || dir.join("model/config.json").exists() {
+            stage_line("sft", "done (skipped)");
+        } else {
+            stage_line("sft", "supervised fine-tuning on the accepted trajectories");
+            let resume = dir.join("checkpoints/latest").exists();
+            let out = crate::train::sft::run_sft(s, &toml::to_string(s)?, resume, None)?;
+            if let Some(m) = out.metrics.last() {
+                eprintln!("   step {}: loss {:.4}{}", m.step, m.loss, m.eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default());
+            }
+        }
+    }
+    if let Some(r) = &p.rl {
+        let dir = &r.output.run_dir;
+        if dir.join("model/config.json").exists() {
+            stage_line("rl", "done (skipped)");
+        } else {
+            stage_line("rl", "GRPO with the SWE-Protégé reward, stage by stage");
+            let resume = dir.join("checkpoints/latest").exists();
+            crate::train::rl::run_rl(r, &toml::to_string(r)?, resume, None)?;
+        }
+    }
+    let mut summaries = vec![];
+    if let Some(e) = &p.eval {
+        for name in &e.models {
+            let (model, adapter) = match name.as_str() {
+                "base" => (p.run.model.clone(), None),
+                "sft" => sft_output(&p.run.model, p.sft.as_ref()),
+                _ => match &p.rl {
+                    Some(r) => (r.output.run_dir.join("model"), None),
+                    None => sft_output(&p.run.model, p.sft.as_ref()),
+                },
+            };
+            let out = p.dir.join("eval").join(name);
+            let summary_path = out.join("summary.json");
+            if summary_path.exists() {
+                stage_line(&format!("eval {name}"), "done (skipped)");
+                let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
+                    .with_context(|| format!("{} is corrupt", summary_path.display()))?;
+                summaries.push((name.clone(), s));
+                continue;
+            }
+            stage_line(&format!("eval {name}"), &format!("{} on {}", model.display(), e.suite.display()));
+            let opts = EvalOptions {
+                suite: e.suite.clone(),
+                policy: PolicySpec::Local {
+                    model,
+                    adapter,
+                    sampling: SamplingParams { temperature: e.temperature, ..Default::default() },
+                    max_new_tokens: e.max_new_tokens,
+                    context: p.run.context,
+                },
+                expert: e.expert.spec()?,
+                concurrency: e.concurrency,
+                out,
+                episode: e.episode.clone(),
+                limits: e.limits,
+                grade_limits: Limits { timeout_s: 300.0, cpu_s: 600, ..e.limits },
+                loops: Default::default(),
+                only: vec![],
+                seed: e.seed,
+                isolation: None,
+            };
+            summaries.push((name.clone(), run_eval(&opts)?));
+        }
+        if !summaries.is_empty() {
+            let table = comparison(&summaries);
+            eprintln!("\n{table}");
+            crate::model::export::write_atomic(&p.dir.join("eval").join("comparison.md"), table.as_bytes())?;
+        }
+    }
+    let report = crate::report::write_report(&p.dir)?;
+    eprintln!("report: {}", report.display());
+    Ok(summaries)
+}
+
+/// The eval metrics side by side.
+pub fn comparison(s: &[(String, Summary)]) -> String {
+    let mut t = String::from("| metric |");
+    for (n, _) in s {
+        t += &format!(" {n} |");
+    }
+    t += "\n|---|";
+    t += &"---|".repeat(s.len());
+    t += "\n";
+    let rows: [(&str, &dyn Fn(&Summary) -> String); 7] = [
+        ("tasks", &|x| x.tasks.to_string()),
+        ("Pass@1", &|x| format!("{:.1}%", 100.0 * x.pass_at_1)),
+        ("expert calls / task", &|x| format!("{:.2}", x.expert_calls_per_task)),
+        ("expert share of tokens", &|x| format!("{:.1}%", 100.0 * x.expert_token_share)),
+        ("steps / task", &|x| format!("{:.1}", x.steps_per_task)),
+        ("looping trajectories", &|x| format!("{:.1}%", 100.0 * x.looping_rate)),
+        ("cost / task", &|x| format!("${:.4}", x.cost_per_task_usd)),
+    ];
+    for (name, f) in rows {
+        t += &format!("| {name} |");
+        for (_, x) in s {
+            t += &format!(" {} |", f(x));
+        }
+        t += "\n";
+    }
+    t
+}

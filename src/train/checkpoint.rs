@@ -1,0 +1,113 @@
+//! Training checkpoints shared by SFT and RL: the trained tensors, the optimiser's moments
+//! and a small JSON state, written under a temporary name and renamed into place, with
+//! `checkpoints/latest` naming the newest; and the metrics file cut back to a checkpoint on
+//! resume.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::Optimizer;
+use crate::backend::Backend;
+use crate::model::export::{write_atomic, write_safetensors, ExportDtype};
+use crate::model::{Checkpoint, Qwen2};
+
+pub fn checkpoint_dir(run: &Path, step: u64) -> PathBuf {
+    run.join("checkpoints").join(format!("step-{step}"))
+}
+
+/// Saves what `model` trains, the optimiser's moments and `state` as `checkpoints/step-{step}`.
+pub fn save<B: Backend, S: Serialize>(
+    be: &B,
+    run: &Path,
+    model: &Qwen2<B>,
+    opt: &Optimizer<B>,
+    step: u64,
+    state: &S,
+) -> Result<()> {
+    let dir = checkpoint_dir(run, step);
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let names = model.trainable();
+    let named = |prefix: &str, bufs: Vec<&B::Buf>| {
+        names.iter().zip(bufs).map(|((n, s), b)| (format!("{prefix}{n}"), s.clone(), be.to_f32(b))).collect::<Vec<_>>()
+    };
+    write_safetensors(&tmp.join("trainable.safetensors"), named("", model.trainable_tensors()), ExportDtype::F32)?;
+    let mut moments = named("m.", opt.m.iter().collect());
+    moments.extend(named("v.", opt.v.iter().collect()));
+    write_safetensors(&tmp.join("optimizer.safetensors"), moments, ExportDtype::F32)?;
+    write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    write_atomic(&run.join("checkpoints").join("latest"), format!("step-{step}\n").as_bytes())
+}
+
+/// Restores the newest checkpoint into `model` and `opt` and returns its state.
+pub fn load<B: Backend, S: DeserializeOwned>(
+    be: &B,
+    run: &Path,
+    model: &mut Qwen2<B>,
+    opt: &mut Optimizer<B>,
+) -> Result<S> {
+    let latest = run.join("checkpoints").join("latest");
+    let name = std::fs::read_to_string(&latest)
+        .with_context(|| format!("cannot resume: no checkpoint ({} is missing)", latest.display()))?;
+    let dir = run.join("checkpoints").join(name.trim());
+    let state: S = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("state.json"))
+            .with_context(|| format!("cannot read {}/state.json", dir.display()))?,
+    )
+    .with_context(|| format!("{}/state.json is corrupt", dir.display()))?;
+    let names = model.trainable();
+    let params = Checkpoint::open_files(&dir, &["trainable.safetensors".to_string()])?;
+    for ((n, s), buf) in names.iter().zip(model.trainable_mut()) {
+        *buf = be.upload(&params.get(n, s)?)?;
+    }
+    let moments = Checkpoint::open_files(&dir, &["optimizer.safetensors".to_string()])?;
+    for (i, (n, s)) in names.iter().enumerate() {
+        opt.m[i] = be.upload(&moments.get(&format!("m.{n}"), s)?)?;
+        opt.v[i] = be.upload(&moments.get(&format!("v.{n}"), s)?)?;
+    }
+    Ok(state)
+}
+
+/// Keeps the metrics lines whose `step` is at most `step` (dropping what a killed run wrote after
+/// its last checkpoint, including a half-written last line) and returns them. Any other
+/// unreadable line is an error rather than silently lost history.
+pub fn cut_metrics<M: DeserializeOwned + Serialize>(path: &Path, step: u64) -> Result<Vec<M>> {
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(path)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut kept = vec![];
+    for (i, line) in lines.iter().enumerate() {
+        let parsed = serde_json::from_str::<Value>(line)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| {
+                let s = v.get("step").and_then(Value::as_u64).context("no step field")?;
+                Ok((s, serde_json::from_value::<M>(v)?))
+            });
+        match parsed {
+            Ok((s, m)) if s <= step => kept.push(m),
+            Ok(_) => {}
+            Err(_) if i + 1 == lines.len() => {}
+            Err(e) => bail!("{}:{}: unreadable metrics line: {e}", path.display(), i + 1),
+        }
+    }
+    let mut out = String::new();
+    for m in &kept {
+        out.push_str(&serde_json::to_string(m)?);
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())?;
+    Ok(kept)
+}
