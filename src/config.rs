@@ -392,14 +392,19 @@ impl RlConfig {
                 );
             }
         }
-        if r.tasks_per_step == 0 || r.group_size == 0 || r.ppo_epochs == 0 || r.minibatches == 0 || r.batch_tokens == 0 {
+        if r.tasks_per_step == 0 || r.group_size == 0 || r.ppo_epochs == 0 || r.minibatches == 0 || r.batch_tokens == 0
+        {
             bail!("grpo: tasks_per_step, group_size, ppo_epochs, minibatches and batch_tokens must be positive");
         }
         if r.group_size < 2 {
             bail!("grpo.group_size must be at least 2: advantages compare episodes of one task");
         }
         if r.minibatches > r.tasks_per_step * r.group_size {
-            bail!("grpo.minibatches ({}) exceeds the episodes per step ({})", r.minibatches, r.tasks_per_step * r.group_size);
+            bail!(
+                "grpo.minibatches ({}) exceeds the episodes per step ({})",
+                r.minibatches,
+                r.tasks_per_step * r.group_size
+            );
         }
         crate::train::grpo::PgConfig { clip_low: r.clip_low, clip_high: r.clip_high, kl_beta: r.kl_beta }
             .validate()

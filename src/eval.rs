@@ -25,12 +25,12 @@ use crate::agent::remote::{Endpoint, LocalExpert, OpenAiPolicy, RemoteExpert};
 use crate::agent::sandbox::{best_isolation, Isolation, Limits, LocalSandbox};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::SamplingParams;
+use crate::generate::GenOptions;
 use crate::model::export::write_atomic;
 use crate::model::Qwen2;
 use crate::tasks::grade::{grade, GradeReport};
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
-use crate::generate::GenOptions;
 use crate::train::rollout::{serve_while, EngineClient};
 
 /// Which policy plays the agent.
@@ -38,7 +38,13 @@ use crate::train::rollout::{serve_while, EngineClient};
 pub enum PolicySpec {
     /// Protege's engine on an HF model directory (`context` overrides its length). Episodes
     /// share one batching engine.
-    Local { model: PathBuf, adapter: Option<PathBuf>, sampling: SamplingParams, max_new_tokens: usize, context: Option<usize> },
+    Local {
+        model: PathBuf,
+        adapter: Option<PathBuf>,
+        sampling: SamplingParams,
+        max_new_tokens: usize,
+        context: Option<usize>,
+    },
     /// Recorded replies: a JSON object mapping instance ids to lists of reply texts.
     Replay(PathBuf),
     /// A model behind an OpenAI-compatible server.
@@ -375,17 +381,17 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
         loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
-            let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), isolation, &hidden, scratch.path())
-            {
-                Ok((result, line)) => {
-                    let mut f = traj_file.lock().expect("lock");
-                    f.write_all(line.as_bytes())?;
-                    f.flush()?;
-                    result
-                }
-                // The task could not even start (sandbox, setup): recorded, the others go on.
-                Err(e) => TaskResult::failed(&task.instance_id, format!("{e:#}")),
-            };
+            let result =
+                match run_one(o, task, i, &engine, client, expert_model.as_ref(), isolation, &hidden, scratch.path()) {
+                    Ok((result, line)) => {
+                        let mut f = traj_file.lock().expect("lock");
+                        f.write_all(line.as_bytes())?;
+                        f.flush()?;
+                        result
+                    }
+                    // The task could not even start (sandbox, setup): recorded, the others go on.
+                    Err(e) => TaskResult::failed(&task.instance_id, format!("{e:#}")),
+                };
             let mut rs = results.lock().expect("lock");
             rs.push(result);
             let solved = rs.iter().filter(|r| r.resolved).count();

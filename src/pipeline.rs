@@ -136,8 +136,7 @@ impl Pipeline {
     /// Parses `text` as if it were the file `origin` (relative paths resolve against its
     /// directory).
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
-        let cfg: TrainConfig =
-            toml::from_str(text).with_context(|| format!("invalid config {}", origin.display()))?;
+        let cfg: TrainConfig = toml::from_str(text).with_context(|| format!("invalid config {}", origin.display()))?;
         // Absolute, so that stage configs can resolve their own relative paths again safely.
         let base = std::env::current_dir()?.join(origin.parent().unwrap_or(Path::new(".")));
         let mut run = cfg.run.clone();
@@ -260,8 +259,35 @@ fn stage_line(name: &str, what: &str) {
     eprintln!("\n== {name}: {what}");
 }
 
+fn has_pytest() -> bool {
+    std::process::Command::new("python3").args(["-m", "pytest", "--version"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Grading runs the tasks' tests with pytest: install it for the user when it is missing
+/// (announced; the same fallbacks as `.ci/run`), or say exactly what to do.
+fn ensure_pytest() -> Result<()> {
+    if has_pytest() {
+        return Ok(());
+    }
+    eprintln!("grading needs pytest, which is not installed: running `python3 -m pip install --user pytest`");
+    for extra in [&[][..], &["--break-system-packages"][..]] {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--user", "pytest"])
+            .args(extra)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok && has_pytest() {
+            return Ok(());
+        }
+    }
+    bail!("grading needs pytest and it could not be installed; install it (python3 -m pip install --user pytest) and run again")
+}
+
 /// Runs the pipeline; returns the eval summaries by model name.
 pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
+    if p.synth.is_some() || p.rl.is_some() || p.eval.is_some() {
+        ensure_pytest()?;
+    }
     std::fs::create_dir_all(&p.dir).with_context(|| format!("cannot create {}", p.dir.display()))?;
     crate::model::export::write_atomic(&p.dir.join("config.toml"), p.text.as_bytes())?;
     eprintln!("protege train: run directory {}", p.dir.display());
@@ -289,7 +315,12 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
                 sum.steps_per_accepted
             );
             if sum.accepted == 0 {
-                bail!("synthesis accepted no trajectory; nothing to fine-tune on ({})", dir.display());
+                bail!(
+                    "synthesis accepted no trajectory (rejections: {:?}); nothing to fine-tune on. The attempts and \
+                     their grading logs are in {}",
+                    sum.rejected,
+                    dir.join("attempts.jsonl").display()
+                );
             }
         }
     }
@@ -302,7 +333,12 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
             let resume = dir.join("checkpoints/latest").exists();
             let out = crate::train::sft::run_sft(s, &toml::to_string(s)?, resume, None)?;
             if let Some(m) = out.metrics.last() {
-                eprintln!("   step {}: loss {:.4}{}", m.step, m.loss, m.eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default());
+                eprintln!(
+                    "   step {}: loss {:.4}{}",
+                    m.step,
+                    m.loss,
+                    m.eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default()
+                );
             }
         }
     }
@@ -379,7 +415,8 @@ pub fn comparison(s: &[(String, Summary)]) -> String {
     t += "\n|---|";
     t += &"---|".repeat(s.len());
     t += "\n";
-    let rows: [(&str, &dyn Fn(&Summary) -> String); 7] = [
+    type Row<'a> = (&'a str, &'a dyn Fn(&Summary) -> String);
+    let rows: [Row; 7] = [
         ("tasks", &|x| x.tasks.to_string()),
         ("Pass@1", &|x| format!("{:.1}%", 100.0 * x.pass_at_1)),
         ("expert calls / task", &|x| format!("{:.2}", x.expert_calls_per_task)),

@@ -47,8 +47,14 @@ fn series(rows: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-const COLORS: [RGBColor; 6] =
-    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 
 /// A line chart of `lines` (name, points) to `path`.
 pub fn line_chart(path: &Path, title: &str, y_label: &str, lines: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
@@ -128,7 +134,8 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     let mut plots = vec![];
 
     if let Some(p) = find(run, "synth", "summary.json") {
-        let s: Value = serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{} is corrupt", p.display()))?;
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)
+            .with_context(|| format!("{} is corrupt", p.display()))?;
         md += &format!(
             "## Synthesis\n\nagent: {}\n\nexpert: {}\n\n| tasks | attempts | accepted | accept rate | expert calls / accepted | steps / accepted |\n|---|---|---|---|---|---|\n| {} | {} | {} | {:.0}% | {:.2} | {:.1} |\n\n",
             s["agent"].as_str().unwrap_or("?"),
@@ -146,7 +153,12 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     let sft: Vec<Value> = sft.into_iter().filter(|v| v.get("reward").is_none()).collect();
     if !sft.is_empty() {
         let png = out.join("sft_loss.png");
-        line_chart(&png, "SFT loss", "loss (nats / token)", &[("train", series(&sft, "loss")), ("eval", series(&sft, "eval_loss"))])?;
+        line_chart(
+            &png,
+            "SFT loss",
+            "loss (nats / token)",
+            &[("train", series(&sft, "loss")), ("eval", series(&sft, "eval_loss"))],
+        )?;
         plots.push(png);
         let (a, b) = (&sft[0], &sft[sft.len() - 1]);
         md += &format!(
@@ -160,12 +172,53 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     let rl = find(run, "rl", "metrics.jsonl").map(|p| read_jsonl(&p)).transpose()?.unwrap_or_default();
     let rl: Vec<Value> = rl.into_iter().filter(|v| v.get("reward").is_some()).collect();
     if !rl.is_empty() {
-        let charts: [(&str, &str, &str, &[(&str, &str)]); 5] = [
-            ("rl_reward.png", "RL reward and its components", "reward", &[("R_total", "reward"), ("R_loop", "r_loop"), ("R_follow", "r_follow"), ("R_other", "r_other")]),
-            ("rl_behaviour.png", "Resolved and looping episodes", "fraction of episodes", &[("resolve rate", "resolve_rate"), ("looping rate", "looping_rate"), ("expert token share", "expert_token_share")]),
-            ("rl_expert.png", "Expert use and episode length", "per episode", &[("expert calls", "expert_calls"), ("steps", "steps_per_episode"), ("longest run", "longest_run")]),
-            ("rl_optim.png", "Optimisation", "value", &[("KL", "kl"), ("clip fraction", "clip_frac"), ("entropy (est.)", "entropy"), ("grad norm", "grad_norm")]),
-            ("rl_time.png", "Time per step", "seconds", &[("generation", "gen_s"), ("tools (sum)", "tools_s"), ("training", "train_s"), ("rollout wall", "rollout_wall_s")]),
+        // (file, title, y label, [(legend, metrics key)]).
+        type Chart<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+        let charts: [Chart; 5] = [
+            (
+                "rl_reward.png",
+                "RL reward and its components",
+                "reward",
+                &[("R_total", "reward"), ("R_loop", "r_loop"), ("R_follow", "r_follow"), ("R_other", "r_other")],
+            ),
+            (
+                "rl_behaviour.png",
+                "Resolved and looping episodes",
+                "fraction of episodes",
+                &[
+                    ("resolve rate", "resolve_rate"),
+                    ("looping rate", "looping_rate"),
+                    ("expert token share", "expert_token_share"),
+                ],
+            ),
+            (
+                "rl_expert.png",
+                "Expert use and episode length",
+                "per episode",
+                &[("expert calls", "expert_calls"), ("steps", "steps_per_episode"), ("longest run", "longest_run")],
+            ),
+            (
+                "rl_optim.png",
+                "Optimisation",
+                "value",
+                &[
+                    ("KL", "kl"),
+                    ("clip fraction", "clip_frac"),
+                    ("entropy (est.)", "entropy"),
+                    ("grad norm", "grad_norm"),
+                ],
+            ),
+            (
+                "rl_time.png",
+                "Time per step",
+                "seconds",
+                &[
+                    ("generation", "gen_s"),
+                    ("tools (sum)", "tools_s"),
+                    ("training", "train_s"),
+                    ("rollout wall", "rollout_wall_s"),
+                ],
+            ),
         ];
         md += "## RL\n\n";
         for (file, title, y, keys) in charts {
@@ -223,7 +276,10 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         }
     }
     if plots.is_empty() && !md.contains("## ") {
-        bail!("{} holds no metrics to report (synth/summary.json, sft or rl metrics.jsonl, eval/*/summary.json)", run.display());
+        bail!(
+            "{} holds no metrics to report (synth/summary.json, sft or rl metrics.jsonl, eval/*/summary.json)",
+            run.display()
+        );
     }
     let path = run.join("report.md");
     write_atomic(&path, md.as_bytes())?;

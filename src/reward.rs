@@ -2,12 +2,17 @@
 //! component is returned in a [`RewardBreakdown`] so that it can be logged.
 //!
 //! ```text
-//! R_total  = R_loop + w_follow * R_follow + g_loop * g_follow * R_other
+//! R_total  = R_loop + R_format + w_follow * R_follow + g_loop * g_follow * R_other
 //! R_other  = R_correct + w_sim * R_sim + w_expert * R_expert
 //! R_expert = R_warrant + R_b2b + R_quota
 //! ```
 //!
 //! - `R_loop`: the loop detector's penalty (runs of one base command, [`crate::agent::loops`]).
+//! - `R_format`: `format_exit` when the episode ended on malformed replies (no valid tool
+//!   call, `max_format_errors` times in a row), else `format_penalty` per malformed reply:
+//!   protege's addition. The paper's formula has no such term, and without it an episode that
+//!   ends early on malformed replies scores above one that loops, so RL on a weak policy learns
+//!   to break its format; set both to 0 for the paper's reward.
 //! - `R_correct` ∈ {0, 1}: the hidden tests pass (graded in a fresh copy).
 //! - `R_sim`: for an unresolved episode, 0 when its patch is at least `sim_threshold` similar to
 //!   the gold patch, else −1 (0 for resolved episodes).
@@ -159,6 +164,11 @@ pub struct RewardConfig {
     pub sim_threshold: f64,
     /// λ_b2b (≤ 0): R_b2b = max(−1, λ_b2b · back-to-back calls).
     pub b2b_lambda: f64,
+    /// Per reply without a valid tool call (≤ 0).
+    pub format_penalty: f64,
+    /// R_format of an episode that ended on malformed replies (≤ 0; as bad as the worst loop
+    /// by default, so that breaking the format is no escape from the loop penalty).
+    pub format_exit: f64,
     pub warrant: WarrantConfig,
     pub quota: QuotaConfig,
     pub follow: FollowConfig,
@@ -176,6 +186,8 @@ impl Default for RewardConfig {
             w_expert: 0.0,
             sim_threshold: 0.5,
             b2b_lambda: -0.5,
+            format_penalty: -0.5,
+            format_exit: -10.0,
             warrant: WarrantConfig::default(),
             quota: QuotaConfig::default(),
             follow: FollowConfig::default(),
@@ -194,6 +206,8 @@ impl RewardConfig {
             self.w_expert,
             self.sim_threshold,
             self.b2b_lambda,
+            self.format_penalty,
+            self.format_exit,
             self.warrant.threshold,
             self.warrant.p_low,
             self.quota.no_call_penalty,
@@ -209,12 +223,14 @@ impl RewardConfig {
             bail!("reward: every constant must be a finite number");
         }
         if self.b2b_lambda > 0.0
+            || self.format_penalty > 0.0
+            || self.format_exit > 0.0
             || self.warrant.p_low > 0.0
             || self.follow.p_low > 0.0
             || self.quota.no_call_penalty > 0.0
             || self.quota.over_penalty > 0.0
         {
-            bail!("reward: b2b_lambda, warrant.p_low, follow.p_low, quota.no_call_penalty and quota.over_penalty are penalties and must be <= 0");
+            bail!("reward: b2b_lambda, format_penalty, format_exit, warrant.p_low, follow.p_low, quota.no_call_penalty and quota.over_penalty are penalties and must be <= 0");
         }
         if self.loops.floor > 0.0 || self.loops.lambda < 0.0 {
             bail!("reward.loops: floor must be <= 0 and lambda >= 0");
@@ -223,7 +239,11 @@ impl RewardConfig {
             bail!("reward.sim_threshold must be in [0, 1], got {}", self.sim_threshold);
         }
         if self.gate_loop.half_at > self.gate_loop.zero_at {
-            bail!("reward.gate_loop: half_at ({}) must not exceed zero_at ({})", self.gate_loop.half_at, self.gate_loop.zero_at);
+            bail!(
+                "reward.gate_loop: half_at ({}) must not exceed zero_at ({})",
+                self.gate_loop.half_at,
+                self.gate_loop.zero_at
+            );
         }
         if self.gate_follow.zero_below > self.gate_follow.half_below {
             bail!("reward.gate_follow: zero_below must not exceed half_below");
@@ -328,7 +348,11 @@ fn is_edit(s: &Step) -> bool {
 
 fn failed(s: &Step) -> bool {
     let o = &s.observation;
-    o.contains("[exit code ") || o.contains("Traceback (most recent call last)") || o.starts_with("Error") || o.contains("No replacement was performed") || o.contains("did not appear")
+    o.contains("[exit code ")
+        || o.contains("Traceback (most recent call last)")
+        || o.starts_with("Error")
+        || o.contains("No replacement was performed")
+        || o.contains("did not appear")
 }
 
 fn step_text(s: &Step) -> String {
@@ -349,11 +373,17 @@ pub fn advice_targets(advice: &str) -> (Vec<String>, Vec<String>) {
             continue;
         }
         let last = t.rsplit('/').next().unwrap_or(t);
-        if t.ends_with(".py") || (t.contains('/') && !t.contains(' ')) || (last.contains('.') && last.len() > 3 && !t.contains(' ') && !t.contains('(')) {
+        if t.ends_with(".py")
+            || (t.contains('/') && !t.contains(' '))
+            || (last.contains('.') && last.len() > 3 && !t.contains(' ') && !t.contains('('))
+        {
             files.push(t.trim_start_matches("./").to_string());
         } else {
             // `def name(args):` names a function: its name is what the agent would touch.
-            let name = t.strip_prefix("def ").or_else(|| t.strip_prefix("class ")).map(|r| r.split(['(', ':']).next().unwrap_or(r).trim());
+            let name = t
+                .strip_prefix("def ")
+                .or_else(|| t.strip_prefix("class "))
+                .map(|r| r.split(['(', ':']).next().unwrap_or(r).trim());
             code.push(name.unwrap_or(t).to_string());
         }
     }
@@ -388,7 +418,11 @@ impl HeuristicJudge {
         let mentions = |s: &Step, names: &[String]| {
             let text = step_text(s);
             let path = s.args.get("path").and_then(Value::as_str).unwrap_or("");
-            names.iter().any(|n| text.contains(n.as_str()) || (!path.is_empty() && (path.ends_with(n.as_str()) || n.ends_with(path.trim_start_matches("/repo/")))))
+            names.iter().any(|n| {
+                text.contains(n.as_str())
+                    || (!path.is_empty()
+                        && (path.ends_with(n.as_str()) || n.ends_with(path.trim_start_matches("/repo/"))))
+            })
         };
         let edited = |s: &Step| is_edit(s) && (files.is_empty() || mentions(s, &files));
         if after.iter().any(edited) {
@@ -458,8 +492,10 @@ impl Judge for ExpertJudge {
             let query = st[i].args.get("query").and_then(Value::as_str).unwrap_or("");
             let m = st[i].message;
             let recent = &messages[m.saturating_sub(self.context_messages)..m];
-            let recent_text: String =
-                recent.iter().map(|m| format!("[{}] {}\n", m.role.as_str(), m.text().chars().take(1500).collect::<String>())).collect();
+            let recent_text: String = recent
+                .iter()
+                .map(|m| format!("[{}] {}\n", m.role.as_str(), m.text().chars().take(1500).collect::<String>()))
+                .collect();
             let warrant_q = format!(
                 "The issue:\n{}\n\nThe agent's last messages:\n{recent_text}\nThe agent now asks the expert:\n{query}\n\n\
                  Was asking warranted? 1 = the agent was stalled or genuinely uncertain and the question is specific; \
@@ -501,7 +537,9 @@ fn changed_tokens(patch: &str) -> Vec<String> {
     let mut out = vec![];
     for l in patch.lines() {
         if l.starts_with("+++") || l.starts_with("---") {
-            out.push(l.trim_start_matches(['+', '-', ' ']).trim_start_matches("a/").trim_start_matches("b/").to_string());
+            out.push(
+                l.trim_start_matches(['+', '-', ' ']).trim_start_matches("a/").trim_start_matches("b/").to_string(),
+            );
             continue;
         }
         let Some(body) = l.strip_prefix('+').map(|b| ("+", b)).or_else(|| l.strip_prefix('-').map(|b| ("-", b))) else {
@@ -545,6 +583,7 @@ pub fn patch_similarity(a: &str, b: &str) -> f64 {
 pub struct RewardBreakdown {
     pub total: f64,
     pub r_loop: f64,
+    pub r_format: f64,
     pub r_follow: f64,
     pub r_other: f64,
     pub r_correct: f64,
@@ -569,11 +608,22 @@ pub struct Outcome<'a> {
     pub patch: &'a str,
     pub gold_patch: &'a str,
     pub resolved: bool,
+    /// Replies without a valid tool call.
+    pub format_errors: usize,
+    /// The episode ended on them.
+    pub format_exit: bool,
 }
 
 impl<'a> Outcome<'a> {
     pub fn of(ep: &'a Episode, task: &'a TaskInstance, resolved: bool) -> Self {
-        Self { actions: &ep.actions, patch: &ep.patch, gold_patch: &task.patch, resolved }
+        Self {
+            actions: &ep.actions,
+            patch: &ep.patch,
+            gold_patch: &task.patch,
+            resolved,
+            format_errors: ep.format_errors,
+            format_exit: ep.exit_status == crate::agent::episode::ExitStatus::FormatErrors,
+        }
     }
 }
 
@@ -609,16 +659,19 @@ pub fn reward(cfg: &RewardConfig, o: &Outcome, calls: &[CallScore]) -> RewardBre
         g if loops.longest_run >= g.half_at => 0.5,
         _ => 1.0,
     };
-    let mean_follow = if judged.is_empty() { None } else { Some(judged.iter().map(|c| c.follow).sum::<f64>() / judged.len() as f64) };
+    let mean_follow =
+        if judged.is_empty() { None } else { Some(judged.iter().map(|c| c.follow).sum::<f64>() / judged.len() as f64) };
     let g_follow = match (cfg.gate_follow, mean_follow) {
         (g, Some(f)) if g.enabled && f < g.zero_below => 0.0,
         (g, Some(f)) if g.enabled && f < g.half_below => 0.5,
         _ => 1.0,
     };
     let r_other = r_correct + cfg.w_sim * r_sim + cfg.w_expert * r_expert;
+    let r_format = if o.format_exit { cfg.format_exit } else { cfg.format_penalty * o.format_errors as f64 };
     RewardBreakdown {
-        total: loops.penalty + cfg.w_follow * r_follow + g_loop * g_follow * r_other,
+        total: loops.penalty + r_format + cfg.w_follow * r_follow + g_loop * g_follow * r_other,
         r_loop: loops.penalty,
+        r_format,
         r_follow,
         r_other,
         r_correct,
@@ -674,8 +727,22 @@ mod tests {
     #[test]
     fn resolved_clean_episode_earns_one() {
         let acts = [bash("ls"), bash("cat a.py"), Action::Submit];
-        let r = reward(&RewardConfig::default(), &Outcome { actions: &acts, patch: GOLD, gold_patch: GOLD, resolved: true }, &[]);
-        assert_eq!((r.total, r.r_loop, r.r_follow, r.r_other, r.r_correct, r.r_sim, r.g_loop, r.g_follow), (1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0));
+        let r = reward(
+            &RewardConfig::default(),
+            &Outcome {
+                actions: &acts,
+                patch: GOLD,
+                gold_patch: GOLD,
+                resolved: true,
+                format_errors: 0,
+                format_exit: false,
+            },
+            &[],
+        );
+        assert_eq!(
+            (r.total, r.r_loop, r.r_follow, r.r_other, r.r_correct, r.r_sim, r.g_loop, r.g_follow),
+            (1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0)
+        );
         assert!(close(r.similarity, 1.0));
     }
 
@@ -683,7 +750,14 @@ mod tests {
     fn a_correct_patch_cannot_hide_looping() {
         // 20 x ls: R_loop = -0.5 * (20 - 15 + 1) = -3; the run reaches zero_at 16, so g_loop = 0.
         let acts = [vec![bash("ls"); 20], vec![Action::Submit]].concat();
-        let o = Outcome { actions: &acts, patch: GOLD, gold_patch: GOLD, resolved: true };
+        let o = Outcome {
+            actions: &acts,
+            patch: GOLD,
+            gold_patch: GOLD,
+            resolved: true,
+            format_errors: 0,
+            format_exit: false,
+        };
         let r = reward(&RewardConfig::default(), &o, &[]);
         assert_eq!((r.r_loop, r.g_loop, r.total, r.longest_run, r.looping), (-3.0, 0.0, -3.0, 20, true));
         // A run of 12 is free of penalty (below k1) but halves R_other (half_at 11).
@@ -701,14 +775,47 @@ mod tests {
         let acts = [bash("ls"), Action::Submit];
         let cfg = RewardConfig::default();
         // Far from the gold patch: R_sim = -1, R_other = 0.5 * -1.
-        let r = reward(&cfg, &Outcome { actions: &acts, patch: OTHER, gold_patch: GOLD, resolved: false }, &[]);
+        let r = reward(
+            &cfg,
+            &Outcome {
+                actions: &acts,
+                patch: OTHER,
+                gold_patch: GOLD,
+                resolved: false,
+                format_errors: 0,
+                format_exit: false,
+            },
+            &[],
+        );
         assert_eq!((r.r_correct, r.r_sim, r.r_other, r.total), (0.0, -1.0, -0.5, -0.5));
         assert!(r.similarity < 0.5, "{}", r.similarity);
         // The right change that failed for another reason is similar enough: no R_sim penalty.
-        let r = reward(&cfg, &Outcome { actions: &acts, patch: GOLD, gold_patch: GOLD, resolved: false }, &[]);
+        let r = reward(
+            &cfg,
+            &Outcome {
+                actions: &acts,
+                patch: GOLD,
+                gold_patch: GOLD,
+                resolved: false,
+                format_errors: 0,
+                format_exit: false,
+            },
+            &[],
+        );
         assert_eq!((r.r_sim, r.total), (0.0, 0.0));
         // No patch at all is dissimilar.
-        let r = reward(&cfg, &Outcome { actions: &acts, patch: "", gold_patch: GOLD, resolved: false }, &[]);
+        let r = reward(
+            &cfg,
+            &Outcome {
+                actions: &acts,
+                patch: "",
+                gold_patch: GOLD,
+                resolved: false,
+                format_errors: 0,
+                format_exit: false,
+            },
+            &[],
+        );
         assert_eq!(r.r_sim, -1.0);
     }
 
@@ -716,9 +823,27 @@ mod tests {
     fn expert_terms_follow_the_formula() {
         let cfg = stage2();
         // ls, ask, ask (back to back), edit, ask, submit.
-        let acts = [bash("ls"), Action::AskExpert, Action::AskExpert, bash("sed -i s/a/b/ x.py"), Action::AskExpert, Action::Submit];
+        let acts = [
+            bash("ls"),
+            Action::AskExpert,
+            Action::AskExpert,
+            bash("sed -i s/a/b/ x.py"),
+            Action::AskExpert,
+            Action::Submit,
+        ];
         let calls = [call(1, 0.2, 0.2), call(2, 1.0, 0.9), call(4, 1.0, 0.7)];
-        let r = reward(&cfg, &Outcome { actions: &acts, patch: GOLD, gold_patch: GOLD, resolved: true }, &calls);
+        let r = reward(
+            &cfg,
+            &Outcome {
+                actions: &acts,
+                patch: GOLD,
+                gold_patch: GOLD,
+                resolved: true,
+                format_errors: 0,
+                format_exit: false,
+            },
+            &calls,
+        );
         // R_warrant: mean(-1, 0, 0) = -1/3; R_b2b = max(-1, -0.5 * 1); no quota term.
         assert!(close(r.r_warrant, -1.0 / 3.0), "{}", r.r_warrant);
         assert_eq!((r.back_to_back, r.r_b2b, r.r_quota, r.expert_calls), (1, -0.5, 0.0, 3));
@@ -736,11 +861,33 @@ mod tests {
             follow: FollowConfig { aggregate: Aggregate::Min, ..Default::default() },
             ..stage2()
         };
-        let r = reward(&cfg_min, &Outcome { actions: &acts, patch: GOLD, gold_patch: GOLD, resolved: true }, &calls);
+        let r = reward(
+            &cfg_min,
+            &Outcome {
+                actions: &acts,
+                patch: GOLD,
+                gold_patch: GOLD,
+                resolved: true,
+                format_errors: 0,
+                format_exit: false,
+            },
+            &calls,
+        );
         assert_eq!((r.r_warrant, r.r_follow), (-1.0, -2.0));
         // Five back-to-back calls are capped at -1.
         let acts = [vec![Action::AskExpert; 6], vec![Action::Submit]].concat();
-        let r = reward(&cfg, &Outcome { actions: &acts, patch: GOLD, gold_patch: GOLD, resolved: true }, &[]);
+        let r = reward(
+            &cfg,
+            &Outcome {
+                actions: &acts,
+                patch: GOLD,
+                gold_patch: GOLD,
+                resolved: true,
+                format_errors: 0,
+                format_exit: false,
+            },
+            &[],
+        );
         assert_eq!(r.r_b2b, -1.0);
     }
 
@@ -748,7 +895,14 @@ mod tests {
     fn follow_gate_and_the_no_call_penalty() {
         let cfg = stage2();
         let acts = [bash("ls"), Action::AskExpert, bash("ls -la"), Action::AskExpert, Action::Submit];
-        let o = Outcome { actions: &acts, patch: GOLD, gold_patch: GOLD, resolved: true };
+        let o = Outcome {
+            actions: &acts,
+            patch: GOLD,
+            gold_patch: GOLD,
+            resolved: true,
+            format_errors: 0,
+            format_exit: false,
+        };
         // Judged calls (all but the last) followed at 0.4: half gate; at 0.1: closed.
         let r = reward(&cfg, &o, &[call(1, 1.0, 0.4), call(3, 1.0, 1.0)]);
         assert_eq!((r.g_follow, r.r_follow), (0.5, -2.0));
@@ -762,7 +916,8 @@ mod tests {
         assert_eq!((r.r_quota, r.r_expert), (-10.0, -10.0));
         assert!(close(r.total, 1.0 + 0.3 * -10.0));
         // Calls over a quota cost over_penalty each.
-        let cfg_q = RewardConfig { quota: QuotaConfig { max_calls: 1, over_penalty: -0.25, ..Default::default() }, ..stage2() };
+        let cfg_q =
+            RewardConfig { quota: QuotaConfig { max_calls: 1, over_penalty: -0.25, ..Default::default() }, ..stage2() };
         let r = reward(&cfg_q, &o, &[call(1, 1.0, 1.0), call(3, 1.0, 1.0)]);
         assert_eq!(r.r_quota, -0.25);
     }
@@ -786,7 +941,8 @@ mod tests {
         HeuristicJudge::default().judge(&task, messages).unwrap().calls
     }
 
-    const ADVICE: &str = "Look at `calc/ops.py`, in `def clamp(x, lo, hi):`, around line 12. The `>=` there should be `>`.";
+    const ADVICE: &str =
+        "Look at `calc/ops.py`, in `def clamp(x, lo, hi):`, around line 12. The `>=` there should be `>`.";
 
     #[test]
     fn heuristic_judge_scores_warrant_and_follow_through() {
@@ -799,7 +955,10 @@ mod tests {
                 tool("calc tests"),
                 assistant("ask_expert", json!({"query": "where?"})),
                 tool(ADVICE),
-                assistant("str_replace_editor", json!({"command": "str_replace", "path": "/repo/calc/ops.py", "old_str": "a", "new_str": "b"})),
+                assistant(
+                    "str_replace_editor",
+                    json!({"command": "str_replace", "path": "/repo/calc/ops.py", "old_str": "a", "new_str": "b"}),
+                ),
                 tool("edited"),
                 assistant("submit", json!({})),
             ],
@@ -841,8 +1000,31 @@ mod tests {
     }
 
     #[test]
+    fn malformed_replies_cost_and_ending_on_them_costs_the_most() {
+        let acts = [bash("ls")];
+        let o = |n, exit| Outcome {
+            actions: &acts,
+            patch: "",
+            gold_patch: GOLD,
+            resolved: false,
+            format_errors: n,
+            format_exit: exit,
+        };
+        let cfg = RewardConfig { w_sim: 0.0, ..Default::default() };
+        assert_eq!(reward(&cfg, &o(0, false), &[]).r_format, 0.0);
+        assert_eq!((reward(&cfg, &o(2, false), &[]).r_format, reward(&cfg, &o(2, false), &[]).total), (-1.0, -1.0));
+        // Ending the episode on malformed replies is as bad as the worst loop.
+        assert_eq!(reward(&cfg, &o(3, true), &[]).r_format, -10.0);
+        let paper = RewardConfig { format_penalty: 0.0, format_exit: 0.0, ..cfg };
+        assert_eq!(reward(&paper, &o(3, true), &[]).total, 0.0);
+    }
+
+    #[test]
     fn helpers() {
-        assert_eq!(advice_targets(ADVICE), (vec!["calc/ops.py".to_string()], vec!["clamp".to_string(), ">=".to_string(), ">".to_string()]));
+        assert_eq!(
+            advice_targets(ADVICE),
+            (vec!["calc/ops.py".to_string()], vec!["clamp".to_string(), ">=".to_string(), ">".to_string()])
+        );
         assert_eq!(parse_score("{\"score\": 0.75, \"reason\": \"ok\"}"), Some(0.75));
         assert_eq!(parse_score("I'd say 3"), Some(1.0));
         assert_eq!(parse_score("no idea"), None);

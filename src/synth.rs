@@ -152,10 +152,11 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
     }
     let previous = read_attempts(&attempts_path)?;
     let done: HashSet<(String, usize)> = previous.iter().map(|a| (a.task_id.clone(), a.attempt)).collect();
-    let accepted_before: BTreeMap<String, usize> = previous.iter().filter(|a| a.accepted).fold(BTreeMap::new(), |mut m, a| {
-        *m.entry(a.task_id.clone()).or_insert(0) += 1;
-        m
-    });
+    let accepted_before: BTreeMap<String, usize> =
+        previous.iter().filter(|a| a.accepted).fold(BTreeMap::new(), |mut m, a| {
+            *m.entry(a.task_id.clone()).or_insert(0) += 1;
+            m
+        });
     if resume && !previous.is_empty() {
         eprintln!("synth: resuming after {} attempts", previous.len());
     }
@@ -183,8 +184,10 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
     let expert_model = prepare_expert(&expert_spec)?;
     let isolation = best_isolation();
     let scratch = tempfile::Builder::new().prefix("protege-synth-").tempdir()?;
-    let suite_dir = if cfg.suite.is_dir() { cfg.suite.clone() } else { cfg.suite.parent().unwrap_or(Path::new(".")).to_path_buf() };
-    let hidden: Vec<PathBuf> = vec![std::fs::canonicalize(&suite_dir)?, std::fs::canonicalize(&run)?, scratch.path().to_path_buf()];
+    let suite_dir =
+        if cfg.suite.is_dir() { cfg.suite.clone() } else { cfg.suite.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let hidden: Vec<PathBuf> =
+        vec![std::fs::canonicalize(&suite_dir)?, std::fs::canonicalize(&run)?, scratch.path().to_path_buf()];
 
     // Attempt-major order, so that every task gets its first try before any gets a second.
     let jobs: Vec<(usize, usize)> = (0..cfg.attempts)
@@ -196,7 +199,9 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
     let new_attempts: Mutex<Vec<Attempt>> = Mutex::new(vec![]);
     let next = AtomicUsize::new(0);
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} attempts, ETA {eta} | {msg}").expect("template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} attempts, ETA {eta} | {msg}").expect("template"),
+    );
     let worker = || -> Result<()> {
         loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
@@ -207,7 +212,19 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
                 bar.inc(1);
                 continue;
             }
-            let a = attempt_one(cfg, task, attempt, i, &agent, &agent_name, &expert_spec, expert_model.as_ref(), isolation, &hidden, scratch.path())?;
+            let a = attempt_one(
+                cfg,
+                task,
+                attempt,
+                i,
+                &agent,
+                &agent_name,
+                &expert_spec,
+                expert_model.as_ref(),
+                isolation,
+                &hidden,
+                scratch.path(),
+            )?;
             if a.accepted {
                 *accepted.lock().expect("lock").entry(task.instance_id.clone()).or_insert(0) += 1;
             }

@@ -28,8 +28,7 @@ fn grpo_loss_and_gradients_match_pytorch() {
     let pg = PgConfig { clip_low: h[0] as f64, clip_high: h[1] as f64, kl_beta: h[2] as f64 };
     let rewards: Vec<f64> = t.f32s("rewards").0.iter().map(|&r| r as f64).collect();
     let group = t.i64s("group");
-    let groups: Vec<Vec<usize>> =
-        (0..2).map(|g| (0..group.len()).filter(|&i| group[i] == g).collect()).collect();
+    let groups: Vec<Vec<usize>> = (0..2).map(|g| (0..group.len()).filter(|&i| group[i] == g).collect()).collect();
     let adv = advantages(&rewards, &groups, AdvantageMode::MeanStd);
     for (a, b) in adv.iter().zip(&t.f32s("adv").0) {
         assert!((*a as f32 - b).abs() < 1e-5, "advantage {a} vs {b}");
@@ -38,7 +37,11 @@ fn grpo_loss_and_gradients_match_pytorch() {
     let mut at = 0;
     for n in t.i64s("seq_lens") {
         let n = n as usize;
-        let mut s = PolicySeq::new(ids[at..at + n].to_vec(), policy[at..at + n].iter().map(|&p| p != 0).collect(), adv[seqs.len()]);
+        let mut s = PolicySeq::new(
+            ids[at..at + n].to_vec(),
+            policy[at..at + n].iter().map(|&p| p != 0).collect(),
+            adv[seqs.len()],
+        );
         s.old_logp = Some(old[at..at + n].to_vec());
         s.ref_logp = Some(reference[at..at + n].to_vec());
         seqs.push(s);
@@ -47,14 +50,17 @@ fn grpo_loss_and_gradients_match_pytorch() {
     let refs: Vec<&PolicySeq> = seqs.iter().collect();
     let counts: Vec<usize> = seqs.iter().map(|s| s.policy_tokens).collect();
     let mut clipped = 0;
-    for (agg, name) in
-        [(LossAgg::TokenMean, "token-mean"), (LossAgg::SeqMeanTokenSum, "seq-mean-token-sum"), (LossAgg::SeqMeanTokenMean, "seq-mean-token-mean")]
-    {
+    for (agg, name) in [
+        (LossAgg::TokenMean, "token-mean"),
+        (LossAgg::SeqMeanTokenSum, "seq-mean-token-sum"),
+        (LossAgg::SeqMeanTokenMean, "seq-mean-token-mean"),
+    ] {
         let weights = token_weights(&counts, agg);
         // One micro-batch, then micro-batches of at most 40 tokens (gradients accumulate).
         for batch_tokens in [1 << 20, 40] {
             let mut grads = Grads::zeros_for(&be, &model);
-            let st = policy_gradient(&be, &model, &refs, &weights, &pg, temperature, batch_tokens, false, &mut grads).unwrap();
+            let st = policy_gradient(&be, &model, &refs, &weights, &pg, temperature, batch_tokens, false, &mut grads)
+                .unwrap();
             let want_loss = t.f32s(&format!("loss.{name}")).0[0];
             assert!((st.loss as f32 - want_loss).abs() < 1e-5, "{name}: loss {} vs {want_loss}", st.loss);
             clipped = st.clipped_low.min(st.clipped_high);
@@ -71,7 +77,10 @@ fn grpo_loss_and_gradients_match_pytorch() {
                 let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
                 worst = worst.max(err);
                 compared += 1;
-                assert!(err <= RTOL, "{name} ({batch_tokens} tokens per micro-batch): {pname}: relative error {err:.2e}");
+                assert!(
+                    err <= RTOL,
+                    "{name} ({batch_tokens} tokens per micro-batch): {pname}: relative error {err:.2e}"
+                );
             }
             assert!(compared >= 3, "{name}: only {compared} gradients compared");
             println!("{name}, {batch_tokens} tokens per micro-batch: loss {:.6}, worst relative gradient error {worst:.2e} over {compared} tensors", st.loss);

@@ -211,3 +211,42 @@ fn stop_strings_end_generation_once_the_text_contains_them() {
     let req = Request { stop_strings: vec!["x".into()], ..Request::greedy(prompt.clone(), 4) };
     assert!(generate(&be, &model, &[req], None, &GenOptions::default(), |_, _| {}).is_err());
 }
+
+#[test]
+fn multi_turn_sessions_reuse_their_cache_and_generate_the_same() {
+    // A session's second turn extends the first turn's prompt and reply: it prefills only the
+    // new tokens and continues exactly as a fresh request for the whole prompt would.
+    use protege::generate::Batcher;
+    let (be, model) = load("tiny");
+    let cases = greedy_cases("tiny");
+    let (prompt, _) = &cases[0];
+    let run = |b: &mut Batcher<'_, _>, r: Request, session: Option<u64>| {
+        let id = b.admit_session(r, session).unwrap();
+        loop {
+            if let Some((_, c)) = b.step(|_, _| {}).unwrap().into_iter().find(|(i, _)| *i == id) {
+                return c.tokens;
+            }
+        }
+    };
+    let mut b = Batcher::new(&be, &model, None, 1024, &GenOptions::default());
+    let first = run(&mut b, Request::greedy(prompt.clone(), 6), Some(7));
+    // Turn two: the reply and an "observation" appended.
+    let second_prompt: Vec<u32> = prompt.iter().chain(&first).chain(&[5, 6, 7, 8]).copied().collect();
+    let reused_before = b.stats.reused_tokens;
+    let second = run(&mut b, Request::greedy(second_prompt.clone(), 8), Some(7));
+    assert_eq!(b.stats.reused_tokens - reused_before, prompt.len() + first.len() - 1);
+    let mut fresh = Batcher::new(&be, &model, None, 1024, &GenOptions::default());
+    assert_eq!(second, run(&mut fresh, Request::greedy(second_prompt.clone(), 8), None));
+    // A prompt that does not extend the parked cache starts over; releasing frees the blocks.
+    let other: Vec<u32> = second_prompt.iter().rev().copied().collect();
+    let before = b.stats.reused_tokens;
+    run(&mut b, Request::greedy(other, 2), Some(7));
+    assert_eq!(b.stats.reused_tokens, before);
+    b.release_session(7);
+    assert!(b.has_room(&Request::greedy(vec![1; 1000], 24)));
+    // A small cache evicts parked sessions to admit new work.
+    let mut small = Batcher::new(&be, &model, None, 64, &GenOptions::default());
+    run(&mut small, Request::greedy(vec![3; 40], 4), Some(1));
+    assert!(small.has_room(&Request::greedy(vec![4; 50], 4)));
+    run(&mut small, Request::greedy(vec![4; 50], 4), Some(2));
+}

@@ -9,7 +9,7 @@ use super::expert::{cap_reply, Expert};
 use super::loops::Action;
 use super::policy::{ContextFull, Policy, EXPERT_TOOL};
 use super::sandbox::Executor;
-use super::tools::{parse_tool_call, tool_specs, Editor, Request};
+use super::tools::{compact_tool_specs, parse_tool_call, tool_specs, Editor, Request};
 use super::trajectory::{TokenRecord, Trajectory};
 use crate::chat::Message;
 use crate::tasks::TaskInstance;
@@ -71,6 +71,9 @@ pub struct EpisodeConfig {
     pub episode_timeout_s: f64,
     /// Characters of one tool observation kept (head and tail, with a marker).
     pub observation_chars: usize,
+    /// One-line tool descriptions and a short system prompt, for small models with short
+    /// contexts.
+    pub compact_prompt: bool,
 }
 
 impl Default for EpisodeConfig {
@@ -84,6 +87,7 @@ impl Default for EpisodeConfig {
             expert_reply_chars: 4000,
             episode_timeout_s: 1800.0,
             observation_chars: 16000,
+            compact_prompt: false,
         }
     }
 }
@@ -144,6 +148,13 @@ pub fn system_prompt(workdir: &str) -> String {
     )
 }
 
+/// The system prompt of [`EpisodeConfig::compact_prompt`].
+pub fn compact_system_prompt(workdir: &str) -> String {
+    format!(
+        "Fix the bug in the repository at {workdir}. Call one tool per reply; ask_expert when stuck; submit when done."
+    )
+}
+
 pub fn task_prompt(task: &TaskInstance, workdir: &str) -> String {
     format!(
         "The repository at {workdir} has this issue:\n\n<issue>\n{}\n</issue>\n\nChange the non-test source \
@@ -180,7 +191,7 @@ pub fn run_episode<'p, 'e>(
 ) -> Episode {
     let started = Instant::now();
     let workdir = exec.workdir();
-    let mut tools = tool_specs(&workdir);
+    let mut tools = if cfg.compact_prompt { compact_tool_specs() } else { tool_specs(&workdir) };
     if expert.is_none() {
         tools.retain(|t| t["function"]["name"] != EXPERT_TOOL);
     }
@@ -188,7 +199,10 @@ pub fn run_episode<'p, 'e>(
         task_id: task.instance_id.clone(),
         exit_status: ExitStatus::StepLimit,
         error: None,
-        messages: vec![Message::system(system_prompt(&workdir)), Message::user(task_prompt(task, &workdir))],
+        messages: vec![
+            Message::system(if cfg.compact_prompt { compact_system_prompt(&workdir) } else { system_prompt(&workdir) }),
+            Message::user(task_prompt(task, &workdir)),
+        ],
         tools,
         actions: vec![],
         expert_calls: vec![],

@@ -399,7 +399,8 @@ impl Executor for LocalSandbox {
 }
 
 /// The top-level directories under `home` that PATH, PYENV_ROOT or VIRTUAL_ENV point into
-/// (e.g. `~/.pyenv`, `~/.local`, `~/.cargo`): kept visible when the home directory is masked.
+/// (e.g. `~/.pyenv`, `~/.local`, `~/.cargo`), and Python's user packages (`~/.local/lib`,
+/// where `pip install --user pytest` goes): kept visible when the home directory is masked.
 fn home_tool_dirs(home: &Path) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = vec![];
     let mut candidates: Vec<PathBuf> =
@@ -415,6 +416,11 @@ fn home_tool_dirs(home: &Path) -> Vec<PathBuf> {
                 }
             }
         }
+    }
+    let user_lib =
+        std::env::var_os("PYTHONUSERBASE").map(PathBuf::from).unwrap_or_else(|| home.join(".local")).join("lib");
+    if user_lib.is_dir() && user_lib.starts_with(home) && !dirs.iter().any(|d| user_lib.starts_with(d)) {
+        dirs.push(user_lib);
     }
     dirs
 }

@@ -14,6 +14,27 @@ use super::loops::Action;
 use super::sandbox::{agent_path, Executor, PathKind};
 use crate::chat::ToolCall;
 
+/// The same four tools with one-line descriptions and bare parameters: for small models with
+/// short contexts (the full definitions take ~2000 tokens of a byte-level test tokenizer).
+pub fn compact_tool_specs() -> Vec<Value> {
+    let function = |name: &str, description: &str, properties: Value, required: &[&str]| {
+        json!({"type": "function", "function": {"name": name, "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": required}}})
+    };
+    vec![
+        function("bash", "Run a shell command.", json!({"command": {"type": "string"}}), &["command"]),
+        function(
+            "str_replace_editor",
+            "View, create or edit a file.",
+            json!({"command": {"type": "string"}, "path": {"type": "string"}, "old_str": {"type": "string"},
+                   "new_str": {"type": "string"}, "file_text": {"type": "string"}}),
+            &["command", "path"],
+        ),
+        function("ask_expert", "Ask the expert for help.", json!({"query": {"type": "string"}}), &["query"]),
+        function("submit", "Submit the fix.", json!({}), &[]),
+    ]
+}
+
 /// The function definitions given to the model (OpenAI / Qwen2.5 tool format).
 pub fn tool_specs(workdir: &str) -> Vec<Value> {
     let function = |name: &str, description: String, properties: Value, required: &[&str]| {

@@ -66,6 +66,8 @@ pub struct GenStats {
     pub prefill_time: Duration,
     pub decode_tokens: usize,
     pub decode_time: Duration,
+    /// Prompt tokens whose cache a session's earlier turn had already computed.
+    pub reused_tokens: usize,
 }
 
 impl GenStats {
@@ -90,6 +92,8 @@ impl Default for GenOptions {
 
 struct Seq {
     req: Request,
+    /// The multi-turn session this sequence belongs to (its cache is kept when it finishes).
+    session: Option<u64>,
     blocks: Vec<u32>,
     /// Tokens already in the KV cache.
     cached: usize,
@@ -109,15 +113,31 @@ impl Seq {
     }
 }
 
+/// The KV cache of a finished turn, kept for the session's next request.
+struct Parked {
+    blocks: Vec<u32>,
+    /// The tokens whose keys and values the blocks hold.
+    tokens: Vec<u32>,
+    /// For least-recently-used eviction.
+    last_used: u64,
+}
+
 /// A continuous-batching generator: requests join ([`Batcher::admit`]) whenever the KV cache
 /// has room for all of their tokens, and every [`Batcher::step`] runs one forward over all
 /// live sequences (decoding ones first, then prompt chunks up to the step's token budget).
+///
+/// Multi-turn sessions (an agent episode: each turn's prompt is the previous prompt, the
+/// reply and the new observations) keep their cache between turns, so a turn only prefills
+/// what is new ([`Batcher::admit_session`]). Parked caches are evicted, least recently used
+/// first, when a request needs their room.
 pub struct Batcher<'a, B: Backend> {
     be: &'a B,
     model: &'a Qwen2<B>,
     tokenizer: Option<&'a Tokenizer>,
     cache: KvCache<B>,
     seqs: Vec<Option<Seq>>,
+    parked: std::collections::HashMap<u64, Parked>,
+    clock: u64,
     budget: usize,
     pub stats: GenStats,
 }
@@ -138,8 +158,42 @@ impl<'a, B: Backend> Batcher<'a, B> {
             tokenizer,
             cache: KvCache::new(be, &model.cfg, capacity_tokens, BLOCK_SIZE),
             seqs: vec![],
+            parked: Default::default(),
+            clock: 0,
             budget: opts.max_step_tokens.max(1),
             stats: GenStats::default(),
+        }
+    }
+
+    /// Blocks of `session`'s parked cache that `r` can reuse (its prompt extends their tokens).
+    fn reusable(&self, r: &Request, session: Option<u64>) -> usize {
+        match session.and_then(|s| self.parked.get(&s)) {
+            Some(p) if p.tokens.len() < r.prompt.len() && r.prompt.starts_with(&p.tokens) => p.blocks.len(),
+            _ => 0,
+        }
+    }
+
+    /// Drops a session's parked cache (the episode ended).
+    pub fn release_session(&mut self, session: u64) {
+        if let Some(p) = self.parked.remove(&session) {
+            self.cache.release(&p.blocks);
+        }
+    }
+
+    /// Evicts parked caches other than `keep`'s, oldest first, until `need` blocks are free
+    /// beyond what live sequences are promised. Returns whether that much is free.
+    fn make_room(&mut self, need: usize, keep: Option<u64>) -> bool {
+        loop {
+            let promised: usize = self.seqs.iter().flatten().map(Seq::blocks_to_come).sum();
+            if self.cache.free_blocks() >= promised + need {
+                return true;
+            }
+            let victim =
+                self.parked.iter().filter(|(&s, _)| Some(s) != keep).min_by_key(|(_, p)| p.last_used).map(|(&s, _)| s);
+            match victim {
+                Some(s) => self.release_session(s),
+                None => return false,
+            }
         }
     }
 
@@ -174,23 +228,49 @@ impl<'a, B: Backend> Batcher<'a, B> {
         Ok(())
     }
 
-    /// Whether `r` fits beside the live sequences (counting the blocks they will still need).
+    /// Whether `r` fits beside the live sequences (counting the blocks they will still need,
+    /// and parked caches that could be evicted).
     pub fn has_room(&self, r: &Request) -> bool {
+        self.has_room_session(r, None)
+    }
+
+    pub fn has_room_session(&self, r: &Request, session: Option<u64>) -> bool {
         let promised: usize = self.seqs.iter().flatten().map(Seq::blocks_to_come).sum();
-        self.cache.free_blocks() >= promised + Self::blocks_needed(r)
+        let evictable: usize =
+            self.parked.iter().filter(|(&s, _)| Some(s) != session).map(|(_, p)| p.blocks.len()).sum();
+        let need = Self::blocks_needed(r) - self.reusable(r, session);
+        self.cache.free_blocks() + evictable >= promised + need
     }
 
     /// Starts `r`; returns its id (ids are reused once a sequence finishes). Fails when the
     /// request is invalid or there is no room now ([`Batcher::has_room`]).
     pub fn admit(&mut self, r: Request) -> Result<usize> {
+        self.admit_session(r, None)
+    }
+
+    /// [`Batcher::admit`] for a turn of `session`: when its prompt extends the session's
+    /// parked cache, only the new tokens are prefilled.
+    pub fn admit_session(&mut self, r: Request, session: Option<u64>) -> Result<usize> {
         self.check(&r)?;
-        if !self.has_room(&r) {
+        let reuse = self.reusable(&r, session);
+        let (blocks, cached) = match session.and_then(|s| self.parked.remove(&s)) {
+            Some(p) if reuse > 0 => (p.blocks, p.tokens.len()),
+            Some(p) => {
+                self.cache.release(&p.blocks);
+                (vec![], 0)
+            }
+            None => (vec![], 0),
+        };
+        if !self.make_room(Self::blocks_needed(&r) - blocks.len(), session) {
+            self.cache.release(&blocks);
             bail!("no room in the KV cache now");
         }
+        self.stats.reused_tokens += cached;
         let seq = Seq {
-            blocks: vec![],
-            cached: 0,
-            pending: r.prompt.clone(),
+            session,
+            blocks,
+            cached,
+            pending: r.prompt[cached..].to_vec(),
             generated: vec![],
             rng: sampling::seeded(r.seed),
             finish: (r.max_new_tokens == 0).then_some(Finish::Length),
@@ -208,6 +288,24 @@ impl<'a, B: Backend> Batcher<'a, B> {
         Ok(id)
     }
 
+    /// A finished sequence's cache: parked for its session's next turn, or freed.
+    fn retire(&mut self, s: &Seq) {
+        match s.session {
+            Some(id) => {
+                // Every token but the last sampled one went through the model.
+                let mut tokens = s.req.prompt.clone();
+                tokens.extend(&s.generated[..s.generated.len().saturating_sub(1)]);
+                tokens.truncate(s.cached);
+                self.clock += 1;
+                let old = self.parked.insert(id, Parked { blocks: s.blocks.clone(), tokens, last_used: self.clock });
+                if let Some(p) = old {
+                    self.cache.release(&p.blocks);
+                }
+            }
+            None => self.cache.release(&s.blocks),
+        }
+    }
+
     /// Sequences admitted and not yet returned.
     pub fn live(&self) -> usize {
         self.seqs.iter().flatten().count()
@@ -221,10 +319,16 @@ impl<'a, B: Backend> Batcher<'a, B> {
         for (i, slot) in self.seqs.iter_mut().enumerate() {
             if slot.as_ref().is_some_and(|s| s.finish.is_some()) {
                 let s = slot.take().expect("checked");
-                self.cache.release(&s.blocks);
-                done.push((i, Completion { tokens: s.generated, finish: s.finish.expect("checked") }));
+                done.push((i, s));
             }
         }
+        let mut done: Vec<(usize, Completion)> = done
+            .into_iter()
+            .map(|(i, s)| {
+                self.retire(&s);
+                (i, Completion { tokens: s.generated, finish: s.finish.expect("checked") })
+            })
+            .collect();
         // Decoding sequences go first so that a long prompt never stalls them.
         let mut order: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].is_some()).collect();
         if order.is_empty() {
@@ -294,7 +398,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
             }
             if s.finish.is_some() {
                 let s = self.seqs[i].take().expect("live");
-                self.cache.release(&s.blocks);
+                self.retire(&s);
                 done.push((i, Completion { tokens: s.generated, finish: s.finish.expect("set") }));
             } else {
                 s.pending.push(tok);

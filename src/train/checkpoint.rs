@@ -90,12 +90,10 @@ pub fn cut_metrics<M: DeserializeOwned + Serialize>(path: &Path, step: u64) -> R
     let lines: Vec<&str> = text.lines().collect();
     let mut kept = vec![];
     for (i, line) in lines.iter().enumerate() {
-        let parsed = serde_json::from_str::<Value>(line)
-            .map_err(anyhow::Error::from)
-            .and_then(|v| {
-                let s = v.get("step").and_then(Value::as_u64).context("no step field")?;
-                Ok((s, serde_json::from_value::<M>(v)?))
-            });
+        let parsed = serde_json::from_str::<Value>(line).map_err(anyhow::Error::from).and_then(|v| {
+            let s = v.get("step").and_then(Value::as_u64).context("no step field")?;
+            Ok((s, serde_json::from_value::<M>(v)?))
+        });
         match parsed {
             Ok((s, m)) if s <= step => kept.push(m),
             Ok(_) => {}

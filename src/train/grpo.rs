@@ -94,7 +94,7 @@ impl Default for PgConfig {
 
 impl PgConfig {
     pub fn validate(&self) -> Result<()> {
-        if !(0.0..1.0).contains(&self.clip_low) || !(self.clip_high >= 0.0 && self.clip_high.is_finite()) {
+        if !((0.0..1.0).contains(&self.clip_low) && self.clip_high >= 0.0 && self.clip_high.is_finite()) {
             bail!("clip_low must be in [0, 1) and clip_high >= 0");
         }
         if !(self.kl_beta >= 0.0 && self.kl_beta.is_finite()) {
@@ -176,6 +176,7 @@ pub fn policy_loss(cfg: &PgConfig, rows: &PgRows) -> Result<(Vec<f32>, PgStats)>
     }
     let mut dlogp = vec![0f32; n];
     let mut s = PgStats::default();
+    #[allow(clippy::needless_range_loop)] // t indexes five parallel arrays
     for t in 0..n {
         let w = rows.weight[t];
         if w == 0.0 {

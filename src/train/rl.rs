@@ -60,9 +60,13 @@ pub struct RlMetrics {
     pub errors: usize,
     /// Episodes left out of the loss by their exit status.
     pub masked: usize,
+    /// Groups whose episodes got different rewards (the others carry no policy gradient).
+    pub groups_with_signal: usize,
+    pub groups: usize,
     pub reward: f64,
     pub reward_std: f64,
     pub r_loop: f64,
+    pub r_format: f64,
     pub r_follow: f64,
     pub r_other: f64,
     pub r_correct: f64,
@@ -208,7 +212,8 @@ fn micro_batches(seqs: &[&PolicySeq], max_tokens: usize) -> Vec<Vec<usize>> {
 }
 
 fn pack(seqs: &[&PolicySeq], idx: &[usize], temperature: f32) -> Result<TrainBatch> {
-    let parts: Vec<(Vec<u32>, Vec<bool>)> = idx.iter().map(|&i| (seqs[i].ids.clone(), seqs[i].trained.clone())).collect();
+    let parts: Vec<(Vec<u32>, Vec<bool>)> =
+        idx.iter().map(|&i| (seqs[i].ids.clone(), seqs[i].trained.clone())).collect();
     let mut b = TrainBatch::pack(&parts)?;
     b.temperature = temperature;
     Ok(b)
@@ -216,7 +221,13 @@ fn pack(seqs: &[&PolicySeq], idx: &[usize], temperature: f32) -> Result<TrainBat
 
 /// `log p` of every row of every sequence under `model` (no backward), in `batch_tokens`
 /// micro-batches.
-fn score<B: Backend>(be: &B, model: &Qwen2<B>, seqs: &[&PolicySeq], batch_tokens: usize, t: f32) -> Result<Vec<Vec<f32>>> {
+fn score<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    seqs: &[&PolicySeq],
+    batch_tokens: usize,
+    t: f32,
+) -> Result<Vec<Vec<f32>>> {
     let mut out = vec![vec![]; seqs.len()];
     for mb in micro_batches(seqs, batch_tokens) {
         let batch = pack(seqs, &mb, t)?;
@@ -344,7 +355,11 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
         .stages
         .iter()
         .map(|s| {
-            let dir = if s.suite.is_dir() { s.suite.clone() } else { s.suite.parent().unwrap_or(Path::new(".")).to_path_buf() };
+            let dir = if s.suite.is_dir() {
+                s.suite.clone()
+            } else {
+                s.suite.parent().unwrap_or(Path::new(".")).to_path_buf()
+            };
             std::fs::canonicalize(&dir).unwrap_or(dir)
         })
         .collect();
@@ -408,22 +423,29 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             hidden: hidden.clone(),
             scratch: scratch.path(),
         };
-        let n_jobs = jobs.len();
+        let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} {bar:24} {pos}/{len} episodes | {msg}")
+                .expect("template"),
+        );
+        bar.set_prefix(format!("rl step {step}/{total} [{}]", stage.name));
         let (rollouts, rstats) = run_rollouts(&be, &model, &env, &jobs, |done, st| {
-            eprint!(
-                "\rrl step {step}/{total} [{}]: {done}/{n_jobs} episodes, {} tokens generated ({:.0} tok/s)   ",
-                stage.name,
+            bar.set_position(done as u64);
+            bar.set_message(format!(
+                "{} tokens generated, {:.0} tok/s, {} prompt tokens reused",
                 st.generated_tokens,
-                st.generated_tokens as f64 / st.busy_s.max(1e-9)
-            );
+                st.generated_tokens as f64 / st.busy_s.max(1e-9),
+                st.reused_tokens
+            ));
         })?;
-        eprintln!();
+        bar.finish_and_clear();
 
         // ---- advantages ----
         let ok: Vec<bool> = rollouts.iter().map(|r| r.error.is_none()).collect();
         let rewards: Vec<f64> = rollouts.iter().map(|r| r.reward.total).collect();
-        let groups: Vec<Vec<usize>> =
-            (0..chosen.len()).map(|g| (0..rollouts.len()).filter(|&i| ok[i] && rollouts[i].job.group == g).collect()).collect();
+        let groups: Vec<Vec<usize>> = (0..chosen.len())
+            .map(|g| (0..rollouts.len()).filter(|&i| ok[i] && rollouts[i].job.group == g).collect())
+            .collect();
         let adv = advantages(&rewards, &groups, cfg.grpo.advantage);
         let masked: Vec<bool> =
             rollouts.iter().map(|r| r.error.is_some() || cfg.grpo.mask_exit.contains(&r.episode.exit_status)).collect();
@@ -483,8 +505,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             order.shuffle(&mut shuffle_rng);
             let n_mb = cfg.grpo.minibatches.min(order.len().max(1));
             for mb in 0..n_mb {
-                let members: Vec<&PolicySeq> =
-                    order.iter().skip(mb).step_by(n_mb).map(|&i| &seqs[i]).collect();
+                let members: Vec<&PolicySeq> = order.iter().skip(mb).step_by(n_mb).map(|&i| &seqs[i]).collect();
                 if members.is_empty() {
                     continue;
                 }
@@ -527,7 +548,8 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
         // ---- metrics ----
         let good: Vec<&Rollout> = rollouts.iter().filter(|r| r.error.is_none()).collect();
         let comp = |f: &dyn Fn(&Rollout) -> f64| mean(good.iter().map(|r| f(r)));
-        let expert_tokens: usize = good.iter().map(|r| r.episode.expert_calls.iter().map(|c| c.tokens_out).sum::<usize>()).sum();
+        let expert_tokens: usize =
+            good.iter().map(|r| r.episode.expert_calls.iter().map(|c| c.tokens_out).sum::<usize>()).sum();
         let policy_tokens: usize = good.iter().map(|r| r.episode.policy_tokens).sum();
         let mut exit = BTreeMap::new();
         for r in &rollouts {
@@ -540,9 +562,12 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             episodes: rollouts.len(),
             errors: rollouts.len() - good.len(),
             masked: masked.iter().filter(|&&m| m).count(),
+            groups_with_signal: groups.iter().filter(|g| g.iter().any(|&i| adv[i] != 0.0)).count(),
+            groups: groups.len(),
             reward: reward_mean,
             reward_std: mean(good.iter().map(|r| (r.reward.total - reward_mean).powi(2))).sqrt(),
             r_loop: comp(&|r| r.reward.r_loop),
+            r_format: comp(&|r| r.reward.r_format),
             r_follow: comp(&|r| r.reward.r_follow),
             r_other: comp(&|r| r.reward.r_other),
             r_correct: comp(&|r| r.reward.r_correct),
@@ -580,10 +605,11 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             elapsed_s: started.elapsed().as_secs_f64(),
         };
         eprintln!(
-            "rl step {step}/{total} [{}]: reward {:+.3} (loop {:+.2}, follow {:+.2}, other {:+.2}), resolved {:.0}%, looping {:.0}%, expert calls {:.2}, kl {:.4}, clip {:.3}, {:.0}s gen / {:.0}s tools / {:.0}s train",
+            "rl step {step}/{total} [{}]: reward {:+.3} (loop {:+.2}, format {:+.2}, follow {:+.2}, other {:+.2}), resolved {:.0}%, looping {:.0}%, expert calls {:.2}, kl {:.4}, clip {:.3}, {}/{} groups with a signal, {:.0}s gen / {:.0}s tools / {:.0}s train",
             m.stage,
             m.reward,
             m.r_loop,
+            m.r_format,
             m.r_follow,
             m.r_other,
             100.0 * m.resolve_rate,
@@ -591,6 +617,8 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             m.expert_calls,
             m.kl,
             m.clip_frac,
+            m.groups_with_signal,
+            m.groups,
             m.gen_s,
             m.tools_s,
             m.train_s

@@ -31,19 +31,28 @@ use crate::tokenizer::Tokenizer;
 
 struct Job {
     req: Request,
+    session: u64,
     reply: mpsc::Sender<Result<Completion>>,
 }
 
-/// An episode's line to the shared engine.
+enum Msg {
+    Generate(Job),
+    /// The session ended: its parked cache can go.
+    Release(u64),
+}
+
+/// An episode's line to the shared engine: one session, whose KV cache is kept between turns.
 pub struct EngineHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     max_context: usize,
+    session: u64,
 }
 
 impl TokenGenerator for EngineHandle {
     fn generate(&mut self, req: Request) -> Result<Completion> {
         let (reply, rx) = mpsc::channel();
-        self.tx.send(Job { req, reply }).map_err(|_| anyhow!("the generation engine has stopped"))?;
+        let job = Job { req, session: self.session, reply };
+        self.tx.send(Msg::Generate(job)).map_err(|_| anyhow!("the generation engine has stopped"))?;
         rx.recv().map_err(|_| anyhow!("the generation engine stopped before replying"))?
     }
 
@@ -52,16 +61,24 @@ impl TokenGenerator for EngineHandle {
     }
 }
 
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Release(self.session));
+    }
+}
+
 /// Hands out [`EngineHandle`]s; the engine stops once the client and every handle are gone.
 #[derive(Clone)]
 pub struct EngineClient {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     max_context: usize,
+    sessions: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EngineClient {
     pub fn handle(&self) -> EngineHandle {
-        EngineHandle { tx: self.tx.clone(), max_context: self.max_context }
+        let session = self.sessions.fetch_add(1, Ordering::SeqCst);
+        EngineHandle { tx: self.tx.clone(), max_context: self.max_context, session }
     }
 }
 
@@ -76,8 +93,8 @@ pub fn serve_while<B: Backend, R: Send>(
     on_step: impl FnMut(&EngineStats),
     work: impl FnOnce(EngineClient) -> R + Send,
 ) -> Result<(R, EngineStats)> {
-    let (tx, rx) = mpsc::channel::<Job>();
-    let client = EngineClient { tx, max_context };
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let client = EngineClient { tx, max_context, sessions: Default::default() };
     std::thread::scope(|s| {
         let h = s.spawn(move || work(client));
         let stats = serve(be, model, rx, capacity_tokens, opts, on_step);
@@ -94,6 +111,8 @@ pub struct EngineStats {
     pub forward_steps: usize,
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt tokens not recomputed because the session's earlier turn had them cached.
+    pub reused_tokens: usize,
     /// Most sequences in one batch.
     pub max_batch: usize,
 }
@@ -103,7 +122,7 @@ pub struct EngineStats {
 fn serve<B: Backend>(
     be: &B,
     model: &Qwen2<B>,
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::Receiver<Msg>,
     capacity_tokens: usize,
     opts: &GenOptions,
     mut on_step: impl FnMut(&EngineStats),
@@ -120,13 +139,15 @@ fn serve<B: Backend>(
                 break;
             }
             match rx.recv() {
-                Ok(j) => queue.push_back(j),
+                Ok(Msg::Generate(j)) => queue.push_back(j),
+                Ok(Msg::Release(s)) => batcher.release_session(s),
                 Err(_) => break,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(j) => queue.push_back(j),
+                Ok(Msg::Generate(j)) => queue.push_back(j),
+                Ok(Msg::Release(s)) => batcher.release_session(s),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -136,9 +157,9 @@ fn serve<B: Backend>(
         }
         // Admit in arrival order while there is room.
         while let Some(j) = queue.front() {
-            if batcher.has_room(&j.req) {
+            if batcher.has_room_session(&j.req, Some(j.session)) {
                 let j = queue.pop_front().expect("front");
-                match batcher.admit(j.req) {
+                match batcher.admit_session(j.req, Some(j.session)) {
                     Ok(id) => {
                         waiting.insert(id, j.reply);
                     }
@@ -149,8 +170,14 @@ fn serve<B: Backend>(
             } else if batcher.live() == 0 {
                 // Never fits, even alone.
                 let j = queue.pop_front().expect("front");
-                let e = batcher.admit(j.req).err().unwrap_or_else(|| anyhow!("request does not fit"));
-                let _ = j.reply.send(Err(e));
+                match batcher.admit_session(j.req, Some(j.session)) {
+                    Ok(id) => {
+                        waiting.insert(id, j.reply);
+                    }
+                    Err(e) => {
+                        let _ = j.reply.send(Err(e));
+                    }
+                }
             } else {
                 break;
             }
@@ -160,7 +187,8 @@ fn serve<B: Backend>(
         }
         stats.max_batch = stats.max_batch.max(batcher.live());
         let started = Instant::now();
-        match batcher.step(|_, _| {}) {
+        let mut sampled = 0;
+        match batcher.step(|_, _| sampled += 1) {
             Ok(done) => {
                 for (id, c) in done {
                     if let Some(reply) = waiting.remove(&id) {
@@ -181,7 +209,8 @@ fn serve<B: Backend>(
         stats.busy_s += started.elapsed().as_secs_f64();
         stats.forward_steps += 1;
         stats.prompt_tokens = batcher.stats.prefill_tokens;
-        stats.generated_tokens = batcher.stats.decode_tokens;
+        stats.generated_tokens += sampled;
+        stats.reused_tokens = batcher.stats.reused_tokens;
         on_step(&stats);
     }
     Ok(stats)
@@ -320,10 +349,16 @@ fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle
     if let Some(e) = episode.error.clone().filter(|_| episode.exit_status == crate::agent::episode::ExitStatus::Error) {
         return failed(episode, e);
     }
-    let graded = grade(task, &episode.patch, &env.scratch.join(format!("grade-{index}")), env.isolation, &env.cfg.grade_limits);
-    let (resolved, grade_json, grade_s) = match graded {
-        Ok(g) => (g.resolved, serde_json::json!(g), g.seconds),
-        Err(e) => return failed(episode, format!("grading: {e:#}")),
+    // An empty patch cannot resolve a validated task (its FAIL_TO_PASS tests fail on the
+    // base): no test run is needed.
+    let (resolved, grade_json, grade_s) = if episode.patch.trim().is_empty() {
+        (false, serde_json::json!({"resolved": false, "note": "empty patch: not run"}), 0.0)
+    } else {
+        let dir = env.scratch.join(format!("grade-{index}"));
+        match grade(task, &episode.patch, &dir, env.isolation, &env.cfg.grade_limits) {
+            Ok(g) => (g.resolved, serde_json::json!(g), g.seconds),
+            Err(e) => return failed(episode, format!("grading: {e:#}")),
+        }
     };
     let judge = match (env.judge)().judge(task, &episode.messages) {
         Ok(j) => j,

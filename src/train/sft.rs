@@ -24,7 +24,7 @@ use crate::agent::trajectory::read_jsonl;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::config::SftConfig;
-use crate::model::export::{export_hf, export_peft, write_atomic, ExportDtype};
+use crate::model::export::{export_peft, write_atomic};
 use crate::model::lora::Lora;
 use crate::model::training::{Grads, TrainBatch};
 use crate::model::Qwen2;
@@ -235,7 +235,8 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
     if state.step == cfg.train.steps {
         match &model.lora {
             Some(_) => export_peft(&be, &model, &cfg.model.path.display().to_string(), &run.join("adapter"))?,
-            None => export_hf(&be, &model, &cfg.model.path, &run.join("model"), ExportDtype::F32)?,
+            // With the context override recorded in its config.json.
+            None => super::rl::export_final(&be, &mut model, &cfg.model.path, &run.join("model"))?,
         }
     }
     Ok(SftOutcome { run_dir: run, last_step: state.step, data: stats, metrics })
