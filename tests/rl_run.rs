@@ -254,15 +254,16 @@ fn protege_train_runs_every_stage_and_skips_finished_ones() {
     // The demo's own config, scaled down and pointed at the fixture suite.
     let text = demo
         .replace("dir = \"../runs/demo\"", &format!("dir = \"{}\"", dir.path().join("run").display()))
-        .replace("model = \"../tests/fixtures/tiny\"", &format!("model = \"{}\"", fixtures.join("tiny").display()))
+        .replace("model = \"../tests/fixtures/loopy\"", &format!("model = \"{}\"", fixtures.join("loopy").display()))
         .replace("\"../data/tasks/train.jsonl\"", &format!("\"{}\"", fixtures.join("tasks").display()))
         .replace("\"../data/tasks/test.jsonl\"", &format!("\"{}\"", fixtures.join("tasks").display()))
-        .replace("steps = 30", "steps = 2")
-        .replace("steps = 3\n", "steps = 1\n")
+        .replace("\nsteps = 20\n", "\nsteps = 2\n")
+        .replace("\nsteps = 8\n", "\nsteps = 1\n")
+        .replace("\nsteps = 4\n", "\nsteps = 1\n")
         .replace("max_steps = 12", "max_steps = 3")
-        .replace("max_new_tokens = 256", "max_new_tokens = 24")
-        .replace("group_size = 4", "group_size = 2")
-        .replace("tasks_per_step = 2", "tasks_per_step = 1");
+        .replace("max_new_tokens = 128", "max_new_tokens = 24")
+        .replace("group_size = 6", "group_size = 2")
+        .replace("tasks_per_step = 4", "tasks_per_step = 1");
     let conf = dir.path().join("train.toml");
     std::fs::write(&conf, &text).unwrap();
     let run = |extra: &[&str]| {
@@ -289,7 +290,7 @@ fn protege_train_runs_every_stage_and_skips_finished_ones() {
     for f in [
         "synth/trajectories.jsonl",
         "synth/summary.json",
-        "sft/model/config.json",
+        "sft/adapter/adapter_config.json",
         "rl/metrics.jsonl",
         "rl/model/model.safetensors",
         "eval/base/summary.json",

@@ -151,7 +151,7 @@ fn openai_and_anthropic_clients_work_against_protege_serve() {
 }
 
 /// A loopback HTTP server that answers each request with the next scripted reply (`None`:
-/// never answer). It records the requests' headers.
+/// never answer). It records the requests' headers and bodies.
 fn scripted(replies: Vec<Option<(u16, String)>>) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -175,7 +175,7 @@ fn scripted(replies: Vec<Option<(u16, String)>>) -> (String, Arc<Mutex<Vec<Strin
             }
             let mut body = vec![0u8; len];
             let _ = reader.read_exact(&mut body);
-            log.lock().unwrap().push(head);
+            log.lock().unwrap().push(format!("{head}\r\n{}", String::from_utf8_lossy(&body)));
             match replies.next().flatten() {
                 Some((status, body)) => {
                     let reply = format!(
@@ -270,4 +270,65 @@ fn http_errors_are_retried_then_reported_and_keys_stay_secret() {
     assert!(ep.messages[3].text().contains("The expert is unavailable"));
     let line = serde_json::to_string(&ep.to_trajectory(None, Default::default())).unwrap();
     assert!(!line.contains("sk-test-secret"));
+}
+
+#[test]
+fn the_expert_judge_and_the_gold_patch_expert_over_http() {
+    use protege::chat::{Message, ToolCall};
+    use protege::reward::{ExpertJudge, HeuristicJudge, Judge};
+    let reply = |text: &str| {
+        json!({"choices": [{"message": {"role": "assistant", "content": text}}],
+               "usage": {"prompt_tokens": 100, "completion_tokens": 10}})
+        .to_string()
+    };
+    // The warrant question gets a readable score, the follow-through question does not.
+    let (url, seen) = scripted(vec![
+        Some((200, reply("{\"score\": 0.9, \"reason\": \"it was stuck\"}"))),
+        Some((200, reply("I cannot tell."))),
+    ]);
+    let mut judge =
+        ExpertJudge { endpoint: endpoint(Api::Openai, url), context_messages: 5, fallback: HeuristicJudge::default() };
+    let call = |name: &str, args: Value| {
+        let mut m = Message::assistant("");
+        m.tool_calls = vec![ToolCall::new(name, args)];
+        m
+    };
+    let messages = vec![
+        Message::system("s"),
+        Message::user("fix clamp"),
+        call("bash", json!({"command": "python -m pytest"})),
+        Message::tool("1 failed [exit code 1]"),
+        call("ask_expert", json!({"query": "why does clamp fail?"})),
+        Message::tool("Look at `calc/ops.py`, in `def clamp(x, lo, hi):`."),
+        call(
+            "str_replace_editor",
+            json!({"command": "str_replace", "path": "calc/ops.py", "old_str": "a", "new_str": "b"}),
+        ),
+        Message::tool("edited"),
+    ];
+    let out = judge.judge(&task(), &messages).unwrap();
+    assert_eq!(out.calls.len(), 1);
+    let c = &out.calls[0];
+    // 0.9 from the model; the unreadable follow-through falls back to the heuristic (an edit of
+    // the named file: 1) and says so.
+    assert_eq!((c.step, c.warrant, c.follow), (1, 0.9, 1.0));
+    assert!(c.note.as_deref().unwrap().contains("heuristic"));
+    assert_eq!((out.tokens_in, out.tokens_out), (200, 20));
+    assert!((out.cost_usd - (200.0 * 1.0 + 20.0 * 2.0) / 1e6).abs() < 1e-12);
+    let asked = seen.lock().unwrap().clone();
+    assert!(asked[0].contains("why does clamp fail?") && asked[0].contains("Was asking warranted?"), "{}", asked[0]);
+    assert!(asked[1].contains("calc/ops.py") && asked[1].contains("follow the advice"), "{}", asked[1]);
+
+    // During synthesis a model expert sees the gold patch, with the instruction not to reveal it.
+    let (url, seen) = scripted(vec![Some((200, reply("Look at the comparison in clamp.")))]);
+    let mut expert = RemoteExpert::new(endpoint(Api::Openai, url), 64).unwrap();
+    expert.sees_gold_patch = true;
+    let t = task();
+    expert.advise(&t, "help", &[]).unwrap();
+    let body = seen.lock().unwrap()[0].clone();
+    let first_added = t.patch.lines().find(|l| l.starts_with('+') && !l.starts_with("+++")).unwrap();
+    assert!(body.contains("Never reveal the reference fix"), "{body}");
+    // As it appears inside the JSON request.
+    let escaped = serde_json::to_string(first_added[1..].trim()).unwrap();
+    assert!(body.contains(&escaped[1..escaped.len() - 1]), "the patch is in the prompt: {body}");
 }

@@ -623,6 +623,12 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             m.tools_s,
             m.train_s
         );
+        if m.groups_with_signal == 0 {
+            eprintln!(
+                "rl step {step}: no learning signal — within every group the episodes got the same reward, so no \
+                 advantage is non-zero and the policy is not updated"
+            );
+        }
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
         metrics_file.flush()?;
         metrics.push(m);
