@@ -287,7 +287,9 @@ pub struct GrpoSection {
     /// β of the KL penalty to the reference (the model RL starts from); 0 disables it.
     pub kl_beta: f64,
     /// Episodes ending with these statuses are left out of the loss (they still count in
-    /// their group's statistics).
+    /// their group's statistics). Looping episodes usually end at the step limit: with
+    /// "step_limit" here their penalty reaches the gradient only through their group's
+    /// baseline; drop it from the list for a loop-focused stage.
     pub mask_exit: Vec<crate::agent::episode::ExitStatus>,
     /// Passes over each step's episodes, and optimiser steps per pass.
     pub ppo_epochs: usize,
@@ -297,6 +299,9 @@ pub struct GrpoSection {
     pub recompute: bool,
     /// Checkpoint every this many RL steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Checkpoints kept on disk, the newest (0: all). Full fine-tuning checkpoints hold the
+    /// weights and both AdamW moments.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for GrpoSection {
@@ -317,6 +322,7 @@ impl Default for GrpoSection {
             batch_tokens: 16384,
             recompute: true,
             checkpoint_every: 1,
+            keep_checkpoints: 3,
         }
     }
 }
@@ -417,11 +423,24 @@ impl RlConfig {
             bail!("rollout.concurrency and rollout.max_new_tokens must be positive");
         }
         let o = &self.optim;
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            bail!("optim.lr must be positive");
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !positive(o.lr) || !positive(o.eps) || !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            bail!("optim: lr and eps must be positive, beta1 and beta2 in [0, 1)");
+        }
+        let kv = self.rollout.kv_cache_tokens;
+        let one_episode = self.rollout.episode.context_tokens.min(self.model.context.unwrap_or(usize::MAX));
+        if kv > 0 && kv < one_episode + crate::generate::BLOCK_SIZE {
+            bail!(
+                "rollout.kv_cache_tokens ({kv}) cannot hold one episode's context (rollout.episode.context_tokens = {}); \
+                 raise it or set 0 (sized from the concurrency)",
+                self.rollout.episode.context_tokens
+            );
         }
         if let Some(l) = &self.lora {
             l.validate()?;
+            if l.dropout > 0.0 {
+                bail!("lora.dropout must be 0 for RL: dropout would make the policy's log-probs differ from the ones it sampled with");
+            }
         }
         self.expert.spec()?;
         Ok(())
@@ -504,9 +523,17 @@ pub struct SynthConfig {
     pub accept: AcceptSection,
     #[serde(default)]
     pub episode: crate::agent::episode::EpisodeConfig,
+    /// Limits of the agent's commands.
     #[serde(default)]
     pub limits: crate::agent::sandbox::Limits,
+    /// Limits of the grading test run.
+    #[serde(default = "grade_limits")]
+    pub grade_limits: crate::agent::sandbox::Limits,
     pub output: OutputSection,
+}
+
+fn grade_limits() -> crate::agent::sandbox::Limits {
+    crate::agent::sandbox::Limits { timeout_s: 300.0, cpu_s: 600, ..Default::default() }
 }
 
 fn one_usize() -> usize {

@@ -298,6 +298,12 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
         let dir = &s.output.run_dir;
         if dir.join("summary.json").exists() {
             stage_line("synth", "done (skipped)");
+            let sum: crate::synth::SynthSummary =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)
+                    .with_context(|| format!("{}/summary.json is corrupt", dir.display()))?;
+            if sum.accepted == 0 {
+                bail!("the finished synthesis in {} accepted no trajectory; nothing to fine-tune on", dir.display());
+            }
         } else {
             stage_line("synth", "expert-augmented trajectories by rejection sampling");
             if s.agent.kind == "scripted" {

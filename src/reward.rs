@@ -340,7 +340,12 @@ fn is_edit(s: &Step) -> bool {
         }
         "bash" => {
             let c = s.args.get("command").and_then(Value::as_str).unwrap_or("");
-            c.contains("sed -i") || c.contains("> ") || c.contains(">>") || c.contains("patch ") || c.contains("tee ")
+            // In-place edits, patches, and output redirected into a source file.
+            let into_source = c
+                .split('>')
+                .skip(1)
+                .any(|rest| rest.trim_start_matches('>').split_whitespace().next().is_some_and(|f| f.ends_with(".py")));
+            c.contains("sed -i") || c.contains("patch ") || into_source
         }
         _ => false,
     }
@@ -418,10 +423,10 @@ impl HeuristicJudge {
         let mentions = |s: &Step, names: &[String]| {
             let text = step_text(s);
             let path = s.args.get("path").and_then(Value::as_str).unwrap_or("");
+            let rel = path.trim_start_matches("/repo/").trim_start_matches("./");
             names.iter().any(|n| {
                 text.contains(n.as_str())
-                    || (!path.is_empty()
-                        && (path.ends_with(n.as_str()) || n.ends_with(path.trim_start_matches("/repo/"))))
+                    || (!rel.is_empty() && !n.is_empty() && (path.ends_with(n.as_str()) || n.ends_with(rel)))
             })
         };
         let edited = |s: &Step| is_edit(s) && (files.is_empty() || mentions(s, &files));
@@ -463,11 +468,20 @@ pub struct ExpertJudge {
     pub fallback: HeuristicJudge,
 }
 
-/// The first number in `text` (after `"score"` when present), clamped to [0, 1].
+/// The judge's score in [0, 1]: the `score` of the reply's JSON object, else the first number
+/// after the word "score" (or in the text), clamped.
 pub fn parse_score(text: &str) -> Option<f64> {
+    if let (Some(a), Some(b)) = (text.find('{'), text.rfind('}')) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text[a..=b]) {
+            if let Some(x) = v.get("score").and_then(Value::as_f64) {
+                return Some(x.clamp(0.0, 1.0));
+            }
+        }
+    }
     let from = text.find("score").map_or(text, |i| &text[i + 5..]);
-    let start = from.find(|c: char| c.is_ascii_digit())?;
+    let start = from.find(|c: char| c.is_ascii_digit() || c == '.')?;
     let num: String = from[start..].chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let num = if num.starts_with('.') { format!("0{num}") } else { num };
     num.parse::<f64>().ok().map(|x| x.clamp(0.0, 1.0))
 }
 
@@ -1026,6 +1040,8 @@ mod tests {
             (vec!["calc/ops.py".to_string()], vec!["clamp".to_string(), ">=".to_string(), ">".to_string()])
         );
         assert_eq!(parse_score("{\"score\": 0.75, \"reason\": \"ok\"}"), Some(0.75));
+        assert_eq!(parse_score("{\"reason\": \"a score of 1 is too high\", \"score\": 0.25}"), Some(0.25));
+        assert_eq!(parse_score("score: .5"), Some(0.5));
         assert_eq!(parse_score("I'd say 3"), Some(1.0));
         assert_eq!(parse_score("no idea"), None);
         assert!(close(patch_similarity(GOLD, GOLD), 1.0));

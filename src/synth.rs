@@ -216,6 +216,7 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
                 cfg,
                 task,
                 attempt,
+                ti,
                 i,
                 &agent,
                 &agent_name,
@@ -224,7 +225,32 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
                 isolation,
                 &hidden,
                 scratch.path(),
-            )?;
+            )
+            // An attempt that could not start (sandbox, setup, expert) is recorded; the others go on.
+            .unwrap_or_else(|e| Attempt {
+                task_id: task.instance_id.clone(),
+                attempt,
+                accepted: false,
+                reason: format!("could not run: {e:#}"),
+                resolved: false,
+                exit_status: "error".into(),
+                steps: 0,
+                expert_calls: 0,
+                longest_run: 0,
+                policy_tokens: 0,
+                expert_tokens: 0,
+                cost_usd: 0.0,
+                seconds: 0.0,
+                trajectory: Trajectory {
+                    task_id: task.instance_id.clone(),
+                    resolved: Some(false),
+                    expert_calls: 0,
+                    messages: vec![crate::chat::Message::user(task.problem_statement.clone())],
+                    tools: vec![],
+                    tokens: None,
+                    meta: Default::default(),
+                },
+            });
             if a.accepted {
                 *accepted.lock().expect("lock").entry(task.instance_id.clone()).or_insert(0) += 1;
             }
@@ -286,6 +312,7 @@ fn attempt_one(
     cfg: &SynthConfig,
     task: &TaskInstance,
     attempt: usize,
+    task_index: usize,
     index: usize,
     agent: &Agent,
     agent_name: &str,
@@ -296,7 +323,8 @@ fn attempt_one(
     scratch: &Path,
 ) -> Result<Attempt> {
     let started = Instant::now();
-    let seed = cfg.seed ^ ((attempt as u64) << 32) ^ index as u64;
+    // From the task and the attempt, so that a resumed run samples as an uninterrupted one.
+    let seed = cfg.seed ^ ((attempt as u64) << 32) ^ task_index as u64;
     let mut policy: Box<dyn Policy + '_> = match agent {
         Agent::Scripted => Box::new(ScriptedTeacher::new(task)),
         Agent::Remote(ep, sampling, max_new) => Box::new(OpenAiPolicy::new(ep.clone(), sampling.clone(), *max_new)?),
@@ -312,7 +340,7 @@ fn attempt_one(
         .with_context(|| format!("task {}", task.instance_id))?;
     let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &cfg.episode);
     sandbox.discard();
-    let graded = grade(task, &ep.patch, &scratch.join(format!("grade-{index}")), isolation, &cfg.limits);
+    let graded = grade(task, &ep.patch, &scratch.join(format!("grade-{index}")), isolation, &cfg.grade_limits);
     let (resolved, grade_json) = match &graded {
         Ok(g) => (g.resolved, json!(g)),
         Err(e) => (false, json!({"error": format!("{e:#}")})),

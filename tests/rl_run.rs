@@ -100,6 +100,8 @@ fn a_killed_rl_run_resumes_without_duplicated_or_lost_steps() {
     let steps = 6;
     let conf = rl_config(dir.path(), steps);
     let metrics = dir.path().join("run/metrics.jsonl");
+    // What a run killed while writing its first checkpoint leaves: it starts over.
+    std::fs::create_dir_all(dir.path().join("run/checkpoints/step-1.tmp")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_protege"))
         .args(["rl", "--config", conf.to_str().unwrap()])
         .stderr(Stdio::null())
@@ -147,6 +149,10 @@ fn a_killed_rl_run_resumes_without_duplicated_or_lost_steps() {
     assert_eq!(stages, ["I", "I", "I", "II", "II", "II"]);
     assert!(run.join("model/config.json").exists() && run.join("model/model.safetensors").exists());
     assert!(run.join("adapter/adapter_config.json").exists(), "the LoRA adapter is exported too");
+    let kept = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("step-"));
+    assert_eq!(kept.count(), 3, "only the newest keep_checkpoints = 3 checkpoints stay");
     // The report draws the curves.
     let out = Command::new(env!("CARGO_BIN_EXE_protege")).args(["report", run.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -236,9 +236,11 @@ impl<'a, B: Backend> Batcher<'a, B> {
 
     pub fn has_room_session(&self, r: &Request, session: Option<u64>) -> bool {
         let promised: usize = self.seqs.iter().flatten().map(Seq::blocks_to_come).sum();
+        let reuse = self.reusable(r, session);
+        // Parked caches can be evicted; the session's own is either reused or released.
         let evictable: usize =
-            self.parked.iter().filter(|(&s, _)| Some(s) != session).map(|(_, p)| p.blocks.len()).sum();
-        let need = Self::blocks_needed(r) - self.reusable(r, session);
+            self.parked.iter().filter(|(&s, _)| Some(s) != session || reuse == 0).map(|(_, p)| p.blocks.len()).sum();
+        let need = Self::blocks_needed(r) - reuse;
         self.cache.free_blocks() + evictable >= promised + need
     }
 

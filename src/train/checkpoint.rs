@@ -50,6 +50,22 @@ pub fn save<B: Backend, S: Serialize>(
     write_atomic(&run.join("checkpoints").join("latest"), format!("step-{step}\n").as_bytes())
 }
 
+/// Removes all but the newest `keep` checkpoints (0 keeps everything).
+pub fn prune(run: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let dir = run.join("checkpoints");
+    let mut steps: Vec<u64> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    steps.sort_unstable();
+    for s in steps.iter().rev().skip(keep) {
+        std::fs::remove_dir_all(checkpoint_dir(run, *s))?;
+    }
+    Ok(())
+}
+
 /// Restores the newest checkpoint into `model` and `opt` and returns its state.
 pub fn load<B: Backend, S: DeserializeOwned>(
     be: &B,

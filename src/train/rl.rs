@@ -85,16 +85,22 @@ pub struct RlMetrics {
     pub steps_per_episode: f64,
     pub format_errors: f64,
     pub exit: BTreeMap<String, usize>,
+    /// The objective, averaged over the step's optimiser steps.
     pub loss: f64,
     pub kl: f64,
     pub clip_frac: f64,
     pub ratio: f64,
     /// Mean −log p of the sampled policy tokens (an estimate of the policy's entropy).
     pub entropy: f64,
+    /// Of the step's last optimiser step.
     pub grad_norm: f64,
     pub lr: f64,
+    /// Tokens through the training passes (prompts included, every epoch).
     pub trained_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt tokens the engine computed, and those it reused from an episode's earlier turns.
+    pub prefilled_tokens: usize,
+    pub reused_tokens: usize,
     pub gen_s: f64,
     pub tools_s: f64,
     pub train_s: f64,
@@ -157,6 +163,9 @@ pub fn policy_gradient<B: Backend>(
     recompute: bool,
     grads: &mut Grads<B>,
 ) -> Result<PgStats> {
+    if pg.kl_beta > 0.0 && seqs.iter().any(|s| s.ref_logp.is_none()) {
+        bail!("kl_beta > 0 needs the reference log-probs of every sequence");
+    }
     let mut stats = PgStats::default();
     for micro in micro_batches(seqs, batch_tokens) {
         let batch = pack(seqs, &micro, temperature)?;
@@ -278,11 +287,15 @@ pub fn load_policy<B: Backend>(be: &B, cfg: &RlConfig) -> Result<Qwen2<B>> {
 pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Option<u64>) -> Result<RlOutcome> {
     let run = cfg.output.run_dir.clone();
     let metrics_path = run.join("metrics.jsonl");
-    if !resume && run.join("checkpoints").exists() {
+    // A run exists once it has a checkpoint; a run killed before its first one starts over.
+    if !resume && run.join("checkpoints").join("latest").exists() {
         bail!(
             "run directory {} already holds a run; pass --resume to continue it or choose another output.run_dir",
             run.display()
         );
+    }
+    if !resume && run.join("checkpoints").exists() {
+        std::fs::remove_dir_all(run.join("checkpoints"))?;
     }
     std::fs::create_dir_all(run.join("rollouts")).with_context(|| format!("cannot create {}", run.display()))?;
     write_atomic(&run.join("config.toml"), config_text.as_bytes())?;
@@ -412,6 +425,9 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
                 _ => Box::new(HeuristicJudge::default()),
             }
         };
+        // A fresh scratch directory per step: no work tree of an earlier step can be in the way.
+        let step_scratch = scratch.path().join(format!("step-{step}"));
+        std::fs::create_dir_all(&step_scratch)?;
         let env = RolloutEnv {
             tasks: pool,
             tok: &tok,
@@ -421,7 +437,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             judge: &make_judge,
             isolation,
             hidden: hidden.clone(),
-            scratch: scratch.path(),
+            scratch: &step_scratch,
         };
         let bar = indicatif::ProgressBar::new(jobs.len() as u64);
         bar.set_style(
@@ -439,6 +455,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             ));
         })?;
         bar.finish_and_clear();
+        let _ = std::fs::remove_dir_all(&step_scratch);
 
         // ---- advantages ----
         let ok: Vec<bool> = rollouts.iter().map(|r| r.error.is_none()).collect();
@@ -497,7 +514,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             }
         }
         let mut stats = PgStats::default();
-        let (mut grad_norm, mut lr, mut trained_tokens) = (0f64, 0f64, 0usize);
+        let (mut grad_norm, mut lr, mut trained_tokens, mut opt_steps) = (0f64, 0f64, 0usize, 0usize);
         let mut shuffle_rng =
             rand_chacha::ChaCha8Rng::seed_from_u64(cfg.grpo.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
         for _epoch in 0..cfg.grpo.ppo_epochs {
@@ -541,6 +558,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
                 let report = opt.step(&be, model.trainable_mut(), grads.tensors_mut(&model_cfg))?;
                 grad_norm = report.grad_norm as f64;
                 lr = report.lr as f64;
+                opt_steps += 1;
             }
         }
         let train_s = train_started.elapsed().as_secs_f64();
@@ -586,7 +604,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             steps_per_episode: comp(&|r| r.episode.actions.len() as f64),
             format_errors: comp(&|r| r.episode.format_errors as f64),
             exit,
-            loss: stats.loss,
+            loss: stats.loss / opt_steps.max(1) as f64,
             kl: stats.kl(),
             clip_frac: stats.clip_frac(),
             ratio: stats.ratio(),
@@ -595,6 +613,8 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
             lr,
             trained_tokens,
             generated_tokens: rstats.engine.generated_tokens,
+            prefilled_tokens: rstats.engine.prompt_tokens,
+            reused_tokens: rstats.engine.reused_tokens,
             gen_s: rstats.engine.busy_s,
             tools_s: rstats.tools_s,
             train_s,
@@ -636,6 +656,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
         let due = (cfg.grpo.checkpoint_every > 0 && step.is_multiple_of(cfg.grpo.checkpoint_every)) || step == total;
         if due {
             checkpoint::save(&be, &run, &model, &opt, step, &state)?;
+            checkpoint::prune(&run, cfg.grpo.keep_checkpoints)?;
         }
     }
     if state.step == total {

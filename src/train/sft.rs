@@ -97,11 +97,15 @@ fn eval_loss<B: Backend>(be: &B, model: &Qwen2<B>, examples: &[Example], batch_t
 pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Option<u64>) -> Result<SftOutcome> {
     let run = cfg.output.run_dir.clone();
     let metrics_path = run.join("metrics.jsonl");
-    if !resume && run.join("checkpoints").exists() {
+    // A run exists once it has a checkpoint; a run killed before its first one starts over.
+    if !resume && run.join("checkpoints").join("latest").exists() {
         bail!(
             "run directory {} already holds a run; pass --resume to continue it or choose another output.run_dir",
             run.display()
         );
+    }
+    if !resume && run.join("checkpoints").exists() {
+        std::fs::remove_dir_all(run.join("checkpoints"))?;
     }
     std::fs::create_dir_all(&run).with_context(|| format!("cannot create run directory {}", run.display()))?;
     write_atomic(&run.join("config.toml"), config_text.as_bytes())?;
