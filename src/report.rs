@@ -88,6 +88,7 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, lines: &[(&str, Vec<(
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc(y_label)
             .label_style(("sans-serif", 15))
             .axis_desc_style(("sans-serif", 16))
@@ -179,7 +180,13 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
                 "rl_reward.png",
                 "RL reward and its components",
                 "reward",
-                &[("R_total", "reward"), ("R_loop", "r_loop"), ("R_follow", "r_follow"), ("R_other", "r_other")],
+                &[
+                    ("R_total", "reward"),
+                    ("R_loop", "r_loop"),
+                    ("R_format", "r_format"),
+                    ("R_follow", "r_follow"),
+                    ("R_other", "r_other"),
+                ],
             ),
             (
                 "rl_behaviour.png",
