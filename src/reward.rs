@@ -479,10 +479,12 @@ pub fn parse_score(text: &str) -> Option<f64> {
         }
     }
     let from = text.find("score").map_or(text, |i| &text[i + 5..]);
-    let start = from.find(|c: char| c.is_ascii_digit() || c == '.')?;
+    // The first digit, with a decimal point just before it (".5").
+    let digit = from.find(|c: char| c.is_ascii_digit())?;
+    let start = if digit > 0 && from.as_bytes()[digit - 1] == b'.' { digit - 1 } else { digit };
     let num: String = from[start..].chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
     let num = if num.starts_with('.') { format!("0{num}") } else { num };
-    num.parse::<f64>().ok().map(|x| x.clamp(0.0, 1.0))
+    num.trim_end_matches('.').parse::<f64>().ok().map(|x| x.clamp(0.0, 1.0))
 }
 
 fn render_steps(steps: &[Step], max_chars: usize) -> String {
@@ -1042,6 +1044,8 @@ mod tests {
         assert_eq!(parse_score("{\"score\": 0.75, \"reason\": \"ok\"}"), Some(0.75));
         assert_eq!(parse_score("{\"reason\": \"a score of 1 is too high\", \"score\": 0.25}"), Some(0.25));
         assert_eq!(parse_score("score: .5"), Some(0.5));
+        assert_eq!(parse_score("I cannot tell."), None);
+        assert_eq!(parse_score("Score: 1."), Some(1.0));
         assert_eq!(parse_score("I'd say 3"), Some(1.0));
         assert_eq!(parse_score("no idea"), None);
         assert!(close(patch_similarity(GOLD, GOLD), 1.0));
