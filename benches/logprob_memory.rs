@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use protege::backend::cpu::CpuBackend;
-use protege::backend::Backend;
+use protege::backend::{Backend, TrainBackend};
 
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);

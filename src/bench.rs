@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, TrainBackend};
 use crate::generate::{generate, GenOptions, Request};
 use crate::model::lora::{Lora, LoraConfig, Target};
 use crate::model::training::{Grads, TrainBatch};
@@ -101,7 +101,7 @@ pub struct SftBenchResult {
 /// transformers), timed end to end: fresh zero gradients, forward with the fused loss,
 /// backward, global-norm clipping to 1.0 and an AdamW update (lr 1e-5, weight decay 0.01).
 /// `lora_rank` attaches fresh adapters on all seven modules; `None` trains every weight.
-pub fn bench_sft_step<B: Backend>(
+pub fn bench_sft_step<B: TrainBackend>(
     be: &B,
     model: &mut Qwen2<B>,
     prompt: &[u32],

@@ -8,6 +8,7 @@
 //! forward pass through [`Backend::prepare`].
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 
@@ -192,7 +193,42 @@ pub trait Backend: Send + Sync {
     /// Row-wise log-softmax in place, `x: [rows, cols]`.
     fn log_softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize);
 
-    // ---- training: backward passes and the optimiser ----
+    // ---- utilities ----
+    /// Number of values `x` holds.
+    fn len(&self, x: &Self::Buf) -> usize;
+    /// `x[..n] = 0`.
+    fn zero(&self, x: &mut Self::Buf, n: usize);
+    /// `x *= s` over `n` values.
+    fn scale(&self, x: &mut Self::Buf, s: f32, n: usize);
+    /// `dst[..n] = src[..n]`.
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, n: usize);
+    /// Inverted dropout: `out[i] = x[i] / (1 - p)` where [`dropout_keeps`]`(seed, i, p)`, else 0.
+    /// The mask is a pure function of `(seed, i)`, so the backward is this same op on the
+    /// gradient and no mask is stored.
+    fn dropout(&self, x: &Self::Buf, out: &mut Self::Buf, n: usize, p: f32, seed: u64);
+
+    /// Picks one token per row of `logits: [rows, vocab]`. The default brings the logits to the
+    /// host; a device backend overrides it so that full logits never leave the device.
+    fn sample(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        params: &[SamplingParams],
+        rngs: &mut [crate::generate::sampling::Rng],
+    ) -> Vec<u32> {
+        let host = self.to_f32(logits);
+        params
+            .iter()
+            .zip(rngs.iter_mut())
+            .enumerate()
+            .map(|(r, (p, rng))| crate::generate::sampling::sample_row(&host[r * vocab..(r + 1) * vocab], p, rng))
+            .collect()
+    }
+}
+
+/// The backward ops and the optimiser: what training needs beyond [`Backend`]. A device
+/// backend that only serves inference does not implement it, and training refuses to run on it.
+pub trait TrainBackend: Backend {
     // Gradient outputs named `d*` are overwritten, except where "accumulates" is said: weight
     // gradients accumulate so that micro-batches add up without extra buffers.
 
@@ -300,18 +336,6 @@ pub trait Backend: Send + Sync {
     );
     /// `sum(x^2)` over the first `n` values, in f64.
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
-    /// Number of values `x` holds.
-    fn len(&self, x: &Self::Buf) -> usize;
-    /// `x[..n] = 0`.
-    fn zero(&self, x: &mut Self::Buf, n: usize);
-    /// `x *= s` over `n` values.
-    fn scale(&self, x: &mut Self::Buf, s: f32, n: usize);
-    /// `dst[..n] = src[..n]`.
-    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, n: usize);
-    /// Inverted dropout: `out[i] = x[i] / (1 - p)` where [`dropout_keeps`]`(seed, i, p)`, else 0.
-    /// The mask is a pure function of `(seed, i)`, so the backward is this same op on the
-    /// gradient and no mask is stored.
-    fn dropout(&self, x: &Self::Buf, out: &mut Self::Buf, n: usize, p: f32, seed: u64);
     /// One AdamW step (PyTorch's formulation, decoupled weight decay) on `n` values.
     fn adamw(
         &self,
@@ -323,22 +347,4 @@ pub trait Backend: Send + Sync {
         hp: &AdamW,
         step: u64,
     );
-
-    /// Picks one token per row of `logits: [rows, vocab]`. The default brings the logits to the
-    /// host; a device backend overrides it so that full logits never leave the device.
-    fn sample(
-        &self,
-        logits: &Self::Buf,
-        vocab: usize,
-        params: &[SamplingParams],
-        rngs: &mut [crate::generate::sampling::Rng],
-    ) -> Vec<u32> {
-        let host = self.to_f32(logits);
-        params
-            .iter()
-            .zip(rngs.iter_mut())
-            .enumerate()
-            .map(|(r, (p, rng))| crate::generate::sampling::sample_row(&host[r * vocab..(r + 1) * vocab], p, rng))
-            .collect()
-    }
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 
 use super::lora::{Lora, Target};
 use super::{Qwen2, Weights};
-use crate::backend::{Backend, SeqSlice, StepMeta};
+use crate::backend::{SeqSlice, StepMeta, TrainBackend};
 
 /// Sequences packed for training.
 #[derive(Debug, Clone)]
@@ -81,12 +81,12 @@ impl TrainBatch {
 
 /// Where gradients go: every parameter (full fine-tuning), or only the adapters (LoRA, base
 /// frozen).
-pub enum Grads<B: Backend> {
+pub enum Grads<B: TrainBackend> {
     Full(Weights<B>),
     Lora(Lora<B>),
 }
 
-impl<B: Backend> Grads<B> {
+impl<B: TrainBackend> Grads<B> {
     /// Zeroed gradients for what `model` trains: its adapters when it has them, else everything.
     pub fn zeros_for(be: &B, model: &Qwen2<B>) -> Self {
         match &model.lora {
@@ -121,7 +121,7 @@ impl<B: Backend> Grads<B> {
     }
 }
 
-impl<B: Backend> Qwen2<B> {
+impl<B: TrainBackend> Qwen2<B> {
     /// Name and shape of every trained tensor: the adapters when present, else all weights.
     pub fn trainable(&self) -> Vec<(String, Vec<usize>)> {
         match &self.lora {
@@ -147,7 +147,7 @@ impl<B: Backend> Qwen2<B> {
     }
 }
 
-fn full<B: Backend>(g: &mut Grads<B>) -> Option<&mut Weights<B>> {
+fn full<B: TrainBackend>(g: &mut Grads<B>) -> Option<&mut Weights<B>> {
     match g {
         Grads::Full(w) => Some(w),
         Grads::Lora(_) => None,
@@ -155,7 +155,7 @@ fn full<B: Backend>(g: &mut Grads<B>) -> Option<&mut Weights<B>> {
 }
 
 /// What one layer's backward needs from its forward.
-struct LayerActs<B: Backend> {
+struct LayerActs<B: TrainBackend> {
     x_in: B::Buf,
     n1: B::Buf,
     q: B::Buf,
@@ -173,7 +173,7 @@ struct LayerActs<B: Backend> {
 }
 
 /// Saved state between [`Qwen2::train_forward`] and [`Qwen2::train_backward`].
-pub struct Trace<B: Backend> {
+pub struct Trace<B: TrainBackend> {
     /// Per layer: everything, or (with recomputation) only the layer input.
     layers: Vec<Result<LayerActs<B>, B::Buf>>,
     x_final: B::Buf,
@@ -181,7 +181,7 @@ pub struct Trace<B: Backend> {
     lse: B::Buf,
 }
 
-impl<B: Backend> Qwen2<B> {
+impl<B: TrainBackend> Qwen2<B> {
     fn layer_forward(
         &self,
         be: &B,

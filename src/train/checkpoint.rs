@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::Optimizer;
-use crate::backend::Backend;
+use crate::backend::TrainBackend;
 use crate::model::export::{write_atomic, write_safetensors, ExportDtype};
 use crate::model::{Checkpoint, Qwen2};
 
@@ -20,7 +20,7 @@ pub fn checkpoint_dir(run: &Path, step: u64) -> PathBuf {
 }
 
 /// Saves what `model` trains, the optimiser's moments and `state` as `checkpoints/step-{step}`.
-pub fn save<B: Backend, S: Serialize>(
+pub fn save<B: TrainBackend, S: Serialize>(
     be: &B,
     run: &Path,
     model: &Qwen2<B>,
@@ -67,7 +67,7 @@ pub fn prune(run: &Path, keep: usize) -> Result<()> {
 }
 
 /// Restores the newest checkpoint into `model` and `opt` and returns its state.
-pub fn load<B: Backend, S: DeserializeOwned>(
+pub fn load<B: TrainBackend, S: DeserializeOwned>(
     be: &B,
     run: &Path,
     model: &mut Qwen2<B>,

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
-use crate::backend::{AdamW, Backend};
+use crate::backend::{AdamW, TrainBackend};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct OptimConfig {
@@ -30,7 +30,7 @@ pub struct StepReport {
     pub grad_norm: f32,
 }
 
-pub struct Optimizer<B: Backend> {
+pub struct Optimizer<B: TrainBackend> {
     pub cfg: OptimConfig,
     /// Name and shape of every trained tensor, in the order `step` receives them.
     pub shapes: Vec<(String, Vec<usize>)>,
@@ -41,7 +41,7 @@ pub struct Optimizer<B: Backend> {
     pub step: u64,
 }
 
-impl<B: Backend> Optimizer<B> {
+impl<B: TrainBackend> Optimizer<B> {
     pub fn new(be: &B, shapes: Vec<(String, Vec<usize>)>, cfg: OptimConfig) -> Self {
         let zeros = || shapes.iter().map(|(_, s)| be.zeros(s.iter().product())).collect::<Vec<_>>();
         Self { cfg, m: zeros(), v: zeros(), shapes, step: 0 }

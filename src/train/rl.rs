@@ -31,7 +31,7 @@ use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::sandbox::best_isolation;
 use crate::agent::trajectory::Source;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, TrainBackend};
 use crate::config::{ExpertKind, RlConfig};
 use crate::eval::{make_expert, prepare_expert};
 use crate::model::export::{export_hf, export_peft, write_atomic, ExportDtype};
@@ -152,7 +152,7 @@ impl PolicySeq {
 /// weigh `weights[i]` each ([`super::grpo::token_weights`]), in micro-batches of at most
 /// `batch_tokens`; returns the objective's statistics.
 #[allow(clippy::too_many_arguments)]
-pub fn policy_gradient<B: Backend>(
+pub fn policy_gradient<B: TrainBackend>(
     be: &B,
     model: &Qwen2<B>,
     seqs: &[&PolicySeq],
@@ -230,7 +230,7 @@ fn pack(seqs: &[&PolicySeq], idx: &[usize], temperature: f32) -> Result<TrainBat
 
 /// `log p` of every row of every sequence under `model` (no backward), in `batch_tokens`
 /// micro-batches.
-fn score<B: Backend>(
+fn score<B: TrainBackend>(
     be: &B,
     model: &Qwen2<B>,
     seqs: &[&PolicySeq],

@@ -22,7 +22,7 @@ use super::data::{build_examples, pack_batches, DataStats, Example};
 use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::trajectory::read_jsonl;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::TrainBackend;
 use crate::config::SftConfig;
 use crate::model::export::{export_peft, write_atomic};
 use crate::model::lora::Lora;
@@ -75,7 +75,7 @@ fn to_batch(examples: &[Example], idx: &[usize]) -> Result<TrainBatch> {
 }
 
 /// Mean loss per learned token over `examples`.
-fn eval_loss<B: Backend>(be: &B, model: &Qwen2<B>, examples: &[Example], batch_tokens: usize) -> Result<f64> {
+fn eval_loss<B: TrainBackend>(be: &B, model: &Qwen2<B>, examples: &[Example], batch_tokens: usize) -> Result<f64> {
     let (mut sum, mut n) = (0f64, 0usize);
     for idx in pack_batches(examples, batch_tokens, 0) {
         let batch = to_batch(examples, &idx)?;

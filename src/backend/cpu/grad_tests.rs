@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 
 use super::CpuBackend;
-use crate::backend::{Backend, SeqSlice, StepMeta};
+use crate::backend::{Backend, SeqSlice, StepMeta, TrainBackend};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

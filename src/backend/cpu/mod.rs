@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::{AdamW, Backend, DType, HostTensor, StepMeta};
+use super::{AdamW, Backend, DType, HostTensor, StepMeta, TrainBackend};
 
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend;
@@ -253,6 +253,35 @@ impl Backend for CpuBackend {
         });
     }
 
+    fn scale(&self, x: &mut Vec<f32>, s: f32, n: usize) {
+        x[..n].par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    }
+
+    fn len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+
+    fn zero(&self, x: &mut Vec<f32>, n: usize) {
+        x[..n].par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+    }
+
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>, n: usize) {
+        dst[..n].copy_from_slice(&src[..n]);
+    }
+
+    fn dropout(&self, x: &Vec<f32>, out: &mut Vec<f32>, n: usize, p: f32, seed: u64) {
+        let s = 1.0 / (1.0 - p);
+        out[..n].par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
+            let base = c << 14;
+            for (j, v) in o.iter_mut().enumerate() {
+                let i = base + j;
+                *v = if crate::backend::dropout_keeps(seed, i as u64, p) { x[i] * s } else { 0.0 };
+            }
+        });
+    }
+}
+
+impl TrainBackend for CpuBackend {
     fn embedding_bwd(&self, dout: &Vec<f32>, meta: &StepMeta, dtable: &mut Vec<f32>, dim: usize) {
         // Serial: two rows may name the same token.
         for (r, &t) in meta.tokens.iter().enumerate() {
@@ -409,33 +438,6 @@ impl Backend for CpuBackend {
         let partials: Vec<f64> =
             x[..n].par_chunks(1 << 14).map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>()).collect();
         partials.iter().sum()
-    }
-
-    fn scale(&self, x: &mut Vec<f32>, s: f32, n: usize) {
-        x[..n].par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
-    }
-
-    fn len(&self, x: &Vec<f32>) -> usize {
-        x.len()
-    }
-
-    fn zero(&self, x: &mut Vec<f32>, n: usize) {
-        x[..n].par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
-    }
-
-    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>, n: usize) {
-        dst[..n].copy_from_slice(&src[..n]);
-    }
-
-    fn dropout(&self, x: &Vec<f32>, out: &mut Vec<f32>, n: usize, p: f32, seed: u64) {
-        let s = 1.0 / (1.0 - p);
-        out[..n].par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
-            let base = c << 14;
-            for (j, v) in o.iter_mut().enumerate() {
-                let i = base + j;
-                *v = if crate::backend::dropout_keeps(seed, i as u64, p) { x[i] * s } else { 0.0 };
-            }
-        });
     }
 
     fn adamw(

@@ -1,0 +1,731 @@
+//! The CUDA backend: bf16 weights and activations with f32 accumulation, hand-written kernels
+//! (`kernels/*.cu`, compiled by NVRTC at run time, see [`nvrtc`]) and cuBLAS for the GEMMs.
+//!
+//! The same binary runs with or without a GPU: [`libs::probe`] looks for the libraries before
+//! any cudarc call (cudarc panics when one is missing), and [`CudaBackend::new`] fails with a
+//! clear error where there is no driver or device. This backend serves inference (prefill,
+//! decode, sampling); it does not implement [`super::TrainBackend`], so training stays on the
+//! CPU backend until the GPU training kernels exist.
+//!
+//! Ops are infallible in the [`Backend`] trait; a CUDA error inside one (a failed launch, an
+//! exhausted device memory) panics with the op's name and the driver's message.
+
+pub mod libs;
+pub mod nvrtc;
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{Backend, DType, HostTensor, SamplingParams, StepMeta};
+
+/// Which device a command runs its model on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Number of CUDA devices, 0 when the driver or a device is missing.
+pub fn device_count() -> usize {
+    if !libs::probe().driver.present() {
+        return 0;
+    }
+    CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+}
+
+/// The device used when none is named: the first GPU when the CUDA backend can run, else the CPU.
+pub fn default_device() -> Device {
+    if libs::probe().backend_ready() && device_count() > 0 {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    }
+}
+
+/// Every kernel function the backend launches, with its file.
+pub const KERNEL_FUNCTIONS: &[(&str, &str)] = &[
+    ("embedding", "embedding"),
+    ("embedding", "gather_rows"),
+    ("rmsnorm", "rmsnorm"),
+    ("rope", "rope"),
+    ("elementwise", "swiglu"),
+    ("elementwise", "add_assign"),
+    ("elementwise", "scale"),
+    ("elementwise", "add_bias"),
+    ("elementwise", "dropout"),
+    ("kv_cache", "kv_store"),
+    ("softmax", "softmax"),
+    ("flash_attn", "flash_prefill_d64"),
+    ("flash_attn", "flash_prefill_d128"),
+    ("decode_attn", "decode_partial_d64"),
+    ("decode_attn", "decode_partial_d128"),
+    ("decode_attn", "decode_combine"),
+    ("attention_generic", "attention_generic"),
+    ("sampling", "sample"),
+];
+
+/// Kernel functions, looked up once.
+struct Kernels {
+    embedding: CudaFunction,
+    gather_rows: CudaFunction,
+    rmsnorm: CudaFunction,
+    rope: CudaFunction,
+    swiglu: CudaFunction,
+    add_assign: CudaFunction,
+    scale: CudaFunction,
+    add_bias: CudaFunction,
+    dropout: CudaFunction,
+    kv_store: CudaFunction,
+    softmax: CudaFunction,
+    flash_d64: CudaFunction,
+    flash_d128: CudaFunction,
+    decode_d64: CudaFunction,
+    decode_d128: CudaFunction,
+    decode_combine: CudaFunction,
+    attention_generic: CudaFunction,
+    sample: CudaFunction,
+}
+
+/// How [`CudaBackend::attention`] runs, for tests and benchmarks that pin one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Tensor-core flash attention for prefill rows and split decode for single new rows, where
+    /// the head dim is 64 or 128; the generic kernel otherwise.
+    Auto,
+    /// The generic one-warp-per-row kernel for every row.
+    Generic,
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    arch: String,
+    sms: usize,
+    device_name: String,
+    attention_path: std::sync::Mutex<AttentionPath>,
+    /// Kernel files compiled by NVRTC this run (the others came from the disk cache).
+    pub compiled_now: Vec<String>,
+}
+
+/// The step metadata on the device, plus the host-side counts that size the launches.
+pub struct CudaMeta {
+    rows: usize,
+    tokens: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    row_seq: CudaSlice<i32>,
+    seq_row_start: CudaSlice<i32>,
+    seq_n_new: CudaSlice<i32>,
+    seq_n_ctx: CudaSlice<i32>,
+    seq_bt_off: CudaSlice<i32>,
+    block_tables: CudaSlice<i32>,
+    block_size: usize,
+    /// Prefill tiles (sequence, first query) over sequences with more than one new row.
+    tiles: CudaSlice<i32>,
+    n_tiles: usize,
+    /// Sequences with exactly one new row, and their longest context.
+    decode_seqs: CudaSlice<i32>,
+    n_decode: usize,
+    max_decode_ctx: usize,
+}
+
+/// Rows per flash-attention tile (BR in flash_attn.cu).
+const FLASH_ROWS: usize = 64;
+/// Largest query-head group the split decode kernel serves (MAX_GROUP in decode_attn.cu).
+const DECODE_MAX_GROUP: usize = 16;
+
+fn check<T, E: std::fmt::Debug>(what: &str, r: std::result::Result<T, E>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("CUDA error in {what}: {e:?}"),
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for its architecture
+    /// and creates the cuBLAS handle.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let libs = libs::probe();
+        if !libs.driver.present() {
+            bail!("no CUDA driver (libcuda.so) was found on this machine: run with --device cpu");
+        }
+        for (name, found) in [("NVRTC", &libs.nvrtc), ("cuBLAS", &libs.cublas), ("cuBLASLt", &libs.cublaslt)] {
+            if !found.present() {
+                bail!(
+                    "the CUDA driver is present but {name} was not found: install the CUDA toolkit or the \
+                     nvidia-*-cu12 Python wheels (PyTorch brings them), or set PROTEGE_CUDA_LIBS; {}",
+                    nvrtc::missing_nvrtc_hint()
+                );
+            }
+        }
+        let count = device_count();
+        if ordinal >= count {
+            bail!("CUDA device {ordinal} does not exist ({count} found)");
+        }
+        let ctx = CudaContext::new(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+        let (major, minor) = ctx.compute_capability().context("reading the compute capability")?;
+        if major < 8 {
+            bail!("protege's CUDA kernels need bf16 tensor cores (compute capability 8.0+); device {ordinal} is {major}.{minor}");
+        }
+        let arch = format!("sm_{major}{minor}");
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .unwrap_or(1)
+            .max(1) as usize;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let stream = ctx.default_stream();
+        let includes = libs::include_dirs();
+        let mut compiled_now = vec![];
+        let mut modules = std::collections::HashMap::new();
+        for (file, _) in nvrtc::KERNEL_FILES {
+            let (image, cached) = nvrtc::compile_cached(file, &arch, &includes)?;
+            if !cached {
+                compiled_now.push(file.to_string());
+            }
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+                .with_context(|| format!("loading the compiled {file}.cu on {arch}"))?;
+            modules.insert(*file, module);
+        }
+        let mut funcs = std::collections::HashMap::new();
+        for (file, func) in KERNEL_FUNCTIONS {
+            let f = modules[file].load_function(func).with_context(|| format!("kernel {func} in {file}.cu"))?;
+            funcs.insert(*func, f);
+        }
+        let mut f = |name: &str| funcs.remove(name).expect("listed in KERNEL_FUNCTIONS");
+        let k = Kernels {
+            embedding: f("embedding"),
+            gather_rows: f("gather_rows"),
+            rmsnorm: f("rmsnorm"),
+            rope: f("rope"),
+            swiglu: f("swiglu"),
+            add_assign: f("add_assign"),
+            scale: f("scale"),
+            add_bias: f("add_bias"),
+            dropout: f("dropout"),
+            kv_store: f("kv_store"),
+            softmax: f("softmax"),
+            flash_d64: f("flash_prefill_d64"),
+            flash_d128: f("flash_prefill_d128"),
+            decode_d64: f("decode_partial_d64"),
+            decode_d128: f("decode_partial_d128"),
+            decode_combine: f("decode_combine"),
+            attention_generic: f("attention_generic"),
+            sample: f("sample"),
+        };
+        let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            k,
+            arch,
+            sms,
+            device_name,
+            attention_path: std::sync::Mutex::new(AttentionPath::Auto),
+            compiled_now,
+        })
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for every queued op (for timing).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().context("synchronising the CUDA stream")
+    }
+
+    pub fn set_attention_path(&self, p: AttentionPath) {
+        *self.attention_path.lock().unwrap() = p;
+    }
+
+    fn upload_i32(&self, v: &[i32]) -> CudaSlice<i32> {
+        // Empty arrays still get one element: kernels never read it, and a zero-byte
+        // allocation is an error for the driver.
+        let data: &[i32] = if v.is_empty() { &[0] } else { v };
+        check("uploading step metadata", self.stream.clone_htod(data))
+    }
+
+    /// Grid for a grid-stride elementwise kernel over `n` values.
+    fn elementwise_cfg(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, self.sms * 16);
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn rows_cfg(rows: usize, threads: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Threads for a one-block-per-row kernel over `dim` values.
+    fn row_threads(dim: usize) -> usize {
+        dim.next_power_of_two().clamp(32, 1024)
+    }
+}
+
+/// bf16 bits of a host tensor in any checkpoint dtype.
+fn host_to_bf16(t: &HostTensor) -> Result<Vec<bf16>> {
+    let n = t.numel();
+    if t.bytes.len() != n * t.dtype.size() {
+        bail!(
+            "tensor data is {} bytes, expected {} for {:?} {:?}",
+            t.bytes.len(),
+            n * t.dtype.size(),
+            t.dtype,
+            t.shape
+        );
+    }
+    Ok(match t.dtype {
+        DType::BF16 => t.bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        DType::F16 => t
+            .bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_f32(half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
+            .collect(),
+        DType::F32 => {
+            t.bytes.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+        }
+    })
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<bf16>;
+    type Meta = CudaMeta;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({}, {}, bf16)", self.ctx.ordinal(), self.device_name, self.arch)
+    }
+
+    fn zeros(&self, n: usize) -> CudaSlice<bf16> {
+        check("allocating device memory", self.stream.alloc_zeros::<bf16>(n.max(1)))
+    }
+
+    fn upload_f32(&self, data: &[f32]) -> CudaSlice<bf16> {
+        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        if host.is_empty() {
+            return self.zeros(1);
+        }
+        check("uploading", self.stream.clone_htod(&host))
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<CudaSlice<bf16>> {
+        let host = host_to_bf16(t)?;
+        if host.is_empty() {
+            return Ok(self.zeros(1));
+        }
+        self.stream.clone_htod(&host).context("copying a tensor to the GPU")
+    }
+
+    fn to_f32(&self, buf: &CudaSlice<bf16>) -> Vec<f32> {
+        check("copying to the host", self.stream.clone_dtoh(buf)).into_iter().map(|v| v.to_f32()).collect()
+    }
+
+    fn prepare(&self, meta: &StepMeta) -> CudaMeta {
+        let i = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        let mut row_seq = vec![0i32; meta.rows()];
+        let (mut starts, mut n_new, mut n_ctx, mut bt_off, mut bts) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut tiles, mut decode, mut max_decode_ctx) = (vec![], vec![], 0usize);
+        for (s, seq) in meta.seqs.iter().enumerate() {
+            row_seq[seq.row_start..seq.row_start + seq.n_new].fill(s as i32);
+            starts.push(seq.row_start as i32);
+            n_new.push(seq.n_new as i32);
+            n_ctx.push(seq.n_ctx as i32);
+            bt_off.push(bts.len() as i32);
+            bts.extend(seq.block_table.iter().map(|&b| b as i32));
+            if seq.n_new == 1 {
+                decode.push(s as i32);
+                max_decode_ctx = max_decode_ctx.max(seq.n_ctx);
+            } else {
+                for q0 in (0..seq.n_new).step_by(FLASH_ROWS) {
+                    tiles.push(s as i32);
+                    tiles.push(q0 as i32);
+                }
+            }
+        }
+        CudaMeta {
+            rows: meta.rows(),
+            tokens: self.upload_i32(&i(&meta.tokens)),
+            positions: self.upload_i32(&i(&meta.positions)),
+            slots: self.upload_i32(&i(&meta.slots)),
+            row_seq: self.upload_i32(&row_seq),
+            seq_row_start: self.upload_i32(&starts),
+            seq_n_new: self.upload_i32(&n_new),
+            seq_n_ctx: self.upload_i32(&n_ctx),
+            seq_bt_off: self.upload_i32(&bt_off),
+            block_tables: self.upload_i32(&bts),
+            block_size: meta.block_size.max(1),
+            n_tiles: tiles.len() / 2,
+            tiles: self.upload_i32(&tiles),
+            n_decode: decode.len(),
+            decode_seqs: self.upload_i32(&decode),
+            max_decode_ctx,
+        }
+    }
+
+    fn embedding(&self, table: &Self::Buf, meta: &CudaMeta, out: &mut Self::Buf, dim: usize) {
+        if meta.rows == 0 {
+            return;
+        }
+        let dim = dim as i32;
+        let mut b = self.stream.launch_builder(&self.k.embedding);
+        b.arg(table).arg(&meta.tokens).arg(out).arg(&dim);
+        check("embedding", unsafe { b.launch(Self::rows_cfg(meta.rows, Self::row_threads(dim as usize).min(256))) });
+    }
+
+    fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, out: &mut Self::Buf, rows: usize, dim: usize, eps: f32) {
+        if rows == 0 {
+            return;
+        }
+        let d = dim as i32;
+        let mut b = self.stream.launch_builder(&self.k.rmsnorm);
+        b.arg(x).arg(w).arg(out).arg(&d).arg(&eps);
+        check("rmsnorm", unsafe { b.launch(Self::rows_cfg(rows, Self::row_threads(dim).min(1024))) });
+    }
+
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        out: &mut Self::Buf,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) {
+        if rows == 0 {
+            return;
+        }
+        // Row-major out[rows, n] = x[rows, k] @ w[n, k]^T is column-major out^T = w^T^T x^T:
+        // cuBLAS sees w as a k x n column-major matrix (transposed) and x as k x rows.
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: rows as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        check("cuBLAS bf16 GEMM", unsafe { self.blas.gemm(cfg, w, x, out) });
+        if let Some(bias) = bias {
+            let (r, c) = (rows as i64, n as i32);
+            let mut b = self.stream.launch_builder(&self.k.add_bias);
+            b.arg(out).arg(bias).arg(&r).arg(&c);
+            check("add_bias", unsafe { b.launch(self.elementwise_cfg(rows * n)) });
+        }
+    }
+
+    fn rope(&self, x: &mut Self::Buf, meta: &CudaMeta, heads: usize, head_dim: usize, theta: f32) {
+        if meta.rows == 0 {
+            return;
+        }
+        let (h, d) = (heads as i32, head_dim as i32);
+        let mut b = self.stream.launch_builder(&self.k.rope);
+        b.arg(x).arg(&meta.positions).arg(&h).arg(&d).arg(&theta);
+        check("rope", unsafe { b.launch(Self::rows_cfg(meta.rows, (heads * head_dim / 2).clamp(32, 256))) });
+    }
+
+    fn kv_store(
+        &self,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        meta: &CudaMeta,
+        kv_dim: usize,
+    ) {
+        if meta.rows == 0 {
+            return;
+        }
+        let d = kv_dim as i32;
+        let mut b = self.stream.launch_builder(&self.k.kv_store);
+        b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(&meta.slots).arg(&d);
+        check("kv_store", unsafe { b.launch(Self::rows_cfg(meta.rows, kv_dim.clamp(32, 256))) });
+    }
+
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        out: &mut Self::Buf,
+        meta: &CudaMeta,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) {
+        if meta.rows == 0 {
+            return;
+        }
+        let scale_log2 = std::f32::consts::LOG2_E / (head_dim as f32).sqrt();
+        let (bs, h, kvh) = (meta.block_size as i32, heads as i32, kv_heads as i32);
+        let fast = matches!(head_dim, 64 | 128)
+            && heads / kv_heads <= DECODE_MAX_GROUP
+            && *self.attention_path.lock().unwrap() == AttentionPath::Auto;
+        if !fast {
+            assert!(head_dim <= 256, "attention supports head dims up to 256, got {head_dim}");
+            let d = head_dim as i32;
+            let mut b = self.stream.launch_builder(&self.k.attention_generic);
+            b.arg(q)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(out)
+                .arg(&meta.row_seq)
+                .arg(&meta.seq_row_start)
+                .arg(&meta.seq_n_new)
+                .arg(&meta.seq_n_ctx)
+                .arg(&meta.seq_bt_off)
+                .arg(&meta.block_tables)
+                .arg(&bs)
+                .arg(&h)
+                .arg(&kvh)
+                .arg(&d)
+                .arg(&scale_log2);
+            let cfg = LaunchConfig {
+                grid_dim: (meta.rows as u32, heads as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            check("attention_generic", unsafe { b.launch(cfg) });
+            return;
+        }
+        if meta.n_tiles > 0 {
+            let f = if head_dim == 64 { &self.k.flash_d64 } else { &self.k.flash_d128 };
+            let mut b = self.stream.launch_builder(f);
+            b.arg(q)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(&mut *out)
+                .arg(&meta.tiles)
+                .arg(&meta.seq_row_start)
+                .arg(&meta.seq_n_new)
+                .arg(&meta.seq_n_ctx)
+                .arg(&meta.seq_bt_off)
+                .arg(&meta.block_tables)
+                .arg(&bs)
+                .arg(&h)
+                .arg(&kvh)
+                .arg(&scale_log2);
+            let cfg = LaunchConfig {
+                grid_dim: (meta.n_tiles as u32, heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            check("flash attention", unsafe { b.launch(cfg) });
+        }
+        if meta.n_decode > 0 {
+            // Enough splits to give every SM two blocks, each at least 64 keys long.
+            let want = (2 * self.sms).div_ceil(meta.n_decode * kv_heads);
+            let splits = want.clamp(1, meta.max_decode_ctx.div_ceil(64).max(1));
+            let split_len = meta.max_decode_ctx.div_ceil(splits);
+            let splits = meta.max_decode_ctx.div_ceil(split_len);
+            let parts = meta.n_decode * heads * splits;
+            let mut part_o = check("decode workspace", self.stream.alloc_zeros::<f32>(parts * head_dim));
+            let mut part_ml = check("decode workspace", self.stream.alloc_zeros::<f32>(parts * 2));
+            let sl = split_len as i32;
+            let f = if head_dim == 64 { &self.k.decode_d64 } else { &self.k.decode_d128 };
+            let mut b = self.stream.launch_builder(f);
+            b.arg(q)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(&mut part_o)
+                .arg(&mut part_ml)
+                .arg(&meta.decode_seqs)
+                .arg(&meta.seq_row_start)
+                .arg(&meta.seq_n_ctx)
+                .arg(&meta.seq_bt_off)
+                .arg(&meta.block_tables)
+                .arg(&bs)
+                .arg(&h)
+                .arg(&kvh)
+                .arg(&sl)
+                .arg(&scale_log2);
+            let cfg = LaunchConfig {
+                grid_dim: (meta.n_decode as u32, kv_heads as u32, splits as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            check("decode attention", unsafe { b.launch(cfg) });
+            let (d, sp) = (head_dim as i32, splits as i32);
+            let mut b = self.stream.launch_builder(&self.k.decode_combine);
+            b.arg(&part_o)
+                .arg(&part_ml)
+                .arg(out)
+                .arg(&meta.decode_seqs)
+                .arg(&meta.seq_row_start)
+                .arg(&h)
+                .arg(&d)
+                .arg(&sp);
+            let cfg = LaunchConfig {
+                grid_dim: (meta.n_decode as u32, heads as u32, 1),
+                block_dim: (head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            check("decode combine", unsafe { b.launch(cfg) });
+        }
+    }
+
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.swiglu);
+        b.arg(gate).arg(up).arg(out).arg(&nn);
+        check("swiglu", unsafe { b.launch(self.elementwise_cfg(n)) });
+    }
+
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.add_assign);
+        b.arg(x).arg(y).arg(&nn);
+        check("add_assign", unsafe { b.launch(self.elementwise_cfg(n)) });
+    }
+
+    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], out: &mut Self::Buf, dim: usize) {
+        if rows.is_empty() {
+            return;
+        }
+        let idx = self.upload_i32(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>());
+        let d = dim as i32;
+        let mut b = self.stream.launch_builder(&self.k.gather_rows);
+        b.arg(x).arg(&idx).arg(out).arg(&d);
+        check("gather_rows", unsafe { b.launch(Self::rows_cfg(rows.len(), Self::row_threads(dim).min(256))) });
+    }
+
+    fn softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize) {
+        self.softmax_rows(x, rows, cols, false);
+    }
+
+    fn log_softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize) {
+        self.softmax_rows(x, rows, cols, true);
+    }
+
+    fn len(&self, x: &Self::Buf) -> usize {
+        x.len()
+    }
+
+    fn zero(&self, x: &mut Self::Buf, n: usize) {
+        if n > 0 {
+            check("memset", self.stream.memset_zeros(&mut x.slice_mut(..n)));
+        }
+    }
+
+    fn scale(&self, x: &mut Self::Buf, s: f32, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.scale);
+        b.arg(x).arg(&s).arg(&nn);
+        check("scale", unsafe { b.launch(self.elementwise_cfg(n)) });
+    }
+
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, n: usize) {
+        if n > 0 {
+            check("device copy", self.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(..n)));
+        }
+    }
+
+    fn dropout(&self, x: &Self::Buf, out: &mut Self::Buf, n: usize, p: f32, seed: u64) {
+        if n == 0 {
+            return;
+        }
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.dropout);
+        b.arg(x).arg(out).arg(&nn).arg(&p).arg(&seed);
+        check("dropout", unsafe { b.launch(self.elementwise_cfg(n)) });
+    }
+
+    fn sample(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        params: &[SamplingParams],
+        rngs: &mut [crate::generate::sampling::Rng],
+    ) -> Vec<u32> {
+        use rand::Rng as _;
+        let rows = params.len();
+        if rows == 0 {
+            return vec![];
+        }
+        let temps: Vec<f32> = params.iter().map(|p| p.temperature).collect();
+        let top_k: Vec<i32> = params.iter().map(|p| p.top_k.min(i32::MAX as usize) as i32).collect();
+        let top_p: Vec<f32> = params.iter().map(|p| p.top_p).collect();
+        // Greedy rows draw nothing, as on the CPU.
+        let seeds: Vec<u64> = params
+            .iter()
+            .zip(rngs.iter_mut())
+            .map(|(p, rng)| if p.temperature <= 0.0 || p.top_k == 1 { 0 } else { rng.gen::<u64>() })
+            .collect();
+        let temps = check("sampling", self.stream.clone_htod(&temps));
+        let top_k = check("sampling", self.stream.clone_htod(&top_k));
+        let top_p = check("sampling", self.stream.clone_htod(&top_p));
+        let seeds = check("sampling", self.stream.clone_htod(&seeds));
+        let mut out = check("sampling", self.stream.alloc_zeros::<i32>(rows));
+        let v = vocab as i32;
+        let mut b = self.stream.launch_builder(&self.k.sample);
+        b.arg(logits).arg(&v).arg(&temps).arg(&top_k).arg(&top_p).arg(&seeds).arg(&mut out);
+        check("sample", unsafe { b.launch(Self::rows_cfg(rows, 1024)) });
+        check("sampling", self.stream.clone_dtoh(&out)).into_iter().map(|t| t as u32).collect()
+    }
+}
+
+impl CudaBackend {
+    fn softmax_rows(&self, x: &mut CudaSlice<bf16>, rows: usize, cols: usize, log_space: bool) {
+        if rows == 0 {
+            return;
+        }
+        let (c, l) = (cols as i32, log_space as i32);
+        let mut b = self.stream.launch_builder(&self.k.softmax);
+        b.arg(x).arg(&c).arg(&l);
+        check("softmax", unsafe { b.launch(Self::rows_cfg(rows, Self::row_threads(cols).min(1024))) });
+    }
+}

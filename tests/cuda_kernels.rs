@@ -1,0 +1,54 @@
+//! The CUDA kernels compile with NVRTC for sm_80 (A100) and sm_90 (H100) on a machine with no
+//! GPU, and every function the backend launches is in the result. NVRTC and the CUDA headers
+//! come from the CUDA toolkit when present, else from the `nvidia-cuda-nvrtc-cu12` and
+//! `nvidia-cuda-runtime-cu12` wheels, which this test installs from PyPI into protege's cache
+//! (`.ci/run` does the same up front).
+
+use std::process::Command;
+
+use protege::backend::cuda::{libs, nvrtc, KERNEL_FUNCTIONS};
+
+fn ensure_nvrtc() {
+    if libs::find_library("nvrtc").is_some() && !libs::include_dirs().is_empty() {
+        return;
+    }
+    let target = libs::wheel_dir();
+    eprintln!("installing the NVRTC and CUDA runtime wheels into {}", target.display());
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .arg(&target)
+        .args(["nvidia-cuda-nvrtc-cu12==12.9.*", "nvidia-cuda-runtime-cu12==12.9.*"])
+        .status()
+        .expect("running python3 -m pip");
+    assert!(status.success(), "pip could not install the NVRTC wheels into {}", target.display());
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    ensure_nvrtc();
+    let found = libs::probe();
+    assert!(found.nvrtc.present(), "NVRTC not loadable: {}", nvrtc::missing_nvrtc_hint());
+    let (major, minor) = nvrtc::version().unwrap();
+    let includes = libs::include_dirs();
+    eprintln!("NVRTC {major}.{minor} ({}), headers from {}", found.nvrtc.describe(), includes[0].display());
+    for arch in ["sm_80", "sm_90"] {
+        for (file, _) in nvrtc::KERNEL_FILES {
+            let c = nvrtc::compile(file, arch, &includes).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(c.image.starts_with(b"\x7fELF"), "{file}.cu for {arch} is not a cubin");
+            for (f, func) in KERNEL_FUNCTIONS.iter().filter(|(f, _)| f == file) {
+                let needle = func.as_bytes();
+                assert!(
+                    c.image.windows(needle.len()).any(|w| w == needle),
+                    "{func} missing from the {f}.cu cubin for {arch}"
+                );
+            }
+            // ptxas' resource report, for the record (registers, spills, shared memory).
+            for line in c.log.lines().filter(|l| l.contains("registers") || l.contains("spill")) {
+                eprintln!("{arch} {file}: {}", line.trim());
+            }
+        }
+    }
+    for (file, _) in KERNEL_FUNCTIONS {
+        assert!(nvrtc::KERNEL_FILES.iter().any(|(f, _)| f == file), "{file}.cu is not embedded");
+    }
+}
