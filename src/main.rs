@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use protege::backend::cpu::CpuBackend;
+use protege::backend::cuda::Device;
 use protege::backend::{Backend, SamplingParams};
 use protege::chat::{Conversation, Message};
 use protege::check::{check_logits, Reference};
@@ -57,6 +58,27 @@ enum Command {
     Train(TrainArgs),
     /// Plots (PNG) and a Markdown summary of a run directory.
     Report(ReportArgs),
+    /// What this machine offers: CPU, memory, GPUs, CUDA driver, NVRTC and libraries.
+    Info,
+    /// Check a device backend against the CPU reference: every kernel over a sweep of shapes,
+    /// whole-model logits and greedy decoding. Exits non-zero on any failure.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// The backend under test (the CPU backend against itself checks only the harness).
+    #[arg(long, default_value = "cuda")]
+    device: Device,
+    /// Directory with the fixture models (tiny, tiny-untied, odd) and their reference logits.
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: PathBuf,
+    /// More model directories to compare with the CPU backend (e.g. the real 0.5B).
+    #[arg(long)]
+    model: Vec<PathBuf>,
+    /// Also write every check as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -270,6 +292,9 @@ struct SftArgs {
 struct BenchArgs {
     #[arg(long)]
     model: PathBuf,
+    /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
+    #[arg(long)]
+    device: Option<Device>,
     /// Prompt length processed in one prefill forward.
     #[arg(long, default_value_t = 512)]
     prefill_tokens: usize,
@@ -298,6 +323,9 @@ struct GenerateArgs {
     /// HF model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
+    #[arg(long)]
+    device: Option<Device>,
     /// A user message, rendered with the chat template (or tokenised as is with --raw).
     #[arg(long, conflicts_with = "messages", required_unless_present = "messages")]
     prompt: Option<String>,
@@ -335,13 +363,35 @@ struct GenerateArgs {
 struct CheckLogitsArgs {
     #[arg(long)]
     model: PathBuf,
+    /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
+    #[arg(long)]
+    device: Option<Device>,
     /// safetensors with input_ids (I64 [n]), logits (F32 [k, vocab]), optional positions (I64 [k]).
     #[arg(long)]
     reference: PathBuf,
-    #[arg(long, default_value_t = 1e-4)]
-    atol: f32,
-    #[arg(long, default_value_t = 1e-5)]
-    rtol: f32,
+    /// Absolute tolerance (default 1e-4 on the CPU, f32; the selftest's bf16 model tolerance on a GPU).
+    #[arg(long)]
+    atol: Option<f32>,
+    /// Relative tolerance (default 1e-5 on the CPU; the bf16 model tolerance on a GPU).
+    #[arg(long)]
+    rtol: Option<f32>,
+}
+
+/// Runs `$body` with `$be` bound to the backend of `$device` (each backend gets its own
+/// monomorphised copy of the body).
+macro_rules! with_backend {
+    ($device:expr, |$be:ident| $body:expr) => {{
+        match $device.unwrap_or_else(protege::backend::cuda::default_device) {
+            Device::Cpu => {
+                let $be = CpuBackend::new();
+                $body
+            }
+            Device::Cuda(n) => {
+                let $be = protege::backend::cuda::CudaBackend::new(n)?;
+                $body
+            }
+        }
+    }};
 }
 
 fn load_model<B: Backend>(be: &B, dir: &std::path::Path) -> Result<Qwen2<B>> {
@@ -386,8 +436,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
         (None, None) => bail!("give --prompt or --messages"),
     };
-    let be = CpuBackend::new();
-    let model = load_model(&be, &a.model)?;
+    with_backend!(a.device, |be| generate_on(&be, &a, &tok, prompt))
+}
+
+fn generate_on<B: Backend>(be: &B, a: &GenerateArgs, tok: &Tokenizer, prompt: Vec<u32>) -> Result<()> {
+    let model = load_model(be, &a.model)?;
     let req = Request {
         prompt,
         max_new_tokens: a.max_new_tokens,
@@ -400,22 +453,21 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let stop_tokens = req.stop_tokens.clone();
     let mut out = std::io::stdout().lock();
     let mut io_err = None;
-    let (done, stats) =
-        generate(&be, &model, std::slice::from_ref(&req), Some(&tok), &GenOptions::default(), |_, t| {
-            if stop_tokens.contains(&t) {
-                return;
-            }
-            match stream.push(t) {
-                Ok(delta) => {
-                    if let Err(e) = out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
-                        io_err.get_or_insert(anyhow::Error::from(e));
-                    }
-                }
-                Err(e) => {
-                    io_err.get_or_insert(e);
+    let (done, stats) = generate(be, &model, std::slice::from_ref(&req), Some(tok), &GenOptions::default(), |_, t| {
+        if stop_tokens.contains(&t) {
+            return;
+        }
+        match stream.push(t) {
+            Ok(delta) => {
+                if let Err(e) = out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
+                    io_err.get_or_insert(anyhow::Error::from(e));
                 }
             }
-        })?;
+            Err(e) => {
+                io_err.get_or_insert(e);
+            }
+        }
+    })?;
     if let Some(e) = io_err {
         return Err(e);
     }
@@ -436,11 +488,64 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_selftest(a: SelftestArgs) -> Result<bool> {
+    use protege::selftest::{check_attention, check_model, check_ops, check_sampling, fixture_models, Report};
+    let cpu = CpuBackend::new();
+    let mut rep = Report::default();
+    let models = fixture_models(&a.fixtures).into_iter().chain(a.model.iter().cloned()).collect::<Vec<_>>();
+    if models.is_empty() {
+        bail!("no fixture models under {} (run from the repository root or pass --fixtures)", a.fixtures.display());
+    }
+    let start = Instant::now();
+    match a.device {
+        Device::Cpu => {
+            println!("selftest: the CPU backend against itself (checks the harness, not a device)");
+            check_ops(&cpu, &cpu, &mut rep);
+            check_attention(&cpu, &cpu, &mut rep, "cpu");
+            check_sampling(&cpu, &mut rep);
+            for m in &models {
+                check_model(&cpu, &cpu, m, &mut rep)?;
+            }
+        }
+        Device::Cuda(n) => {
+            let dev = protege::backend::cuda::CudaBackend::new(n)?;
+            println!("selftest: {} against the CPU backend", dev.name());
+            if !dev.compiled_now.is_empty() {
+                println!("compiled with NVRTC: {}", dev.compiled_now.join(", "));
+            }
+            check_ops(&dev, &cpu, &mut rep);
+            check_attention(&dev, &cpu, &mut rep, "fast");
+            dev.set_attention_path(protege::backend::cuda::AttentionPath::Generic);
+            check_attention(&dev, &cpu, &mut rep, "generic");
+            dev.set_attention_path(protege::backend::cuda::AttentionPath::Auto);
+            check_sampling(&dev, &mut rep);
+            for m in &models {
+                check_model(&dev, &cpu, m, &mut rep)?;
+            }
+        }
+    }
+    let failures = rep.failures();
+    println!("selftest: {} checks, {} failed ({:.1} s)", rep.checks.len(), failures, start.elapsed().as_secs_f64());
+    if let Some(path) = &a.json {
+        protege::model::export::write_atomic(path, serde_json::to_string_pretty(&rep.checks)?.as_bytes())?;
+    }
+    Ok(failures == 0)
+}
+
 fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
     let reference = Reference::load(&a.reference)?;
-    let be = CpuBackend::new();
-    let model = load_model(&be, &a.model)?;
-    let c = check_logits(&be, &model, &reference, a.atol, a.rtol)?;
+    let device = a.device.unwrap_or_else(protege::backend::cuda::default_device);
+    let (atol, rtol) = match device {
+        Device::Cpu => (a.atol.unwrap_or(1e-4), a.rtol.unwrap_or(1e-5)),
+        Device::Cuda(_) => {
+            (a.atol.unwrap_or(protege::selftest::MODEL_ATOL), a.rtol.unwrap_or(protege::selftest::MODEL_RTOL))
+        }
+    };
+    let c = with_backend!(Some(device), |be| {
+        println!("backend           {}", be.name());
+        let model = load_model(&be, &a.model)?;
+        check_logits(&be, &model, &reference, atol, rtol)?
+    });
     println!("input tokens      {}", reference.input_ids.len());
     println!("rows compared     {} x vocab {}", c.rows, c.vocab);
     println!("max abs error     {:.3e} (row {}, token {})", c.max_abs, c.max_abs_at.0, c.max_abs_at.1);
@@ -448,19 +553,22 @@ fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
     println!("mean abs error    {:.3e}", c.mean_abs);
     println!("argmax agreement  {}/{}", c.argmax_agree, c.rows);
     if c.passed() {
-        println!("PASS (atol {:e}, rtol {:e})", a.atol, a.rtol);
+        println!("PASS (atol {atol:e}, rtol {rtol:e})");
     } else {
-        println!("FAIL: {} values outside atol {:e} + rtol {:e} * |ref|", c.violations, a.atol, a.rtol);
+        println!("FAIL: {} values outside atol {atol:e} + rtol {rtol:e} * |ref|", c.violations);
     }
     Ok(c.passed())
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
     let tok = Tokenizer::from_dir(&a.model)?;
-    let be = CpuBackend::new();
-    let mut model = load_model(&be, &a.model)?;
     let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
     let json = if let Some(mode) = &a.sft {
+        if !matches!(a.device, None | Some(Device::Cpu)) {
+            bail!("--sft runs on the CPU backend: the CUDA backend has no training ops yet");
+        }
+        let be = CpuBackend::new();
+        let mut model = load_model(&be, &a.model)?;
         let rank = (mode == "lora").then_some(a.lora_rank);
         let r = protege::bench::bench_sft_step(&be, &mut model, &prompt, rank, a.recompute, a.repeats)?;
         println!("backend  {}", r.backend);
@@ -475,7 +583,10 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         );
         serde_json::to_string_pretty(&r)?
     } else {
-        let r = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
+        let r = with_backend!(a.device, |be| {
+            let model = load_model(&be, &a.model)?;
+            protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?
+        });
         println!("backend  {}", r.backend);
         println!("prefill  {} tokens: {:.1} tok/s", r.prefill_tokens, r.prefill_tok_s);
         println!("decode   {} tokens: {:.2} tok/s", r.decode_tokens, r.decode_tok_s);
@@ -783,6 +894,11 @@ fn main() -> ExitCode {
             eprintln!("report: {}", p.display());
             true
         }),
+        Command::Info => {
+            print!("{}", protege::info::report());
+            Ok(true)
+        }
+        Command::Selftest(a) => run_selftest(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

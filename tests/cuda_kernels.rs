@@ -52,3 +52,66 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         assert!(nvrtc::KERNEL_FILES.iter().any(|(f, _)| f == file), "{file}.cu is not embedded");
     }
 }
+
+fn protege(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_protege")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
+}
+
+/// Whether this machine can run the CUDA backend (then the no-GPU expectations do not apply).
+fn gpu_here() -> bool {
+    protege::backend::cuda::default_device() != protege::backend::cuda::Device::Cpu
+}
+
+#[test]
+fn info_reports_the_machine_and_says_when_there_is_no_gpu() {
+    let out = protege(&["info"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cpu ") && text.contains("libcuda") && text.contains("default   --device"), "{text}");
+    if !gpu_here() {
+        assert!(text.contains("No NVIDIA GPU was found"), "{text}");
+        assert!(text.contains("--device cpu"), "{text}");
+    }
+}
+
+#[test]
+fn without_a_gpu_cuda_commands_fail_clearly() {
+    if gpu_here() {
+        eprintln!("a GPU is present: the no-GPU error paths are not reachable here");
+        return;
+    }
+    for args in [
+        vec!["selftest", "--device", "cuda"],
+        vec!["generate", "--model", "tests/fixtures/tiny", "--prompt", "hi", "--device", "cuda"],
+        vec![
+            "check-logits",
+            "--model",
+            "tests/fixtures/tiny",
+            "--reference",
+            "tests/fixtures/tiny/reference.safetensors",
+            "--device",
+            "cuda:1",
+        ],
+    ] {
+        let out = protege(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded without a GPU");
+        assert!(err.contains("no CUDA driver") && err.contains("--device cpu"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    let out = protege(&["generate", "--model", "tests/fixtures/tiny", "--prompt", "hi", "--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
+}
+
+#[test]
+fn selftest_harness_passes_with_the_cpu_as_the_device() {
+    // The CPU backend against itself: every check must pass with (near) zero error, which
+    // exercises the selftest's shape sweep, paged metadata, sampling statistics and model checks.
+    let out = protege(&["selftest", "--device", "cpu"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(" 0 failed"), "{text}");
+    for group in ["attention", "rmsnorm", "linear", "rope", "sampling", "model", "greedy"] {
+        assert!(text.contains(group), "no {group} checks:\n{text}");
+    }
+}

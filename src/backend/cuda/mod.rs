@@ -374,6 +374,7 @@ impl Backend for CudaBackend {
             bt_off.push(bts.len() as i32);
             bts.extend(seq.block_table.iter().map(|&b| b as i32));
             if seq.n_new == 1 {
+                assert!(seq.n_ctx >= 1, "a decode row needs its own key in the cache (n_ctx >= 1)");
                 decode.push(s as i32);
                 max_decode_ctx = max_decode_ctx.max(seq.n_ctx);
             } else {
@@ -558,7 +559,7 @@ impl Backend for CudaBackend {
             check("flash attention", unsafe { b.launch(cfg) });
         }
         if meta.n_decode > 0 {
-            // Enough splits to give every SM two blocks, each at least 64 keys long.
+            // Enough splits to give every SM about two blocks, with splits of roughly 64 keys or more.
             let want = (2 * self.sms).div_ceil(meta.n_decode * kv_heads);
             let splits = want.clamp(1, meta.max_decode_ctx.div_ceil(64).max(1));
             let split_len = meta.max_decode_ctx.div_ceil(splits);
