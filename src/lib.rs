@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod backend;
 pub mod bench;
+pub mod bench_gpu;
 pub mod chat;
 pub mod check;
 pub mod config;

@@ -290,8 +290,9 @@ struct SftArgs {
 
 #[derive(Args)]
 struct BenchArgs {
+    /// HF model directory: prefill/decode tokens/s of this model (required on the CPU).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
     #[arg(long)]
     device: Option<Device>,
@@ -316,6 +317,18 @@ struct BenchArgs {
     /// With --sft: recompute each layer's activations in the backward.
     #[arg(long)]
     recompute: bool,
+    /// On a GPU: iterations per timed kernel (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// On a GPU: kernels only, without the 7B-shaped prefill and decode phases.
+    #[arg(long)]
+    kernels_only: bool,
+    /// On a GPU: do not run the PyTorch comparison (tools/bench_gpu_torch.py).
+    #[arg(long)]
+    no_torch: bool,
+    /// On a GPU: a short fixed workload with NVTX ranges, for nsys/ncu (no PyTorch, 2 iterations).
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args)]
@@ -561,14 +574,49 @@ fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
-    let tok = Tokenizer::from_dir(&a.model)?;
+    let device = a.device.unwrap_or_else(protege::backend::cuda::default_device);
+    if let (Device::Cuda(n), None) = (device, &a.sft) {
+        let be = protege::backend::cuda::CudaBackend::new(n)?;
+        let opts = protege::bench_gpu::Options {
+            iters: if a.profile { 2 } else { a.iters },
+            torch: !a.no_torch && !a.profile,
+            kernels_only: a.kernels_only,
+            script: PathBuf::from("tools/bench_gpu_torch.py"),
+        };
+        if a.profile && !be.set_nvtx(true) {
+            eprintln!("bench: libnvToolsExt not found, so the profile has no NVTX ranges");
+        }
+        let r = protege::bench_gpu::run(&be, &opts)?;
+        print!("{}", protege::bench_gpu::table(&r));
+        let mut json = serde_json::json!({ "gpu": r });
+        if let Some(dir) = &a.model {
+            let tok = Tokenizer::from_dir(dir)?;
+            let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
+            let model = load_model(&be, dir)?;
+            let m = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
+            println!(
+                "model {}: prefill {} tokens {:.0} tok/s, decode {:.1} tok/s",
+                dir.display(),
+                m.prefill_tokens,
+                m.prefill_tok_s,
+                m.decode_tok_s
+            );
+            json["model"] = serde_json::to_value(&m)?;
+        }
+        if let Some(path) = &a.json {
+            protege::model::export::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        }
+        return Ok(());
+    }
+    let model_dir = a.model.as_ref().context("--model is required for the CPU benchmark")?;
+    let tok = Tokenizer::from_dir(model_dir)?;
     let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
     let json = if let Some(mode) = &a.sft {
         if !matches!(a.device, None | Some(Device::Cpu)) {
             bail!("--sft runs on the CPU backend: the CUDA backend has no training ops yet");
         }
         let be = CpuBackend::new();
-        let mut model = load_model(&be, &a.model)?;
+        let mut model = load_model(&be, model_dir)?;
         let rank = (mode == "lora").then_some(a.lora_rank);
         let r = protege::bench::bench_sft_step(&be, &mut model, &prompt, rank, a.recompute, a.repeats)?;
         println!("backend  {}", r.backend);
@@ -583,8 +631,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         );
         serde_json::to_string_pretty(&r)?
     } else {
-        let r = with_backend!(a.device, |be| {
-            let model = load_model(&be, &a.model)?;
+        let r = with_backend!(Some(device), |be| {
+            let model = load_model(&be, model_dir)?;
             protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?
         });
         println!("backend  {}", r.backend);

@@ -99,6 +99,8 @@ fn without_a_gpu_cuda_commands_fail_clearly() {
         assert!(err.contains("no CUDA driver") && err.contains("--device cpu"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
+    let out = protege(&["bench"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model is required for the CPU benchmark"));
     let out = protege(&["generate", "--model", "tests/fixtures/tiny", "--prompt", "hi", "--device", "tpu"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
 }

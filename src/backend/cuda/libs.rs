@@ -166,6 +166,8 @@ pub struct Libraries {
     pub nvrtc: Found,
     pub cublas: Found,
     pub cublaslt: Found,
+    /// libnvToolsExt, for NVTX ranges (optional).
+    pub nvtx: Found,
 }
 
 impl Libraries {
@@ -186,6 +188,7 @@ pub fn probe() -> &'static Libraries {
             nvrtc: ensure("nvrtc", || unsafe { cudarc::nvrtc::sys::is_culib_present() }),
             cublas: ensure("cublas", || unsafe { cudarc::cublas::sys::is_culib_present() }),
             cublaslt,
+            nvtx: ensure("nvToolsExt", || unsafe { cudarc::nvtx::sys::is_culib_present() }),
         }
     })
 }

@@ -80,6 +80,7 @@ pub const KERNEL_FUNCTIONS: &[(&str, &str)] = &[
     ("elementwise", "scale"),
     ("elementwise", "add_bias"),
     ("elementwise", "dropout"),
+    ("elementwise", "fill_uniform"),
     ("kv_cache", "kv_store"),
     ("softmax", "softmax"),
     ("flash_attn", "flash_prefill_d64"),
@@ -102,6 +103,7 @@ struct Kernels {
     scale: CudaFunction,
     add_bias: CudaFunction,
     dropout: CudaFunction,
+    fill_uniform: CudaFunction,
     kv_store: CudaFunction,
     softmax: CudaFunction,
     flash_d64: CudaFunction,
@@ -132,6 +134,8 @@ pub struct CudaBackend {
     sms: usize,
     device_name: String,
     attention_path: std::sync::Mutex<AttentionPath>,
+    /// NVTX ranges around ops (for Nsight), when enabled and libnvToolsExt is present.
+    nvtx: std::sync::atomic::AtomicBool,
     /// Kernel files compiled by NVRTC this run (the others came from the disk cache).
     pub compiled_now: Vec<String>,
 }
@@ -232,6 +236,7 @@ impl CudaBackend {
             scale: f("scale"),
             add_bias: f("add_bias"),
             dropout: f("dropout"),
+            fill_uniform: f("fill_uniform"),
             kv_store: f("kv_store"),
             softmax: f("softmax"),
             flash_d64: f("flash_prefill_d64"),
@@ -252,6 +257,7 @@ impl CudaBackend {
             sms,
             device_name,
             attention_path: std::sync::Mutex::new(AttentionPath::Auto),
+            nvtx: std::sync::atomic::AtomicBool::new(std::env::var_os("PROTEGE_NVTX").is_some_and(|v| v == "1")),
             compiled_now,
         })
     }
@@ -279,6 +285,29 @@ impl CudaBackend {
 
     pub fn set_attention_path(&self, p: AttentionPath) {
         *self.attention_path.lock().unwrap() = p;
+    }
+
+    /// Turns NVTX ranges around every op on or off; returns whether they are on (they need
+    /// libnvToolsExt, which the CUDA toolkit and PyTorch's nvidia-nvtx wheel provide).
+    pub fn set_nvtx(&self, on: bool) -> bool {
+        let on = on && libs::probe().nvtx.present();
+        self.nvtx.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    /// An NVTX range that ends when dropped, or nothing when NVTX is off.
+    pub fn range(&self, name: &str) -> Option<cudarc::nvtx::safe::Range> {
+        self.nvtx.load(std::sync::atomic::Ordering::Relaxed).then(|| cudarc::nvtx::safe::scoped_range(name))
+    }
+
+    /// `n` values uniform in `(-scale, scale)`, made on the device from `seed`.
+    pub fn random(&self, n: usize, scale: f32, seed: u64) -> CudaSlice<bf16> {
+        let mut x = self.zeros(n);
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(&self.k.fill_uniform);
+        b.arg(&mut x).arg(&nn).arg(&scale).arg(&seed);
+        check("fill_uniform", unsafe { b.launch(self.elementwise_cfg(n)) });
+        x
     }
 
     fn upload_i32(&self, v: &[i32]) -> CudaSlice<i32> {
@@ -405,6 +434,7 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&self, table: &Self::Buf, meta: &CudaMeta, out: &mut Self::Buf, dim: usize) {
+        let _r = self.range("embedding");
         if meta.rows == 0 {
             return;
         }
@@ -415,6 +445,7 @@ impl Backend for CudaBackend {
     }
 
     fn rmsnorm(&self, x: &Self::Buf, w: &Self::Buf, out: &mut Self::Buf, rows: usize, dim: usize, eps: f32) {
+        let _r = self.range("rmsnorm");
         if rows == 0 {
             return;
         }
@@ -434,6 +465,7 @@ impl Backend for CudaBackend {
         k: usize,
         n: usize,
     ) {
+        let _r = self.range("linear");
         if rows == 0 {
             return;
         }
@@ -461,6 +493,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &mut Self::Buf, meta: &CudaMeta, heads: usize, head_dim: usize, theta: f32) {
+        let _r = self.range("rope");
         if meta.rows == 0 {
             return;
         }
@@ -479,6 +512,7 @@ impl Backend for CudaBackend {
         meta: &CudaMeta,
         kv_dim: usize,
     ) {
+        let _r = self.range("kv_store");
         if meta.rows == 0 {
             return;
         }
@@ -499,6 +533,7 @@ impl Backend for CudaBackend {
         kv_heads: usize,
         head_dim: usize,
     ) {
+        let _r = self.range("attention");
         if meta.rows == 0 {
             return;
         }
@@ -611,6 +646,7 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, n: usize) {
+        let _r = self.range("swiglu");
         if n == 0 {
             return;
         }
@@ -621,6 +657,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) {
+        let _r = self.range("add_assign");
         if n == 0 {
             return;
         }
@@ -631,6 +668,7 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, x: &Self::Buf, rows: &[u32], out: &mut Self::Buf, dim: usize) {
+        let _r = self.range("gather_rows");
         if rows.is_empty() {
             return;
         }
@@ -692,6 +730,7 @@ impl Backend for CudaBackend {
         params: &[SamplingParams],
         rngs: &mut [crate::generate::sampling::Rng],
     ) -> Vec<u32> {
+        let _r = self.range("sample");
         use rand::Rng as _;
         let rows = params.len();
         if rows == 0 {
