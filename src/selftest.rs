@@ -13,8 +13,12 @@
 //!   f32 accumulation, gather): 1e-2;
 //! - RMSNorm (normalised value rounded, then scaled and rounded again) and softmax: 1.5e-2;
 //! - attention (probabilities rounded to bf16 before the P·V product, output rounded): 2e-2;
-//! - whole-model logits: |dev - ref| <= 0.1 + 0.05·|ref| per element, argmax agreement >= 90%
-//!   of rows (bf16 activations through every layer; provisional until measured on hardware).
+//! - whole-model logits (bf16 weights and activations through every layer): per element
+//!   |dev - ref| <= 1.0 + 0.05·|ref|, mean |dev - ref| <= 0.15, and every row whose argmax differs
+//!   from the reference's must be a near-tie (the reference's logits of the two tokens within
+//!   1.0). Calibrated on transformers' own bf16 run against its f32 run on the same 97-token
+//!   input: max |d| 0.37 / 0.40 / 0.59 / 0.75, mean 0.033 / 0.033 / 0.061 / 0.051, argmax agreement
+//!   96.9% / 93.8% / 93.8% / 96.9% for the tiny, tiny-untied, odd and real 0.5B models.
 //!
 //! Sampling: greedy must equal the CPU's argmax exactly; temperature sampling must follow the
 //! softmax distribution (frequencies within 0.03 over 4096 draws) and top-k/top-p must restrict
@@ -78,10 +82,11 @@ impl Report {
 const TOL_ONE_ROUNDING: f64 = 1e-2;
 const TOL_NORM: f64 = 1.5e-2;
 const TOL_ATTENTION: f64 = 2e-2;
-/// Whole-model logits: `|dev - ref| <= MODEL_ATOL + MODEL_RTOL * |ref|`.
-pub const MODEL_ATOL: f32 = 0.1;
+/// Whole-model logits in bf16: `|dev - ref| <= MODEL_ATOL + MODEL_RTOL * |ref|` per element.
+pub const MODEL_ATOL: f32 = 1.0;
 pub const MODEL_RTOL: f32 = 0.05;
-const MODEL_ARGMAX_AGREE: f64 = 0.9;
+/// Whole-model logits in bf16: bound on the mean absolute difference.
+const MODEL_MEAN_ABS: f64 = 0.15;
 
 fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
@@ -412,35 +417,33 @@ pub fn check_model<B: Backend>(dev: &B, cpu: &CpuBackend, dir: &Path, rep: &mut 
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let dm = Qwen2::load(dev, dir).with_context(|| format!("loading {} on the device", dir.display()))?;
     let cm = Qwen2::load(cpu, dir).with_context(|| format!("loading {} on the CPU", dir.display()))?;
-    let model_check = |rep: &mut Report, what: String, c: crate::check::Comparison| {
-        let agree = c.argmax_agree as f64 / c.rows.max(1) as f64;
-        let note = format!("max abs {:.3e}, argmax {}/{}", c.max_abs, c.argmax_agree, c.rows);
-        let passed = c.passed() && agree >= MODEL_ARGMAX_AGREE;
-        rep.push(Check {
-            group: "model".into(),
-            name: what,
-            err: c.violations as f64,
-            tol: 0.0,
-            passed,
-            note: format!("{note} (|d| <= {MODEL_ATOL} + {MODEL_RTOL}|ref|, values outside counted)"),
-        });
-    };
     for file in ["reference.safetensors", "reference_positions.safetensors"] {
         let path = dir.join(file);
         if !path.is_file() {
             continue;
         }
         let reference = crate::check::Reference::load(&path)?;
-        let c = crate::check::check_logits(dev, &dm, &reference, MODEL_ATOL, MODEL_RTOL)?;
-        model_check(rep, format!("{name}: logits vs transformers ({file})"), c);
+        let ours = crate::generate::prompt_logits(dev, &dm, &reference.input_ids, Some(&reference.positions))?;
+        model_logits_check(
+            rep,
+            format!("{name}: logits vs transformers ({file})"),
+            &ours,
+            &reference.logits,
+            reference.vocab,
+        );
     }
     // Against the CPU backend on a prompt of every kind of token.
     let vocab = dm.cfg.vocab_size as u32;
     let ids: Vec<u32> = (0..97u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let ours = crate::generate::prompt_logits(dev, &dm, &ids, None)?;
     let theirs = crate::generate::prompt_logits(cpu, &cm, &ids, None)?;
-    let c = crate::check::compare(&ours, &theirs, dm.cfg.vocab_size, MODEL_ATOL, MODEL_RTOL);
-    model_check(rep, format!("{name}: logits vs the CPU backend (97 tokens)"), c);
+    model_logits_check(
+        rep,
+        format!("{name}: logits vs the CPU backend (97 tokens)"),
+        &ours,
+        &theirs,
+        dm.cfg.vocab_size,
+    );
 
     // Greedy: the same continuation as the CPU, batched with mixed prompt lengths.
     let prompts: Vec<Vec<u32>> = [3usize, 11, 40].iter().map(|&n| ids[..n].to_vec()).collect();
@@ -466,11 +469,216 @@ pub fn check_model<B: Backend>(dev: &B, cpu: &CpuBackend, dir: &Path, rep: &mut 
     Ok(())
 }
 
+/// Whole-model logits against a reference, with the bf16 criteria above.
+fn model_logits_check(rep: &mut Report, what: String, ours: &[f32], reference: &[f32], vocab: usize) {
+    let c = crate::check::compare(ours, reference, vocab, MODEL_ATOL, MODEL_RTOL);
+    let argmax = crate::generate::sampling::argmax;
+    let mut unexplained = 0;
+    for (a, b) in ours.chunks(vocab).zip(reference.chunks(vocab)) {
+        let (i, j) = (argmax(a) as usize, argmax(b) as usize);
+        if i != j && (b[j] - b[i]).abs() > MODEL_ATOL {
+            unexplained += 1;
+        }
+    }
+    let passed = c.passed() && c.mean_abs <= MODEL_MEAN_ABS && unexplained == 0;
+    rep.push(Check {
+        group: "model".into(),
+        name: what,
+        err: c.max_abs as f64,
+        tol: MODEL_ATOL as f64,
+        passed,
+        note: format!(
+            "mean abs {:.3e} (<= {MODEL_MEAN_ABS}), {} values beyond {MODEL_ATOL} + {MODEL_RTOL}|ref|, argmax {}/{} ({unexplained} not near-ties)",
+            c.mean_abs, c.violations, c.argmax_agree, c.rows
+        ),
+    });
+}
+
 /// The fixture models under `fixtures` that have reference logits.
 pub fn fixture_models(fixtures: &Path) -> Vec<PathBuf> {
     ["tiny", "tiny-untied", "odd"]
         .iter()
         .map(|n| fixtures.join(n))
-        .filter(|d| d.join("config.json").is_file() && d.join("model.safetensors").is_file())
+        .filter(|d| {
+            d.join("config.json").is_file()
+                && (d.join("model.safetensors").is_file() || d.join("model.safetensors.index.json").is_file())
+        })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The selftest must fail a backend that is wrong: the CPU backend with one deliberate
+    //! fault at a time.
+    use super::*;
+    use crate::backend::HostTensor;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        None,
+        /// RoPE with the wrong base frequency.
+        RopeTheta,
+        /// Attention that drops the oldest key of every long sequence.
+        AttentionWindow,
+        /// Greedy sampling that picks the second best token.
+        Sampling,
+        /// rmsnorm without its epsilon, and with an error of 3% on every output.
+        Norm,
+    }
+
+    struct Faulty(CpuBackend, Fault);
+
+    impl Backend for Faulty {
+        type Buf = Vec<f32>;
+        type Meta = StepMeta;
+        fn name(&self) -> String {
+            "faulty cpu".into()
+        }
+        fn zeros(&self, n: usize) -> Vec<f32> {
+            self.0.zeros(n)
+        }
+        fn upload_f32(&self, d: &[f32]) -> Vec<f32> {
+            self.0.upload_f32(d)
+        }
+        fn upload(&self, t: &HostTensor) -> Result<Vec<f32>> {
+            self.0.upload(t)
+        }
+        fn to_f32(&self, b: &Vec<f32>) -> Vec<f32> {
+            self.0.to_f32(b)
+        }
+        fn prepare(&self, m: &StepMeta) -> StepMeta {
+            m.clone()
+        }
+        fn embedding(&self, t: &Vec<f32>, m: &StepMeta, o: &mut Vec<f32>, d: usize) {
+            self.0.embedding(t, m, o, d)
+        }
+        fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, o: &mut Vec<f32>, r: usize, d: usize, eps: f32) {
+            self.0.rmsnorm(x, w, o, r, d, eps);
+            if self.1 == Fault::Norm {
+                o[..r * d].iter_mut().for_each(|v| *v *= 1.03);
+            }
+        }
+        fn linear(
+            &self,
+            x: &Vec<f32>,
+            w: &Vec<f32>,
+            b: Option<&Vec<f32>>,
+            o: &mut Vec<f32>,
+            r: usize,
+            k: usize,
+            n: usize,
+        ) {
+            self.0.linear(x, w, b, o, r, k, n)
+        }
+        fn rope(&self, x: &mut Vec<f32>, m: &StepMeta, h: usize, d: usize, theta: f32) {
+            let theta = if self.1 == Fault::RopeTheta { theta * 1.01 } else { theta };
+            self.0.rope(x, m, h, d, theta)
+        }
+        fn kv_store(&self, k: &Vec<f32>, v: &Vec<f32>, kc: &mut Vec<f32>, vc: &mut Vec<f32>, m: &StepMeta, d: usize) {
+            self.0.kv_store(k, v, kc, vc, m, d)
+        }
+        fn attention(
+            &self,
+            q: &Vec<f32>,
+            kc: &Vec<f32>,
+            vc: &Vec<f32>,
+            o: &mut Vec<f32>,
+            m: &StepMeta,
+            h: usize,
+            kv: usize,
+            d: usize,
+        ) {
+            if self.1 != Fault::AttentionWindow {
+                return self.0.attention(q, kc, vc, o, m, h, kv, d);
+            }
+            // Zero the first key's value slot of long sequences: their outputs drift.
+            let mut vc = vc.clone();
+            for s in m.seqs.iter().filter(|s| s.n_ctx > 100) {
+                let slot = cache_slot(&s.block_table, 0, m.block_size) as usize;
+                vc[slot * kv * d..(slot + 1) * kv * d].iter_mut().for_each(|v| *v = 50.0);
+            }
+            self.0.attention(q, kc, &vc, o, m, h, kv, d)
+        }
+        fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>, o: &mut Vec<f32>, n: usize) {
+            self.0.swiglu(g, u, o, n)
+        }
+        fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) {
+            self.0.add_assign(x, y, n)
+        }
+        fn gather_rows(&self, x: &Vec<f32>, r: &[u32], o: &mut Vec<f32>, d: usize) {
+            self.0.gather_rows(x, r, o, d)
+        }
+        fn softmax(&self, x: &mut Vec<f32>, r: usize, c: usize) {
+            self.0.softmax(x, r, c)
+        }
+        fn log_softmax(&self, x: &mut Vec<f32>, r: usize, c: usize) {
+            self.0.log_softmax(x, r, c)
+        }
+        fn len(&self, x: &Vec<f32>) -> usize {
+            x.len()
+        }
+        fn zero(&self, x: &mut Vec<f32>, n: usize) {
+            self.0.zero(x, n)
+        }
+        fn scale(&self, x: &mut Vec<f32>, s: f32, n: usize) {
+            self.0.scale(x, s, n)
+        }
+        fn copy(&self, s: &Vec<f32>, d: &mut Vec<f32>, n: usize) {
+            self.0.copy(s, d, n)
+        }
+        fn dropout(&self, x: &Vec<f32>, o: &mut Vec<f32>, n: usize, p: f32, seed: u64) {
+            self.0.dropout(x, o, n, p, seed)
+        }
+        fn sample(
+            &self,
+            l: &Vec<f32>,
+            vocab: usize,
+            p: &[SamplingParams],
+            r: &mut [crate::generate::sampling::Rng],
+        ) -> Vec<u32> {
+            let mut out = self.0.sample(l, vocab, p, r);
+            if self.1 == Fault::Sampling {
+                for (i, t) in out.iter_mut().enumerate() {
+                    let row = &l[i * vocab..(i + 1) * vocab];
+                    let mut second = (0, f32::MIN);
+                    for (j, &v) in row.iter().enumerate() {
+                        if j != *t as usize && v > second.1 {
+                            second = (j, v);
+                        }
+                    }
+                    *t = second.0 as u32;
+                }
+            }
+            out
+        }
+    }
+
+    fn failures(fault: Fault) -> Vec<String> {
+        let cpu = CpuBackend::new();
+        let dev = Faulty(CpuBackend::new(), fault);
+        let mut rep = Report { quiet: true, ..Default::default() };
+        check_ops(&dev, &cpu, &mut rep);
+        check_attention(&dev, &cpu, &mut rep, "faulty");
+        check_sampling(&dev, &mut rep);
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for m in fixture_models(&fixtures) {
+            check_model(&dev, &cpu, &m, &mut rep).unwrap();
+        }
+        rep.checks.iter().filter(|c| !c.passed).map(|c| format!("{} {}", c.group, c.name)).collect()
+    }
+
+    #[test]
+    fn an_exact_backend_passes_and_each_fault_is_caught() {
+        assert_eq!(fixture_models(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")).len(), 3);
+        assert!(failures(Fault::None).is_empty());
+        let f = failures(Fault::RopeTheta);
+        assert!(f.iter().any(|c| c.starts_with("rope")), "{f:?}");
+        let f = failures(Fault::AttentionWindow);
+        assert!(f.iter().any(|c| c.starts_with("attention")), "{f:?}");
+        assert!(!f.iter().any(|c| c.starts_with("rope")), "{f:?}");
+        let f = failures(Fault::Sampling);
+        assert!(f.iter().any(|c| c.starts_with("sampling greedy")), "{f:?}");
+        let f = failures(Fault::Norm);
+        assert!(f.iter().any(|c| c.starts_with("rmsnorm")), "{f:?}");
+    }
 }
