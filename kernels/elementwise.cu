@@ -22,11 +22,12 @@ extern "C" __global__ void scale(bf16* __restrict__ x, float s, long long n) {
         x[i] = to_bf(to_f(x[i]) * s);
 }
 
-// out[r, j] += b[j] for out: [rows, cols] (the q/k/v biases after the cuBLAS GEMM).
-extern "C" __global__ void add_bias(bf16* __restrict__ out, const bf16* __restrict__ b, long long rows, int cols) {
+// out[r, j] = b[j] for out: [rows, cols]: the bias in every row, which the GEMM then adds
+// into (beta = 1), so that x W^T + b is rounded once.
+extern "C" __global__ void fill_rows(bf16* __restrict__ out, const bf16* __restrict__ b, long long rows, int cols) {
     const long long n = rows * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        out[i] = to_bf(to_f(out[i]) + to_f(b[i % cols]));
+        out[i] = b[i % cols];
 }
 
 // Inverted dropout with the counter hash of backend::dropout_keeps (splitmix64's finaliser),

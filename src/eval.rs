@@ -24,14 +24,16 @@ use crate::agent::policy::{LocalPolicy, Policy, Replay};
 use crate::agent::remote::{Endpoint, LocalExpert, OpenAiPolicy, RemoteExpert};
 use crate::agent::sandbox::{best_isolation, Isolation, Limits, LocalSandbox};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::Device;
 use crate::backend::SamplingParams;
+use crate::generate::loaded::{load_on, LoadedModel};
 use crate::generate::GenOptions;
 use crate::model::export::write_atomic;
 use crate::model::Qwen2;
 use crate::tasks::grade::{grade, GradeReport};
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
-use crate::train::rollout::{serve_while, EngineClient};
+use crate::train::rollout::EngineClient;
 
 /// Which policy plays the agent.
 #[derive(Debug, Clone)]
@@ -44,6 +46,8 @@ pub enum PolicySpec {
         sampling: SamplingParams,
         max_new_tokens: usize,
         context: Option<usize>,
+        /// Where the model runs (`None`: a GPU when one is usable, else the CPU).
+        device: Option<Device>,
     },
     /// Recorded replies: a JSON object mapping instance ids to lists of reply texts.
     Replay(PathBuf),
@@ -245,19 +249,9 @@ impl Summary {
 }
 
 enum Engine {
-    Local {
-        be: CpuBackend,
-        model: Box<Qwen2<CpuBackend>>,
-        tok: Tokenizer,
-        sampling: SamplingParams,
-        max_new_tokens: usize,
-    },
+    Local { model: Box<dyn LoadedModel>, tok: Tokenizer, sampling: SamplingParams, max_new_tokens: usize },
     Replay(BTreeMap<String, Vec<String>>),
-    Openai {
-        endpoint: Endpoint,
-        sampling: SamplingParams,
-        max_new_tokens: usize,
-    },
+    Openai { endpoint: Endpoint, sampling: SamplingParams, max_new_tokens: usize },
 }
 
 /// A loaded local expert model.
@@ -320,17 +314,10 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
         tasks.retain(|t| o.only.contains(&t.instance_id));
     }
     let (engine, policy_name) = match &o.policy {
-        PolicySpec::Local { model, adapter, sampling, max_new_tokens, context } => {
-            let be = CpuBackend::new();
-            let m = Qwen2::load_merged(&be, model, adapter.as_deref(), *context)?;
+        PolicySpec::Local { model, adapter, sampling, max_new_tokens, context, device } => {
+            let m = load_on(*device, model, adapter.as_deref(), *context)?;
             let tok = Tokenizer::from_dir(model)?;
-            let engine = Engine::Local {
-                be,
-                model: Box::new(m),
-                tok,
-                sampling: sampling.clone(),
-                max_new_tokens: *max_new_tokens,
-            };
+            let engine = Engine::Local { model: m, tok, sampling: sampling.clone(), max_new_tokens: *max_new_tokens };
             (engine, format!("local:{}", model.display()))
         }
         PolicySpec::Replay(file) => {
@@ -416,11 +403,13 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     };
     match &engine {
         // Local episodes share one batching engine on this thread.
-        Engine::Local { be, model, .. } => {
-            let ctx = model.cfg.max_position_embeddings.min(o.episode.context_tokens.max(1));
+        Engine::Local { model, .. } => {
+            let ctx = model.cfg().max_position_embeddings.min(o.episode.context_tokens.max(1));
             let capacity = o.concurrency.max(1) * ctx;
             let opts = GenOptions { max_step_tokens: 2048 };
-            serve_while(be, model, capacity, &opts, ctx, |_| {}, |c| workers(Some(c)))?.0?;
+            let mut outcome = None;
+            model.serve_while(capacity, &opts, ctx, Box::new(|c| outcome = Some(workers(Some(c)))))?;
+            outcome.context("the evaluation workers did not run")??;
         }
         _ => workers(None)?,
     }
@@ -450,12 +439,11 @@ fn run_one(
     let sandbox = LocalSandbox::for_task(task, &work, isolation, o.limits, hidden.to_vec())
         .with_context(|| format!("task {}", task.instance_id))?;
     let mut policy: Box<dyn Policy + '_> = match engine {
-        Engine::Local { be, model, tok, sampling, max_new_tokens } => {
+        Engine::Local { tok, sampling, max_new_tokens, .. } => {
             let seed = o.seed.wrapping_add(index as u64 * 7919);
-            let mut p = match client {
-                Some(c) => LocalPolicy::with_generator(Box::new(c.handle()), tok, sampling.clone(), seed),
-                None => LocalPolicy::new(be, model, tok, sampling.clone(), seed),
-            };
+            // Local episodes always run against the shared batching engine.
+            let c = client.context("a local policy runs only through the shared engine")?;
+            let mut p = LocalPolicy::with_generator(Box::new(c.handle()), tok, sampling.clone(), seed);
             p.max_new_tokens = *max_new_tokens;
             Box::new(p)
         }

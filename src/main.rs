@@ -193,6 +193,9 @@ struct ServeArgs {
     /// Context length in tokens, overriding config.json's max_position_embeddings.
     #[arg(long)]
     context: Option<usize>,
+    /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
+    #[arg(long)]
+    device: Option<Device>,
 }
 
 #[derive(Args)]
@@ -219,6 +222,10 @@ struct EvalArgs {
     /// max_position_embeddings.
     #[arg(long)]
     context: Option<usize>,
+    /// Where the local policy runs: cpu, cuda or cuda:N (default: cuda when a usable GPU is
+    /// present, else cpu).
+    #[arg(long)]
+    device: Option<Device>,
     /// Recorded replies for the replay policy: {"instance_id": ["reply", ...], ...}.
     #[arg(long, required_if_eq("policy", "replay"))]
     replay: Option<PathBuf>,
@@ -822,6 +829,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             sampling: SamplingParams { temperature: a.temperature, ..Default::default() },
             max_new_tokens: a.max_new_tokens,
             context: a.context,
+            device: a.device,
         },
         _ => PolicySpec::Replay(a.replay.context("--policy replay needs --replay")?),
     };
@@ -933,6 +941,7 @@ fn main() -> ExitCode {
             addr: a.addr,
             name: a.name,
             context: a.context,
+            device: a.device,
         })
         .map(|_| true),
         Command::Synth(a) => run_synth(a).map(|_| true),

@@ -387,6 +387,7 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
                     sampling: SamplingParams { temperature: e.temperature, ..Default::default() },
                     max_new_tokens: e.max_new_tokens,
                     context: p.run.context,
+                    device: None,
                 },
                 expert: e.expert.spec()?,
                 concurrency: e.concurrency,

@@ -18,11 +18,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::Device;
 use crate::backend::SamplingParams;
 use crate::chat::{Message, Role};
-use crate::generate::{generate, Finish, GenOptions, Request, TextStream};
-use crate::model::Qwen2;
+use crate::generate::loaded::{load_on, LoadedModel};
+use crate::generate::{Finish, GenOptions, Request, TextStream};
 use crate::tokenizer::Tokenizer;
 
 pub struct ServeOptions {
@@ -32,11 +32,12 @@ pub struct ServeOptions {
     pub name: String,
     /// Overrides the context length of config.json (`max_position_embeddings`).
     pub context: Option<usize>,
+    /// Where the model runs (`None`: a GPU when one is usable, else the CPU).
+    pub device: Option<Device>,
 }
 
 struct Engine {
-    be: CpuBackend,
-    model: Qwen2<CpuBackend>,
+    model: Box<dyn LoadedModel>,
     tok: Tokenizer,
     name: String,
     /// One generation at a time.
@@ -99,12 +100,12 @@ fn job(
         .map(|v| v.as_u64().ok_or_else(|| BadRequest("max_tokens must be a positive integer".into())))
         .transpose()?
         .map_or(default_max, |v| v as usize);
-    let room = engine.model.cfg.max_position_embeddings.saturating_sub(enc.ids.len());
+    let room = engine.model.cfg().max_position_embeddings.saturating_sub(enc.ids.len());
     if room == 0 {
         return Err(BadRequest(format!(
             "the prompt has {} tokens; the model's context is {}",
             enc.ids.len(),
-            engine.model.cfg.max_position_embeddings
+            engine.model.cfg().max_position_embeddings
         )));
     }
     let num = |k: &str, d: f64| -> Result<f64, BadRequest> {
@@ -149,7 +150,7 @@ fn run_job(engine: &Engine, job: &Job, mut on_text: impl FnMut(&str)) -> Result<
     };
     let mut stream = TextStream::new(engine.tok.clone());
     let stops = engine.tok.stop_ids.clone();
-    let (out, _) = generate(&engine.be, &engine.model, &[req], Some(&engine.tok), &GenOptions::default(), |_, t| {
+    let (out, _) = engine.model.generate(&[req], Some(&engine.tok), &GenOptions::default(), &mut |_, t| {
         if !stops.contains(&t) {
             if let Ok(delta) = stream.push(t) {
                 if !delta.is_empty() {
@@ -417,13 +418,10 @@ async fn models(State(engine): State<Arc<Engine>>) -> Json<Value> {
 /// Loads the model and serves until the process ends. Prints `listening on http://ADDR` to
 /// stderr once the socket is bound (port 0 picks a free one).
 pub fn run_serve(o: &ServeOptions) -> Result<()> {
-    let be = CpuBackend::new();
-    let mut model = Qwen2::load(&be, &o.model)?;
-    if let Some(n) = o.context {
-        model.cfg.max_position_embeddings = n;
-    }
+    let model = load_on(o.device, &o.model, None, o.context)?;
+    eprintln!("protege serve: {} on {}", o.model.display(), model.backend_name());
     let tok = Tokenizer::from_dir(&o.model)?;
-    let engine = Arc::new(Engine { be, model, tok, name: o.name.clone(), gate: Default::default() });
+    let engine = Arc::new(Engine { model, tok, name: o.name.clone(), gate: Default::default() });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/messages", post(messages_api))

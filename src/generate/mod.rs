@@ -5,6 +5,7 @@
 //! different lengths all run through one [`Qwen2::forward`]. A sequence samples once its
 //! prompt is fully in the cache.
 
+pub mod loaded;
 pub mod sampling;
 pub mod stream;
 

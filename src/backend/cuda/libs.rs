@@ -95,23 +95,22 @@ pub fn include_dirs() -> Vec<PathBuf> {
 
 /// Where `lib<name>` would be loaded from by path (None: not in any known directory).
 pub fn find_library(name: &str) -> Option<PathBuf> {
-    find_in(&lib_dirs(), name)
+    candidates(&lib_dirs(), name).into_iter().next()
 }
 
-/// The first file in `dirs` named `lib<name>.so.<major>` or `lib<name>.so`.
-fn find_in(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+/// Every file in `dirs` named `lib<name>.so.12`, `.so.1` (libcuda, libnvToolsExt) or `.so`, in
+/// search order: the sonames the CUDA 12 bindings of cudarc open.
+fn candidates(dirs: &[PathBuf], name: &str) -> Vec<PathBuf> {
+    let mut out = vec![];
     for d in dirs {
-        for file in
-            ["12", "13", "1", ""]
-                .map(|v| if v.is_empty() { format!("lib{name}.so") } else { format!("lib{name}.so.{v}") })
-        {
-            let p = d.join(&file);
+        for file in [format!("lib{name}.so.12"), format!("lib{name}.so.1"), format!("lib{name}.so")] {
+            let p = d.join(file);
             if p.is_file() {
-                return Some(p);
+                out.push(p);
             }
         }
     }
-    None
+    out
 }
 
 /// The outcome of looking for one library.
@@ -143,20 +142,17 @@ fn ensure(name: &str, by_name: fn() -> bool) -> Found {
     if by_name() {
         return Found::System;
     }
-    let Some(path) = find_in(&lib_dirs(), name) else { return Found::Missing };
-    // SAFETY: loading a CUDA library runs its initialisers, which have no preconditions.
-    match unsafe { libloading::Library::new(&path) } {
-        Ok(lib) => {
+    for path in candidates(&lib_dirs(), name) {
+        // SAFETY: loading a CUDA library runs its initialisers, which have no preconditions.
+        if let Ok(lib) = unsafe { libloading::Library::new(&path) } {
             // Kept loaded for the life of the process, so cudarc's dlopen by soname finds it.
             std::mem::forget(lib);
             if by_name() {
-                Found::Path(path)
-            } else {
-                Found::Missing
+                return Found::Path(path);
             }
         }
-        Err(_) => Found::Missing,
     }
+    Found::Missing
 }
 
 /// What was found, probed once per process.

@@ -78,7 +78,7 @@ pub const KERNEL_FUNCTIONS: &[(&str, &str)] = &[
     ("elementwise", "swiglu"),
     ("elementwise", "add_assign"),
     ("elementwise", "scale"),
-    ("elementwise", "add_bias"),
+    ("elementwise", "fill_rows"),
     ("elementwise", "dropout"),
     ("elementwise", "fill_uniform"),
     ("kv_cache", "kv_store"),
@@ -101,7 +101,7 @@ struct Kernels {
     swiglu: CudaFunction,
     add_assign: CudaFunction,
     scale: CudaFunction,
-    add_bias: CudaFunction,
+    fill_rows: CudaFunction,
     dropout: CudaFunction,
     fill_uniform: CudaFunction,
     kv_store: CudaFunction,
@@ -182,12 +182,17 @@ impl CudaBackend {
         if !libs.driver.present() {
             bail!("no CUDA driver (libcuda.so) was found on this machine: run with --device cpu");
         }
-        for (name, found) in [("NVRTC", &libs.nvrtc), ("cuBLAS", &libs.cublas), ("cuBLASLt", &libs.cublaslt)] {
+        for (name, found, wheel) in [
+            ("NVRTC", &libs.nvrtc, "nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12"),
+            ("cuBLAS", &libs.cublas, "nvidia-cublas-cu12"),
+            ("cuBLASLt", &libs.cublaslt, "nvidia-cublas-cu12"),
+        ] {
             if !found.present() {
                 bail!(
-                    "the CUDA driver is present but {name} was not found: install the CUDA toolkit or the \
-                     nvidia-*-cu12 Python wheels (PyTorch brings them), or set PROTEGE_CUDA_LIBS; {}",
-                    nvrtc::missing_nvrtc_hint()
+                    "the CUDA driver is present but {name} was not found: install the CUDA toolkit, or \
+                     `pip install --target {} {wheel}` (PyTorch's environment has it too), or point \
+                     PROTEGE_CUDA_LIBS at the directory holding it",
+                    libs::wheel_dir().display()
                 );
             }
         }
@@ -206,6 +211,10 @@ impl CudaBackend {
             .unwrap_or(1)
             .max(1) as usize;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        // One stream: the per-buffer events cudarc records for cross-stream safety are not needed.
+        // SAFETY: every op of this backend runs on the context's default stream.
+        unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let stream = ctx.default_stream();
         let includes = libs::include_dirs();
         let mut compiled_now = vec![];
@@ -215,9 +224,18 @@ impl CudaBackend {
             if !cached {
                 compiled_now.push(file.to_string());
             }
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(image))
-                .with_context(|| format!("loading the compiled {file}.cu on {arch}"))?;
+            let module = match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)) {
+                Ok(m) => m,
+                // A damaged or stale cache entry: compile afresh once.
+                Err(_) if cached => {
+                    let fresh = nvrtc::compile(file, &arch, &includes)?;
+                    nvrtc::store_cached(file, &arch, &fresh.image);
+                    compiled_now.push(file.to_string());
+                    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fresh.image))
+                        .with_context(|| format!("loading the compiled {file}.cu on {arch}"))?
+                }
+                Err(e) => return Err(e).with_context(|| format!("loading the compiled {file}.cu on {arch}")),
+            };
             modules.insert(*file, module);
         }
         let mut funcs = std::collections::HashMap::new();
@@ -234,7 +252,7 @@ impl CudaBackend {
             swiglu: f("swiglu"),
             add_assign: f("add_assign"),
             scale: f("scale"),
-            add_bias: f("add_bias"),
+            fill_rows: f("fill_rows"),
             dropout: f("dropout"),
             fill_uniform: f("fill_uniform"),
             kv_store: f("kv_store"),
@@ -257,7 +275,9 @@ impl CudaBackend {
             sms,
             device_name,
             attention_path: std::sync::Mutex::new(AttentionPath::Auto),
-            nvtx: std::sync::atomic::AtomicBool::new(std::env::var_os("PROTEGE_NVTX").is_some_and(|v| v == "1")),
+            nvtx: std::sync::atomic::AtomicBool::new(
+                std::env::var_os("PROTEGE_NVTX").is_some_and(|v| v == "1") && libs.nvtx.present(),
+            ),
             compiled_now,
         })
     }
@@ -330,6 +350,24 @@ impl CudaBackend {
     /// Threads for a one-block-per-row kernel over `dim` values.
     fn row_threads(dim: usize) -> usize {
         dim.next_power_of_two().clamp(32, 1024)
+    }
+}
+
+/// Lets the device's default memory pool keep freed memory instead of returning it to the
+/// driver at every synchronisation, so that per-step activations are cheap to allocate.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: valid out-pointer and device; failure only means the default threshold stays.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+            let mut threshold = u64::MAX;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
     }
 }
 
@@ -466,7 +504,22 @@ impl Backend for CudaBackend {
         n: usize,
     ) {
         let _r = self.range("linear");
-        if rows == 0 {
+        if rows == 0 || n == 0 {
+            return;
+        }
+        // With a bias, `out` starts as the bias in every row and the GEMM adds into it
+        // (beta = 1), so the sum is rounded to bf16 once, as a fused bias epilogue would.
+        match bias {
+            Some(b) => {
+                let (r, c) = (rows as i64, n as i32);
+                let mut l = self.stream.launch_builder(&self.k.fill_rows);
+                l.arg(&mut *out).arg(b).arg(&r).arg(&c);
+                check("fill_rows", unsafe { l.launch(self.elementwise_cfg(rows * n)) });
+            }
+            None if k == 0 => return self.zero(out, rows * n),
+            None => {}
+        }
+        if k == 0 {
             return;
         }
         // Row-major out[rows, n] = x[rows, k] @ w[n, k]^T is column-major out^T = w^T^T x^T:
@@ -480,16 +533,12 @@ impl Backend for CudaBackend {
             alpha: bf16::ONE,
             lda: k as i32,
             ldb: k as i32,
-            beta: bf16::ZERO,
+            beta: if bias.is_some() { bf16::ONE } else { bf16::ZERO },
             ldc: n as i32,
         };
+        // cuBLAS calls do not make the context current themselves.
+        check("binding the CUDA context", self.ctx.bind_to_thread());
         check("cuBLAS bf16 GEMM", unsafe { self.blas.gemm(cfg, w, x, out) });
-        if let Some(bias) = bias {
-            let (r, c) = (rows as i64, n as i32);
-            let mut b = self.stream.launch_builder(&self.k.add_bias);
-            b.arg(out).arg(bias).arg(&r).arg(&c);
-            check("add_bias", unsafe { b.launch(self.elementwise_cfg(rows * n)) });
-        }
     }
 
     fn rope(&self, x: &mut Self::Buf, meta: &CudaMeta, heads: usize, head_dim: usize, theta: f32) {
@@ -600,8 +649,9 @@ impl Backend for CudaBackend {
             let split_len = meta.max_decode_ctx.div_ceil(splits);
             let splits = meta.max_decode_ctx.div_ceil(split_len);
             let parts = meta.n_decode * heads * splits;
-            let mut part_o = check("decode workspace", self.stream.alloc_zeros::<f32>(parts * head_dim));
-            let mut part_ml = check("decode workspace", self.stream.alloc_zeros::<f32>(parts * 2));
+            // SAFETY: decode_partial writes every element before decode_combine reads it.
+            let mut part_o = check("decode workspace", unsafe { self.stream.alloc::<f32>(parts * head_dim) });
+            let mut part_ml = check("decode workspace", unsafe { self.stream.alloc::<f32>(parts * 2) });
             let sl = split_len as i32;
             let f = if head_dim == 64 { &self.k.decode_d64 } else { &self.k.decode_d128 };
             let mut b = self.stream.launch_builder(f);
@@ -733,6 +783,8 @@ impl Backend for CudaBackend {
         let _r = self.range("sample");
         use rand::Rng as _;
         let rows = params.len();
+        assert_eq!(rows, rngs.len(), "sample: one random stream per row");
+        assert!(logits.len() >= rows * vocab, "sample: logits hold fewer than {rows} rows of {vocab}");
         if rows == 0 {
             return vec![];
         }

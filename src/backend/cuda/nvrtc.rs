@@ -90,8 +90,13 @@ pub fn compile(name: &str, arch: &str, include_dirs: &[PathBuf]) -> Result<Compi
             bail!("NVRTC could not compile {name}.cu for {arch} ({e:?}):\n{log}");
         }
         Ok(()) if arch.starts_with("sm_") => unsafe { cubin(prog) },
+        // PTX text keeps its terminating NUL: cuModuleLoadData reads it as a C string.
         Ok(()) => unsafe { nvrtc_result::get_ptx(prog) }
-            .map(|p| p.into_iter().take_while(|&c| c != 0).map(|c| c as u8).collect())
+            .map(|p| {
+                let mut v: Vec<u8> = p.into_iter().take_while(|&c| c != 0).map(|c| c as u8).collect();
+                v.push(0);
+                v
+            })
             .map_err(|e| anyhow::anyhow!("nvrtcGetPTX: {e:?}")),
     };
     unsafe { nvrtc_result::destroy_program(prog) }.ok();
@@ -122,24 +127,35 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// [`compile`] through the disk cache: returns the image and whether it came from the cache.
-pub fn compile_cached(name: &str, arch: &str, include_dirs: &[PathBuf]) -> Result<(Vec<u8>, bool)> {
+/// The cache file of kernel file `name` for `arch`.
+fn cache_path(name: &str, arch: &str) -> Result<PathBuf> {
     let (major, minor) = version()?;
     let src = full_source(name)?;
     let key = fnv1a(&[src.as_bytes(), options(arch, &[]).join(" ").as_bytes(), format!("{major}.{minor}").as_bytes()]);
     let ext = if arch.starts_with("sm_") { "cubin" } else { "ptx" };
-    let path = libs::cache_dir().join("kernels").join(format!("{name}-{arch}-{key:016x}.{ext}"));
+    Ok(libs::cache_dir().join("kernels").join(format!("{name}-{arch}-{key:016x}.{ext}")))
+}
+
+/// Writes a compiled image to the cache; a cache that cannot be written only costs a
+/// recompile next time.
+pub fn store_cached(name: &str, arch: &str, image: &[u8]) {
+    let Ok(path) = cache_path(name, arch) else { return };
+    if let Some(dir) = path.parent() {
+        if std::fs::create_dir_all(dir).is_ok() {
+            let _ = crate::model::export::write_atomic(&path, image);
+        }
+    }
+}
+
+/// [`compile`] through the disk cache: returns the image and whether it came from the cache.
+pub fn compile_cached(name: &str, arch: &str, include_dirs: &[PathBuf]) -> Result<(Vec<u8>, bool)> {
+    let path = cache_path(name, arch)?;
     if let Ok(bytes) = std::fs::read(&path) {
         if !bytes.is_empty() {
             return Ok((bytes, true));
         }
     }
     let c = compile(name, arch, include_dirs)?;
-    // A cache that cannot be written only costs a recompile next time.
-    if let Some(dir) = path.parent() {
-        if std::fs::create_dir_all(dir).is_ok() {
-            let _ = crate::model::export::write_atomic(&path, &c.image);
-        }
-    }
+    store_cached(name, arch, &c.image);
     Ok((c.image, false))
 }
