@@ -15,6 +15,12 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
+// Column of value row `r`, key `j` in the transposed V tile: XOR-swizzled by the row's group
+// of 8 so that the transposing stores (lanes writing rows 8 apart at one key) spread over the
+// banks (2-way at most instead of 16-way for d = 128). The swizzle only flips bits 3-5 of the
+// key, so the B-fragment loads keep their per-lane offset t4 * 2 (and a compile-time rest).
+__device__ __forceinline__ int vt_col(int r, int j) { return j ^ (((r >> 3) & 7) << 3); }
+
 // c += a (16x16, row-major) * b (16x8, column-major); bf16 inputs, f32 accumulators.
 __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     asm volatile(
@@ -32,7 +38,7 @@ __device__ __forceinline__ void flash_prefill(const bf16* __restrict__ q, const 
                                               const int* __restrict__ seq_bt_off, const int* __restrict__ block_tables,
                                               int block_size, int heads, int kv_heads, float scale_log2) {
     __shared__ __align__(16) bf16 ks[BC][D + 8];   // keys, row per key (+8 against bank conflicts)
-    __shared__ __align__(16) bf16 vt[D][BC + 8];   // values transposed: row per dim
+    __shared__ __align__(16) bf16 vt[D][BC + 8];   // values transposed: row per dim, see vt_col
 
     const int tile = blockIdx.x, h = blockIdx.y;
     const int s = tiles[2 * tile], q0 = tiles[2 * tile + 1];
@@ -81,7 +87,7 @@ __device__ __forceinline__ void flash_prefill(const bf16* __restrict__ q, const 
             *reinterpret_cast<uint4*>(&ks[j][d]) = kv;
             const bf16* ve = reinterpret_cast<const bf16*>(&vv);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) vt[d + e][j] = ve[e];
+            for (int e = 0; e < 8; ++e) vt[d + e][vt_col(d, j)] = ve[e];  // rows d..d+7 share a group
         }
         __syncthreads();
 
@@ -147,8 +153,12 @@ __device__ __forceinline__ void flash_prefill(const bf16* __restrict__ q, const 
             a[3] = pack_bf16(sc[2 * j + 1][2], sc[2 * j + 1][3]);
 #pragma unroll
             for (int nb = 0; nb < D / 8; ++nb) {
-                const unsigned b0 = *reinterpret_cast<const unsigned*>(&vt[nb * 8 + g][j * 16 + t4 * 2]);
-                const unsigned b1 = *reinterpret_cast<const unsigned*>(&vt[nb * 8 + g][j * 16 + t4 * 2 + 8]);
+                // Row nb * 8 + g is in group nb (g < 8), and the swizzle leaves bits 0-2 alone, so
+                // vt_col(row, base + t4 * 2) = vt_col(nb * 8, base) + t4 * 2 for base a multiple
+                // of 8: a compile-time column plus the lane's offset.
+                const bf16* vrow = &vt[nb * 8 + g][t4 * 2];
+                const unsigned b0 = *reinterpret_cast<const unsigned*>(vrow + vt_col(nb * 8, j * 16));
+                const unsigned b1 = *reinterpret_cast<const unsigned*>(vrow + vt_col(nb * 8, j * 16 + 8));
                 mma_16816(o[nb], a, b0, b1);
             }
         }

@@ -146,7 +146,8 @@ def flash_block(D, tile, h, gm, scale_log2, block_size, heads, kv_heads, stats):
                 vv[inb] = vc.ld(slot * kvd + kvh * D + d[inb], 8, align=8)
             assert np.all(d % 8 == 0)
             ks[j[:, None], d[:, None] + np.arange(8)] = kv
-            vt[d[:, None] + np.arange(8), j[:, None]] = vv
+            rows = d[:, None] + np.arange(8)
+            vt[rows, j[:, None] ^ (((rows >> 3) & 7) << 3)] = vv  # vt_col
         # S = Q K^T
         sc = np.zeros((4, 32, BC // 8, 4), F32)
         def ldsm_u32(arr, r, cidx):
@@ -189,7 +190,9 @@ def flash_block(D, tile, h, gm, scale_log2, block_size, heads, kv_heads, stats):
             for nb in range(D // 8):
                 col = j * 16 + t4 * 2
                 assert col.max() + 9 < BC + 1
-                b0 = ldsm_u32(vt, nb * 8 + g, col); b1 = ldsm_u32(vt, nb * 8 + g, col + 8)
+                r = nb * 8 + g
+                swz = (nb & 7) << 3  # vt_col(nb * 8, base) = base ^ swz; the lane adds t4 * 2
+                b0 = ldsm_u32(vt, r, ((j * 16) ^ swz) + t4 * 2); b1 = ldsm_u32(vt, r, ((j * 16 + 8) ^ swz) + t4 * 2)
                 o[:, :, nb] = mma(o[:, :, nb], a, b0, b1)
     l_a = l_a + shfl_xor(l_a, 1); l_a = l_a + shfl_xor(l_a, 2)
     l_b = l_b + shfl_xor(l_b, 1); l_b = l_b + shfl_xor(l_b, 2)
