@@ -162,6 +162,8 @@ pub fn run(be: &CudaBackend, opts: &Options) -> Result<GpuBench> {
     }
     let mut torch = None;
     if opts.torch {
+        // The PyTorch side is another process: give it the memory this one has cached.
+        be.release_cached_memory()?;
         match run_torch(&opts.script, it, opts.kernels_only) {
             Ok((version, times)) => {
                 torch = Some(version);

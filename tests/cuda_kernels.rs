@@ -80,6 +80,8 @@ fn without_a_gpu_cuda_commands_fail_clearly() {
         eprintln!("a GPU is present: the no-GPU error paths are not reachable here");
         return;
     }
+    let scratch = tempfile::tempdir().unwrap();
+    let out_dir = scratch.path().join("eval");
     for args in [
         vec!["selftest", "--device", "cuda"],
         vec!["generate", "--model", "tests/fixtures/tiny", "--prompt", "hi", "--device", "cuda"],
@@ -91,6 +93,21 @@ fn without_a_gpu_cuda_commands_fail_clearly() {
             "tests/fixtures/tiny/reference.safetensors",
             "--device",
             "cuda:1",
+        ],
+        vec!["bench", "--device", "cuda", "--kernels-only"],
+        vec!["serve", "--model", "tests/fixtures/tiny", "--addr", "127.0.0.1:0", "--device", "cuda"],
+        vec![
+            "eval",
+            "--suite",
+            "tests/fixtures/tasks",
+            "--policy",
+            "local",
+            "--model",
+            "tests/fixtures/tiny",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--device",
+            "cuda",
         ],
     ] {
         let out = protege(&args);

@@ -303,6 +303,21 @@ impl CudaBackend {
         self.stream.synchronize().context("synchronising the CUDA stream")
     }
 
+    /// Returns the memory pool's cached free memory to the driver (e.g. before another process
+    /// — the PyTorch side of a benchmark — needs the device memory).
+    pub fn release_cached_memory(&self) -> Result<()> {
+        use cudarc::driver::sys;
+        self.synchronize()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and device; trimming only releases unused pool memory.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+                sys::cuMemPoolTrimTo(pool, 0);
+            }
+        }
+        Ok(())
+    }
+
     pub fn set_attention_path(&self, p: AttentionPath) {
         *self.attention_path.lock().unwrap() = p;
     }
