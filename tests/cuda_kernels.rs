@@ -8,6 +8,14 @@ use std::process::Command;
 
 use protege::backend::cuda::{libs, nvrtc, KERNEL_FUNCTIONS};
 
+/// Two tests change process-wide environment variables (the cache and library directories),
+/// which the others read: the tests of this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ensure_nvrtc() {
     if libs::find_library("nvrtc").is_some() && !libs::include_dirs().is_empty() {
         return;
@@ -25,6 +33,7 @@ fn ensure_nvrtc() {
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
+    let _serial = serial();
     ensure_nvrtc();
     let found = libs::probe();
     assert!(found.nvrtc.present(), "NVRTC not loadable: {}", nvrtc::missing_nvrtc_hint());
@@ -64,6 +73,7 @@ fn gpu_here() -> bool {
 
 #[test]
 fn info_reports_the_machine_and_says_when_there_is_no_gpu() {
+    let _serial = serial();
     let out = protege(&["info"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -76,6 +86,7 @@ fn info_reports_the_machine_and_says_when_there_is_no_gpu() {
 
 #[test]
 fn without_a_gpu_cuda_commands_fail_clearly() {
+    let _serial = serial();
     if gpu_here() {
         eprintln!("a GPU is present: the no-GPU error paths are not reachable here");
         return;
@@ -124,6 +135,7 @@ fn without_a_gpu_cuda_commands_fail_clearly() {
 
 #[test]
 fn selftest_harness_passes_with_the_cpu_as_the_device() {
+    let _serial = serial();
     // The CPU backend against itself: every check must pass with (near) zero error, which
     // exercises the selftest's shape sweep, paged metadata, sampling statistics and model checks.
     let out = protege(&["selftest", "--device", "cpu"]);
@@ -133,4 +145,46 @@ fn selftest_harness_passes_with_the_cpu_as_the_device() {
     for group in ["attention", "rmsnorm", "linear", "rope", "sampling", "model", "greedy"] {
         assert!(text.contains(group), "no {group} checks:\n{text}");
     }
+}
+
+#[test]
+fn compiled_kernels_are_cached_by_source_and_arch() {
+    let _serial = serial();
+    ensure_nvrtc();
+    assert!(libs::probe().nvrtc.present()); // probed (and memoised) with the real cache
+                                            // Headers found with the real cache; then the cache directory moves to a scratch one (it
+                                            // is read per call, so the process-wide setting reaches compile_cached).
+    let includes = libs::include_dirs();
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("PROTEGE_CACHE", cache.path());
+    let (first, cached) = nvrtc::compile_cached("rmsnorm", "sm_80", &includes).unwrap();
+    assert!(!cached && first.starts_with(b"\x7fELF"));
+    let (again, cached) = nvrtc::compile_cached("rmsnorm", "sm_80", &includes).unwrap();
+    assert!(cached, "the second compile must come from the cache");
+    assert_eq!(first, again);
+    let (_, cached) = nvrtc::compile_cached("rmsnorm", "sm_90", &includes).unwrap();
+    assert!(!cached, "another architecture is another cache entry");
+    let files: Vec<_> = std::fs::read_dir(cache.path().join("kernels")).unwrap().flatten().collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    // An empty (torn) entry is recompiled, not used.
+    for f in &files {
+        std::fs::write(f.path(), b"").unwrap();
+    }
+    let (image, cached) = nvrtc::compile_cached("rmsnorm", "sm_80", &includes).unwrap();
+    assert!(!cached && image == first);
+    std::env::remove_var("PROTEGE_CACHE");
+}
+
+#[test]
+fn libraries_are_found_in_extra_directories_with_cuda_12_sonames() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["libprotegefake.so.13", "libprotegefake.so.12", "libonlyunversioned.so"] {
+        std::fs::write(dir.path().join(f), b"").unwrap();
+    }
+    std::env::set_var("PROTEGE_CUDA_LIBS", dir.path());
+    assert_eq!(libs::find_library("protegefake"), Some(dir.path().join("libprotegefake.so.12")));
+    assert_eq!(libs::find_library("onlyunversioned"), Some(dir.path().join("libonlyunversioned.so")));
+    assert_eq!(libs::find_library("absentlibrary"), None);
+    std::env::remove_var("PROTEGE_CUDA_LIBS");
 }
