@@ -40,17 +40,18 @@ __device__ void block_argmax(float& v, int& idx, float* sv, int* si) {
     }
 }
 
-extern "C" __global__ void sample(const bf16* __restrict__ logits, int vocab, const float* __restrict__ temperature,
-                                  const int* __restrict__ top_k, const float* __restrict__ top_p,
-                                  const unsigned long long* __restrict__ seeds, int* __restrict__ out) {
+// `params` holds four words per row (one upload per step): the temperature's f32 bits, top-k,
+// top-p's f32 bits and the seed.
+extern "C" __global__ void sample(const bf16* __restrict__ logits, int vocab,
+                                  const unsigned long long* __restrict__ params, int* __restrict__ out) {
     __shared__ float scratch[32];
     __shared__ float sv[32];
     __shared__ int si[32];
     const int r = blockIdx.x;
     const bf16* row = logits + (long long)r * vocab;
-    const float t = temperature[r];
-    const int k = top_k[r];
-    const float p = top_p[r];
+    const float t = __uint_as_float((unsigned)params[4 * r]);
+    const int k = (int)params[4 * r + 1];
+    const float p = __uint_as_float((unsigned)params[4 * r + 2]);
 
     // Argmax: the answer for greedy rows and the maximum for the others.
     float best = NEG_INF;
@@ -102,7 +103,7 @@ extern "C" __global__ void sample(const bf16* __restrict__ logits, int vocab, co
     }
 
     // Gumbel-max over the kept tokens.
-    const unsigned long long seed = seeds[r];
+    const unsigned long long seed = params[4 * r + 3];
     float g_best = NEG_INF;
     int g_i = 0x7fffffff;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {

@@ -333,19 +333,13 @@ fn bench_phases(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -
     let weight_bytes = 2.0 * cfg.num_params() as f64;
     let (layers, heads, hd) = (cfg.num_layers as f64, cfg.num_heads as f64, cfg.head_dim as f64);
 
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(2);
     // Prefill: one sequence of 8192 tokens, logits of the last row.
     let t = 8192usize;
     {
-        let mut cache = KvCache::new(be, cfg, t, 16);
-        let table: Vec<u32> = (0..cache.capacity_blocks() as u32).collect();
-        let meta = StepMeta {
-            tokens: (0..t as u32).map(|i| (i * 7919) % cfg.vocab_size as u32).collect(),
-            positions: (0..t as u32).collect(),
-            slots: (0..t as u32).collect(),
-            seqs: vec![crate::backend::SeqSlice { row_start: 0, n_new: t, n_ctx: t, block_table: table }],
-            block_size: 16,
-            logit_rows: vec![t as u32 - 1],
-        };
+        let (mut meta, slots) = paged_meta(&[SeqSpec { n_new: t, n_ctx: t }], 16, &mut rng);
+        meta.logit_rows = vec![t as u32 - 1];
+        let mut cache = KvCache::new(be, cfg, slots, 16);
         let _r = be.range("prefill");
         let ms = time_ms(be, it.min(5), || {
             model.forward(be, &meta, &mut cache).expect("prefill forward");
@@ -361,17 +355,9 @@ fn bench_phases(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -
     // Decode: 64 sequences with 4096 tokens of context each, one new token per sequence.
     let (batch, ctx) = (64usize, 4096usize);
     {
-        let mut cache = KvCache::new(be, cfg, batch * ctx, 16);
-        let per = ctx.div_ceil(16);
-        let mut meta = StepMeta { block_size: 16, ..Default::default() };
-        for s in 0..batch {
-            let table: Vec<u32> = (s * per..(s + 1) * per).map(|b| b as u32).collect();
-            meta.tokens.push((s * 31) as u32);
-            meta.positions.push(ctx as u32 - 1);
-            meta.slots.push(crate::backend::cache_slot(&table, ctx - 1, 16));
-            meta.seqs.push(crate::backend::SeqSlice { row_start: s, n_new: 1, n_ctx: ctx, block_table: table });
-            meta.logit_rows.push(s as u32);
-        }
+        let (mut meta, slots) = paged_meta(&vec![SeqSpec { n_new: 1, n_ctx: ctx }; batch], 16, &mut rng);
+        meta.logit_rows = (0..batch as u32).collect();
+        let mut cache = KvCache::new(be, cfg, slots, 16);
         let params = vec![SamplingParams::default(); batch];
         let mut rngs: Vec<_> = (0..batch as u64).map(crate::generate::sampling::seeded).collect();
         let _r = be.range("decode");

@@ -509,7 +509,7 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs, tok: &Tokenizer, prompt: Ve
 }
 
 fn run_selftest(a: SelftestArgs) -> Result<bool> {
-    use protege::selftest::{check_attention, check_model, check_ops, check_sampling, fixture_models, Report};
+    use protege::selftest::{check_attention, fixture_models, run_checks, Report};
     let cpu = CpuBackend::new();
     let mut rep = Report::default();
     let models = fixture_models(&a.fixtures).into_iter().chain(a.model.iter().cloned()).collect::<Vec<_>>();
@@ -520,12 +520,7 @@ fn run_selftest(a: SelftestArgs) -> Result<bool> {
     match a.device {
         Device::Cpu => {
             println!("selftest: the CPU backend against itself (checks the harness, not a device)");
-            check_ops(&cpu, &cpu, &mut rep);
-            check_attention(&cpu, &cpu, &mut rep, "cpu");
-            check_sampling(&cpu, &mut rep);
-            for m in &models {
-                check_model(&cpu, &cpu, m, &mut rep)?;
-            }
+            run_checks(&cpu, &cpu, &models, &mut rep, "cpu")?;
         }
         Device::Cuda(n) => {
             let dev = protege::backend::cuda::CudaBackend::new(n)?;
@@ -533,15 +528,11 @@ fn run_selftest(a: SelftestArgs) -> Result<bool> {
             if !dev.compiled_now.is_empty() {
                 println!("compiled with NVRTC: {}", dev.compiled_now.join(", "));
             }
-            check_ops(&dev, &cpu, &mut rep);
-            check_attention(&dev, &cpu, &mut rep, "fast");
+            run_checks(&dev, &cpu, &models, &mut rep, "fast")?;
+            // The generic attention kernel too, which the sweep's head dims 64/128 bypass.
             dev.set_attention_path(protege::backend::cuda::AttentionPath::Generic);
             check_attention(&dev, &cpu, &mut rep, "generic");
             dev.set_attention_path(protege::backend::cuda::AttentionPath::Auto);
-            check_sampling(&dev, &mut rep);
-            for m in &models {
-                check_model(&dev, &cpu, m, &mut rep)?;
-            }
         }
     }
     let failures = rep.failures();

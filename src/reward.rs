@@ -729,6 +729,11 @@ mod tests {
         (a - b).abs() < 1e-9
     }
 
+    /// An episode with these actions and patch against GOLD, with no format errors.
+    fn outcome<'a>(actions: &'a [Action], patch: &'a str, resolved: bool) -> Outcome<'a> {
+        Outcome { actions, patch, gold_patch: GOLD, resolved, format_errors: 0, format_exit: false }
+    }
+
     fn stage2() -> RewardConfig {
         RewardConfig {
             w_follow: 2.0,
@@ -743,18 +748,7 @@ mod tests {
     #[test]
     fn resolved_clean_episode_earns_one() {
         let acts = [bash("ls"), bash("cat a.py"), Action::Submit];
-        let r = reward(
-            &RewardConfig::default(),
-            &Outcome {
-                actions: &acts,
-                patch: GOLD,
-                gold_patch: GOLD,
-                resolved: true,
-                format_errors: 0,
-                format_exit: false,
-            },
-            &[],
-        );
+        let r = reward(&RewardConfig::default(), &outcome(&acts, GOLD, true), &[]);
         assert_eq!(
             (r.total, r.r_loop, r.r_follow, r.r_other, r.r_correct, r.r_sim, r.g_loop, r.g_follow),
             (1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0)
@@ -766,14 +760,7 @@ mod tests {
     fn a_correct_patch_cannot_hide_looping() {
         // 20 x ls: R_loop = -0.5 * (20 - 15 + 1) = -3; the run reaches zero_at 16, so g_loop = 0.
         let acts = [vec![bash("ls"); 20], vec![Action::Submit]].concat();
-        let o = Outcome {
-            actions: &acts,
-            patch: GOLD,
-            gold_patch: GOLD,
-            resolved: true,
-            format_errors: 0,
-            format_exit: false,
-        };
+        let o = outcome(&acts, GOLD, true);
         let r = reward(&RewardConfig::default(), &o, &[]);
         assert_eq!((r.r_loop, r.g_loop, r.total, r.longest_run, r.looping), (-3.0, 0.0, -3.0, 20, true));
         // A run of 12 is free of penalty (below k1) but halves R_other (half_at 11).
@@ -791,47 +778,14 @@ mod tests {
         let acts = [bash("ls"), Action::Submit];
         let cfg = RewardConfig::default();
         // Far from the gold patch: R_sim = -1, R_other = 0.5 * -1.
-        let r = reward(
-            &cfg,
-            &Outcome {
-                actions: &acts,
-                patch: OTHER,
-                gold_patch: GOLD,
-                resolved: false,
-                format_errors: 0,
-                format_exit: false,
-            },
-            &[],
-        );
+        let r = reward(&cfg, &outcome(&acts, OTHER, false), &[]);
         assert_eq!((r.r_correct, r.r_sim, r.r_other, r.total), (0.0, -1.0, -0.5, -0.5));
         assert!(r.similarity < 0.5, "{}", r.similarity);
         // The right change that failed for another reason is similar enough: no R_sim penalty.
-        let r = reward(
-            &cfg,
-            &Outcome {
-                actions: &acts,
-                patch: GOLD,
-                gold_patch: GOLD,
-                resolved: false,
-                format_errors: 0,
-                format_exit: false,
-            },
-            &[],
-        );
+        let r = reward(&cfg, &outcome(&acts, GOLD, false), &[]);
         assert_eq!((r.r_sim, r.total), (0.0, 0.0));
         // No patch at all is dissimilar.
-        let r = reward(
-            &cfg,
-            &Outcome {
-                actions: &acts,
-                patch: "",
-                gold_patch: GOLD,
-                resolved: false,
-                format_errors: 0,
-                format_exit: false,
-            },
-            &[],
-        );
+        let r = reward(&cfg, &outcome(&acts, "", false), &[]);
         assert_eq!(r.r_sim, -1.0);
     }
 
@@ -848,18 +802,7 @@ mod tests {
             Action::Submit,
         ];
         let calls = [call(1, 0.2, 0.2), call(2, 1.0, 0.9), call(4, 1.0, 0.7)];
-        let r = reward(
-            &cfg,
-            &Outcome {
-                actions: &acts,
-                patch: GOLD,
-                gold_patch: GOLD,
-                resolved: true,
-                format_errors: 0,
-                format_exit: false,
-            },
-            &calls,
-        );
+        let r = reward(&cfg, &outcome(&acts, GOLD, true), &calls);
         // R_warrant: mean(-1, 0, 0) = -1/3; R_b2b = max(-1, -0.5 * 1); no quota term.
         assert!(close(r.r_warrant, -1.0 / 3.0), "{}", r.r_warrant);
         assert_eq!((r.back_to_back, r.r_b2b, r.r_quota, r.expert_calls), (1, -0.5, 0.0, 3));
@@ -877,33 +820,11 @@ mod tests {
             follow: FollowConfig { aggregate: Aggregate::Min, ..Default::default() },
             ..stage2()
         };
-        let r = reward(
-            &cfg_min,
-            &Outcome {
-                actions: &acts,
-                patch: GOLD,
-                gold_patch: GOLD,
-                resolved: true,
-                format_errors: 0,
-                format_exit: false,
-            },
-            &calls,
-        );
+        let r = reward(&cfg_min, &outcome(&acts, GOLD, true), &calls);
         assert_eq!((r.r_warrant, r.r_follow), (-1.0, -2.0));
         // Five back-to-back calls are capped at -1.
         let acts = [vec![Action::AskExpert; 6], vec![Action::Submit]].concat();
-        let r = reward(
-            &cfg,
-            &Outcome {
-                actions: &acts,
-                patch: GOLD,
-                gold_patch: GOLD,
-                resolved: true,
-                format_errors: 0,
-                format_exit: false,
-            },
-            &[],
-        );
+        let r = reward(&cfg, &outcome(&acts, GOLD, true), &[]);
         assert_eq!(r.r_b2b, -1.0);
     }
 
@@ -911,14 +832,7 @@ mod tests {
     fn follow_gate_and_the_no_call_penalty() {
         let cfg = stage2();
         let acts = [bash("ls"), Action::AskExpert, bash("ls -la"), Action::AskExpert, Action::Submit];
-        let o = Outcome {
-            actions: &acts,
-            patch: GOLD,
-            gold_patch: GOLD,
-            resolved: true,
-            format_errors: 0,
-            format_exit: false,
-        };
+        let o = outcome(&acts, GOLD, true);
         // Judged calls (all but the last) followed at 0.4: half gate; at 0.1: closed.
         let r = reward(&cfg, &o, &[call(1, 1.0, 0.4), call(3, 1.0, 1.0)]);
         assert_eq!((r.g_follow, r.r_follow), (0.5, -2.0));

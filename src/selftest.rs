@@ -171,9 +171,9 @@ pub fn check_ops<B: Backend>(dev: &B, cpu: &CpuBackend, rep: &mut Report) {
             TOL_NORM,
             String::new(),
         );
-        let idx: Vec<u32> = (0..rows as u32).rev().collect();
-        dev.gather_rows(&dx, &idx, &mut dout, dim);
-        cpu.gather_rows(&cx, &idx, &mut cout, dim);
+        let meta = StepMeta { logit_rows: (0..rows as u32).rev().collect(), ..Default::default() };
+        dev.gather_logit_rows(&dx, &dev.prepare(&meta), &mut dout, dim);
+        cpu.gather_logit_rows(&cx, &cpu.prepare(&meta), &mut cout, dim);
         rep.add(
             "gather",
             format!("rows={rows} dim={dim}"),
@@ -494,6 +494,23 @@ fn model_logits_check(rep: &mut Report, what: String, ours: &[f32], reference: &
     });
 }
 
+/// Every check on `dev`: ops, attention (labelled `label`), sampling, then each model.
+pub fn run_checks<B: Backend>(
+    dev: &B,
+    cpu: &CpuBackend,
+    models: &[PathBuf],
+    rep: &mut Report,
+    label: &str,
+) -> Result<()> {
+    check_ops(dev, cpu, rep);
+    check_attention(dev, cpu, rep, label);
+    check_sampling(dev, rep);
+    for m in models {
+        check_model(dev, cpu, m, rep)?;
+    }
+    Ok(())
+}
+
 /// The fixture models under `fixtures` that have reference logits.
 pub fn fixture_models(fixtures: &Path) -> Vec<PathBuf> {
     ["tiny", "tiny-untied", "odd"]
@@ -605,8 +622,8 @@ mod tests {
         fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) {
             self.0.add_assign(x, y, n)
         }
-        fn gather_rows(&self, x: &Vec<f32>, r: &[u32], o: &mut Vec<f32>, d: usize) {
-            self.0.gather_rows(x, r, o, d)
+        fn gather_logit_rows(&self, x: &Vec<f32>, m: &StepMeta, o: &mut Vec<f32>, d: usize) {
+            self.0.gather_logit_rows(x, m, o, d)
         }
         fn softmax(&self, x: &mut Vec<f32>, r: usize, c: usize) {
             self.0.softmax(x, r, c)

@@ -186,8 +186,9 @@ pub trait Backend: Send + Sync {
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf, n: usize);
     /// `x += y` over `n` values (the residual stream).
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize);
-    /// `out[i] = x[rows[i]]` for `x: [*, dim]`.
-    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], out: &mut Self::Buf, dim: usize);
+    /// `out[i] = x[meta.logit_rows[i]]` for `x: [*, dim]` (the rows whose logits are wanted; a
+    /// device backend reads the indices it uploaded in [`Backend::prepare`]).
+    fn gather_logit_rows(&self, x: &Self::Buf, meta: &Self::Meta, out: &mut Self::Buf, dim: usize);
     /// Row-wise softmax in place, `x: [rows, cols]`.
     fn softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize);
     /// Row-wise log-softmax in place, `x: [rows, cols]`.

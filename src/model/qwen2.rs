@@ -363,7 +363,7 @@ impl<B: Backend> Qwen2<B> {
         }
         let n_out = meta.logit_rows.len();
         let mut last = be.zeros(n_out * h);
-        be.gather_rows(&x, &meta.logit_rows, &mut last, h);
+        be.gather_logit_rows(&x, &dev, &mut last, h);
         let mut last_normed = be.zeros(n_out * h);
         be.rmsnorm(&last, &self.w.final_norm, &mut last_normed, n_out, h, c.rms_norm_eps);
         let mut logits = be.zeros(n_out * c.vocab_size);

@@ -232,8 +232,8 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn gather_rows(&self, x: &Vec<f32>, rows: &[u32], out: &mut Vec<f32>, dim: usize) {
-        for (i, &r) in rows.iter().enumerate() {
+    fn gather_logit_rows(&self, x: &Vec<f32>, meta: &StepMeta, out: &mut Vec<f32>, dim: usize) {
+        for (i, &r) in meta.logit_rows.iter().enumerate() {
             let r = r as usize;
             out[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
         }

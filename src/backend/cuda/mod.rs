@@ -17,10 +17,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{Backend, DType, HostTensor, SamplingParams, StepMeta};
+use super::cpu::CpuBackend;
+use super::{Backend, HostTensor, SamplingParams, StepMeta};
 
 /// Which device a command runs its model on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,50 +70,50 @@ pub fn default_device() -> Device {
     }
 }
 
-/// Every kernel function the backend launches, with its file.
-pub const KERNEL_FUNCTIONS: &[(&str, &str)] = &[
-    ("embedding", "embedding"),
-    ("embedding", "gather_rows"),
-    ("rmsnorm", "rmsnorm"),
-    ("rope", "rope"),
-    ("elementwise", "swiglu"),
-    ("elementwise", "add_assign"),
-    ("elementwise", "scale"),
-    ("elementwise", "fill_rows"),
-    ("elementwise", "dropout"),
-    ("elementwise", "fill_uniform"),
-    ("kv_cache", "kv_store"),
-    ("softmax", "softmax"),
-    ("flash_attn", "flash_prefill_d64"),
-    ("flash_attn", "flash_prefill_d128"),
-    ("decode_attn", "decode_partial_d64"),
-    ("decode_attn", "decode_partial_d128"),
-    ("decode_attn", "decode_combine"),
-    ("attention_generic", "attention_generic"),
-    ("sampling", "sample"),
-];
+/// The kernel functions the backend launches, named once: the `Kernels` fields, the
+/// `KERNEL_FUNCTIONS` list (file, function) the compile test checks, and the loader.
+macro_rules! kernels {
+    ($($field:ident: $file:literal / $func:literal,)*) => {
+        /// Every kernel function the backend launches, with its file.
+        pub const KERNEL_FUNCTIONS: &[(&str, &str)] = &[$(($file, $func)),*];
 
-/// Kernel functions, looked up once.
-struct Kernels {
-    embedding: CudaFunction,
-    gather_rows: CudaFunction,
-    rmsnorm: CudaFunction,
-    rope: CudaFunction,
-    swiglu: CudaFunction,
-    add_assign: CudaFunction,
-    scale: CudaFunction,
-    fill_rows: CudaFunction,
-    dropout: CudaFunction,
-    fill_uniform: CudaFunction,
-    kv_store: CudaFunction,
-    softmax: CudaFunction,
-    flash_d64: CudaFunction,
-    flash_d128: CudaFunction,
-    decode_d64: CudaFunction,
-    decode_d128: CudaFunction,
-    decode_combine: CudaFunction,
-    attention_generic: CudaFunction,
-    sample: CudaFunction,
+        /// Kernel functions, looked up once.
+        struct Kernels {
+            $($field: CudaFunction,)*
+        }
+
+        impl Kernels {
+            fn load(modules: &std::collections::HashMap<&str, Arc<CudaModule>>) -> Result<Self> {
+                Ok(Self {
+                    $($field: modules[$file]
+                        .load_function($func)
+                        .with_context(|| format!("kernel {} in {}.cu", $func, $file))?,)*
+                })
+            }
+        }
+    };
+}
+
+kernels! {
+    embedding: "embedding" / "embedding",
+    gather_rows: "embedding" / "gather_rows",
+    rmsnorm: "rmsnorm" / "rmsnorm",
+    rope: "rope" / "rope",
+    swiglu: "elementwise" / "swiglu",
+    add_assign: "elementwise" / "add_assign",
+    scale: "elementwise" / "scale",
+    fill_rows: "elementwise" / "fill_rows",
+    dropout: "elementwise" / "dropout",
+    fill_uniform: "elementwise" / "fill_uniform",
+    kv_store: "kv_cache" / "kv_store",
+    softmax: "softmax" / "softmax",
+    flash_d64: "flash_attn" / "flash_prefill_d64",
+    flash_d128: "flash_attn" / "flash_prefill_d128",
+    decode_d64: "decode_attn" / "decode_partial_d64",
+    decode_d128: "decode_attn" / "decode_partial_d128",
+    decode_combine: "decode_attn" / "decode_combine",
+    attention_generic: "attention_generic" / "attention_generic",
+    sample: "sampling" / "sample",
 }
 
 /// How [`CudaBackend::attention`] runs, for tests and benchmarks that pin one path.
@@ -146,6 +147,8 @@ pub struct CudaMeta {
     tokens: CudaSlice<i32>,
     positions: CudaSlice<i32>,
     slots: CudaSlice<i32>,
+    logit_rows: CudaSlice<i32>,
+    n_logit_rows: usize,
     row_seq: CudaSlice<i32>,
     seq_row_start: CudaSlice<i32>,
     seq_n_new: CudaSlice<i32>,
@@ -238,33 +241,7 @@ impl CudaBackend {
             };
             modules.insert(*file, module);
         }
-        let mut funcs = std::collections::HashMap::new();
-        for (file, func) in KERNEL_FUNCTIONS {
-            let f = modules[file].load_function(func).with_context(|| format!("kernel {func} in {file}.cu"))?;
-            funcs.insert(*func, f);
-        }
-        let mut f = |name: &str| funcs.remove(name).expect("listed in KERNEL_FUNCTIONS");
-        let k = Kernels {
-            embedding: f("embedding"),
-            gather_rows: f("gather_rows"),
-            rmsnorm: f("rmsnorm"),
-            rope: f("rope"),
-            swiglu: f("swiglu"),
-            add_assign: f("add_assign"),
-            scale: f("scale"),
-            fill_rows: f("fill_rows"),
-            dropout: f("dropout"),
-            fill_uniform: f("fill_uniform"),
-            kv_store: f("kv_store"),
-            softmax: f("softmax"),
-            flash_d64: f("flash_prefill_d64"),
-            flash_d128: f("flash_prefill_d128"),
-            decode_d64: f("decode_partial_d64"),
-            decode_d128: f("decode_partial_d128"),
-            decode_combine: f("decode_combine"),
-            attention_generic: f("attention_generic"),
-            sample: f("sample"),
-        };
+        let k = Kernels::load(&modules)?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
         Ok(Self {
             ctx,
@@ -386,31 +363,6 @@ fn keep_pool_memory(ctx: &CudaContext) {
     }
 }
 
-/// bf16 bits of a host tensor in any checkpoint dtype.
-fn host_to_bf16(t: &HostTensor) -> Result<Vec<bf16>> {
-    let n = t.numel();
-    if t.bytes.len() != n * t.dtype.size() {
-        bail!(
-            "tensor data is {} bytes, expected {} for {:?} {:?}",
-            t.bytes.len(),
-            n * t.dtype.size(),
-            t.dtype,
-            t.shape
-        );
-    }
-    Ok(match t.dtype {
-        DType::BF16 => t.bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        DType::F16 => t
-            .bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_f32(half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
-            .collect(),
-        DType::F32 => {
-            t.bytes.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
-        }
-    })
-}
-
 impl Backend for CudaBackend {
     type Buf = CudaSlice<bf16>;
     type Meta = CudaMeta;
@@ -432,7 +384,8 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, t: &HostTensor) -> Result<CudaSlice<bf16>> {
-        let host = host_to_bf16(t)?;
+        // The CPU backend's checked, parallel dtype conversion; bf16 -> f32 -> bf16 is exact.
+        let host: Vec<bf16> = CpuBackend::new().upload(t)?.into_iter().map(bf16::from_f32).collect();
         if host.is_empty() {
             return Ok(self.zeros(1));
         }
@@ -471,6 +424,8 @@ impl Backend for CudaBackend {
             tokens: self.upload_i32(&i(&meta.tokens)),
             positions: self.upload_i32(&i(&meta.positions)),
             slots: self.upload_i32(&i(&meta.slots)),
+            logit_rows: self.upload_i32(&i(&meta.logit_rows)),
+            n_logit_rows: meta.logit_rows.len(),
             row_seq: self.upload_i32(&row_seq),
             seq_row_start: self.upload_i32(&starts),
             seq_n_new: self.upload_i32(&n_new),
@@ -732,16 +687,15 @@ impl Backend for CudaBackend {
         check("add_assign", unsafe { b.launch(self.elementwise_cfg(n)) });
     }
 
-    fn gather_rows(&self, x: &Self::Buf, rows: &[u32], out: &mut Self::Buf, dim: usize) {
-        let _r = self.range("gather_rows");
-        if rows.is_empty() {
+    fn gather_logit_rows(&self, x: &Self::Buf, meta: &CudaMeta, out: &mut Self::Buf, dim: usize) {
+        let _r = self.range("gather_logit_rows");
+        if meta.n_logit_rows == 0 {
             return;
         }
-        let idx = self.upload_i32(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>());
         let d = dim as i32;
         let mut b = self.stream.launch_builder(&self.k.gather_rows);
-        b.arg(x).arg(&idx).arg(out).arg(&d);
-        check("gather_rows", unsafe { b.launch(Self::rows_cfg(rows.len(), Self::row_threads(dim).min(256))) });
+        b.arg(x).arg(&meta.logit_rows).arg(out).arg(&d);
+        check("gather_rows", unsafe { b.launch(Self::rows_cfg(meta.n_logit_rows, Self::row_threads(dim).min(256))) });
     }
 
     fn softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize) {
@@ -803,23 +757,22 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return vec![];
         }
-        let temps: Vec<f32> = params.iter().map(|p| p.temperature).collect();
-        let top_k: Vec<i32> = params.iter().map(|p| p.top_k.min(i32::MAX as usize) as i32).collect();
-        let top_p: Vec<f32> = params.iter().map(|p| p.top_p).collect();
-        // Greedy rows draw nothing, as on the CPU.
-        let seeds: Vec<u64> = params
-            .iter()
-            .zip(rngs.iter_mut())
-            .map(|(p, rng)| if p.temperature <= 0.0 || p.top_k == 1 { 0 } else { rng.gen::<u64>() })
-            .collect();
-        let temps = check("sampling", self.stream.clone_htod(&temps));
-        let top_k = check("sampling", self.stream.clone_htod(&top_k));
-        let top_p = check("sampling", self.stream.clone_htod(&top_p));
-        let seeds = check("sampling", self.stream.clone_htod(&seeds));
+        // Four words per row, as sampling.cu reads them; greedy rows draw no seed, as on the CPU.
+        let mut words = Vec::with_capacity(rows * 4);
+        for (p, rng) in params.iter().zip(rngs.iter_mut()) {
+            let greedy = p.temperature <= 0.0 || p.top_k == 1;
+            words.extend_from_slice(&[
+                p.temperature.to_bits() as u64,
+                p.top_k.min(i32::MAX as usize) as u64,
+                p.top_p.to_bits() as u64,
+                if greedy { 0 } else { rng.gen::<u64>() },
+            ]);
+        }
+        let words = check("sampling", self.stream.clone_htod(&words));
         let mut out = check("sampling", self.stream.alloc_zeros::<i32>(rows));
         let v = vocab as i32;
         let mut b = self.stream.launch_builder(&self.k.sample);
-        b.arg(logits).arg(&v).arg(&temps).arg(&top_k).arg(&top_p).arg(&seeds).arg(&mut out);
+        b.arg(logits).arg(&v).arg(&words).arg(&mut out);
         check("sample", unsafe { b.launch(Self::rows_cfg(rows, 1024)) });
         check("sampling", self.stream.clone_dtoh(&out)).into_iter().map(|t| t as u32).collect()
     }
