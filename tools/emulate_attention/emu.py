@@ -348,3 +348,289 @@ def _wsum(v):  # (N,32)
     for o_ in (16, 8, 4, 2, 1):
         v = (v + v[:, np.arange(32) ^ o_]).astype(F32)
     return v
+
+# =====================================================================================
+# kernels/flash_attn_train.cu
+# =====================================================================================
+LOG2E = F32(1.4426950408889634); LN2 = F32(0.6931471805599453)
+MUTATE = set()  # deliberate kernel bugs, to show the emulation has teeth (run_train.py --teeth)
+
+def atomic_add(mem, idx, vals):
+    """atomicAdd(float*, float) per lane, in lane order (f32 adds); counts adds per element."""
+    idx = mem._chk(idx, 1, 1)
+    if not hasattr(mem, 'adds'):
+        mem.adds = np.zeros(mem.a.shape[0], np.int32)
+    np.add.at(mem.a, idx, np.asarray(vals, F32))
+    np.add.at(mem.adds, idx, 1)
+
+def ldsm_x4(arr, width, rows, cols, trans=False):
+    """ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 over a 2D shared bf16 array `arr`
+    (row stride arr.shape[1] elements, `width` of them holding data, the rest padding).
+    rows, cols: (W,32) the row and first column each lane addresses (lane l: row l%8 of matrix
+    l/8). Returns (W,32,4) u32: register i = matrix i; lane l gets row l/4, columns 2(l%4)+{0,1},
+    or with .trans rows 2(l%4)+{0,1} of column l/4."""
+    rows = np.asarray(rows); cols = np.asarray(cols)
+    assert (arr.shape[1] * 2) % 16 == 0
+    if np.any(cols % 8) or np.any(cols < 0) or np.any(cols + 8 > width) or np.any(rows < 0) or np.any(rows >= arr.shape[0]):
+        raise IndexError('ldmatrix: misaligned, out of bounds or padding address')
+    L = np.arange(32)
+    out = np.zeros(rows.shape + (4,), np.uint32)
+    for i in range(4):
+        R = rows[:, 8 * i:8 * i + 8]; C = cols[:, 8 * i:8 * i + 8]
+        M = arr[R[..., None], C[..., None] + np.arange(8)]  # (W,8,8): row r of matrix i
+        if not trans:
+            lo, hi = M[:, L // 4, 2 * (L % 4)], M[:, L // 4, 2 * (L % 4) + 1]
+        else:
+            lo, hi = M[:, 2 * (L % 4), L // 4], M[:, 2 * (L % 4) + 1, L // 4]
+        out[..., i] = pack(lo, hi)
+    return out
+
+def _ldu32(mem, base, mask):
+    r = np.zeros(base.shape, np.uint32)
+    if mask.any():
+        v = mem.ld(base[mask], 2, align=2); r[mask] = pack(v[..., 0], v[..., 1])
+    return r
+
+def train_fwd_block(D, tile, h, gm, scale_log2, heads, kv_heads, stats):
+    """flash_train_fwd<D>: block (tile, h), 128 threads = 4 warps x 32 lanes, vectorised."""
+    q, k, v, out, lse, tiles, srs, snn = gm
+    NT = 128
+    tid = np.arange(NT); warp = (tid >> 5).reshape(4, 32); ln = (tid & 31).reshape(4, 32)
+    g = ln >> 2; t4 = ln & 3
+    ks = np.full((BC, D + 8), BF_NAN, np.uint16)
+    vt = np.full((D, BC + 8), BF_NAN, np.uint16)
+    s = int(tiles.ld(2 * tile)); q0 = int(tiles.ld(2 * tile + 1))
+    n_new = int(snn.ld(s)); row0 = int(srs.ld(s))
+    kvh = h // (heads // kv_heads)
+    qd, kvd = heads * D, kv_heads * D
+    ra = q0 + warp * 16 + g; rb = ra + 8
+    va = ra < n_new; vb = rb < n_new
+    qf = np.zeros((4, 32, D // 16, 4), np.uint32)
+    qa = (row0 + ra) * qd + h * D; qb = (row0 + rb) * qd + h * D
+    for kk in range(D // 16):
+        c = kk * 16 + t4 * 2
+        qf[:, :, kk, 0] = _ldu32(q, qa + c, va); qf[:, :, kk, 1] = _ldu32(q, qb + c, vb)
+        qf[:, :, kk, 2] = _ldu32(q, qa + c + 8, va); qf[:, :, kk, 3] = _ldu32(q, qb + c + 8, vb)
+    if 'fwd_swap_q' in MUTATE:
+        qf[..., [1, 2]] = qf[..., [2, 1]]
+    o = np.zeros((4, 32, D // 8, 4), F32)
+    m_a = np.full((4, 32), NEG_INF, F32); m_b = m_a.copy(); l_a = np.zeros((4, 32), F32); l_b = l_a.copy()
+    kv_end = min(q0 + BR, n_new)
+    for k0 in range(0, kv_end, BC):
+        for it in range((BC * D // 8 + NT - 1) // NT):
+            c = tid + it * NT
+            c = c[c < BC * D // 8]
+            j = c // (D // 8); d = (c % (D // 8)) * 8
+            kv = np.zeros((c.size, 8), np.uint16); vv = kv.copy()
+            inb = k0 + j < kv_end
+            if inb.any():
+                off = (row0 + k0 + j[inb]) * kvd + kvh * D + d[inb]
+                kv[inb] = k.ld(off, 8, align=8); vv[inb] = v.ld(off, 8, align=8)
+            ks[j[:, None], d[:, None] + np.arange(8)] = kv
+            rows = d[:, None] + np.arange(8)
+            vt[rows, j[:, None] ^ (((rows >> 3) & 7) << 3)] = vv
+        sc = np.zeros((4, 32, BC // 8, 4), F32)
+        for nb in range(BC // 8):
+            cc = np.zeros((4, 32, 4), F32)
+            for kk in range(D // 16):
+                col = kk * 16 + t4 * 2
+                b0 = pack(ks[nb * 8 + g, col], ks[nb * 8 + g, col + 1])
+                b1 = pack(ks[nb * 8 + g, col + 8], ks[nb * 8 + g, col + 9])
+                cc = mma(cc, qf[:, :, kk], b0, b1)
+            sc[:, :, nb] = cc
+        mx_a = m_a.copy(); mx_b = m_b.copy()
+        for nb in range(BC // 8):
+            for e in range(2):
+                key = k0 + nb * 8 + t4 * 2 + e
+                sc[:, :, nb, e] = np.where(va & (key <= ra), sc[:, :, nb, e] * F32(scale_log2), NEG_INF)
+                sc[:, :, nb, 2 + e] = np.where(vb & (key <= rb), sc[:, :, nb, 2 + e] * F32(scale_log2), NEG_INF)
+                mx_a = np.fmax(mx_a, sc[:, :, nb, e]); mx_b = np.fmax(mx_b, sc[:, :, nb, 2 + e])
+        mx_a = np.fmax(mx_a, shfl_xor(mx_a, 1)); mx_a = np.fmax(mx_a, shfl_xor(mx_a, 2))
+        mx_b = np.fmax(mx_b, shfl_xor(mx_b, 1)); mx_b = np.fmax(mx_b, shfl_xor(mx_b, 2))
+        base_a = np.where(mx_a == NEG_INF, F32(0), mx_a); base_b = np.where(mx_b == NEG_INF, F32(0), mx_b)
+        with np.errstate(invalid='raise'):
+            alpha_a = np.exp2(m_a - base_a).astype(F32); alpha_b = np.exp2(m_b - base_b).astype(F32)
+        m_a, m_b = mx_a, mx_b
+        l_a = (l_a * alpha_a).astype(F32); l_b = (l_b * alpha_b).astype(F32)
+        o[..., 0] *= alpha_a[..., None]; o[..., 1] *= alpha_a[..., None]
+        o[..., 2] *= alpha_b[..., None]; o[..., 3] *= alpha_b[..., None]
+        for nb in range(BC // 8):
+            for e in range(2):
+                sc[:, :, nb, e] = np.exp2(sc[:, :, nb, e] - base_a)
+                sc[:, :, nb, 2 + e] = np.exp2(sc[:, :, nb, 2 + e] - base_b)
+                l_a = l_a + sc[:, :, nb, e]; l_b = l_b + sc[:, :, nb, 2 + e]
+        for j in range(BC // 16):
+            a = np.stack([pack(f2bf(sc[:, :, 2 * j, 0]), f2bf(sc[:, :, 2 * j, 1])),
+                          pack(f2bf(sc[:, :, 2 * j, 2]), f2bf(sc[:, :, 2 * j, 3])),
+                          pack(f2bf(sc[:, :, 2 * j + 1, 0]), f2bf(sc[:, :, 2 * j + 1, 1])),
+                          pack(f2bf(sc[:, :, 2 * j + 1, 2]), f2bf(sc[:, :, 2 * j + 1, 3]))], -1)
+            for nb in range(D // 8):
+                r = nb * 8 + g
+                swz = (nb & 7) << 3
+                c0 = ((j * 16) ^ swz) + t4 * 2; c1 = ((j * 16 + 8) ^ swz) + t4 * 2
+                b0 = pack(vt[r, c0], vt[r, c0 + 1]); b1 = pack(vt[r, c1], vt[r, c1 + 1])
+                o[:, :, nb] = mma(o[:, :, nb], a, b0, b1)
+    l_a = l_a + shfl_xor(l_a, 1); l_a = l_a + shfl_xor(l_a, 2)
+    l_b = l_b + shfl_xor(l_b, 1); l_b = l_b + shfl_xor(l_b, 2)
+    with np.errstate(divide='ignore'):
+        inv_a = np.where(l_a > 0, F32(1) / l_a, F32(0)).astype(F32)
+        inv_b = np.where(l_b > 0, F32(1) / l_b, F32(0)).astype(F32)
+    if np.any(va & (l_a <= 0)) or np.any(vb & (l_b <= 0)):
+        stats['issues'].add('train fwd: valid row with l == 0')
+    for nb in range(D // 8):
+        col = h * D + nb * 8 + t4 * 2
+        for valid, r, i0, inv in ((va, ra, 0, inv_a), (vb, rb, 2, inv_b)):
+            if valid.any():
+                idx = ((row0 + r) * qd + col)[valid]
+                vals = np.stack([f2bf(o[:, :, nb, i0] * inv), f2bf(o[:, :, nb, i0 + 1] * inv)], -1)[valid]
+                out.st(idx, vals, 2, align=2)
+    with np.errstate(divide='ignore'):
+        for valid, r, m, l in ((va, ra, m_a, l_a), (vb, rb, m_b, l_b)):
+            sel = valid & (t4 == 0)
+            if sel.any():
+                lse.st(((row0 + r) * heads + h)[sel], ((m + np.log2(l).astype(F32)) * LN2).astype(F32)[sel])
+
+def train_bwd_pre_all(out, dout, delta, rows, heads, head_dim):
+    """flash_train_bwd_pre: grid (rows, heads), block 32: block (r, h) is warp w = r * heads + h."""
+    r, h = np.meshgrid(np.arange(rows), np.arange(heads), indexing='ij')
+    w = (r * heads + h).ravel()
+    lane = np.arange(32)
+    acc = np.zeros((w.size, 32), F32)
+    for d0 in range(0, head_dim, 64):
+        d = lane * 2 + d0; ok = d < head_dim
+        if not ok.any(): continue
+        base = (w[:, None] * head_dim + d[None, ok])
+        a = bf2f(out.ld(base, 2, align=2)); b = bf2f(dout.ld(base, 2, align=2))
+        acc[:, ok] = (acc[:, ok] + (a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1]).astype(F32)).astype(F32)
+    acc = _wsum(acc)
+    delta.st(w, acc[:, 0])
+
+def train_bwd_block(D, BRQ, tile, kvh, gm, scale_log2, heads, kv_heads, stats):
+    """flash_train_bwd<D, BRQ>: block (tile, kvh), 128 threads = 4 warps x 32 lanes, vectorised
+    over warps; warp-uniform branches run on the subset of warps taking them."""
+    q, k, v, dout, lse, delta, dq_acc, dk, dv, tiles, srs, snn = gm
+    NT = 128
+    tid = np.arange(NT); warp = (tid >> 5).reshape(4, 32); ln = (tid & 31).reshape(4, 32)
+    g = ln >> 2; t4 = ln & 3
+    ks = np.full((BC, D + 8), BF_NAN, np.uint16); vs = ks.copy()
+    qs = np.full((BRQ, D + 8), BF_NAN, np.uint16); dos = qs.copy()
+    dss = np.full((BRQ, BC + 8), BF_NAN, np.uint16)
+    lse2s = np.full(BRQ, np.nan, F32); dls = lse2s.copy()
+    s = int(tiles.ld(2 * tile)); k0 = int(tiles.ld(2 * tile + 1))
+    n_new = int(snn.ld(s)); row0 = int(srs.ld(s))
+    group = heads // kv_heads
+    qd, kvd = heads * D, kv_heads * D
+    scale = F32(F32(1) / np.sqrt(F32(D)))
+    kw = k0 + warp * 16
+    ka = kw + g; kb = ka + 8
+    vka = ka < n_new; vkb = kb < n_new
+    for it in range(BC * D // 8 // NT):
+        c = tid + it * NT
+        j = c // (D // 8); d = (c % (D // 8)) * 8
+        kv = np.zeros((c.size, 8), np.uint16); vv = kv.copy()
+        inb = k0 + j < n_new
+        if inb.any():
+            off = (row0 + k0 + j[inb]) * kvd + kvh * D + d[inb]
+            kv[inb] = k.ld(off, 8, align=8); vv[inb] = v.ld(off, 8, align=8)
+        ks[j[:, None], d[:, None] + np.arange(8)] = kv
+        vs[j[:, None], d[:, None] + np.arange(8)] = vv
+    dka = np.zeros((4, 32, D // 8, 4), F32); dva = dka.copy()
+    a_row = (ln & 7) + ((ln >> 3) & 1) * 8; a_col = (ln >> 4) * 8
+    b_row = (ln & 7) + (ln >> 4) * 8; b_col = ((ln >> 3) & 1) * 8
+    t_row, t_col = a_row, a_col
+    for hh in range(group):
+        h = kvh * group + hh
+        for q0 in range(k0, n_new, BRQ):
+            # __syncthreads(); sub-tile load
+            for it in range(BRQ * D // 8 // NT):
+                c = tid + it * NT
+                i = c // (D // 8); d = (c % (D // 8)) * 8
+                qv = np.zeros((c.size, 8), np.uint16); ov = qv.copy()
+                ok = q0 + i < n_new
+                if ok.any():
+                    off = (row0 + q0 + i[ok]) * qd + h * D + d[ok]
+                    qv[ok] = q.ld(off, 8, align=8); ov[ok] = dout.ld(off, 8, align=8)
+                qs[i[:, None], d[:, None] + np.arange(8)] = qv
+                dos[i[:, None], d[:, None] + np.arange(8)] = ov
+            i = tid[tid < BRQ]; ok = q0 + i < n_new
+            lse2s[i] = 0; dls[i] = 0
+            if ok.any():
+                lse2s[i[ok]] = (lse.ld((row0 + q0 + i[ok]) * heads + h) * LOG2E).astype(F32)
+                dls[i[ok]] = delta.ld((row0 + q0 + i[ok]) * heads + h)
+            # __syncthreads()
+            lim = min(q0 + BRQ, n_new)
+            for j in range(BRQ // 16):
+                qc = q0 + j * 16
+                A = np.nonzero(kw[:, 0] < min(qc + 16, n_new))[0]  # warps taking the branch
+                dp = np.zeros((4, 32, 2, 4), F32)
+                if A.size:
+                    W = A.size; gA, t4A = g[A], t4[A]
+                    sc = np.zeros((W, 32, 2, 4), F32); dpa = sc.copy()
+                    for kk in range(D // 16):
+                        a = ldsm_x4(ks, D, warp[A] * 16 + a_row[A], kk * 16 + a_col[A])
+                        b = ldsm_x4(qs, D, j * 16 + b_row[A], kk * 16 + b_col[A])
+                        sc[:, :, 0] = mma(sc[:, :, 0], a, b[..., 0], b[..., 1])
+                        sc[:, :, 1] = mma(sc[:, :, 1], a, b[..., 2], b[..., 3])
+                        a = ldsm_x4(vs, D, warp[A] * 16 + a_row[A], kk * 16 + a_col[A])
+                        b = ldsm_x4(dos, D, j * 16 + b_row[A], kk * 16 + b_col[A])
+                        dpa[:, :, 0] = mma(dpa[:, :, 0], a, b[..., 0], b[..., 1])
+                        dpa[:, :, 1] = mma(dpa[:, :, 1], a, b[..., 2], b[..., 3])
+                    for nb in range(2):
+                        for e in range(2):
+                            qi = j * 16 + nb * 8 + t4A * 2 + e; qq = q0 + qi
+                            l2 = lse2s[qi]; dl = dls[qi]
+                            vq = qq < n_new
+                            with np.errstate(over='ignore'):
+                                pa = np.where(vq & (ka[A] <= qq), np.exp2((sc[:, :, nb, e] * F32(scale_log2) - l2).astype(F32)), F32(0)).astype(F32)
+                                pb = np.where(vq & (kb[A] <= qq), np.exp2((sc[:, :, nb, 2 + e] * F32(scale_log2) - l2).astype(F32)), F32(0)).astype(F32)
+                            sc[:, :, nb, e] = pa; sc[:, :, nb, 2 + e] = pb
+                            dpa[:, :, nb, e] = pa * (dpa[:, :, nb, e] - dl)
+                            dpa[:, :, nb, 2 + e] = pb * (dpa[:, :, nb, 2 + e] - dl)
+                    pk = lambda x: np.stack([pack(f2bf(x[:, :, 0, 0]), f2bf(x[:, :, 0, 1])), pack(f2bf(x[:, :, 0, 2]), f2bf(x[:, :, 0, 3])),
+                                             pack(f2bf(x[:, :, 1, 0]), f2bf(x[:, :, 1, 1])), pack(f2bf(x[:, :, 1, 2]), f2bf(x[:, :, 1, 3]))], -1)
+                    pf = pk(sc); df = pk(dpa)
+                    if 'bwd_swap_ds' in MUTATE:
+                        df[..., [1, 2]] = df[..., [2, 1]]
+                    for nb in range(0, D // 8, 2):
+                        b = ldsm_x4(dos, D, j * 16 + t_row[A], nb * 8 + t_col[A], trans=True)
+                        dva[A, :, nb] = mma(dva[A, :, nb], pf, b[..., 0], b[..., 1])
+                        dva[A, :, nb + 1] = mma(dva[A, :, nb + 1], pf, b[..., 2], b[..., 3])
+                        b = ldsm_x4(qs, D, j * 16 + t_row[A], nb * 8 + t_col[A], trans=True)
+                        dka[A, :, nb] = mma(dka[A, :, nb], df, b[..., 0], b[..., 1])
+                        dka[A, :, nb + 1] = mma(dka[A, :, nb + 1], df, b[..., 2], b[..., 3])
+                    dp[A] = dpa
+                for nb in range(2):
+                    for e in range(2):
+                        r = j * 16 + nb * 8 + t4 * 2 + e
+                        dss[r, warp * 16 + g] = f2bf(dp[:, :, nb, e])
+                        dss[r, warp * 16 + g + 8] = f2bf(dp[:, :, nb, 2 + e])
+            # __syncthreads(); dQ
+            RB = BRQ // 16; NBW = (D // 8) // (4 // RB)
+            rb = warp % RB; nb0 = (warp // RB) * NBW
+            npair = (lim - k0 + 31) >> 5
+            af = [ldsm_x4(dss, BC, rb * 16 + a_row, kk * 16 + a_col) if (kk >> 1) < npair else None for kk in range(4)]
+            qa = q0 + rb * 16 + g; qb = qa + 8
+            pa = (row0 + qa) * qd + h * D + t4 * 2; pb = (row0 + qb) * qd + h * D + t4 * 2
+            for n in range(NBW):
+                nb = nb0 + n
+                c = np.zeros((4, 32, 4), F32)
+                for kp in range(2):
+                    if kp < npair:
+                        b = ldsm_x4(ks, D, kp * 32 + ln, nb * 8, trans='bwd_dq_notrans' not in MUTATE)
+                        c = mma(c, af[2 * kp], b[..., 0], b[..., 1])
+                        c = mma(c, af[2 * kp + 1], b[..., 2], b[..., 3])
+                va_, vb_ = qa < n_new, qb < n_new
+                # lanes in order; the two adds of a lane to different addresses
+                if va_.any():
+                    atomic_add(dq_acc, (pa + nb * 8)[va_], (c[..., 0] * scale)[va_])
+                    atomic_add(dq_acc, (pa + nb * 8 + 1)[va_], (c[..., 1] * scale)[va_])
+                if vb_.any():
+                    atomic_add(dq_acc, (pb + nb * 8)[vb_], (c[..., 2] * scale)[vb_])
+                    atomic_add(dq_acc, (pb + nb * 8 + 1)[vb_], (c[..., 3] * scale)[vb_])
+    for nb in range(D // 8):
+        col = kvh * D + nb * 8 + t4 * 2
+        for valid, r, i0 in ((vka, ka, 0), (vkb, kb, 2)):
+            if valid.any():
+                idx = ((row0 + r) * kvd + col)[valid]
+                dk.st(idx, np.stack([f2bf(dka[:, :, nb, i0] * scale), f2bf(dka[:, :, nb, i0 + 1] * scale)], -1)[valid], 2, align=2)
+                dv.st(idx, np.stack([f2bf(dva[:, :, nb, i0]), f2bf(dva[:, :, nb, i0 + 1])], -1)[valid], 2, align=2)

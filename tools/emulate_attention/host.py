@@ -118,3 +118,97 @@ def run_case(name, D, kv_heads, group, seq_specs, block_size=16, qscale=1.0, pat
           f"splits={stats.get('splits','-')} maxabs={np.nanmax(err):.2e} (prefill {e_pre:.2e}, decode {e_dec:.2e}) "
           f"maxrel={rel:.2e} nan={nan} issues={sorted(stats['issues'])} [{time.time()-t:.0f}s]", flush=True)
     return np.nanmax(err), rel, nan, stats['issues']
+
+# ---------------- training attention (kernels/flash_attn_train.cu) ----------------
+TRAIN_BRQ = {64: 64, 128: 16}  # the kernel's query sub-tile per head dim
+
+def train_prepare(lengths):
+    """Packed whole sequences: row starts, lengths and the (sequence, first row) list of 64-row tiles."""
+    starts, tiles, r = [], [], 0
+    for s, n in enumerate(lengths):
+        starts.append(r); r += n
+        for t0 in range(0, n, 64):
+            tiles += [s, t0]
+    up = lambda v: np.array(v if len(v) else [0], np.int32)
+    return dict(rows=r, seq_row_start=up(starts), seq_n_new=up(list(lengths)), tiles=up(tiles), n_tiles=len(tiles) // 2)
+
+def train_attention(q, k, v, dout, meta, heads, kv_heads, D, stats):
+    """The launch sequence of the documented contract: forward, then pre, (zeroed dq_acc), backward, cast."""
+    rows = meta['rows']
+    scale_log2 = F32(np.float32(math.log2(math.e)) / np.sqrt(F32(D)))
+    M = lambda n: Mem(n, meta[n])
+    out = Mem('out', np.full(rows * heads * D, BF_NAN, np.uint16), True)
+    lse = Mem('lse', np.full(rows * heads, np.nan, F32), True)
+    gm = (q, k, v, out, lse, M('tiles'), M('seq_row_start'), M('seq_n_new'))
+    for h in range(heads):                   # grid (n_tiles, heads)
+        for t in range(meta['n_tiles']):
+            train_fwd_block(D, t, h, gm, scale_log2, heads, kv_heads, stats)
+    delta = Mem('delta', np.full(rows * heads, np.nan, F32), True)
+    train_bwd_pre_all(Mem('out', out.a), dout, delta, rows, heads, D)
+    dq_acc = Mem('dq_acc', np.zeros(rows * heads * D, F32), True)   # zeroed by the host
+    dq_acc.adds = np.zeros(rows * heads * D, np.int32)
+    dk = Mem('dk', np.full(rows * kv_heads * D, BF_NAN, np.uint16), True)
+    dv = Mem('dv', np.full(rows * kv_heads * D, BF_NAN, np.uint16), True)
+    gm = (q, k, v, dout, Mem('lse', lse.a), Mem('delta', delta.a), dq_acc, dk, dv, M('tiles'), M('seq_row_start'), M('seq_n_new'))
+    for kh in range(kv_heads):               # grid (n_tiles, kv_heads)
+        for t in range(meta['n_tiles']):
+            train_bwd_block(D, TRAIN_BRQ[D], t, kh, gm, scale_log2, heads, kv_heads, stats)
+    dq = Mem('dq', np.full(rows * heads * D, BF_NAN, np.uint16), True)
+    dq.st(np.arange(rows * heads * D), f2bf(dq_acc.a))  # flash_train_dq_cast, grid-stride
+    return out, lse, delta, dq_acc, dq, dk, dv
+
+def train_reference(qf, kf, vf, dof, lengths, heads, kv_heads, D):
+    """float64 CPU semantics (train_fwd / train_bwd of src/backend/cpu/attention.rs)."""
+    rows = qf.shape[0]; G = heads // kv_heads; scale = 1 / math.sqrt(D)
+    out = np.zeros((rows, heads, D)); lse = np.zeros((rows, heads))
+    dq = np.zeros((rows, heads, D)); dk = np.zeros((rows, kv_heads, D)); dv = np.zeros((rows, kv_heads, D))
+    r0 = 0
+    for n in lengths:
+        sl = slice(r0, r0 + n); mask = np.tril(np.ones((n, n), bool))
+        for h in range(heads):
+            kh = h // G
+            Q, K, V, dO = qf[sl, h], kf[sl, kh], vf[sl, kh], dof[sl, h]
+            S = np.where(mask, Q @ K.T * scale, -np.inf)
+            m = S.max(1, keepdims=True); l = np.log(np.exp(S - m).sum(1, keepdims=True)) + m
+            P = np.exp(S - l)
+            O = P @ V
+            out[sl, h] = O; lse[sl, h] = l[:, 0]
+            dv[sl, kh] += P.T @ dO
+            dP = dO @ V.T
+            dS = P * (dP - (dO * O).sum(1, keepdims=True))
+            dq[sl, h] = scale * dS @ K
+            dk[sl, kh] += scale * dS.T @ Q
+        r0 += n
+    return out, lse, dq, dk, dv
+
+def run_train_case(name, D, kv_heads, group, lengths, seed=0, qscale=1.0, quiet=False):
+    rng = np.random.default_rng(seed)
+    heads = kv_heads * group
+    meta = train_prepare(lengths); rows = meta['rows']
+    mk = lambda n, sc=1.0: f2bf((rng.standard_normal(n) * sc).astype(F32))
+    qb, kb, vb, dob = mk(rows * heads * D, qscale), mk(rows * kv_heads * D), mk(rows * kv_heads * D), mk(rows * heads * D)
+    stats = dict(issues=set())
+    t = time.time()
+    with np.errstate(over='ignore'):
+        out, lse, delta, dq_acc, dq, dk, dv = train_attention(Mem('q', qb), Mem('k', kb), Mem('v', vb), Mem('dout', dob), meta, heads, kv_heads, D, stats)
+    f = lambda b, hh: bf2f(b).astype(np.float64).reshape(rows, hh, D)
+    ref = train_reference(f(qb, heads), f(kb, kv_heads), f(vb, kv_heads), f(dob, heads), lengths, heads, kv_heads, D)
+    got = (f(out.a, heads), lse.a.astype(np.float64).reshape(rows, heads), f(dq.a, heads), f(dk.a, kv_heads), f(dv.a, kv_heads))
+    for mem in (out, lse, dk, dv, dq):
+        if np.any(mem.writes != 1):
+            stats['issues'].add(f'{mem.name}: {np.sum(mem.writes == 0)} unwritten, {np.sum(mem.writes > 1)} written >1x')
+    if np.any(delta.writes != 1):
+        stats['issues'].add('delta not written exactly once')
+    # every dq_acc element gets one atomic add per key tile its query sees: (i // 64) + 1
+    want = np.concatenate([np.arange(n) // 64 + 1 for n in lengths])
+    if np.any(dq_acc.adds.reshape(rows, heads * D) != want[:, None]):
+        stats['issues'].add('dq_acc: unexpected number of atomic adds per element')
+    nan = sum(int(np.isnan(x).sum()) for x in got)
+    rel = {}
+    for nm, gv, rv in zip(('out', 'lse', 'dq', 'dk', 'dv'), got, ref):
+        rel[nm] = np.nanmax(np.abs(gv - rv)) / np.abs(rv).max()
+    line = ' '.join(f'{k}={v:.2e}' for k, v in rel.items())
+    if not quiet:
+        print(f"{name:28s} D={D:3d} H={heads:2d} KVH={kv_heads} rows={rows:4d} tiles={meta['n_tiles']:2d} maxrel: {line} "
+              f"nan={nan} issues={sorted(stats['issues'])} [{time.time()-t:.0f}s]", flush=True)
+    return rel, nan, stats['issues']
