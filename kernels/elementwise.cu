@@ -58,3 +58,54 @@ extern "C" __global__ void fill_uniform(bf16* __restrict__ x, long long n, float
         x[i] = to_bf((2.0f * u - 1.0f) * scale);
     }
 }
+
+// Backward of out = silu(gate) * up: dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * silu(g),
+// s = sigmoid(g).
+extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dout, const bf16* __restrict__ gate,
+                                      const bf16* __restrict__ up, bf16* __restrict__ dgate, bf16* __restrict__ dup,
+                                      long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float g = to_f(gate[i]), u = to_f(up[i]), d = to_f(dout[i]);
+        const float s = 1.0f / (1.0f + expf(-g));
+        dgate[i] = to_bf(d * u * s * (1.0f + g * (1.0f - s)));
+        dup[i] = to_bf(d * g * s);
+    }
+}
+
+// x *= s over f32 values (gradients).
+extern "C" __global__ void scale_f32(float* __restrict__ x, float s, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+// x += y over f32 values.
+extern "C" __global__ void add_assign_f32(float* __restrict__ x, const float* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+// out = bf16(x): an f32 accumulator rounded once (gradients summed in f32, master weights).
+extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = to_bf(x[i]);
+}
+
+// Bias gradient: db[j] += sum_r dout[r, j] for dout: [rows, cols]. Grid (column blocks of 32,
+// row chunks); block (32, 8): each thread sums a strided run of rows for one column, the 8
+// partials meet in shared memory, then one atomic per column and row chunk.
+extern "C" __global__ void bias_grad(const bf16* __restrict__ dout, float* __restrict__ db, int rows, int cols,
+                                     int rows_per_chunk) {
+    __shared__ float part[8][33];
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    float s = 0.0f;
+    if (j < cols)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) s += to_f(dout[(long long)r * cols + j]);
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < cols) {
+        float t = 0.0f;
+        for (int y = 0; y < 8; y++) t += part[y][threadIdx.x];
+        atomicAdd(db + j, t);
+    }
+}

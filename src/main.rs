@@ -293,6 +293,9 @@ struct SftArgs {
     /// Continue the run in the config's output.run_dir from its newest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
+    #[arg(long)]
+    device: Option<Device>,
 }
 
 #[derive(Args)]
@@ -509,6 +512,7 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs, tok: &Tokenizer, prompt: Ve
 }
 
 fn run_selftest(a: SelftestArgs) -> Result<bool> {
+    use protege::selftest::train::{check_train_attention, run_train_checks};
     use protege::selftest::{check_attention, fixture_models, run_checks, Report};
     let cpu = CpuBackend::new();
     let mut rep = Report::default();
@@ -521,6 +525,7 @@ fn run_selftest(a: SelftestArgs) -> Result<bool> {
         Device::Cpu => {
             println!("selftest: the CPU backend against itself (checks the harness, not a device)");
             run_checks(&cpu, &cpu, &models, &mut rep, "cpu")?;
+            run_train_checks(&cpu, &cpu, &models, &mut rep, "cpu")?;
         }
         Device::Cuda(n) => {
             let dev = protege::backend::cuda::CudaBackend::new(n)?;
@@ -529,9 +534,11 @@ fn run_selftest(a: SelftestArgs) -> Result<bool> {
                 println!("compiled with NVRTC: {}", dev.compiled_now.join(", "));
             }
             run_checks(&dev, &cpu, &models, &mut rep, "fast")?;
-            // The generic attention kernel too, which the sweep's head dims 64/128 bypass.
+            run_train_checks(&dev, &cpu, &models, &mut rep, "fast")?;
+            // The generic attention kernels too, which the sweep's head dims 64/128 bypass.
             dev.set_attention_path(protege::backend::cuda::AttentionPath::Generic);
             check_attention(&dev, &cpu, &mut rep, "generic");
+            check_train_attention(&dev, &cpu, &mut rep, "generic");
             dev.set_attention_path(protege::backend::cuda::AttentionPath::Auto);
         }
     }
@@ -853,7 +860,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 fn run_sft(a: SftArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
     let cfg = protege::config::SftConfig::from_file(&a.config)?;
-    let out = protege::train::sft::run_sft(&cfg, &text, a.resume, None)?;
+    let device = a.device.unwrap_or_else(protege::backend::cuda::default_device);
+    let out = protege::train::sft::run_sft_on(device, &cfg, &text, a.resume, None)?;
     if let Some(m) = out.metrics.last() {
         eprintln!(
             "sft: step {} loss {:.4}{}",

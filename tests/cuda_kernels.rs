@@ -93,7 +93,18 @@ fn without_a_gpu_cuda_commands_fail_clearly() {
     }
     let scratch = tempfile::tempdir().unwrap();
     let out_dir = scratch.path().join("eval");
+    let sft = scratch.path().join("sft.toml");
+    std::fs::write(scratch.path().join("train.jsonl"), "").unwrap();
+    let optim = "[optim]\nlr = 0.01\nwarmup_steps = 0\ndecay = \"cosine\"\nmin_lr_ratio = 0.1\nbeta1 = 0.9\n\
+                 beta2 = 0.99\neps = 1e-8\nweight_decay = 0.0\nmax_grad_norm = 1.0\n";
+    let text = format!(
+        "[model]\npath = \"{}/tests/fixtures/tiny\"\n[data]\ntrain = [\"train.jsonl\"]\nmax_seq_len = 64\n\
+         batch_tokens = 64\n[train]\nsteps = 1\n{optim}[output]\nrun_dir = \"run\"\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::write(&sft, text).unwrap();
     for args in [
+        vec!["sft", "--config", sft.to_str().unwrap(), "--device", "cuda"],
         vec!["selftest", "--device", "cuda"],
         vec!["generate", "--model", "tests/fixtures/tiny", "--prompt", "hi", "--device", "cuda"],
         vec![

@@ -68,7 +68,7 @@ fn overfits_a_handful_of_trajectories() {
         let mut grads = Grads::zeros_for(&be, &model);
         model.train_backward(&be, &batch, trace, &dlogp, &mut grads).unwrap();
         let cfg = model.cfg.clone();
-        opt.step(&be, model.trainable_mut(), grads.tensors_mut(&cfg)).unwrap();
+        opt.step(&be, model.trainable_mut(), grads.tensors(&cfg)).unwrap();
     }
     let last = *losses.last().unwrap();
     println!("loss {:.3} -> {last:.4} in {} steps, {:.2}s", losses[0], losses.len(), started.elapsed().as_secs_f64());

@@ -111,6 +111,36 @@ impl Default for SamplingParams {
     }
 }
 
+/// One adapter's tensors as the fused LoRA ops read them: `a: [rank, in]`, `b: [out, rank]`,
+/// the update scaled by `scale` (`alpha / rank`).
+pub struct LoraRef<'a, B: Backend + ?Sized> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+impl<B: Backend + ?Sized> Clone for LoraRef<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for LoraRef<'_, B> {}
+
+/// One trained tensor in an optimiser step.
+pub struct AdamWTensor<'a, B: Backend + ?Sized> {
+    pub param: &'a mut B::Buf,
+    /// The f32 master copy the update is made in, where the backend computes in a lower
+    /// precision ([`TrainBackend::master_weights`]); `param` then receives its rounding.
+    pub master: Option<&'a mut B::Buf>,
+    pub grad: &'a B::Buf,
+    pub m: &'a mut B::Buf,
+    pub v: &'a mut B::Buf,
+    pub n: usize,
+    /// Whether weight decay applies (matrices yes, biases and norm weights no).
+    pub decay: bool,
+}
+
 /// Hyper-parameters of one AdamW step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
@@ -132,10 +162,28 @@ pub trait Backend: Send + Sync {
     type Meta;
 
     fn name(&self) -> String;
+    /// Bytes per value of weights and activations (4 for f32, 2 for bf16).
+    fn compute_bytes(&self) -> usize {
+        4
+    }
+    /// The device's (free, total) memory in bytes, where the backend can tell.
+    fn memory_info(&self) -> Option<(u64, u64)> {
+        None
+    }
 
     // ---- memory ----
     fn zeros(&self, n: usize) -> Self::Buf;
+    /// Zeros held in f32 whatever the compute precision: gradients, optimiser state,
+    /// log-probs and log-sum-exps, where bf16 would lose what matters.
+    fn zeros_f32(&self, n: usize) -> Self::Buf {
+        self.zeros(n)
+    }
+    /// Stores host values in the backend's compute precision.
     fn upload_f32(&self, data: &[f32]) -> Self::Buf;
+    /// Stores host values in f32 whatever the compute precision (see [`Backend::zeros_f32`]).
+    fn upload_f32_full(&self, data: &[f32]) -> Self::Buf {
+        self.upload_f32(data)
+    }
     /// Stores a checkpoint tensor in the backend's compute precision.
     fn upload(&self, t: &HostTensor) -> Result<Self::Buf>;
     fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
@@ -207,6 +255,33 @@ pub trait Backend: Send + Sync {
     /// The mask is a pure function of `(seed, i)`, so the backward is this same op on the
     /// gradient and no mask is stored.
     fn dropout(&self, x: &Self::Buf, out: &mut Self::Buf, n: usize, p: f32, seed: u64);
+
+    /// A LoRA-adapted linear layer: `out = x W^T (+ b) + scale * xa B^T` with `xa = xd A^T`
+    /// (written to `xa`, which the backward needs), where `xd` is the adapter's input after
+    /// dropout (`None`: `x` itself). `a: [r, k]`, `b_lora: [n, r]`. The default composes
+    /// [`Backend::linear`] calls through a full-size intermediate; a device backend fuses the
+    /// low-rank update into the base GEMM's output.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_linear(
+        &self,
+        x: &Self::Buf,
+        xd: Option<&Self::Buf>,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        lora: LoraRef<'_, Self>,
+        out: &mut Self::Buf,
+        xa: &mut Self::Buf,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) {
+        self.linear(x, w, b, out, rows, k, n);
+        self.linear(xd.unwrap_or(x), lora.a, None, xa, rows, k, lora.rank);
+        let mut y = self.zeros(rows * n);
+        self.linear(xa, lora.b, None, &mut y, rows, lora.rank, n);
+        self.scale(&mut y, lora.scale, rows * n);
+        self.add_assign(out, &y, rows * n);
+    }
 
     /// Picks one token per row of `logits: [rows, vocab]`. The default brings the logits to the
     /// host; a device backend overrides it so that full logits never leave the device.
@@ -337,15 +412,57 @@ pub trait TrainBackend: Backend {
     );
     /// `sum(x^2)` over the first `n` values, in f64.
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> f64;
-    /// One AdamW step (PyTorch's formulation, decoupled weight decay) on `n` values.
-    fn adamw(
+    /// `sum(g^2)` over several tensors (the squared global gradient norm); a device backend
+    /// reduces them all in one pass and reads back one number.
+    fn sum_squares_all(&self, xs: &[(&Self::Buf, usize)]) -> f64 {
+        xs.iter().map(|(x, n)| self.sum_squares(x, *n)).sum()
+    }
+    /// Whether the optimiser keeps f32 master copies of the trained parameters (the backend
+    /// computes in a lower precision, where small updates would round away); false where
+    /// parameters are f32 already.
+    fn master_weights(&self) -> bool {
+        false
+    }
+    /// Backward of [`Backend::lora_linear`] for a frozen base: `dx` (overwritten) =
+    /// `dout W + d(scale * dout B A)` with `d` the dropout's backward (`dropout`: its
+    /// probability and seed), and the adapter gradients `da += dxa^T xd`, `db += scale dout^T xa`
+    /// (accumulate), `dxa = scale dout B`. The default composes [`TrainBackend::linear_bwd`].
+    #[allow(clippy::too_many_arguments)]
+    fn lora_linear_bwd(
         &self,
-        param: &mut Self::Buf,
-        grad: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        xd: Option<&Self::Buf>,
+        xa: &Self::Buf,
+        w: &Self::Buf,
+        lora: LoraRef<'_, Self>,
+        dx: &mut Self::Buf,
+        da: &mut Self::Buf,
+        db: &mut Self::Buf,
+        dropout: Option<(f32, u64)>,
+        rows: usize,
+        k: usize,
         n: usize,
-        hp: &AdamW,
-        step: u64,
-    );
+    ) {
+        let r = lora.rank;
+        self.linear_bwd(dout, x, w, Some(dx), None, None, rows, k, n);
+        let mut ds = self.zeros(rows * n);
+        self.copy(dout, &mut ds, rows * n);
+        self.scale(&mut ds, lora.scale, rows * n);
+        let mut dxa = self.zeros(rows * r);
+        self.linear_bwd(&ds, xa, lora.b, Some(&mut dxa), Some(db), None, rows, r, n);
+        let mut dx_lora = self.zeros(rows * k);
+        self.linear_bwd(&dxa, xd.unwrap_or(x), lora.a, Some(&mut dx_lora), Some(da), None, rows, k, r);
+        if let Some((p, seed)) = dropout {
+            // The mask is linear: its backward is the same dropout on the gradient.
+            let mut masked = self.zeros(rows * k);
+            self.dropout(&dx_lora, &mut masked, rows * k, p, seed);
+            dx_lora = masked;
+        }
+        self.add_assign(dx, &dx_lora, rows * k);
+    }
+    /// One AdamW step (PyTorch's formulation, decoupled weight decay) over every trained
+    /// tensor, each gradient first multiplied by `grad_scale` (the clipping coefficient, so
+    /// clipping needs no pass of its own). A device backend updates all tensors in one launch.
+    fn adamw(&self, tensors: &mut [AdamWTensor<'_, Self>], hp: &AdamW, grad_scale: f32, step: u64);
 }

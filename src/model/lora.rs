@@ -144,9 +144,9 @@ impl<B: Backend> Lora<B> {
         })
     }
 
-    /// Zero-filled adapters of the same shape (gradients, optimiser state).
+    /// Zero-filled f32 adapters of the same shape (gradients).
     pub fn zeros_like(&self, be: &B, model: &Qwen2Config) -> Self {
-        Self::try_from_fn(model, &self.cfg, |_, shape| Ok(be.zeros(shape.iter().product()))).expect("allocation")
+        Self::try_from_fn(model, &self.cfg, |_, shape| Ok(be.zeros_f32(shape.iter().product()))).expect("allocation")
     }
 
     pub fn pair(&self, layer: usize, t: Target) -> Option<&LoraPair<B>> {

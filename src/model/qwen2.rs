@@ -148,9 +148,9 @@ impl<B: Backend> Weights<B> {
         Ok(Self { embed, layers, final_norm, lm_head })
     }
 
-    /// Zero-filled tensors of every parameter's shape (gradients, optimiser state).
+    /// Zero-filled f32 tensors of every parameter's shape (gradients).
     pub fn zeros(be: &B, cfg: &Qwen2Config) -> Self {
-        Self::try_from_fn(cfg, |_, shape| Ok(be.zeros(shape.iter().product()))).expect("allocation cannot fail")
+        Self::try_from_fn(cfg, |_, shape| Ok(be.zeros_f32(shape.iter().product()))).expect("allocation cannot fail")
     }
 
     /// The output projection: `lm_head`, or the embedding when tied.
@@ -271,19 +271,15 @@ impl<B: Backend> Qwen2<B> {
     ) -> Option<B::Buf> {
         let (k, n) = t.dims(&self.cfg);
         let (w, b) = self.w.layers[l].linear(t);
-        be.linear(x, w, b, out, rows, k, n);
-        let lora = self.lora.as_ref()?;
-        let pair = lora.pair(l, t)?;
+        let Some((lora, pair)) = self.lora.as_ref().and_then(|lo| Some((lo, lo.pair(l, t)?))) else {
+            be.linear(x, w, b, out, rows, k, n);
+            return None;
+        };
         let r = lora.cfg.rank;
         let mut xa = be.zeros(rows * r);
-        match self.lora_dropout(be, l, t, x, rows, dropout_seed) {
-            Some(xd) => be.linear(&xd, &pair.a, None, &mut xa, rows, k, r),
-            None => be.linear(x, &pair.a, None, &mut xa, rows, k, r),
-        }
-        let mut y = be.zeros(rows * n);
-        be.linear(&xa, &pair.b, None, &mut y, rows, r, n);
-        be.scale(&mut y, lora.cfg.scale(), rows * n);
-        be.add_assign(out, &y, rows * n);
+        let xd = self.lora_dropout(be, l, t, x, rows, dropout_seed);
+        let adapter = crate::backend::LoraRef { a: &pair.a, b: &pair.b, rank: r, scale: lora.cfg.scale() };
+        be.lora_linear(x, xd.as_ref(), w, b, adapter, out, &mut xa, rows, k, n);
         Some(xa)
     }
 

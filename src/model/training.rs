@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 
 use super::lora::{Lora, Target};
 use super::{Qwen2, Weights};
-use crate::backend::{SeqSlice, StepMeta, TrainBackend};
+use crate::backend::{LoraRef, SeqSlice, StepMeta, TrainBackend};
 
 /// Sequences packed for training.
 #[derive(Debug, Clone)]
@@ -200,7 +200,7 @@ impl<B: TrainBackend> Qwen2<B> {
             k: be.zeros(rows * kvd),
             v: be.zeros(rows * kvd),
             attn: be.zeros(rows * qd),
-            lse: be.zeros(rows * c.num_heads),
+            lse: be.zeros_f32(rows * c.num_heads),
             x_mid: be.zeros(rows * h),
             n2: be.zeros(rows * h),
             gate: be.zeros(rows * inter),
@@ -258,7 +258,7 @@ impl<B: TrainBackend> Qwen2<B> {
         if batch.temperature != 1.0 {
             be.scale(&mut hidden, 1.0 / batch.temperature, rows * h);
         }
-        let (mut logp, mut lse) = (be.zeros(rows), be.zeros(rows));
+        let (mut logp, mut lse) = (be.zeros_f32(rows), be.zeros_f32(rows));
         be.token_logprobs(&hidden, self.w.head(), &batch.targets, &mut logp, &mut lse, rows, h, c.vocab_size);
         Ok((be.to_f32(&logp), Trace { layers, x_final: x, hidden, lse }))
     }
@@ -289,7 +289,7 @@ impl<B: TrainBackend> Qwen2<B> {
 
         // Head and final norm. A tied head's gradient lands in the embedding's.
         let mut dhidden = be.zeros(rows * h);
-        let dlogp = be.upload_f32(dlogp);
+        let dlogp = be.upload_f32_full(dlogp);
         let dhead = match grads {
             Grads::Full(g) => Some(g.lm_head.as_mut().unwrap_or(&mut g.embed)),
             Grads::Lora(_) => None,
@@ -420,30 +420,17 @@ impl<B: TrainBackend> Qwen2<B> {
                 be.linear_bwd(dout, x, w, Some(dx), Some(dw), db, rows, k, n);
             }
             Grads::Lora(g) => {
-                be.linear_bwd(dout, x, w, Some(dx), None, None, rows, k, n);
-                let (Some(lora), Some(xa)) = (self.lora.as_ref(), xa[t.index()].as_ref()) else { return };
-                let (Some(pair), Some(gp)) = (lora.pair(l, t), g.layers[l][t.index()].as_mut()) else { return };
-                // y += s (d(x) A^T) B^T, d = dropout (identity without it):
-                // dB += s dout^T xa,  dxa = s dout B,  dA += dxa^T d(x),  dx += d(dxa A).
-                let r = lora.cfg.rank;
-                let mut ds = be.zeros(rows * n);
-                be.copy(dout, &mut ds, rows * n);
-                be.scale(&mut ds, lora.cfg.scale(), rows * n);
-                let mut dxa = be.zeros(rows * r);
-                be.linear_bwd(&ds, xa, &pair.b, Some(&mut dxa), Some(&mut gp.b), None, rows, r, n);
-                let mut dx_lora = be.zeros(rows * k);
-                match self.lora_dropout(be, l, t, x, rows, dropout) {
-                    Some(xd) => {
-                        be.linear_bwd(&dxa, &xd, &pair.a, Some(&mut dx_lora), Some(&mut gp.a), None, rows, k, r);
-                        // The mask is linear: the backward is the same dropout on the gradient.
-                        let mut masked = be.zeros(rows * k);
-                        let seed = super::lora::module_dropout_seed(dropout.unwrap_or_default(), l, t);
-                        be.dropout(&dx_lora, &mut masked, rows * k, lora.cfg.dropout, seed);
-                        dx_lora = masked;
-                    }
-                    None => be.linear_bwd(&dxa, x, &pair.a, Some(&mut dx_lora), Some(&mut gp.a), None, rows, k, r),
-                }
-                be.add_assign(dx, &dx_lora, rows * k);
+                let adapter = self.lora.as_ref().and_then(|lo| Some((lo, lo.pair(l, t)?)));
+                let (Some((lora, pair)), Some(xa), Some(gp)) =
+                    (adapter, xa[t.index()].as_ref(), g.layers[l][t.index()].as_mut())
+                else {
+                    return be.linear_bwd(dout, x, w, Some(dx), None, None, rows, k, n);
+                };
+                let xd = self.lora_dropout(be, l, t, x, rows, dropout);
+                let seed = super::lora::module_dropout_seed(dropout.unwrap_or_default(), l, t);
+                let lr = LoraRef { a: &pair.a, b: &pair.b, rank: lora.cfg.rank, scale: lora.cfg.scale() };
+                let drop = xd.as_ref().map(|_| (lora.cfg.dropout, seed));
+                be.lora_linear_bwd(dout, x, xd.as_ref(), xa, w, lr, dx, &mut gp.a, &mut gp.b, drop, rows, k, n);
             }
         }
     }

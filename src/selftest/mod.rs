@@ -34,6 +34,8 @@ use crate::backend::{cache_slot, Backend, SamplingParams, SeqSlice, StepMeta};
 use crate::generate::{generate, GenOptions, Request};
 use crate::model::Qwen2;
 
+pub mod train;
+
 /// One comparison.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::Optimizer;
-use crate::backend::TrainBackend;
+use crate::backend::{Backend, TrainBackend};
 use crate::model::export::{write_atomic, write_safetensors, ExportDtype};
 use crate::model::{Checkpoint, Qwen2};
 
@@ -38,7 +38,9 @@ pub fn save<B: TrainBackend, S: Serialize>(
     let named = |prefix: &str, bufs: Vec<&B::Buf>| {
         names.iter().zip(bufs).map(|((n, s), b)| (format!("{prefix}{n}"), s.clone(), be.to_f32(b))).collect::<Vec<_>>()
     };
-    write_safetensors(&tmp.join("trainable.safetensors"), named("", model.trainable_tensors()), ExportDtype::F32)?;
+    // The optimiser's f32 master copies, where it keeps them, are the parameters' true values.
+    let params = if opt.master.is_empty() { model.trainable_tensors() } else { opt.master.iter().collect() };
+    write_safetensors(&tmp.join("trainable.safetensors"), named("", params), ExportDtype::F32)?;
     let mut moments = named("m.", opt.m.iter().collect());
     moments.extend(named("v.", opt.v.iter().collect()));
     write_safetensors(&tmp.join("optimizer.safetensors"), moments, ExportDtype::F32)?;
@@ -84,13 +86,20 @@ pub fn load<B: TrainBackend, S: DeserializeOwned>(
     .with_context(|| format!("{}/state.json is corrupt", dir.display()))?;
     let names = model.trainable();
     let params = Checkpoint::open_files(&dir, &["trainable.safetensors".to_string()])?;
+    let host = crate::backend::cpu::CpuBackend::new();
+    opt.master.clear();
     for ((n, s), buf) in names.iter().zip(model.trainable_mut()) {
-        *buf = be.upload(&params.get(n, s)?)?;
+        let t = params.get(n, s)?;
+        *buf = be.upload(&t)?;
+        if be.master_weights() {
+            // The master's full precision, not the rounding `buf` holds.
+            opt.master.push(be.upload_f32_full(&host.upload(&t)?));
+        }
     }
     let moments = Checkpoint::open_files(&dir, &["optimizer.safetensors".to_string()])?;
     for (i, (n, s)) in names.iter().enumerate() {
-        opt.m[i] = be.upload(&moments.get(&format!("m.{n}"), s)?)?;
-        opt.v[i] = be.upload(&moments.get(&format!("v.{n}"), s)?)?;
+        opt.m[i] = be.upload_f32_full(&host.upload(&moments.get(&format!("m.{n}"), s)?)?);
+        opt.v[i] = be.upload_f32_full(&host.upload(&moments.get(&format!("v.{n}"), s)?)?);
     }
     Ok(state)
 }

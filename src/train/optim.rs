@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
-use crate::backend::{AdamW, TrainBackend};
+use crate::backend::{AdamW, AdamWTensor, TrainBackend};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct OptimConfig {
@@ -37,18 +37,21 @@ pub struct Optimizer<B: TrainBackend> {
     /// First and second moments, one per trained tensor.
     pub m: Vec<B::Buf>,
     pub v: Vec<B::Buf>,
+    /// f32 master copies of the parameters where the backend computes in lower precision
+    /// (made at the first step, or restored from a checkpoint); empty otherwise.
+    pub master: Vec<B::Buf>,
     /// Steps taken so far.
     pub step: u64,
 }
 
 impl<B: TrainBackend> Optimizer<B> {
     pub fn new(be: &B, shapes: Vec<(String, Vec<usize>)>, cfg: OptimConfig) -> Self {
-        let zeros = || shapes.iter().map(|(_, s)| be.zeros(s.iter().product())).collect::<Vec<_>>();
-        Self { cfg, m: zeros(), v: zeros(), shapes, step: 0 }
+        let zeros = || shapes.iter().map(|(_, s)| be.zeros_f32(s.iter().product())).collect::<Vec<_>>();
+        Self { cfg, m: zeros(), v: zeros(), master: vec![], shapes, step: 0 }
     }
 
     /// Clips `grads` in place (global norm), then updates `params`; both in `shapes` order.
-    pub fn step(&mut self, be: &B, params: Vec<&mut B::Buf>, grads: Vec<&mut B::Buf>) -> Result<StepReport> {
+    pub fn step(&mut self, be: &B, params: Vec<&mut B::Buf>, grads: Vec<&B::Buf>) -> Result<StepReport> {
         if params.len() != self.shapes.len() || grads.len() != self.shapes.len() {
             bail!(
                 "optimiser expects {} tensors, got {} parameters and {} gradients",
@@ -58,32 +61,45 @@ impl<B: TrainBackend> Optimizer<B> {
             );
         }
         let numel: Vec<usize> = self.shapes.iter().map(|(_, s)| s.iter().product()).collect();
-        let grad_norm = grads.iter().zip(&numel).map(|(g, &n)| be.sum_squares(g, n)).sum::<f64>().sqrt() as f32;
+        let sums: Vec<(&B::Buf, usize)> = grads.iter().copied().zip(numel.iter().copied()).collect();
+        let grad_norm = be.sum_squares_all(&sums).sqrt() as f32;
         if !grad_norm.is_finite() {
             bail!("gradient norm is {grad_norm}: refusing to update the weights");
         }
-        let mut grads = grads;
-        if let Some(max) = self.cfg.max_grad_norm {
-            // As torch.nn.utils.clip_grad_norm_.
-            let coef = max / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                for (g, &n) in grads.iter_mut().zip(&numel) {
-                    be.scale(g, coef, n);
-                }
-            }
+        // As torch.nn.utils.clip_grad_norm_; the coefficient is applied inside the update.
+        let grad_scale = match self.cfg.max_grad_norm {
+            Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        if self.master.is_empty() && be.master_weights() {
+            self.master = params.iter().map(|p| be.upload_f32_full(&be.to_f32(p))).collect();
         }
         self.step += 1;
         let lr = self.cfg.schedule.lr_at(self.step);
-        for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {
-            let hp = AdamW {
-                lr,
-                beta1: self.cfg.beta1,
-                beta2: self.cfg.beta2,
-                eps: self.cfg.eps,
-                weight_decay: if self.shapes[i].1.len() >= 2 { self.cfg.weight_decay } else { 0.0 },
-            };
-            be.adamw(p, g, &mut self.m[i], &mut self.v[i], numel[i], &hp, self.step);
-        }
+        let hp = AdamW {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+        };
+        let mut masters = self.master.iter_mut().map(Some).chain(std::iter::repeat_with(|| None));
+        let mut tensors: Vec<AdamWTensor<B>> = params
+            .into_iter()
+            .zip(grads)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .enumerate()
+            .map(|(i, ((param, grad), (m, v)))| AdamWTensor {
+                param,
+                master: masters.next().flatten(),
+                grad,
+                m,
+                v,
+                n: numel[i],
+                decay: self.shapes[i].1.len() >= 2,
+            })
+            .collect();
+        be.adamw(&mut tensors, &hp, grad_scale, self.step);
         Ok(StepReport { step: self.step, lr, grad_norm })
     }
 }

@@ -555,7 +555,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
                 stats.add(&st);
                 trained_tokens += act.iter().map(|s| s.ids.len()).sum::<usize>();
                 let model_cfg = model.cfg.clone();
-                let report = opt.step(&be, model.trainable_mut(), grads.tensors_mut(&model_cfg))?;
+                let report = opt.step(&be, model.trainable_mut(), grads.tensors(&model_cfg))?;
                 grad_norm = report.grad_norm as f64;
                 lr = report.lr as f64;
                 opt_steps += 1;

@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
 use super::data::{build_examples, pack_batches, DataStats, Example};
+use super::memory::MemoryPlan;
 use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::trajectory::read_jsonl;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, Device};
 use crate::backend::TrainBackend;
 use crate::config::SftConfig;
 use crate::model::export::{export_peft, write_atomic};
@@ -91,10 +93,34 @@ fn eval_loss<B: TrainBackend>(be: &B, model: &Qwen2<B>, examples: &[Example], ba
     Ok(sum / n.max(1) as f64)
 }
 
-/// Runs (or, with `resume`, continues) the SFT run of `cfg`. `config_text` is snapshotted into
-/// the run directory. `stop_after` ends the process-local run after that many steps (as an
-/// interruption would), leaving the checkpoints to resume from.
+/// Runs (or, with `resume`, continues) the SFT run of `cfg` on the CPU backend. `config_text`
+/// is snapshotted into the run directory. `stop_after` ends the process-local run after that
+/// many steps (as an interruption would), leaving the checkpoints to resume from.
 pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Option<u64>) -> Result<SftOutcome> {
+    sft_with(CpuBackend::new(), cfg, config_text, resume, stop_after)
+}
+
+/// As [`run_sft`], on `device` (the GPU: bf16 compute, f32 gradients and optimiser state).
+pub fn run_sft_on(
+    device: Device,
+    cfg: &SftConfig,
+    config_text: &str,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> Result<SftOutcome> {
+    match device {
+        Device::Cpu => run_sft(cfg, config_text, resume, stop_after),
+        Device::Cuda(n) => sft_with(CudaBackend::new(n)?, cfg, config_text, resume, stop_after),
+    }
+}
+
+fn sft_with<B: TrainBackend>(
+    be: B,
+    cfg: &SftConfig,
+    config_text: &str,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> Result<SftOutcome> {
     let run = cfg.output.run_dir.clone();
     let metrics_path = run.join("metrics.jsonl");
     // A run exists once it has a checkpoint; a run killed before its first one starts over.
@@ -110,7 +136,7 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
     std::fs::create_dir_all(&run).with_context(|| format!("cannot create run directory {}", run.display()))?;
     write_atomic(&run.join("config.toml"), config_text.as_bytes())?;
 
-    let be = CpuBackend::new();
+    eprintln!("sft: on {}", be.name());
     let tok = Tokenizer::from_dir(&cfg.model.path)?;
     let mut model = Qwen2::load_merged(&be, &cfg.model.path, None, cfg.model.context)?;
     if let Some(l) = &cfg.lora {
@@ -137,6 +163,9 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
         eval.len()
     );
 
+    let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let plan = MemoryPlan::new(&be, &model, cfg.data.batch_tokens.max(longest), cfg.train.recompute);
+    eprintln!("sft: memory plan: {plan}");
     let o = &cfg.optim;
     let ocfg = OptimConfig {
         schedule: Schedule {
@@ -209,7 +238,7 @@ pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Opt
             model.train_backward(&be, &batch, trace, &dlogp, &mut grads)?;
         }
         let model_cfg = model.cfg.clone();
-        let report = opt.step(&be, model.trainable_mut(), grads.tensors_mut(&model_cfg))?;
+        let report = opt.step(&be, model.trainable_mut(), grads.tensors(&model_cfg))?;
         state.step = report.step;
         let eval_due = !eval.is_empty()
             && ((cfg.train.eval_every > 0 && state.step.is_multiple_of(cfg.train.eval_every))

@@ -186,12 +186,23 @@ fn adamw_matches_a_hand_computed_step() {
     let be = CpuBackend::new();
     let hp = crate::backend::AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
     let (mut p, g, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.5f32, 0.25], vec![0f32; 2], vec![0f32; 2]);
-    be.adamw(&mut p, &g, &mut m, &mut v, 2, &hp, 1);
-    // Step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps) after decay.
+    let (mut q, mut mq, mut vq) = (vec![3.0f32], vec![0f32], vec![0f32]);
+    let tensor =
+        |param, grad, m, v, n, decay| crate::backend::AdamWTensor { param, master: None, grad, m, v, n, decay };
+    be.adamw(
+        &mut [tensor(&mut p, &g, &mut m, &mut v, 2, true), tensor(&mut q, &g, &mut mq, &mut vq, 1, false)],
+        &hp,
+        0.5,
+        1,
+    );
+    // Step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps) after decay,
+    // whatever the gradient scale (clipping); the second tensor takes no decay.
     for (i, p0) in [1.0f32, -2.0].iter().enumerate() {
-        let want = p0 * (1.0 - 0.1 * 0.01) - 0.1 * g[i] / (g[i].abs() + 1e-8);
+        let gs = 0.5 * g[i];
+        let want = p0 * (1.0 - 0.1 * 0.01) - 0.1 * gs / (gs.abs() + 1e-8);
         assert!((p[i] - want).abs() < 1e-6, "{} vs {want}", p[i]);
     }
+    assert!((q[0] - (3.0 - 0.1)).abs() < 1e-6, "{}", q[0]);
 }
 
 #[test]

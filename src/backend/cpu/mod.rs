@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::{AdamW, Backend, DType, HostTensor, StepMeta, TrainBackend};
+use super::{AdamW, AdamWTensor, Backend, DType, HostTensor, StepMeta, TrainBackend};
 
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend;
@@ -440,36 +440,31 @@ impl TrainBackend for CpuBackend {
         partials.iter().sum()
     }
 
-    fn adamw(
-        &self,
-        p: &mut Vec<f32>,
-        g: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        n: usize,
-        hp: &AdamW,
-        step: u64,
-    ) {
+    fn adamw(&self, tensors: &mut [AdamWTensor<'_, Self>], hp: &AdamW, grad_scale: f32, step: u64) {
         // torch.optim.AdamW (single-tensor path), step counted from 1.
         let bc1 = 1.0 - (hp.beta1 as f64).powi(step as i32);
         let bc2 = 1.0 - (hp.beta2 as f64).powi(step as i32);
         let step_size = (hp.lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = 1.0 - hp.lr * hp.weight_decay;
-        p[..n]
-            .par_chunks_mut(1 << 14)
-            .zip(g[..n].par_chunks(1 << 14))
-            .zip(m[..n].par_chunks_mut(1 << 14))
-            .zip(v[..n].par_chunks_mut(1 << 14))
-            .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    p[i] *= decay;
-                    m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * g[i];
-                    v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * g[i] * g[i];
-                    let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
-                    p[i] -= step_size * m[i] / denom;
-                }
-            });
+        for t in tensors.iter_mut() {
+            let n = t.n;
+            let decay = 1.0 - hp.lr * if t.decay { hp.weight_decay } else { 0.0 };
+            t.param[..n]
+                .par_chunks_mut(1 << 14)
+                .zip(t.grad[..n].par_chunks(1 << 14))
+                .zip(t.m[..n].par_chunks_mut(1 << 14))
+                .zip(t.v[..n].par_chunks_mut(1 << 14))
+                .for_each(|(((p, g), m), v)| {
+                    for i in 0..p.len() {
+                        let g = g[i] * grad_scale;
+                        p[i] *= decay;
+                        m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * g;
+                        v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * g * g;
+                        let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
+                        p[i] -= step_size * m[i] / denom;
+                    }
+                });
+        }
     }
 }
 

@@ -10,8 +10,12 @@
 //! Ops are infallible in the [`Backend`] trait; a CUDA error inside one (a failed launch, an
 //! exhausted device memory) panics with the op's name and the driver's message.
 
+pub mod buf;
 pub mod libs;
 pub mod nvrtc;
+mod train;
+
+pub use buf::CudaBuf;
 
 use std::sync::Arc;
 
@@ -114,6 +118,29 @@ kernels! {
     decode_combine: "decode_attn" / "decode_combine",
     attention_generic: "attention_generic" / "attention_generic",
     sample: "sampling" / "sample",
+    // Training (train.rs).
+    embedding_bwd: "embedding" / "embedding_bwd",
+    rmsnorm_bwd: "rmsnorm" / "rmsnorm_bwd",
+    rope_bwd: "rope" / "rope_bwd",
+    swiglu_bwd: "elementwise" / "swiglu_bwd",
+    scale_f32: "elementwise" / "scale_f32",
+    add_assign_f32: "elementwise" / "add_assign_f32",
+    cast_f32_bf16: "elementwise" / "cast_f32_bf16",
+    bias_grad: "elementwise" / "bias_grad",
+    attn_train_fwd_generic: "attention_train_generic" / "attn_train_fwd_generic",
+    attn_train_bwd_generic: "attention_train_generic" / "attn_train_bwd_generic",
+    flash_train_fwd_d64: "flash_attn_train" / "flash_train_fwd_d64",
+    flash_train_fwd_d128: "flash_attn_train" / "flash_train_fwd_d128",
+    flash_train_bwd_pre: "flash_attn_train" / "flash_train_bwd_pre",
+    flash_train_bwd_d64: "flash_attn_train" / "flash_train_bwd_d64",
+    flash_train_bwd_d128: "flash_attn_train" / "flash_train_bwd_d128",
+    flash_train_dq_cast: "flash_attn_train" / "flash_train_dq_cast",
+    logprob_chunk_fwd: "logprob" / "logprob_chunk_fwd",
+    logprob_finish: "logprob" / "logprob_finish",
+    logprob_chunk_bwd: "logprob" / "logprob_chunk_bwd",
+    sum_squares_multi: "optimizer" / "sum_squares_multi",
+    sum_squares_bf16: "optimizer" / "sum_squares_bf16",
+    adamw_multi: "optimizer" / "adamw_multi",
 }
 
 /// How [`CudaBackend::attention`] runs, for tests and benchmarks that pin one path.
@@ -163,6 +190,10 @@ pub struct CudaMeta {
     decode_seqs: CudaSlice<i32>,
     n_decode: usize,
     max_decode_ctx: usize,
+    /// Every 64-row chunk (sequence, first row) of every sequence: the query tiles of the
+    /// training forward and the key tiles of its backward.
+    train_tiles: CudaSlice<i32>,
+    n_train_tiles: usize,
 }
 
 /// Rows per flash-attention tile (BR in flash_attn.cu).
@@ -313,11 +344,11 @@ impl CudaBackend {
     }
 
     /// `n` values uniform in `(-scale, scale)`, made on the device from `seed`.
-    pub fn random(&self, n: usize, scale: f32, seed: u64) -> CudaSlice<bf16> {
+    pub fn random(&self, n: usize, scale: f32, seed: u64) -> CudaBuf {
         let mut x = self.zeros(n);
         let nn = n as i64;
         let mut b = self.stream.launch_builder(&self.k.fill_uniform);
-        b.arg(&mut x).arg(&nn).arg(&scale).arg(&seed);
+        b.arg(x.bf_mut()).arg(&nn).arg(&scale).arg(&seed);
         check("fill_uniform", unsafe { b.launch(self.elementwise_cfg(n)) });
         x
     }
@@ -364,36 +395,61 @@ fn keep_pool_memory(ctx: &CudaContext) {
 }
 
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<bf16>;
+    type Buf = CudaBuf;
     type Meta = CudaMeta;
 
     fn name(&self) -> String {
         format!("cuda:{} ({}, {}, bf16)", self.ctx.ordinal(), self.device_name, self.arch)
     }
 
-    fn zeros(&self, n: usize) -> CudaSlice<bf16> {
-        check("allocating device memory", self.stream.alloc_zeros::<bf16>(n.max(1)))
+    fn compute_bytes(&self) -> usize {
+        2
     }
 
-    fn upload_f32(&self, data: &[f32]) -> CudaSlice<bf16> {
+    fn memory_info(&self) -> Option<(u64, u64)> {
+        self.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (free as u64, total as u64))
+    }
+
+    fn zeros(&self, n: usize) -> CudaBuf {
+        CudaBuf::Bf16(check("allocating device memory", self.stream.alloc_zeros::<bf16>(n.max(1))))
+    }
+
+    fn zeros_f32(&self, n: usize) -> CudaBuf {
+        CudaBuf::F32(check("allocating device memory", self.stream.alloc_zeros::<f32>(n.max(1))))
+    }
+
+    fn upload_f32(&self, data: &[f32]) -> CudaBuf {
         let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
         if host.is_empty() {
             return self.zeros(1);
         }
-        check("uploading", self.stream.clone_htod(&host))
+        CudaBuf::Bf16(check("uploading", self.stream.clone_htod(&host)))
     }
 
-    fn upload(&self, t: &HostTensor) -> Result<CudaSlice<bf16>> {
+    fn upload_f32_full(&self, data: &[f32]) -> CudaBuf {
+        if data.is_empty() {
+            return self.zeros_f32(1);
+        }
+        CudaBuf::F32(check("uploading", self.stream.clone_htod(data)))
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<CudaBuf> {
         // The CPU backend's checked, parallel dtype conversion; bf16 -> f32 -> bf16 is exact.
         let host: Vec<bf16> = CpuBackend::new().upload(t)?.into_iter().map(bf16::from_f32).collect();
         if host.is_empty() {
             return Ok(self.zeros(1));
         }
-        self.stream.clone_htod(&host).context("copying a tensor to the GPU")
+        Ok(CudaBuf::Bf16(self.stream.clone_htod(&host).context("copying a tensor to the GPU")?))
     }
 
-    fn to_f32(&self, buf: &CudaSlice<bf16>) -> Vec<f32> {
-        check("copying to the host", self.stream.clone_dtoh(buf)).into_iter().map(|v| v.to_f32()).collect()
+    fn to_f32(&self, buf: &CudaBuf) -> Vec<f32> {
+        match buf {
+            CudaBuf::Bf16(s) => {
+                check("copying to the host", self.stream.clone_dtoh(s)).into_iter().map(|v| v.to_f32()).collect()
+            }
+            CudaBuf::F32(s) => check("copying to the host", self.stream.clone_dtoh(s)),
+        }
     }
 
     fn prepare(&self, meta: &StepMeta) -> CudaMeta {
@@ -401,6 +457,7 @@ impl Backend for CudaBackend {
         let mut row_seq = vec![0i32; meta.rows()];
         let (mut starts, mut n_new, mut n_ctx, mut bt_off, mut bts) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut tiles, mut decode, mut max_decode_ctx) = (vec![], vec![], 0usize);
+        let mut train_tiles = vec![];
         for (s, seq) in meta.seqs.iter().enumerate() {
             row_seq[seq.row_start..seq.row_start + seq.n_new].fill(s as i32);
             starts.push(seq.row_start as i32);
@@ -408,6 +465,9 @@ impl Backend for CudaBackend {
             n_ctx.push(seq.n_ctx as i32);
             bt_off.push(bts.len() as i32);
             bts.extend(seq.block_table.iter().map(|&b| b as i32));
+            for t0 in (0..seq.n_new).step_by(FLASH_ROWS) {
+                train_tiles.extend([s as i32, t0 as i32]);
+            }
             if seq.n_new == 1 {
                 assert!(seq.n_ctx >= 1, "a decode row needs its own key in the cache (n_ctx >= 1)");
                 decode.push(s as i32);
@@ -438,6 +498,8 @@ impl Backend for CudaBackend {
             n_decode: decode.len(),
             decode_seqs: self.upload_i32(&decode),
             max_decode_ctx,
+            n_train_tiles: train_tiles.len() / 2,
+            train_tiles: self.upload_i32(&train_tiles),
         }
     }
 
@@ -448,7 +510,7 @@ impl Backend for CudaBackend {
         }
         let dim = dim as i32;
         let mut b = self.stream.launch_builder(&self.k.embedding);
-        b.arg(table).arg(&meta.tokens).arg(out).arg(&dim);
+        b.arg(table.bf()).arg(&meta.tokens).arg(out.bf_mut()).arg(&dim);
         check("embedding", unsafe { b.launch(Self::rows_cfg(meta.rows, Self::row_threads(dim as usize).min(256))) });
     }
 
@@ -459,7 +521,7 @@ impl Backend for CudaBackend {
         }
         let d = dim as i32;
         let mut b = self.stream.launch_builder(&self.k.rmsnorm);
-        b.arg(x).arg(w).arg(out).arg(&d).arg(&eps);
+        b.arg(x.bf()).arg(w.bf()).arg(out.bf_mut()).arg(&d).arg(&eps);
         check("rmsnorm", unsafe { b.launch(Self::rows_cfg(rows, Self::row_threads(dim).min(1024))) });
     }
 
@@ -483,7 +545,7 @@ impl Backend for CudaBackend {
             Some(b) => {
                 let (r, c) = (rows as i64, n as i32);
                 let mut l = self.stream.launch_builder(&self.k.fill_rows);
-                l.arg(&mut *out).arg(b).arg(&r).arg(&c);
+                l.arg(out.bf_mut()).arg(b.bf()).arg(&r).arg(&c);
                 check("fill_rows", unsafe { l.launch(self.elementwise_cfg(rows * n)) });
             }
             None if k == 0 => return self.zero(out, rows * n),
@@ -508,7 +570,7 @@ impl Backend for CudaBackend {
         };
         // cuBLAS calls do not make the context current themselves.
         check("binding the CUDA context", self.ctx.bind_to_thread());
-        check("cuBLAS bf16 GEMM", unsafe { self.blas.gemm(cfg, w, x, out) });
+        check("cuBLAS bf16 GEMM", unsafe { self.blas.gemm(cfg, w.bf(), x.bf(), out.bf_mut()) });
     }
 
     fn rope(&self, x: &mut Self::Buf, meta: &CudaMeta, heads: usize, head_dim: usize, theta: f32) {
@@ -518,7 +580,7 @@ impl Backend for CudaBackend {
         }
         let (h, d) = (heads as i32, head_dim as i32);
         let mut b = self.stream.launch_builder(&self.k.rope);
-        b.arg(x).arg(&meta.positions).arg(&h).arg(&d).arg(&theta);
+        b.arg(x.bf_mut()).arg(&meta.positions).arg(&h).arg(&d).arg(&theta);
         check("rope", unsafe { b.launch(Self::rows_cfg(meta.rows, (heads * head_dim / 2).clamp(32, 256))) });
     }
 
@@ -537,7 +599,7 @@ impl Backend for CudaBackend {
         }
         let d = kv_dim as i32;
         let mut b = self.stream.launch_builder(&self.k.kv_store);
-        b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(&meta.slots).arg(&d);
+        b.arg(k.bf()).arg(v.bf()).arg(k_cache.bf_mut()).arg(v_cache.bf_mut()).arg(&meta.slots).arg(&d);
         check("kv_store", unsafe { b.launch(Self::rows_cfg(meta.rows, kv_dim.clamp(32, 256))) });
     }
 
@@ -565,10 +627,10 @@ impl Backend for CudaBackend {
             assert!(head_dim <= 256, "attention supports head dims up to 256, got {head_dim}");
             let d = head_dim as i32;
             let mut b = self.stream.launch_builder(&self.k.attention_generic);
-            b.arg(q)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(out)
+            b.arg(q.bf())
+                .arg(k_cache.bf())
+                .arg(v_cache.bf())
+                .arg(out.bf_mut())
                 .arg(&meta.row_seq)
                 .arg(&meta.seq_row_start)
                 .arg(&meta.seq_n_new)
@@ -591,10 +653,10 @@ impl Backend for CudaBackend {
         if meta.n_tiles > 0 {
             let f = if head_dim == 64 { &self.k.flash_d64 } else { &self.k.flash_d128 };
             let mut b = self.stream.launch_builder(f);
-            b.arg(q)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(&mut *out)
+            b.arg(q.bf())
+                .arg(k_cache.bf())
+                .arg(v_cache.bf())
+                .arg(out.bf_mut())
                 .arg(&meta.tiles)
                 .arg(&meta.seq_row_start)
                 .arg(&meta.seq_n_new)
@@ -625,9 +687,9 @@ impl Backend for CudaBackend {
             let sl = split_len as i32;
             let f = if head_dim == 64 { &self.k.decode_d64 } else { &self.k.decode_d128 };
             let mut b = self.stream.launch_builder(f);
-            b.arg(q)
-                .arg(k_cache)
-                .arg(v_cache)
+            b.arg(q.bf())
+                .arg(k_cache.bf())
+                .arg(v_cache.bf())
                 .arg(&mut part_o)
                 .arg(&mut part_ml)
                 .arg(&meta.decode_seqs)
@@ -650,7 +712,7 @@ impl Backend for CudaBackend {
             let mut b = self.stream.launch_builder(&self.k.decode_combine);
             b.arg(&part_o)
                 .arg(&part_ml)
-                .arg(out)
+                .arg(out.bf_mut())
                 .arg(&meta.decode_seqs)
                 .arg(&meta.seq_row_start)
                 .arg(&h)
@@ -672,7 +734,7 @@ impl Backend for CudaBackend {
         }
         let nn = n as i64;
         let mut b = self.stream.launch_builder(&self.k.swiglu);
-        b.arg(gate).arg(up).arg(out).arg(&nn);
+        b.arg(gate.bf()).arg(up.bf()).arg(out.bf_mut()).arg(&nn);
         check("swiglu", unsafe { b.launch(self.elementwise_cfg(n)) });
     }
 
@@ -682,9 +744,17 @@ impl Backend for CudaBackend {
             return;
         }
         let nn = n as i64;
-        let mut b = self.stream.launch_builder(&self.k.add_assign);
-        b.arg(x).arg(y).arg(&nn);
-        check("add_assign", unsafe { b.launch(self.elementwise_cfg(n)) });
+        let (f, mut b) = match x {
+            CudaBuf::Bf16(_) => ("add_assign", self.stream.launch_builder(&self.k.add_assign)),
+            CudaBuf::F32(_) => ("add_assign_f32", self.stream.launch_builder(&self.k.add_assign_f32)),
+        };
+        match (x, y) {
+            (CudaBuf::Bf16(x), CudaBuf::Bf16(y)) => b.arg(x).arg(y),
+            (CudaBuf::F32(x), CudaBuf::F32(y)) => b.arg(x).arg(y),
+            _ => panic!("add_assign: both buffers must have one precision"),
+        };
+        b.arg(&nn);
+        check(f, unsafe { b.launch(self.elementwise_cfg(n)) });
     }
 
     fn gather_logit_rows(&self, x: &Self::Buf, meta: &CudaMeta, out: &mut Self::Buf, dim: usize) {
@@ -694,16 +764,16 @@ impl Backend for CudaBackend {
         }
         let d = dim as i32;
         let mut b = self.stream.launch_builder(&self.k.gather_rows);
-        b.arg(x).arg(&meta.logit_rows).arg(out).arg(&d);
+        b.arg(x.bf()).arg(&meta.logit_rows).arg(out.bf_mut()).arg(&d);
         check("gather_rows", unsafe { b.launch(Self::rows_cfg(meta.n_logit_rows, Self::row_threads(dim).min(256))) });
     }
 
     fn softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize) {
-        self.softmax_rows(x, rows, cols, false);
+        self.softmax_rows(x.bf_mut(), rows, cols, false);
     }
 
     fn log_softmax(&self, x: &mut Self::Buf, rows: usize, cols: usize) {
-        self.softmax_rows(x, rows, cols, true);
+        self.softmax_rows(x.bf_mut(), rows, cols, true);
     }
 
     fn len(&self, x: &Self::Buf) -> usize {
@@ -712,7 +782,10 @@ impl Backend for CudaBackend {
 
     fn zero(&self, x: &mut Self::Buf, n: usize) {
         if n > 0 {
-            check("memset", self.stream.memset_zeros(&mut x.slice_mut(..n)));
+            match x {
+                CudaBuf::Bf16(x) => check("memset", self.stream.memset_zeros(&mut x.slice_mut(..n))),
+                CudaBuf::F32(x) => check("memset", self.stream.memset_zeros(&mut x.slice_mut(..n))),
+            }
         }
     }
 
@@ -721,14 +794,34 @@ impl Backend for CudaBackend {
             return;
         }
         let nn = n as i64;
-        let mut b = self.stream.launch_builder(&self.k.scale);
-        b.arg(x).arg(&s).arg(&nn);
+        let mut b = match x {
+            CudaBuf::Bf16(x) => {
+                let mut b = self.stream.launch_builder(&self.k.scale);
+                b.arg(x);
+                b
+            }
+            CudaBuf::F32(x) => {
+                let mut b = self.stream.launch_builder(&self.k.scale_f32);
+                b.arg(x);
+                b
+            }
+        };
+        b.arg(&s).arg(&nn);
         check("scale", unsafe { b.launch(self.elementwise_cfg(n)) });
     }
 
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, n: usize) {
-        if n > 0 {
-            check("device copy", self.stream.memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(..n)));
+        if n == 0 {
+            return;
+        }
+        match (src, dst) {
+            (CudaBuf::Bf16(s), CudaBuf::Bf16(d)) => {
+                check("device copy", self.stream.memcpy_dtod(&s.slice(..n), &mut d.slice_mut(..n)))
+            }
+            (CudaBuf::F32(s), CudaBuf::F32(d)) => {
+                check("device copy", self.stream.memcpy_dtod(&s.slice(..n), &mut d.slice_mut(..n)))
+            }
+            _ => panic!("copy: both buffers must have one precision"),
         }
     }
 
@@ -738,8 +831,24 @@ impl Backend for CudaBackend {
         }
         let nn = n as i64;
         let mut b = self.stream.launch_builder(&self.k.dropout);
-        b.arg(x).arg(out).arg(&nn).arg(&p).arg(&seed);
+        b.arg(x.bf()).arg(out.bf_mut()).arg(&nn).arg(&p).arg(&seed);
         check("dropout", unsafe { b.launch(self.elementwise_cfg(n)) });
+    }
+
+    fn lora_linear(
+        &self,
+        x: &CudaBuf,
+        xd: Option<&CudaBuf>,
+        w: &CudaBuf,
+        b: Option<&CudaBuf>,
+        lora: super::LoraRef<'_, Self>,
+        out: &mut CudaBuf,
+        xa: &mut CudaBuf,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) {
+        self.lora_linear_fused(x, xd, w, b, lora, out, xa, rows, k, n);
     }
 
     fn sample(
@@ -772,7 +881,7 @@ impl Backend for CudaBackend {
         let mut out = check("sampling", self.stream.alloc_zeros::<i32>(rows));
         let v = vocab as i32;
         let mut b = self.stream.launch_builder(&self.k.sample);
-        b.arg(logits).arg(&v).arg(&words).arg(&mut out);
+        b.arg(logits.bf()).arg(&v).arg(&words).arg(&mut out);
         check("sample", unsafe { b.launch(Self::rows_cfg(rows, 1024)) });
         check("sampling", self.stream.clone_dtoh(&out)).into_iter().map(|t| t as u32).collect()
     }
