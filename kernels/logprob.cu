@@ -4,8 +4,9 @@
 // into a running (max, sum) per row (an online log-sum-exp) and, in the backward, turn it into
 // the chunk's logit gradient. One block per row in each.
 
-// Folds logits[:, 0..cv) (vocabulary columns v0..v0+cv) into run_max/run_sum (start: -inf, 0)
-// and records the target's logit in logp when the target falls in this chunk.
+// Folds logits[:, 0..cv) (vocabulary columns v0..v0+cv) into run_max/run_sum
+// (zeroed by the host: a zero sum means no chunk yet) and records the target's logit in logp
+// when the target falls in this chunk.
 extern "C" __global__ void logprob_chunk_fwd(const float* __restrict__ logits, int cv, int v0,
                                              const int* __restrict__ targets, float* __restrict__ run_max,
                                              float* __restrict__ run_sum, float* __restrict__ logp) {
@@ -19,8 +20,9 @@ extern "C" __global__ void logprob_chunk_fwd(const float* __restrict__ logits, i
     for (int i = threadIdx.x; i < cv; i += blockDim.x) s += expf(row[i] - m);
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) {
+        // run_sum 0 marks "no chunk yet" (the host zeroes both), whatever run_max holds.
         const float M = run_max[r], S = run_sum[r];
-        const float mn = fmaxf(M, m);
+        const float mn = S > 0.0f ? fmaxf(M, m) : m;
         run_sum[r] = (S > 0.0f ? S * expf(M - mn) : 0.0f) + s * expf(m - mn);
         run_max[r] = mn;
         const int t = targets[r] - v0;

@@ -95,6 +95,7 @@ pub fn report() -> String {
     let _ = writeln!(out, "nvrtc     {}", found.nvrtc.describe());
     let _ = writeln!(out, "cublas    {}", found.cublas.describe());
     let _ = writeln!(out, "cublasLt  {}", found.cublaslt.describe());
+    let _ = writeln!(out, "nccl      {} (multi-GPU data parallelism)", found.nccl.describe());
     let headers = libs::include_dirs();
     let _ = writeln!(
         out,

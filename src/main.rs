@@ -60,9 +60,34 @@ enum Command {
     Report(ReportArgs),
     /// What this machine offers: CPU, memory, GPUs, CUDA driver, NVRTC and libraries.
     Info,
+    /// Start the ranks of a data-parallel run on this machine, one per GPU, with torchrun's
+    /// environment: `protege launch --gpus 8 -- sft --config run.toml`.
+    Launch(LaunchArgs),
     /// Check a device backend against the CPU reference: every kernel over a sweep of shapes,
     /// whole-model logits and greedy decoding. Exits non-zero on any failure.
     Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Ranks (processes) on this machine; default: one per GPU.
+    #[arg(long, visible_alias = "procs")]
+    gpus: Option<usize>,
+    /// Machines in the run.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This machine's index among them.
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Address of the machine of rank 0.
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Port rank 0 listens on (default: a free one; required with several machines).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// The protege command every rank runs, after `--`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -860,8 +885,16 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 fn run_sft(a: SftArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
     let cfg = protege::config::SftConfig::from_file(&a.config)?;
-    let device = a.device.unwrap_or_else(protege::backend::cuda::default_device);
-    let out = protege::train::sft::run_sft_on(device, &cfg, &text, a.resume, None)?;
+    let world = protege::train::dist::World::from_env()?;
+    // A rank of a data-parallel run takes the GPU of its LOCAL_RANK.
+    let device = a.device.unwrap_or_else(|| match protege::backend::cuda::default_device() {
+        Device::Cuda(_) => Device::Cuda(world.local_rank % protege::backend::cuda::device_count().max(1)),
+        d => d,
+    });
+    let out = protege::train::sft::run_sft_on(device, &world, &cfg, &text, a.resume, None)?;
+    if !world.is_main() {
+        return Ok(());
+    }
     if let Some(m) = out.metrics.last() {
         eprintln!(
             "sft: step {} loss {:.4}{}",
@@ -955,6 +988,27 @@ fn main() -> ExitCode {
             Ok(true)
         }
         Command::Selftest(a) => run_selftest(a),
+        Command::Launch(a) => {
+            let procs = match a.gpus {
+                Some(n) => n,
+                None => match protege::backend::cuda::device_count() {
+                    0 => {
+                        eprintln!("error: no GPU found: say how many ranks to start with --gpus N");
+                        return ExitCode::FAILURE;
+                    }
+                    n => n,
+                },
+            };
+            protege::launch::launch(&protege::launch::LaunchOptions {
+                procs,
+                nnodes: a.nnodes,
+                node_rank: a.node_rank,
+                master_addr: a.master_addr,
+                master_port: a.master_port,
+                command: a.command,
+            })
+            .map(|_| true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

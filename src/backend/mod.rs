@@ -187,6 +187,9 @@ pub trait Backend: Send + Sync {
     /// Stores a checkpoint tensor in the backend's compute precision.
     fn upload(&self, t: &HostTensor) -> Result<Self::Buf>;
     fn to_f32(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// Overwrites `dst` with host values, kept in `dst`'s own precision (e.g. a tensor
+    /// received from another rank).
+    fn write_f32(&self, dst: &mut Self::Buf, data: &[f32]);
     fn prepare(&self, meta: &StepMeta) -> Self::Meta;
 
     // ---- ops ----

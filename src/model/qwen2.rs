@@ -64,7 +64,7 @@ impl<B: Backend> LayerWeights<B> {
     }
 
     /// The tensors in [`LAYER_TENSORS`] order.
-    fn bufs(&self) -> [&B::Buf; 12] {
+    pub(crate) fn bufs(&self) -> [&B::Buf; 12] {
         [
             &self.input_norm,
             &self.q,

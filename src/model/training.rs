@@ -112,6 +112,23 @@ impl<B: TrainBackend> Grads<B> {
         }
     }
 
+    /// The positions of layer `l`'s tensors in [`Grads::tensors`] (the rest — embedding, final
+    /// norm, head — are outside every layer's range).
+    pub fn layer_range(&self, l: usize) -> std::ops::Range<usize> {
+        match self {
+            // embed, then each layer's LAYER_TENSORS, then final norm and head.
+            Grads::Full(w) => {
+                let per = w.layers.first().map_or(0, |x| x.bufs().len());
+                1 + l * per..1 + (l + 1) * per
+            }
+            Grads::Lora(lo) => {
+                let count = |layer: &[Option<super::lora::LoraPair<B>>; 7]| 2 * layer.iter().flatten().count();
+                let start: usize = lo.layers[..l].iter().map(count).sum();
+                start..start + count(&lo.layers[l])
+            }
+        }
+    }
+
     /// As [`Grads::tensors`], mutable.
     pub fn tensors_mut(&mut self, cfg: &super::Qwen2Config) -> Vec<&mut B::Buf> {
         match self {
@@ -273,6 +290,21 @@ impl<B: TrainBackend> Qwen2<B> {
         dlogp: &[f32],
         grads: &mut Grads<B>,
     ) -> Result<()> {
+        self.train_backward_with(be, batch, trace, dlogp, grads, &mut |_, _| Ok(()))
+    }
+
+    /// As [`Qwen2::train_backward`], calling `on_layer(l, grads)` as soon as layer `l`'s
+    /// gradients are complete (layers finish last to first), e.g. to start their all-reduce
+    /// while the earlier layers' backward runs ([`Grads::layer_range`] names them).
+    pub fn train_backward_with(
+        &self,
+        be: &B,
+        batch: &TrainBatch,
+        trace: Trace<B>,
+        dlogp: &[f32],
+        grads: &mut Grads<B>,
+        on_layer: &mut dyn FnMut(usize, &mut Grads<B>) -> Result<()>,
+    ) -> Result<()> {
         let c = &self.cfg;
         match (&*grads, &self.lora) {
             (Grads::Full(_), Some(_)) => bail!("the model has LoRA adapters: train them (Grads::Lora), not the base"),
@@ -390,6 +422,7 @@ impl<B: TrainBackend> Qwen2<B> {
                 c.rms_norm_eps,
             );
             be.add_assign(&mut dx, &dmid, rows * h);
+            on_layer(l, grads)?;
         }
         if let Grads::Full(g) = grads {
             be.embedding_bwd(&dx, &meta, &mut g.embed, h);

@@ -559,6 +559,9 @@ mod tests {
         fn upload_f32(&self, d: &[f32]) -> Vec<f32> {
             self.0.upload_f32(d)
         }
+        fn write_f32(&self, dst: &mut Vec<f32>, d: &[f32]) {
+            self.0.write_f32(dst, d)
+        }
         fn upload(&self, t: &HostTensor) -> Result<Vec<f32>> {
             self.0.upload(t)
         }

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::dist::World;
 use super::Optimizer;
 use crate::backend::{Backend, TrainBackend};
 use crate::model::export::{write_atomic, write_safetensors, ExportDtype};
@@ -52,6 +53,68 @@ pub fn save<B: TrainBackend, S: Serialize>(
     write_atomic(&run.join("checkpoints").join("latest"), format!("step-{step}\n").as_bytes())
 }
 
+/// The file of rank `rank`'s optimiser shard in a checkpoint of a `world`-rank run.
+pub fn shard_file(rank: usize, world: usize) -> String {
+    format!("optimizer.rank{rank}-of-{world}.safetensors")
+}
+
+/// As [`save`], for rank `world.rank` of a data-parallel run: every rank writes its optimiser
+/// shard (moments and master copies of the tensors it owns), rank 0 the trained tensors (the
+/// same on every rank) and the state, with `barrier` between the phases so the checkpoint moves
+/// into place only when complete. One rank: [`save`].
+#[allow(clippy::too_many_arguments)]
+pub fn save_ranked<B: TrainBackend, S: Serialize>(
+    be: &B,
+    run: &Path,
+    model: &Qwen2<B>,
+    opt: &Optimizer<B>,
+    step: u64,
+    state: &S,
+    world: &World,
+    barrier: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    if world.size == 1 {
+        return save(be, run, model, opt, step, state);
+    }
+    let dir = checkpoint_dir(run, step);
+    let tmp = dir.with_extension("tmp");
+    if world.is_main() {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    }
+    barrier()?;
+    let mut shard = vec![];
+    for (i, (n, s)) in model.trainable().iter().enumerate() {
+        if opt.owns(i) {
+            shard.push((format!("m.{n}"), s.clone(), be.to_f32(&opt.m[i])));
+            shard.push((format!("v.{n}"), s.clone(), be.to_f32(&opt.v[i])));
+            if let Some(master) = opt.master.get(i) {
+                shard.push((format!("master.{n}"), s.clone(), be.to_f32(master)));
+            }
+        }
+    }
+    write_safetensors(&tmp.join(shard_file(world.rank, world.size)), shard, ExportDtype::F32)?;
+    barrier()?;
+    if world.is_main() {
+        let named = model
+            .trainable()
+            .into_iter()
+            .zip(model.trainable_tensors())
+            .map(|((n, s), b)| (n, s, be.to_f32(b)))
+            .collect::<Vec<_>>();
+        write_safetensors(&tmp.join("trainable.safetensors"), named, ExportDtype::F32)?;
+        write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+        write_atomic(&run.join("checkpoints").join("latest"), format!("step-{step}\n").as_bytes())?;
+    }
+    barrier()
+}
+
 /// Removes all but the newest `keep` checkpoints (0 keeps everything).
 pub fn prune(run: &Path, keep: usize) -> Result<()> {
     if keep == 0 {
@@ -88,18 +151,38 @@ pub fn load<B: TrainBackend, S: DeserializeOwned>(
     let params = Checkpoint::open_files(&dir, &["trainable.safetensors".to_string()])?;
     let host = crate::backend::cpu::CpuBackend::new();
     opt.master.clear();
-    for ((n, s), buf) in names.iter().zip(model.trainable_mut()) {
+    let (moments_file, sharded) = match &opt.shard {
+        Some(s) => (shard_file(s.rank, s.world), true),
+        None => ("optimizer.safetensors".to_string(), false),
+    };
+    if !dir.join(&moments_file).is_file() {
+        bail!(
+            "cannot resume from {}: it has no {moments_file} — it was written by a run with a different number of \
+             data-parallel ranks; resume with the same number",
+            dir.display()
+        );
+    }
+    let moments = Checkpoint::open_files(&dir, &[moments_file])?;
+    for (i, ((n, s), buf)) in names.iter().zip(model.trainable_mut()).enumerate() {
         let t = params.get(n, s)?;
         *buf = be.upload(&t)?;
+        let owned = opt.owns(i);
         if be.master_weights() {
             // The master's full precision, not the rounding `buf` holds.
-            opt.master.push(be.upload_f32_full(&host.upload(&t)?));
+            opt.master.push(match (owned, sharded) {
+                (false, _) => be.zeros_f32(1),
+                // A shard from a run without master copies (the CPU) holds none: the parameter is exact.
+                (true, true) => match moments.get(&format!("master.{n}"), s) {
+                    Ok(m) => be.upload_f32_full(&host.upload(&m)?),
+                    Err(_) => be.upload_f32_full(&host.upload(&t)?),
+                },
+                (true, false) => be.upload_f32_full(&host.upload(&t)?),
+            });
         }
-    }
-    let moments = Checkpoint::open_files(&dir, &["optimizer.safetensors".to_string()])?;
-    for (i, (n, s)) in names.iter().enumerate() {
-        opt.m[i] = be.upload_f32_full(&host.upload(&moments.get(&format!("m.{n}"), s)?)?);
-        opt.v[i] = be.upload_f32_full(&host.upload(&moments.get(&format!("v.{n}"), s)?)?);
+        if owned {
+            opt.m[i] = be.upload_f32_full(&host.upload(&moments.get(&format!("m.{n}"), s)?)?);
+            opt.v[i] = be.upload_f32_full(&host.upload(&moments.get(&format!("v.{n}"), s)?)?);
+        }
     }
     Ok(state)
 }

@@ -87,7 +87,8 @@ impl std::fmt::Display for MemoryPlan {
         )?;
         if let Some((free, total)) = self.device {
             write!(f, "; the device has {} free of {}", gib(free), gib(total))?;
-            if self.total() > free {
+            // The weights are on the device already when this is read.
+            if self.total() - self.weights > free {
                 write!(f, " — this will not fit: lower data.batch_tokens, use LoRA, or set train.recompute = true")?;
             }
         }

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod grpo;
 pub mod memory;
 pub mod optim;
@@ -10,5 +11,5 @@ pub mod rollout;
 pub mod schedule;
 pub mod sft;
 
-pub use optim::{OptimConfig, Optimizer, StepReport};
+pub use optim::{OptimConfig, Optimizer, Shard, StepReport};
 pub use schedule::{Decay, Schedule};

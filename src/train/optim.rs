@@ -42,12 +42,51 @@ pub struct Optimizer<B: TrainBackend> {
     pub master: Vec<B::Buf>,
     /// Steps taken so far.
     pub step: u64,
+    /// With the state sharded across data-parallel ranks (ZeRO-1).
+    pub shard: Option<Shard>,
+}
+
+/// How the optimiser state is split across ranks: a rank keeps moments and master copies only
+/// for the tensors it owns (the others hold one-value placeholders) and updates only those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// The owning rank of each trained tensor.
+    pub owners: Vec<usize>,
+    pub rank: usize,
+    pub world: usize,
 }
 
 impl<B: TrainBackend> Optimizer<B> {
     pub fn new(be: &B, shapes: Vec<(String, Vec<usize>)>, cfg: OptimConfig) -> Self {
         let zeros = || shapes.iter().map(|(_, s)| be.zeros_f32(s.iter().product())).collect::<Vec<_>>();
-        Self { cfg, m: zeros(), v: zeros(), master: vec![], shapes, step: 0 }
+        Self { cfg, m: zeros(), v: zeros(), master: vec![], shapes, step: 0, shard: None }
+    }
+
+    /// Shards the state across `world` ranks (ZeRO-1, see [`crate::train::dist::shard_owners`]),
+    /// freeing the moments of the tensors other ranks own.
+    pub fn shard(&mut self, be: &B, rank: usize, world: usize) {
+        if world <= 1 {
+            return;
+        }
+        let sizes: Vec<usize> = self.shapes.iter().map(|(_, s)| s.iter().product()).collect();
+        let owners = super::dist::shard_owners(&sizes, world);
+        for (i, &o) in owners.iter().enumerate() {
+            if o != rank {
+                self.m[i] = be.zeros_f32(1);
+                self.v[i] = be.zeros_f32(1);
+            }
+        }
+        self.shard = Some(Shard { owners, rank, world });
+    }
+
+    /// Whether this rank updates tensor `i`.
+    pub fn owns(&self, i: usize) -> bool {
+        self.shard.as_ref().is_none_or(|s| s.owners[i] == s.rank)
+    }
+
+    /// The rank that updates tensor `i`.
+    pub fn owner(&self, i: usize) -> usize {
+        self.shard.as_ref().map_or(0, |s| s.owners[i])
     }
 
     /// Clips `grads` in place (global norm), then updates `params`; both in `shapes` order.
@@ -72,8 +111,14 @@ impl<B: TrainBackend> Optimizer<B> {
             None => 1.0,
         };
         if self.master.is_empty() && be.master_weights() {
-            self.master = params.iter().map(|p| be.upload_f32_full(&be.to_f32(p))).collect();
+            let owns: Vec<bool> = (0..params.len()).map(|i| self.owns(i)).collect();
+            self.master = params
+                .iter()
+                .zip(owns)
+                .map(|(p, own)| if own { be.upload_f32_full(&be.to_f32(p)) } else { be.zeros_f32(1) })
+                .collect();
         }
+        let owns: Vec<bool> = (0..params.len()).map(|i| self.owns(i)).collect();
         self.step += 1;
         let lr = self.cfg.schedule.lr_at(self.step);
         let hp = AdamW {
@@ -83,15 +128,17 @@ impl<B: TrainBackend> Optimizer<B> {
             eps: self.cfg.eps,
             weight_decay: self.cfg.weight_decay,
         };
-        let mut masters = self.master.iter_mut().map(Some).chain(std::iter::repeat_with(|| None));
+        let masters = self.master.iter_mut().map(Some).chain(std::iter::repeat_with(|| None));
         let mut tensors: Vec<AdamWTensor<B>> = params
             .into_iter()
             .zip(grads)
+            .zip(masters)
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
             .enumerate()
-            .map(|(i, ((param, grad), (m, v)))| AdamWTensor {
+            .filter(|(i, _)| owns[*i])
+            .map(|(i, (((param, grad), master), (m, v)))| AdamWTensor {
                 param,
-                master: masters.next().flatten(),
+                master,
                 grad,
                 m,
                 v,

@@ -19,11 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
 use super::data::{build_examples, pack_batches, DataStats, Example};
+use super::dist::nccl::NcclCollective;
+use super::dist::{Collective, HostCollective, Star, World};
 use super::memory::MemoryPlan;
 use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::trajectory::read_jsonl;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{CudaBackend, Device};
+use crate::backend::cuda::{libs, CudaBackend, Device};
 use crate::backend::TrainBackend;
 use crate::config::SftConfig;
 use crate::model::export::{export_peft, write_atomic};
@@ -97,30 +99,52 @@ fn eval_loss<B: TrainBackend>(be: &B, model: &Qwen2<B>, examples: &[Example], ba
 /// is snapshotted into the run directory. `stop_after` ends the process-local run after that
 /// many steps (as an interruption would), leaving the checkpoints to resume from.
 pub fn run_sft(cfg: &SftConfig, config_text: &str, resume: bool, stop_after: Option<u64>) -> Result<SftOutcome> {
-    sft_with(CpuBackend::new(), cfg, config_text, resume, stop_after)
+    run_sft_on(Device::Cpu, &World::single(), cfg, config_text, resume, stop_after)
 }
 
-/// As [`run_sft`], on `device` (the GPU: bf16 compute, f32 gradients and optimiser state).
+/// As [`run_sft`], on `device` (the GPU: bf16 compute, f32 gradients and optimiser state), as
+/// rank `world.rank` of a data-parallel run of `world.size` processes (see [`super::dist`]):
+/// gradients summed by NCCL on GPUs (through host memory where NCCL is missing, and on the
+/// CPU), optimiser state sharded. Only rank 0 writes metrics and exports; every rank writes its
+/// shard of each checkpoint (the run directory must be shared between machines).
 pub fn run_sft_on(
     device: Device,
+    world: &World,
     cfg: &SftConfig,
     config_text: &str,
     resume: bool,
     stop_after: Option<u64>,
 ) -> Result<SftOutcome> {
+    let star = Star::connect(world)?;
     match device {
-        Device::Cpu => run_sft(cfg, config_text, resume, stop_after),
-        Device::Cuda(n) => sft_with(CudaBackend::new(n)?, cfg, config_text, resume, stop_after),
+        Device::Cpu => {
+            sft_with(CpuBackend::new(), &mut HostCollective::new(star), cfg, config_text, resume, stop_after)
+        }
+        Device::Cuda(n) => {
+            let be = CudaBackend::new(n)?;
+            if world.size > 1 && libs::probe().nccl.present() {
+                let mut coll = NcclCollective::new(&be, star)?;
+                sft_with(be, &mut coll, cfg, config_text, resume, stop_after)
+            } else {
+                if world.size > 1 {
+                    eprintln!("sft: libnccl not found; gradients are summed through host memory (slow)");
+                }
+                sft_with(be, &mut HostCollective::new(star), cfg, config_text, resume, stop_after)
+            }
+        }
     }
 }
 
 fn sft_with<B: TrainBackend>(
     be: B,
+    coll: &mut dyn Collective<B>,
     cfg: &SftConfig,
     config_text: &str,
     resume: bool,
     stop_after: Option<u64>,
 ) -> Result<SftOutcome> {
+    let world = coll.world().clone();
+    let main = world.is_main();
     let run = cfg.output.run_dir.clone();
     let metrics_path = run.join("metrics.jsonl");
     // A run exists once it has a checkpoint; a run killed before its first one starts over.
@@ -130,13 +154,21 @@ fn sft_with<B: TrainBackend>(
             run.display()
         );
     }
-    if !resume && run.join("checkpoints").exists() {
-        std::fs::remove_dir_all(run.join("checkpoints"))?;
+    coll.barrier()?;
+    if main {
+        if !resume && run.join("checkpoints").exists() {
+            std::fs::remove_dir_all(run.join("checkpoints"))?;
+        }
+        std::fs::create_dir_all(&run).with_context(|| format!("cannot create run directory {}", run.display()))?;
+        write_atomic(&run.join("config.toml"), config_text.as_bytes())?;
     }
-    std::fs::create_dir_all(&run).with_context(|| format!("cannot create run directory {}", run.display()))?;
-    write_atomic(&run.join("config.toml"), config_text.as_bytes())?;
+    coll.barrier()?;
 
-    eprintln!("sft: on {}", be.name());
+    if world.size > 1 {
+        eprintln!("sft: rank {} of {} on {}", world.rank, world.size, be.name());
+    } else {
+        eprintln!("sft: on {}", be.name());
+    }
     let tok = Tokenizer::from_dir(&cfg.model.path)?;
     let mut model = Qwen2::load_merged(&be, &cfg.model.path, None, cfg.model.context)?;
     if let Some(l) = &cfg.lora {
@@ -165,7 +197,9 @@ fn sft_with<B: TrainBackend>(
 
     let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     let plan = MemoryPlan::new(&be, &model, cfg.data.batch_tokens.max(longest), cfg.train.recompute);
-    eprintln!("sft: memory plan: {plan}");
+    if main {
+        eprintln!("sft: memory plan: {plan}");
+    }
     let o = &cfg.optim;
     let ocfg = OptimConfig {
         schedule: Schedule {
@@ -182,19 +216,24 @@ fn sft_with<B: TrainBackend>(
         max_grad_norm: (o.max_grad_norm > 0.0).then_some(o.max_grad_norm),
     };
     let mut opt = Optimizer::new(&be, model.trainable(), ocfg);
+    opt.shard(&be, world.rank, world.size);
     let mut state = State { step: 0, cursor: Cursor { epoch: 0, batch: 0 } };
     let mut metrics = vec![];
     if resume {
         state = checkpoint::load(&be, &run, &mut model, &mut opt)?;
         opt.step = state.step;
-        metrics = checkpoint::cut_metrics(&metrics_path, state.step)?;
-        eprintln!("sft: resumed at step {}", state.step);
-    } else if metrics_path.exists() {
+        if main {
+            metrics = checkpoint::cut_metrics(&metrics_path, state.step)?;
+            eprintln!("sft: resumed at step {}", state.step);
+        }
+    } else if main && metrics_path.exists() {
         std::fs::remove_file(&metrics_path)?;
     }
-    let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+    coll.barrier()?;
+    let mut metrics_file =
+        if main { Some(std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?) } else { None };
 
-    let bar = indicatif::ProgressBar::new(cfg.train.steps);
+    let bar = if main { indicatif::ProgressBar::new(cfg.train.steps) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps, ETA {eta} | {msg}")
             .expect("valid template"),
@@ -212,35 +251,86 @@ fn sft_with<B: TrainBackend>(
         grads.zero(&be, &model.cfg);
         let (mut loss, mut tokens) = (0f64, 0usize);
         for micro in 0..cfg.train.grad_accum {
-            if state.cursor.batch >= batches.len() {
-                state.cursor = Cursor { epoch: state.cursor.epoch + 1, batch: 0 };
-                batches = epoch_batches(&train, cfg.data.batch_tokens, cfg.train.seed, state.cursor.epoch);
+            // Each micro-batch step takes `world.size` batches of the stream, one per rank, so a
+            // run of N ranks trains on what one process with grad_accum * N would.
+            let mut mine = None;
+            for r in 0..world.size {
+                if state.cursor.batch >= batches.len() {
+                    state.cursor = Cursor { epoch: state.cursor.epoch + 1, batch: 0 };
+                    batches = epoch_batches(&train, cfg.data.batch_tokens, cfg.train.seed, state.cursor.epoch);
+                }
+                if r == world.rank {
+                    mine = Some(to_batch(&train, &batches[state.cursor.batch])?);
+                }
+                state.cursor.batch += 1;
             }
-            let mut batch = to_batch(&train, &batches[state.cursor.batch])?;
-            state.cursor.batch += 1;
-            // Dropout masks follow from (seed, step, micro-batch), so a resumed run draws the same.
-            batch.dropout_seed =
-                Some(cfg.train.seed ^ (state.step * cfg.train.grad_accum + micro).wrapping_mul(0xA24B_AED4_963E_E407));
-            // Token mean within the micro-batch, averaged over the accumulated micro-batches.
-            let denom = batch.trained_rows().max(1) as f32 * cfg.train.grad_accum as f32;
+            let mut batch = mine.expect("every rank takes a batch");
+            // Dropout masks follow from (seed, step, micro-batch, rank), so a resumed run draws
+            // the same.
+            let global_micro = (state.step * cfg.train.grad_accum + micro) * world.size as u64 + world.rank as u64;
+            batch.dropout_seed = Some(cfg.train.seed ^ global_micro.wrapping_mul(0xA24B_AED4_963E_E407));
+            // Token mean within the micro-batch, averaged over the accumulated micro-batches of
+            // every rank (the ranks' gradients are summed).
+            let denom = batch.trained_rows().max(1) as f32 * (cfg.train.grad_accum * world.size as u64) as f32;
             let (logp, trace) = model.train_forward(&be, &batch, cfg.train.recompute)?;
-            let micro = batch.nll(&logp, denom);
+            let micro_loss = batch.nll(&logp, denom);
             let dlogp = batch.nll_dlogp(denom);
-            if !micro.is_finite() {
+            if !micro_loss.is_finite() {
                 bail!(
-                    "loss is {micro} at step {}; stopping. The last good checkpoint is in {}",
+                    "loss is {micro_loss} at step {}; stopping. The last good checkpoint is in {}",
                     state.step + 1,
                     run.join("checkpoints").display()
                 );
             }
-            loss += micro;
+            loss += micro_loss;
             tokens += batch.rows();
-            model.train_backward(&be, &batch, trace, &dlogp, &mut grads)?;
+            if world.size > 1 && micro + 1 == cfg.train.grad_accum {
+                // The last micro-batch: each layer's gradients are summed across ranks as soon
+                // as its backward is done, overlapping the layers still to come (on GPUs).
+                let model_cfg = model.cfg.clone();
+                model.train_backward_with(&be, &batch, trace, &dlogp, &mut grads, &mut |l, g| {
+                    let range = g.layer_range(l);
+                    let sizes: Vec<usize> = g.tensors(&model_cfg).iter().map(|t| be.len(t)).collect();
+                    let bufs =
+                        g.tensors_mut(&model_cfg).into_iter().zip(sizes).skip(range.start).take(range.len()).collect();
+                    coll.all_reduce_sum(&be, bufs)
+                })?;
+                let ranges: Vec<_> = (0..model_cfg.num_layers).map(|l| grads.layer_range(l)).collect();
+                let inside = |i: usize| ranges.iter().any(|r| r.contains(&i));
+                let sizes: Vec<usize> = grads.tensors(&model_cfg).iter().map(|t| be.len(t)).collect();
+                let rest = grads
+                    .tensors_mut(&model_cfg)
+                    .into_iter()
+                    .zip(sizes)
+                    .enumerate()
+                    .filter(|(i, _)| !inside(*i))
+                    .map(|(_, b)| b)
+                    .collect();
+                coll.all_reduce_sum(&be, rest)?;
+                coll.wait(&be)?;
+            } else {
+                model.train_backward(&be, &batch, trace, &dlogp, &mut grads)?;
+            }
+        }
+        if world.size > 1 {
+            let mut sums = [loss, tokens as f64];
+            coll.all_reduce_host(&mut sums)?;
+            (loss, tokens) = (sums[0], sums[1] as usize);
         }
         let model_cfg = model.cfg.clone();
         let report = opt.step(&be, model.trainable_mut(), grads.tensors(&model_cfg))?;
+        if world.size > 1 {
+            // ZeRO-1: every tensor's owner updated it; the others receive it.
+            let owners: Vec<usize> = (0..opt.shapes.len()).map(|i| opt.owner(i)).collect();
+            for (p, owner) in model.trainable_mut().into_iter().zip(owners) {
+                let n = be.len(p);
+                coll.broadcast(&be, p, n, owner)?;
+            }
+            coll.wait(&be)?;
+        }
         state.step = report.step;
-        let eval_due = !eval.is_empty()
+        let eval_due = main
+            && !eval.is_empty()
             && ((cfg.train.eval_every > 0 && state.step.is_multiple_of(cfg.train.eval_every))
                 || state.step == cfg.train.steps);
         let m = StepMetrics {
@@ -253,19 +343,21 @@ fn sft_with<B: TrainBackend>(
             tokens_per_s: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        metrics_file.flush()?;
+        if let Some(f) = metrics_file.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&m)?)?;
+            f.flush()?;
+        }
         bar.set_message(format!("loss {:.4}, {:.0} tok/s", m.loss, m.tokens_per_s));
         bar.set_position(state.step);
         metrics.push(m);
         let ckpt_due = (cfg.train.checkpoint_every > 0 && state.step.is_multiple_of(cfg.train.checkpoint_every))
             || state.step == cfg.train.steps;
         if ckpt_due {
-            checkpoint::save(&be, &run, &model, &opt, state.step, &state)?;
+            checkpoint::save_ranked(&be, &run, &model, &opt, state.step, &state, &world, &mut || coll.barrier())?;
         }
     }
     bar.finish_and_clear();
-    if state.step == cfg.train.steps {
+    if main && state.step == cfg.train.steps {
         match &model.lora {
             Some(_) => export_peft(&be, &model, &cfg.model.path.display().to_string(), &run.join("adapter"))?,
             // With the context override recorded in its config.json.

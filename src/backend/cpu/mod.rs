@@ -123,6 +123,10 @@ impl Backend for CpuBackend {
         data.to_vec()
     }
 
+    fn write_f32(&self, dst: &mut Vec<f32>, data: &[f32]) {
+        dst[..data.len()].copy_from_slice(data);
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<Vec<f32>> {
         if t.bytes.len() != t.numel() * t.dtype.size() {
             bail!(

@@ -103,7 +103,9 @@ pub fn find_library(name: &str) -> Option<PathBuf> {
 fn candidates(dirs: &[PathBuf], name: &str) -> Vec<PathBuf> {
     let mut out = vec![];
     for d in dirs {
-        for file in [format!("lib{name}.so.12"), format!("lib{name}.so.1"), format!("lib{name}.so")] {
+        for file in
+            [format!("lib{name}.so.12"), format!("lib{name}.so.1"), format!("lib{name}.so.2"), format!("lib{name}.so")]
+        {
             let p = d.join(file);
             if p.is_file() {
                 out.push(p);
@@ -164,6 +166,8 @@ pub struct Libraries {
     pub cublaslt: Found,
     /// libnvToolsExt, for NVTX ranges (optional).
     pub nvtx: Found,
+    /// libnccl, for multi-GPU data parallelism (optional; PyTorch's nvidia-nccl-cu12 wheel has it).
+    pub nccl: Found,
 }
 
 impl Libraries {
@@ -185,6 +189,7 @@ pub fn probe() -> &'static Libraries {
             cublas: ensure("cublas", || unsafe { cudarc::cublas::sys::is_culib_present() }),
             cublaslt,
             nvtx: ensure("nvToolsExt", || unsafe { cudarc::nvtx::sys::is_culib_present() }),
+            nccl: ensure("nccl", || unsafe { cudarc::nccl::sys::is_culib_present() }),
         }
     })
 }

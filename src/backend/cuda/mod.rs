@@ -434,6 +434,20 @@ impl Backend for CudaBackend {
         CudaBuf::F32(check("uploading", self.stream.clone_htod(data)))
     }
 
+    fn write_f32(&self, dst: &mut CudaBuf, data: &[f32]) {
+        if data.is_empty() {
+            return;
+        }
+        assert!(dst.len() >= data.len(), "write_f32: {} values into a buffer of {}", data.len(), dst.len());
+        match dst {
+            CudaBuf::Bf16(d) => {
+                let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+                check("uploading", self.stream.memcpy_htod(&host, &mut d.slice_mut(..data.len())));
+            }
+            CudaBuf::F32(d) => check("uploading", self.stream.memcpy_htod(data, &mut d.slice_mut(..data.len()))),
+        }
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<CudaBuf> {
         // The CPU backend's checked, parallel dtype conversion; bf16 -> f32 -> bf16 is exact.
         let host: Vec<bf16> = CpuBackend::new().upload(t)?.into_iter().map(bf16::from_f32).collect();

@@ -422,7 +422,7 @@ impl TrainBackend for CudaBackend {
         vocab: usize,
     ) {
         let _r = self.range("token_logprobs");
-        if rows == 0 {
+        if rows == 0 || vocab == 0 {
             return;
         }
         assert_eq!(targets.len(), rows, "token_logprobs: one target per row");
@@ -466,7 +466,7 @@ impl TrainBackend for CudaBackend {
         vocab: usize,
     ) {
         let _r = self.range("token_logprobs_bwd");
-        if rows == 0 {
+        if rows == 0 || vocab == 0 {
             return;
         }
         assert_eq!(targets.len(), rows, "token_logprobs_bwd: one target per row");
