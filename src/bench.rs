@@ -136,14 +136,17 @@ pub fn bench_sft_step<B: TrainBackend>(
     let mut step = || -> Result<(Vec<Duration>, f64)> {
         let mut marks = vec![std::time::Instant::now()];
         grads.zero(be, &model.cfg);
+        be.sync();
         marks.push(std::time::Instant::now());
         let (logp, trace) = model.train_forward(be, &batch, recompute)?;
         let loss = batch.nll(&logp, denom);
         marks.push(std::time::Instant::now());
         model.train_backward(be, &batch, trace, &batch.nll_dlogp(denom), &mut grads)?;
+        be.sync();
         marks.push(std::time::Instant::now());
         let model_cfg = model.cfg.clone();
         opt.step(be, model.trainable_mut(), grads.tensors(&model_cfg))?;
+        be.sync();
         marks.push(std::time::Instant::now());
         let mut times: Vec<Duration> = marks.windows(2).map(|w| w[1] - w[0]).collect();
         times.insert(0, marks[4] - marks[0]);

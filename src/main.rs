@@ -642,13 +642,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let tok = Tokenizer::from_dir(model_dir)?;
     let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
     let json = if let Some(mode) = &a.sft {
-        if !matches!(a.device, None | Some(Device::Cpu)) {
-            bail!("--sft runs on the CPU backend: the CUDA backend has no training ops yet");
-        }
-        let be = CpuBackend::new();
-        let mut model = load_model(&be, model_dir)?;
         let rank = (mode == "lora").then_some(a.lora_rank);
-        let r = protege::bench::bench_sft_step(&be, &mut model, &prompt, rank, a.recompute, a.repeats)?;
+        let r = with_backend!(Some(device), |be| {
+            let mut model = load_model(&be, model_dir)?;
+            protege::bench::bench_sft_step(&be, &mut model, &prompt, rank, a.recompute, a.repeats)?
+        });
         println!("backend  {}", r.backend);
         println!(
             "sft step {} over {} tokens ({} trained parameters): {:.2} s, {:.1} tok/s (loss {:.4} -> {:.4})",

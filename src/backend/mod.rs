@@ -166,6 +166,8 @@ pub trait Backend: Send + Sync {
     fn compute_bytes(&self) -> usize {
         4
     }
+    /// Waits for every queued op (for timing phases; a no-op where ops are synchronous).
+    fn sync(&self) {}
     /// The device's (free, total) memory in bytes, where the backend can tell.
     fn memory_info(&self) -> Option<(u64, u64)> {
         None

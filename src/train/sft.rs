@@ -357,14 +357,46 @@ fn sft_with<B: TrainBackend>(
         }
     }
     bar.finish_and_clear();
-    if main && state.step == cfg.train.steps {
-        match &model.lora {
-            Some(_) => export_peft(&be, &model, &cfg.model.path.display().to_string(), &run.join("adapter"))?,
-            // With the context override recorded in its config.json.
-            None => super::rl::export_final(&be, &mut model, &cfg.model.path, &run.join("model"))?,
+    if state.step == cfg.train.steps {
+        // Where the optimiser keeps f32 masters (a bf16 device), the export writes them, not
+        // their bf16 rounding: rank 0 collects each from its owner and lends it to the model.
+        let mut masters = collect_masters(&be, coll, &opt)?;
+        if main {
+            let swap = |model: &mut Qwen2<B>, masters: &mut Vec<B::Buf>| {
+                for (p, m) in model.trainable_mut().into_iter().zip(masters.iter_mut()) {
+                    std::mem::swap(p, m);
+                }
+            };
+            swap(&mut model, &mut masters);
+            let exported = match &model.lora {
+                Some(_) => export_peft(&be, &model, &cfg.model.path.display().to_string(), &run.join("adapter")),
+                // With the context override recorded in its config.json.
+                None => super::rl::export_final(&be, &mut model, &cfg.model.path, &run.join("model")),
+            };
+            swap(&mut model, &mut masters);
+            exported?;
         }
     }
     Ok(SftOutcome { run_dir: run, last_step: state.step, data: stats, metrics })
+}
+
+/// Every trained tensor's f32 master copy on rank 0 (each broadcast from the rank that owns
+/// it); empty where the backend keeps no masters. Every rank must call it.
+fn collect_masters<B: TrainBackend>(be: &B, coll: &mut dyn Collective<B>, opt: &Optimizer<B>) -> Result<Vec<B::Buf>> {
+    if opt.master.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut out = vec![];
+    for (i, (_, shape)) in opt.shapes.iter().enumerate() {
+        let n = shape.iter().product();
+        let mut buf = be.zeros_f32(n);
+        if opt.owns(i) {
+            be.copy(&opt.master[i], &mut buf, n);
+        }
+        coll.broadcast(be, &mut buf, n, opt.owner(i))?;
+        out.push(buf);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -406,6 +406,10 @@ impl Backend for CudaBackend {
         2
     }
 
+    fn sync(&self) {
+        check("synchronising the CUDA stream", self.stream.synchronize());
+    }
+
     fn memory_info(&self) -> Option<(u64, u64)> {
         self.ctx.bind_to_thread().ok()?;
         cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (free as u64, total as u64))
