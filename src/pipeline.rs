@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::cuda::Device;
+use crate::train::dist::World;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +39,10 @@ pub struct RunSection {
     /// Printed at the start: what is scripted or simplified in this run.
     #[serde(default)]
     pub note: Option<String>,
+    /// Where SFT and the local policy of eval run: "cpu" (the default), "cuda" or "cuda:N".
+    /// (RL runs on the CPU backend.)
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 fn all_stages() -> Vec<String> {
@@ -146,6 +152,9 @@ impl Pipeline {
             if !["synth", "sft", "rl", "eval"].contains(&s.as_str()) {
                 bail!("run.stages: unknown stage {s:?} (synth, sft, rl, eval)");
             }
+        }
+        if let Some(d) = &run.device {
+            d.parse::<Device>().context("run.device")?;
         }
         let on = |s: &str| run.stages.iter().any(|x| x == s);
         let context = run.context.map(|c| toml::Value::Integer(c as i64));
@@ -285,6 +294,10 @@ fn ensure_pytest() -> Result<()> {
 
 /// Runs the pipeline; returns the eval summaries by model name.
 pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
+    let device: Device = match &p.run.device {
+        Some(d) => d.parse().context("run.device")?,
+        None => Device::Cpu,
+    };
     if p.synth.is_some() || p.rl.is_some() || p.eval.is_some() {
         ensure_pytest()?;
     }
@@ -337,7 +350,8 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
         } else {
             stage_line("sft", "supervised fine-tuning on the accepted trajectories");
             let resume = dir.join("checkpoints/latest").exists();
-            let out = crate::train::sft::run_sft(s, &toml::to_string(s)?, resume, None)?;
+            let out =
+                crate::train::sft::run_sft_on(device, &World::from_env()?, s, &toml::to_string(s)?, resume, None)?;
             if let Some(m) = out.metrics.last() {
                 eprintln!(
                     "   step {}: loss {:.4}{}",
@@ -387,7 +401,7 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
                     sampling: SamplingParams { temperature: e.temperature, ..Default::default() },
                     max_new_tokens: e.max_new_tokens,
                     context: p.run.context,
-                    device: None,
+                    device: Some(device),
                 },
                 expert: e.expert.spec()?,
                 concurrency: e.concurrency,

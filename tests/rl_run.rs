@@ -334,6 +334,7 @@ fn the_embedded_demo_config_is_valid() {
     // The real recipe parses and validates too (its paths need not exist to parse).
     let path = root().join("configs/qwen2.5-coder-7b.toml");
     let p = protege::pipeline::Pipeline::from_file(&path).unwrap();
+    assert_eq!(p.run.device.as_deref(), Some("cuda"), "the 7B recipe trains on the GPU");
     let rl = p.rl.unwrap();
     assert_eq!((rl.grpo.group_size, rl.grpo.clip_low, rl.grpo.clip_high), (6, 0.2, 0.28));
     assert_eq!(rl.stages[1].reward.quota.no_call_penalty, -10.0);
