@@ -8,6 +8,16 @@
 //! Peaks: memory bandwidth is measured (a device-to-device copy); the bf16 tensor-core peak is
 //! the spec estimate SMs × boost clock × dense bf16 FLOP per SM per clock, and cuBLAS's own
 //! 8192³ GEMM is reported beside it as the practical ceiling.
+//!
+//! Training (see [`bench_train_kernels`] and [`bench_sft_step`]): the flash-attention training
+//! forward and backward against SDPA's, the fused LoRA linear forward + backward against the
+//! frozen base's GEMMs alone and against PyTorch's `F.linear` + LoRA branch, the fused log-prob
+//! forward + backward (time and peak memory) against PyTorch's eager `log_softmax(h @ W^T)`, the
+//! multi-tensor AdamW against `torch.optim.AdamW(fused=True)`, and one end-to-end LoRA SFT step
+//! of the 7B-shaped model (tokens/s, MFU) against transformers + peft. The issue's goals are
+//! checked in [`GpuBench::goals`]. Training rows are the median of synchronised repetitions
+//! after a warm-up. `PROTEGE_BENCH_RECOMPUTE=0|1` forces the SFT step's activation
+//! recomputation off or on (by default it is on only when the memory plan would not fit).
 
 use std::path::Path;
 use std::time::Instant;
@@ -15,10 +25,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::backend::cuda::CudaBackend;
-use crate::backend::{Backend, SamplingParams, StepMeta};
+use crate::backend::cuda::{CudaBackend, CudaBuf};
+use crate::backend::{AdamW, AdamWTensor, Backend, LoraRef, SamplingParams, StepMeta, TrainBackend};
 use crate::model::config::Qwen2Config;
+use crate::model::lora::{Lora, LoraConfig, Target};
 use crate::model::qwen2::{KvCache, Weights};
+use crate::model::training::{Grads, TrainBatch};
 use crate::model::Qwen2;
 use crate::selftest::{paged_meta, SeqSpec};
 
@@ -41,6 +53,52 @@ pub struct Row {
     /// `torch_ms / ms`: above 1, protege is faster.
     pub ratio: Option<f64>,
     pub note: String,
+    /// Peak device memory the op used beyond what was allocated before it, in MiB (the memory
+    /// pool's high-water mark), where measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_mib: Option<f64>,
+    /// PyTorch's (`max_memory_allocated` minus the baseline), in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_peak_mib: Option<f64>,
+}
+
+/// One of the issue's performance goals, checked against this run's measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct Goal {
+    /// The row the goal is about.
+    pub row: String,
+    /// What is compared, e.g. `torch_ms / ms`.
+    pub metric: String,
+    /// The measured value (`None` where the comparison did not run, e.g. without PyTorch).
+    pub value: Option<f64>,
+    /// The target, e.g. `>= 1.00`.
+    pub target: String,
+    pub met: Option<bool>,
+}
+
+/// The end-to-end LoRA SFT step of the 7B-shaped model.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftStep {
+    pub tokens: usize,
+    pub lora_rank: usize,
+    pub recompute: bool,
+    /// Why recomputation is on or off.
+    pub recompute_reason: String,
+    pub trained_params: usize,
+    pub ms: f64,
+    /// Median (zero grads + forward, backward, grad norm + AdamW) in milliseconds.
+    pub phases_ms: [f64; 3],
+    pub tokens_per_s: f64,
+    /// Model FLOPs of one step, by [`SftStep::flops_formula`].
+    pub model_flops: f64,
+    pub flops_formula: String,
+    /// Share of the bf16 peak (`peak_bf16_tflops_used`) the model FLOPs reach, in percent.
+    pub mfu_pct: f64,
+    pub peak_bf16_tflops_used: f64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Peak device memory of a step beyond the model weights, in MiB.
+    pub peak_mib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +111,8 @@ pub struct GpuBench {
     pub measured_bandwidth_gbs: f64,
     pub torch: Option<String>,
     pub rows: Vec<Row>,
+    pub sft: Option<SftStep>,
+    pub goals: Vec<Goal>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,7 +168,19 @@ fn row(name: &str, shape: String, ms: f64, flops: Option<f64>, bytes: Option<f64
         (None, Some(g)) => peaks.memory(g),
         _ => 0.0,
     };
-    Row { name: name.into(), shape, ms, tflops, gbs, pct_peak: pct, torch_ms: None, ratio: None, note: note.into() }
+    Row {
+        name: name.into(),
+        shape,
+        ms,
+        tflops,
+        gbs,
+        pct_peak: pct,
+        torch_ms: None,
+        ratio: None,
+        note: note.into(),
+        peak_mib: None,
+        torch_peak_mib: None,
+    }
 }
 
 pub fn run(be: &CudaBackend, opts: &Options) -> Result<GpuBench> {
@@ -157,26 +229,39 @@ pub fn run(be: &CudaBackend, opts: &Options) -> Result<GpuBench> {
 
     let cfg = Qwen2Config::from_json(QWEN25_7B)?;
     rows.extend(bench_kernels(be, &cfg, it, &peaks)?);
+    be.release_cached_memory()?;
+    rows.extend(bench_train_kernels(be, &cfg, it, &peaks)?);
+    be.release_cached_memory()?;
+    let mut sft = None;
     if !opts.kernels_only {
-        rows.extend(bench_phases(be, &cfg, it, &peaks)?);
+        let (r, s) = bench_phases(be, &cfg, it, &peaks)?;
+        rows.extend(r);
+        sft = s;
     }
     let mut torch = None;
     if opts.torch {
         // The PyTorch side is another process: give it the memory this one has cached.
         be.release_cached_memory()?;
         match run_torch(&opts.script, it, opts.kernels_only) {
-            Ok((version, times)) => {
-                torch = Some(version);
+            Ok(t) => {
+                torch = Some(t.version);
+                let num = |m: &serde_json::Map<String, serde_json::Value>, k: &str| m.get(k).and_then(|v| v.as_f64());
                 for r in &mut rows {
-                    if let Some(t) = times.get(&r.name).and_then(|v| v.as_f64()) {
-                        r.torch_ms = Some(t);
-                        r.ratio = Some(t / r.ms);
+                    if let Some(ms) = num(&t.ms, &r.name) {
+                        r.torch_ms = Some(ms);
+                        r.ratio = Some(ms / r.ms);
+                    }
+                    r.torch_peak_mib = num(&t.peak_mib, &r.name);
+                    if let Some(n) = t.notes.get(&r.name).and_then(|v| v.as_str()) {
+                        r.note =
+                            if r.note.is_empty() { format!("torch: {n}") } else { format!("{}; torch: {n}", r.note) };
                     }
                 }
             }
             Err(e) => eprintln!("bench: PyTorch comparison skipped: {e:#}"),
         }
     }
+    let goals = goals(&rows, sft.as_ref());
     Ok(GpuBench {
         device: be.name(),
         arch: be.arch().to_string(),
@@ -186,6 +271,8 @@ pub fn run(be: &CudaBackend, opts: &Options) -> Result<GpuBench> {
         measured_bandwidth_gbs: bw,
         torch,
         rows,
+        sft,
+        goals,
     })
 }
 
@@ -325,8 +412,8 @@ fn random_model(be: &CudaBackend, cfg: &Qwen2Config) -> Result<Qwen2<CudaBackend
     Ok(Qwen2 { cfg: cfg.clone(), w, lora: None })
 }
 
-fn bench_phases(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -> Result<Vec<Row>> {
-    let model = random_model(be, cfg)?;
+fn bench_phases(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -> Result<(Vec<Row>, Option<SftStep>)> {
+    let mut model = random_model(be, cfg)?;
     let mut rows = vec![];
     let params_body =
         (cfg.num_params() - cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 }) as f64;
@@ -378,15 +465,524 @@ fn bench_phases(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -
         );
         rows.push(r);
     }
+
+    // Training: one LoRA SFT step of the same model (the KV caches above are gone).
+    be.release_cached_memory()?;
+    let sft = match bench_sft_step(be, &mut model, it, peaks) {
+        Ok((r, s)) => {
+            rows.push(r);
+            Some(s)
+        }
+        Err(e) => {
+            eprintln!("bench: the SFT step failed: {e:#}");
+            None
+        }
+    };
+    Ok((rows, sft))
+}
+
+/// Median milliseconds of `f` over `reps` runs (each synchronised) after `warm` warm-up runs.
+fn median_ms(be: &CudaBackend, warm: usize, reps: usize, mut f: impl FnMut()) -> Result<f64> {
+    for _ in 0..warm {
+        f();
+    }
+    be.synchronize()?;
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f();
+        be.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// The device's default memory pool, which the backend's stream-ordered allocations come from
+/// (see `keep_pool_memory` in backend/cuda/mod.rs).
+fn default_pool(be: &CudaBackend) -> Option<cudarc::driver::sys::CUmemoryPool> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: valid out-pointer and device handle.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, be.context().cu_device()) };
+    (r == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+}
+
+fn pool_attr(pool: cudarc::driver::sys::CUmemoryPool, attr: cudarc::driver::sys::CUmemPool_attribute) -> Option<u64> {
+    use cudarc::driver::sys;
+    let mut v: u64 = 0;
+    // SAFETY: the used-memory attributes are cuuint64_t values; `pool` is the device's default pool.
+    let r = unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
+
+/// Peak pool memory in use while something runs, beyond what was in use when it started:
+/// [`PoolPeak::start`] reads the pool's current use and resets its high-water mark
+/// (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`, which can only be reset to 0), [`PoolPeak::finish`]
+/// synchronises and reads the mark.
+struct PoolPeak {
+    pool: Option<cudarc::driver::sys::CUmemoryPool>,
+    before: u64,
+}
+
+impl PoolPeak {
+    fn start(be: &CudaBackend) -> Result<Self> {
+        use cudarc::driver::sys::{self, CUmemPool_attribute as A};
+        be.synchronize()?;
+        let Some(pool) = default_pool(be) else { return Ok(Self { pool: None, before: 0 }) };
+        let Some(before) = pool_attr(pool, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT) else {
+            return Ok(Self { pool: None, before: 0 });
+        };
+        let mut zero: u64 = 0;
+        // SAFETY: resetting the high-water mark to 0 is the one write this attribute allows.
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        Ok(Self { pool: (r == sys::CUresult::CUDA_SUCCESS).then_some(pool), before })
+    }
+
+    /// Peak bytes beyond the start, or `None` where the pool could not be read.
+    fn finish(self, be: &CudaBackend) -> Result<Option<u64>> {
+        be.synchronize()?;
+        let Some(pool) = self.pool else { return Ok(None) };
+        let high = pool_attr(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH);
+        // A mark of 0 means nothing was allocated since the reset.
+        Ok(high.map(|h| h.saturating_sub(self.before)))
+    }
+}
+
+/// `n` host values uniform in `(-scale, scale)` (for f32 device buffers, which
+/// [`CudaBackend::random`] does not make).
+fn host_uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    use rand::Rng;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+/// AdamW hyper-parameters of every optimiser row (as `protege bench --sft` and
+/// tools/bench_sft_torch.py).
+const BENCH_ADAMW: AdamW = AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+
+/// The training ops at 7B shapes, each with its PyTorch counterpart's row name.
+fn bench_train_kernels(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -> Result<Vec<Row>> {
+    let (h, inter, qd, kvd, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+    let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+    let mut rows = vec![];
+
+    // Flash attention for training: 4 packed sequences of 4096, causal, 28/4 heads of 128.
+    {
+        let _r = be.range("bench attention_train");
+        let (n_seq, s) = (4usize, 4096usize);
+        let seqs: Vec<(Vec<u32>, Vec<bool>)> = (0..n_seq).map(|_| (vec![1u32; s], vec![true; s])).collect();
+        let meta = TrainBatch::pack(&seqs)?.meta;
+        let dm = be.prepare(&meta);
+        let n = n_seq * s;
+        let (q, k, v) = (be.random(n * qd, 1.0, 40), be.random(n * kvd, 1.0, 41), be.random(n * kvd, 1.0, 42));
+        let dout = be.random(n * qd, 1.0, 43);
+        let mut out = be.zeros(n * qd);
+        let mut lse = be.zeros_f32(n * heads);
+        let fwd_ms = median_ms(be, 1, it, || {
+            be.attention_train(&q, &k, &v, &mut out, &mut lse, &dm, heads, kv_heads, hd);
+        })?;
+        // Per sequence and head, causal attention is 2·T²·d FLOPs forward (QK^T and PV, half
+        // of 4·T²·d); the backward is 2.5x (recomputed S, dP, dV, dQ, dK: FlashAttention-2's count).
+        let fwd_flops = n_seq as f64 * heads as f64 * 2.0 * (s as f64).powi(2) * hd as f64;
+        let shape = format!("{n_seq}x{s} packed, {heads}q/{kv_heads}kv heads x {hd}, causal");
+        rows.push(row("attention_train_fwd", shape.clone(), fwd_ms, Some(fwd_flops), None, peaks, "with log-sum-exp"));
+        let (mut dq, mut dk, mut dv) = (be.zeros(n * qd), be.zeros(n * kvd), be.zeros(n * kvd));
+        let bwd_ms = median_ms(be, 1, it, || {
+            be.attention_train_bwd(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, &dm, heads, kv_heads, hd);
+        })?;
+        rows.push(row(
+            "attention_train_bwd",
+            shape,
+            bwd_ms,
+            Some(2.5 * fwd_flops),
+            None,
+            peaks,
+            "goal >= 1.0x SDPA backward; FLOPs 2.5x forward (incl. recompute)",
+        ));
+    }
+    be.release_cached_memory()?;
+
+    // Fused LoRA linear, rank 16, no dropout, at the gate/up shape.
+    {
+        let _r = be.range("bench lora_linear");
+        let (m, k, n, rank) = (8192usize, h, inter, 16usize);
+        let x = be.random(m * k, 1.0, 50);
+        let w = be.random(n * k, 0.02, 51);
+        let a = be.random(rank * k, 0.02, 52);
+        let b = be.random(n * rank, 0.02, 53);
+        let dout = be.random(m * n, 1.0, 54);
+        let (mut out, mut xa, mut dx) = (be.zeros(m * n), be.zeros(m * rank), be.zeros(m * k));
+        let (mut da, mut db) = (be.zeros_f32(rank * k), be.zeros_f32(n * rank));
+        let base_ms = median_ms(be, 1, it, || {
+            be.linear(&x, &w, None, &mut out, m, k, n);
+            be.linear_bwd(&dout, &x, &w, Some(&mut dx), None, None, m, k, n);
+        })?;
+        let base_flops = 2.0 * 2.0 * (m * k * n) as f64;
+        let shape = format!("{m}x{k} @ {n}x{k}^T");
+        rows.push(row(
+            "linear_fwd_dx",
+            shape.clone(),
+            base_ms,
+            Some(base_flops),
+            None,
+            peaks,
+            "frozen base alone: forward GEMM + dx GEMM (cuBLAS)",
+        ));
+        let lora = LoraRef { a: &a, b: &b, rank, scale: 2.0 };
+        let lora_ms = median_ms(be, 1, it, || {
+            be.lora_linear(&x, None, &w, None, lora, &mut out, &mut xa, m, k, n);
+            be.lora_linear_bwd(&dout, &x, None, &xa, &w, lora, &mut dx, &mut da, &mut db, None, m, k, n);
+        })?;
+        // The adapter adds xa, out, dxa, dB, dA and dx's adapter term: 2·m·r·(3k + 3n).
+        let lora_flops = base_flops + 2.0 * (m * rank * (3 * k + 3 * n)) as f64;
+        let mut r = row("lora_linear_fwd_bwd", format!("{shape}, r{rank}"), lora_ms, Some(lora_flops), None, peaks, "");
+        r.note = format!("{:.3}x the base alone (goal <= 1.15x); dA, dB in f32", lora_ms / base_ms);
+        rows.push(r);
+    }
+    be.release_cached_memory()?;
+
+    // Fused log-prob forward + backward over the full vocabulary.
+    {
+        let _r = be.range("bench token_logprobs");
+        let (m, dim, vocab) = (8192usize, h, 151_936usize);
+        let hs = be.random(m * dim, 1.0, 60);
+        let w = be.random(vocab * dim, 0.02, 61);
+        let targets: Vec<u32> = (0..m as u32).map(|i| i.wrapping_mul(7919) % vocab as u32).collect();
+        let dlogp = be.upload_f32_full(&host_uniform(m, 1.0 / m as f32, 62));
+        let mut dw = be.zeros_f32(vocab * dim);
+        let gemm = 2.0 * (m * vocab * dim) as f64;
+        for with_dw in [false, true] {
+            // Outputs are allocated inside, so the peak counts them as PyTorch's counts its own.
+            let mut step = || {
+                let (mut logp, mut lse, mut dh) = (be.zeros_f32(m), be.zeros_f32(m), be.zeros(m * dim));
+                be.token_logprobs(&hs, &w, &targets, &mut logp, &mut lse, m, dim, vocab);
+                let dwo = if with_dw { Some(&mut dw) } else { None };
+                be.token_logprobs_bwd(&dlogp, &hs, &w, &targets, &lse, &mut dh, dwo, m, dim, vocab);
+            };
+            step();
+            let peak = PoolPeak::start(be)?;
+            step();
+            let peak = peak.finish(be)?;
+            let ms = median_ms(be, 0, it.min(5), &mut step)?;
+            let (name, gemms, note) = if with_dw {
+                ("token_logprobs_fwd_bwd_dw", 4.0, "with the head's dW (into a persistent f32 gradient)")
+            } else {
+                ("token_logprobs_fwd_bwd", 3.0, "dW skipped (LoRA); goal >= 1.5x torch and peak <= 10% of torch's")
+            };
+            let mut r = row(name, format!("{m} x vocab {vocab}, dim {dim}"), ms, Some(gemms * gemm), None, peaks, note);
+            r.note = format!("{}; FLOPs incl. the recomputed logits", r.note);
+            r.peak_mib = peak.map(|b| b as f64 / MIB);
+            rows.push(r);
+        }
+    }
+    be.release_cached_memory()?;
+
+    // Multi-tensor AdamW: the adapters of a rank-16 LoRA on all modules of the 7B, and the
+    // weights of 4 of its layers (0.93B values).
+    for (name, shapes, what) in [
+        ("adamw_lora_7b", lora_adapter_shapes(cfg, 16), "rank-16 LoRA, 7 modules x 28 layers"),
+        ("adamw_1b", layer_weight_shapes(cfg, 4), "the weights of 4 layers of the 7B"),
+    ] {
+        let _r = be.range(&format!("bench {name}"));
+        let numel: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        let total: usize = numel.iter().sum();
+        let largest = numel.iter().copied().max().unwrap_or(1);
+        let src = be.upload_f32_full(&host_uniform(largest, 1e-3, 70));
+        let f32_like = |i: usize| {
+            let mut b = be.zeros_f32(numel[i]);
+            be.copy(&src, &mut b, numel[i]);
+            b
+        };
+        let mut params: Vec<CudaBuf> =
+            numel.iter().enumerate().map(|(i, &n)| be.random(n, 0.02, 80 + i as u64)).collect();
+        let mut master: Vec<CudaBuf> = (0..numel.len()).map(f32_like).collect();
+        let grads: Vec<CudaBuf> = (0..numel.len()).map(f32_like).collect();
+        let mut m: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
+        let mut v: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
+        drop(src);
+        let mut step = 0u64;
+        let ms = median_ms(be, 1, it, || {
+            step += 1;
+            let mut tensors: Vec<AdamWTensor<CudaBackend>> = params
+                .iter_mut()
+                .zip(master.iter_mut())
+                .zip(grads.iter())
+                .zip(m.iter_mut().zip(v.iter_mut()))
+                .enumerate()
+                .map(|(i, (((param, master), grad), (m, v)))| AdamWTensor {
+                    param,
+                    master: Some(master),
+                    grad,
+                    m,
+                    v,
+                    n: numel[i],
+                    decay: shapes[i].len() >= 2,
+                })
+                .collect();
+            be.adamw(&mut tensors, &BENCH_ADAMW, 1.0, step);
+        })?;
+        // Reads master, grad, m, v (f32); writes master, m, v (f32) and the bf16 parameter.
+        let bytes = 30.0 * total as f64;
+        rows.push(row(
+            name,
+            format!("{} tensors, {:.1}M values", numel.len(), total as f64 / 1e6),
+            ms,
+            None,
+            Some(bytes),
+            peaks,
+            &format!("{what}; bf16 params + f32 master/grad/moments (30 B/value)"),
+        ));
+    }
+    be.release_cached_memory()?;
     Ok(rows)
 }
 
-/// Runs the PyTorch equivalents; returns torch's version and a map of row name -> ms.
-fn run_torch(
-    script: &Path,
-    iters: usize,
-    kernels_only: bool,
-) -> Result<(String, serde_json::Map<String, serde_json::Value>)> {
+/// The adapter shapes of a rank-`rank` LoRA on all seven modules of every layer, in
+/// [`Lora::tensors`] order: `A [rank, in]`, `B [out, rank]` (tools/bench_gpu_torch.py
+/// `lora_shapes` lists the same).
+fn lora_adapter_shapes(cfg: &Qwen2Config, rank: usize) -> Vec<Vec<usize>> {
+    (0..cfg.num_layers)
+        .flat_map(move |_| {
+            Target::ALL.into_iter().flat_map(move |t| {
+                let (i, o) = t.dims(cfg);
+                [vec![rank, i], vec![o, rank]]
+            })
+        })
+        .collect()
+}
+
+/// Every weight of the first `layers` layers (tools/bench_gpu_torch.py `layer_shapes`).
+fn layer_weight_shapes(cfg: &Qwen2Config, layers: usize) -> Vec<Vec<usize>> {
+    let in_layers = |name: &str| {
+        name.strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok())
+            .is_some_and(|l| l < layers)
+    };
+    crate::model::param_shapes(cfg).into_iter().filter(|(n, _)| in_layers(n)).map(|(_, s)| s).collect()
+}
+
+/// One LoRA SFT step (rank 16 on all seven modules, no dropout) of the 7B-shaped `model` over
+/// one packed sequence of 8192 tokens: zero grads, forward, backward, global grad norm + AdamW.
+/// MFU counts model FLOPs only (a recomputed forward is not counted).
+fn bench_sft_step(
+    be: &CudaBackend,
+    model: &mut Qwen2<CudaBackend>,
+    it: usize,
+    peaks: &Peaks,
+) -> Result<(Row, SftStep)> {
+    let _r = be.range("bench sft_step");
+    let cfg = model.cfg.clone();
+    let (t, rank) = (8192usize, 16usize);
+    let lcfg = LoraConfig { rank, alpha: 2.0 * rank as f32, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 0 };
+    model.lora = Some(Lora::init(be, &cfg, &lcfg)?);
+    let ids: Vec<u32> = (0..t as u32).map(|i| i.wrapping_mul(7919) % cfg.vocab_size as u32).collect();
+    let batch = TrainBatch::pack(&[(ids, vec![true; t])])?;
+    let denom = batch.trained_rows().max(1) as f32;
+    let dlogp = batch.nll_dlogp(denom);
+
+    // Recompute only when the memory plan (weights are resident already) would not fit.
+    be.release_cached_memory()?;
+    let plan = crate::train::memory::MemoryPlan::new(be, model, t, false);
+    let need = plan.total().saturating_sub(plan.weights);
+    let free = be.memory_info().map_or(0, |(f, _)| f);
+    let (recompute, reason) = match std::env::var("PROTEGE_BENCH_RECOMPUTE").ok().as_deref() {
+        Some("1") => (true, "PROTEGE_BENCH_RECOMPUTE=1".to_string()),
+        Some("0") => (false, "PROTEGE_BENCH_RECOMPUTE=0".to_string()),
+        _ => {
+            let on = need as f64 > 0.85 * free as f64;
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            (
+                on,
+                format!(
+                    "the plan without recomputation needs {:.1} GiB beyond the weights, {:.1} GiB free",
+                    gib(need),
+                    gib(free)
+                ),
+            )
+        }
+    };
+    eprintln!("bench: SFT step recompute = {recompute} ({reason})");
+
+    let shapes = model.trainable();
+    let numel: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
+    let trained: usize = numel.iter().sum();
+    let mut grads = Grads::zeros_for(be, model);
+    let mut m: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
+    let mut v: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
+    let mut master: Vec<CudaBuf> =
+        model.trainable_tensors().into_iter().map(|p| be.upload_f32_full(&be.to_f32(p))).collect();
+    let mut step_no = 0u64;
+    let reps = it.clamp(1, 3);
+    let (mut times, mut loss, mut grad_norm, mut peak) = (vec![], f64::NAN, f64::NAN, None);
+    for rep in 0..=reps {
+        // Rep 0 is the warm-up; its peak memory is measured.
+        let mark = if rep == 0 { Some(PoolPeak::start(be)?) } else { None };
+        be.synchronize()?;
+        let t0 = Instant::now();
+        let (logp, trace) = {
+            let _r = be.range("sft forward");
+            grads.zero(be, &cfg);
+            // train_forward ends by copying the log-probs to the host: synchronised.
+            model.train_forward(be, &batch, recompute)?
+        };
+        let t1 = Instant::now();
+        {
+            let _r = be.range("sft backward");
+            model.train_backward(be, &batch, trace, &dlogp, &mut grads)?;
+            be.synchronize()?;
+        }
+        let t2 = Instant::now();
+        {
+            let _r = be.range("sft optimiser");
+            let gts = grads.tensors(&cfg);
+            let sums: Vec<(&CudaBuf, usize)> = gts.iter().copied().zip(numel.iter().copied()).collect();
+            let norm = be.sum_squares_all(&sums).sqrt();
+            // As Optimizer::step with max_grad_norm 1 (which refuses a non-finite norm; the
+            // bench reports it instead).
+            let clip = if norm.is_finite() { (1.0 / (norm + 1e-6)).min(1.0) as f32 } else { 1.0 };
+            step_no += 1;
+            let mut tensors: Vec<AdamWTensor<CudaBackend>> = model
+                .trainable_mut()
+                .into_iter()
+                .zip(gts)
+                .zip(master.iter_mut().zip(m.iter_mut().zip(v.iter_mut())))
+                .enumerate()
+                .map(|(i, ((param, grad), (master, (m, v))))| AdamWTensor {
+                    param,
+                    master: Some(master),
+                    grad,
+                    m,
+                    v,
+                    n: numel[i],
+                    decay: shapes[i].1.len() >= 2,
+                })
+                .collect();
+            be.adamw(&mut tensors, &BENCH_ADAMW, clip, step_no);
+            be.synchronize()?;
+            grad_norm = norm;
+        }
+        let t3 = Instant::now();
+        loss = batch.nll(&logp, denom);
+        if let Some(mark) = mark {
+            peak = mark.finish(be)?;
+        } else {
+            let s = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            times.push([s(t0, t3), s(t0, t1), s(t1, t2), s(t2, t3)]);
+        }
+    }
+    let phase = |i: usize| median(times.iter().map(|p| p[i]).collect());
+    let ms = phase(0);
+
+    let (l, hh, d) = (cfg.num_layers as f64, cfg.num_heads as f64, cfg.head_dim as f64);
+    let n_w = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) as f64;
+    let tf = t as f64;
+    let attn_fwd = 2.0 * l * hh * d * tf * tf;
+    let flops = 4.0 * n_w * tf + 6.0 * trained as f64 * tf + 3.0 * attn_fwd;
+    let formula = format!(
+        "4*N*T + 6*N_lora*T + 3*(2*L*H*d*T^2) with N = {n_w:.0} (every weight but the embedding; frozen: \
+         forward 2NT + backward dx 2NT, no dW), N_lora = {trained}, T = {t} (one sequence), L = {}, H = {}, \
+         d = {}; causal attention forward 2LHdT^2, backward 2x forward; recomputation not counted",
+        cfg.num_layers, cfg.num_heads, cfg.head_dim
+    );
+    let mut r = row(
+        "sft_step_7b_lora",
+        format!("1 x {t} tokens, LoRA r{rank} all modules, recompute {}", if recompute { "on" } else { "off" }),
+        ms,
+        Some(flops),
+        None,
+        peaks,
+        "",
+    );
+    r.peak_mib = peak.map(|b| b as f64 / MIB);
+    r.note = format!(
+        "MFU {:.1}% (goal >= 45%); {:.0} tokens/s; fwd {:.0} / bwd {:.0} / optim {:.1} ms; loss {:.3}",
+        r.pct_peak,
+        tf / (ms * 1e-3),
+        phase(1),
+        phase(2),
+        phase(3),
+        loss
+    );
+    let s = SftStep {
+        tokens: t,
+        lora_rank: rank,
+        recompute,
+        recompute_reason: reason,
+        trained_params: trained,
+        ms,
+        phases_ms: [phase(1), phase(2), phase(3)],
+        tokens_per_s: tf / (ms * 1e-3),
+        model_flops: flops,
+        flops_formula: formula,
+        mfu_pct: r.pct_peak,
+        peak_bf16_tflops_used: peaks.tflops,
+        loss,
+        grad_norm,
+        peak_mib: r.peak_mib,
+    };
+    model.lora = None;
+    Ok((r, s))
+}
+
+/// The issue's goals, checked against the rows (`None` values where a side did not run).
+fn goals(rows: &[Row], sft: Option<&SftStep>) -> Vec<Goal> {
+    let find = |n: &str| rows.iter().find(|r| r.name == n);
+    let mut out = vec![];
+    let mut add = |row: &str, metric: &str, value: Option<f64>, at_least: bool, target: f64| {
+        let op = if at_least { ">=" } else { "<=" };
+        out.push(Goal {
+            row: row.into(),
+            metric: metric.into(),
+            value,
+            target: format!("{op} {target}"),
+            met: value.map(|v| if at_least { v >= target } else { v <= target }),
+        });
+    };
+    add("attention_train_bwd", "SDPA backward ms / ms", find("attention_train_bwd").and_then(|r| r.ratio), true, 1.0);
+    let lora = find("lora_linear_fwd_bwd").zip(find("linear_fwd_dx")).map(|(l, b)| l.ms / b.ms);
+    add("lora_linear_fwd_bwd", "ms / linear_fwd_dx ms (LoRA total vs frozen base alone)", lora, false, 1.15);
+    let lp = find("token_logprobs_fwd_bwd");
+    add("token_logprobs_fwd_bwd", "torch eager ms / ms", lp.and_then(|r| r.ratio), true, 1.5);
+    let mem = lp.and_then(|r| Some(r.peak_mib? / r.torch_peak_mib?));
+    add("token_logprobs_fwd_bwd", "peak memory / torch eager peak memory", mem, false, 0.10);
+    if let Some(s) = sft {
+        add("sft_step_7b_lora", "MFU % of the bf16 peak estimate", Some(s.mfu_pct), true, 45.0);
+    }
+    out
+}
+
+/// What tools/bench_gpu_torch.py reports: maps of row name -> value.
+struct TorchOut {
+    version: String,
+    ms: serde_json::Map<String, serde_json::Value>,
+    /// Peak memory beyond the baseline, in MiB, for the rows that measure it.
+    peak_mib: serde_json::Map<String, serde_json::Value>,
+    /// What the PyTorch side ran, where it had a choice (SDPA variant, fused optimiser,
+    /// gradient checkpointing).
+    notes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Runs the PyTorch equivalents.
+fn run_torch(script: &Path, iters: usize, kernels_only: bool) -> Result<TorchOut> {
     if !script.is_file() {
         anyhow::bail!("{} not found (run from the repository root)", script.display());
     }
@@ -406,7 +1002,8 @@ fn run_torch(
             eprintln!("bench: PyTorch {k}: {e}");
         }
     }
-    Ok((version, v["ms"].as_object().cloned().unwrap_or_default()))
+    let map = |k: &str| v[k].as_object().cloned().unwrap_or_default();
+    Ok(TorchOut { version, ms: map("ms"), peak_mib: map("peak_mib"), notes: map("notes") })
 }
 
 /// The table `protege bench --device cuda` prints.
@@ -437,5 +1034,139 @@ pub fn table(b: &GpuBench) -> String {
             r.note
         ));
     }
+    let mem: Vec<&Row> = b.rows.iter().filter(|r| r.peak_mib.is_some() || r.torch_peak_mib.is_some()).collect();
+    if !mem.is_empty() {
+        s.push_str("\npeak device memory beyond the inputs (protege: memory-pool high-water mark; torch: max_memory_allocated - baseline)\n| op | MiB | torch MiB | share of torch |\n|---|---|---|---|\n");
+        for r in mem {
+            let share = r.peak_mib.zip(r.torch_peak_mib).map(|(a, t)| 100.0 * a / t);
+            s.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                r.name,
+                f(r.peak_mib, 0),
+                f(r.torch_peak_mib, 0),
+                share.map_or("-".into(), |x| format!("{x:.1}%"))
+            ));
+        }
+    }
+    if let Some(t) = &b.sft {
+        s.push_str(&format!(
+            "\nSFT step: {} tokens, {:.0} tokens/s, MFU {:.1}% of {:.0} TFLOP/s, {:.1} TFLOP per step, recompute {} ({}); model FLOPs = {}\n",
+            t.tokens,
+            t.tokens_per_s,
+            t.mfu_pct,
+            t.peak_bf16_tflops_used,
+            t.model_flops / 1e12,
+            t.recompute,
+            t.recompute_reason,
+            t.flops_formula
+        ));
+    }
+    if !b.goals.is_empty() {
+        s.push_str("\ngoals\n| row | metric | value | target | met |\n|---|---|---|---|---|\n");
+        for g in &b.goals {
+            let met = match g.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "not measured",
+            };
+            s.push_str(&format!("| {} | {} | {} | {} | {met} |\n", g.row, g.metric, f(g.value, 3), g.target));
+        }
+    }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg7b() -> Qwen2Config {
+        Qwen2Config::from_json(QWEN25_7B).unwrap()
+    }
+
+    fn numel(shapes: &[Vec<usize>]) -> usize {
+        shapes.iter().map(|s| s.iter().product::<usize>()).sum()
+    }
+
+    #[test]
+    fn optimiser_shapes_match_the_pytorch_side() {
+        // tools/bench_gpu_torch.py builds the same lists: 392 adapters of 40.4M values, and the
+        // 48 tensors of 4 layers (0.93B values).
+        let c = cfg7b();
+        let lora = lora_adapter_shapes(&c, 16);
+        assert_eq!((lora.len(), numel(&lora)), (392, 40_370_176));
+        assert_eq!(lora[0], vec![16, 3584]);
+        assert_eq!(lora[13], vec![3584, 16]);
+        let big = layer_weight_shapes(&c, 4);
+        assert_eq!(big.len(), 48);
+        assert_eq!(numel(&big), 4 * (c.num_params() - 2 * c.vocab_size * c.hidden_size - c.hidden_size) / 28);
+        assert_eq!(big[1], vec![3584, 3584]);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![5.0]), 5.0);
+    }
+
+    fn test_row(name: &str, ms: f64, torch_ms: Option<f64>) -> Row {
+        let peaks = Peaks { tflops: 1000.0, bw_gbs: 3000.0 };
+        let mut r = row(name, String::new(), ms, None, None, &peaks, "");
+        r.torch_ms = torch_ms;
+        r.ratio = torch_ms.map(|t| t / ms);
+        r
+    }
+
+    #[test]
+    fn goals_are_checked_and_printed() {
+        let mut lp = test_row("token_logprobs_fwd_bwd", 10.0, Some(20.0));
+        lp.peak_mib = Some(500.0);
+        lp.torch_peak_mib = Some(20_000.0);
+        let rows = vec![
+            test_row("attention_train_bwd", 2.0, Some(1.8)),
+            test_row("linear_fwd_dx", 4.0, None),
+            test_row("lora_linear_fwd_bwd", 4.4, Some(6.0)),
+            lp,
+        ];
+        let g = goals(&rows, None);
+        let by = |i: usize| (g[i].row.as_str(), g[i].met);
+        assert_eq!(g.len(), 4);
+        assert_eq!(by(0), ("attention_train_bwd", Some(false)));
+        assert_eq!(by(1), ("lora_linear_fwd_bwd", Some(true)));
+        assert_eq!(by(2), ("token_logprobs_fwd_bwd", Some(true)));
+        assert_eq!(by(3), ("token_logprobs_fwd_bwd", Some(true)));
+        assert!((g[3].value.unwrap() - 0.025).abs() < 1e-12);
+        // Without PyTorch the ratios are unknown, not failed.
+        let bare: Vec<Row> = rows
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                r.torch_ms = None;
+                r.ratio = None;
+                r.torch_peak_mib = None;
+                r
+            })
+            .collect();
+        let g = goals(&bare, None);
+        assert_eq!(g.iter().map(|g| g.met).collect::<Vec<_>>(), vec![None, Some(true), None, None]);
+
+        let b = GpuBench {
+            device: "test".into(),
+            arch: "sm_90".into(),
+            sms: 132,
+            peak_bf16_tflops_est: 1000.0,
+            cublas_gemm_tflops: 700.0,
+            measured_bandwidth_gbs: 3000.0,
+            torch: None,
+            goals: goals(&bare, None),
+            rows: bare,
+            sft: None,
+        };
+        let t = table(&b);
+        assert!(t.contains("| attention_train_bwd | SDPA backward ms / ms | - | >= 1 | not measured |"), "{t}");
+        assert!(t.contains("| token_logprobs_fwd_bwd | 500 | - | - |"), "{t}");
+        let json = serde_json::to_value(&b).unwrap();
+        assert!(json["rows"][0].get("peak_mib").is_none(), "unmeasured peaks are left out");
+        assert_eq!(json["rows"][3]["peak_mib"], 500.0);
+    }
 }
