@@ -34,6 +34,8 @@ use crate::backend::{cache_slot, Backend, SamplingParams, SeqSlice, StepMeta};
 use crate::generate::{generate, GenOptions, Request};
 use crate::model::Qwen2;
 
+#[cfg(test)]
+mod emulated;
 pub mod train;
 
 /// One comparison.
