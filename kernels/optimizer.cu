@@ -12,6 +12,19 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     return v;
 }
 
+// out[0] += the block's sum of s (f64 partials, one atomic per block). `part` holds 32 doubles.
+__device__ __forceinline__ void block_add_d(double s, double* part, double* out) {
+    s = warp_sum_d(s);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
+        s = warp_sum_d(s);
+        if (lane == 0) atomicAdd(out, s);
+    }
+}
+
 // A gradient tensor as sum_squares_multi reads it: f32 values.
 struct SquaresTensor {
     unsigned long long grad;
@@ -28,15 +41,7 @@ extern "C" __global__ void sum_squares_multi(const SquaresTensor* __restrict__ t
     const float* g = (const float*)t.grad;
     double s = 0.0;
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) s += (double)g[i] * (double)g[i];
-    s = warp_sum_d(s);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-        s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
-        s = warp_sum_d(s);
-        if (lane == 0) atomicAdd(out, s);
-    }
+    block_add_d(s, part, out);
 }
 
 // out[0] += sum(x^2) over a bf16 buffer (one tensor; grid-stride).
@@ -47,15 +52,7 @@ extern "C" __global__ void sum_squares_bf16(const bf16* __restrict__ x, long lon
         const double v = to_f(x[i]);
         s += v * v;
     }
-    s = warp_sum_d(s);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-        s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
-        s = warp_sum_d(s);
-        if (lane == 0) atomicAdd(out, s);
-    }
+    block_add_d(s, part, out);
 }
 
 // One trained tensor as adamw_multi reads it (56 bytes; the host packs it word by word).
