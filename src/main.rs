@@ -52,7 +52,7 @@ enum Command {
     /// patch; resolved episodes are kept (rejection sampling).
     Synth(ResumableArgs),
     /// Agentic RL (GRPO) with the SWE-Protégé reward and a curriculum of stages.
-    Rl(ResumableArgs),
+    Rl(RlArgs),
     /// The whole pipeline: synth -> sft -> rl -> eval -> report. With no --config, the embedded
     /// demo (configs/demo.toml: tiny model, bundled tasks, CPU).
     Train(TrainArgs),
@@ -114,6 +114,19 @@ struct ResumableArgs {
     /// Continue the run in the config's run directory from its last checkpoint.
     #[arg(long)]
     resume: bool,
+}
+
+#[derive(Args)]
+struct RlArgs {
+    /// TOML config (every field documented in src/config.rs).
+    #[arg(long)]
+    config: PathBuf,
+    /// Continue the run in the config's run directory from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// cpu, cuda or cuda:N for rollouts and updates (default: cuda when a usable GPU is present).
+    #[arg(long)]
+    device: Option<Device>,
 }
 
 #[derive(Args)]
@@ -930,10 +943,11 @@ fn run_synth(a: ResumableArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_rl(a: ResumableArgs) -> Result<()> {
+fn run_rl(a: RlArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
     let cfg = protege::config::RlConfig::from_file(&a.config)?;
-    let out = protege::train::rl::run_rl(&cfg, &text, a.resume, None)?;
+    let device = a.device.unwrap_or_else(protege::backend::cuda::default_device);
+    let out = protege::train::rl::run_rl_on(device, &cfg, &text, a.resume, None)?;
     eprintln!("rl: {} steps; run directory {}", out.last_step, out.run_dir.display());
     Ok(())
 }

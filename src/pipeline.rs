@@ -39,8 +39,7 @@ pub struct RunSection {
     /// Printed at the start: what is scripted or simplified in this run.
     #[serde(default)]
     pub note: Option<String>,
-    /// Where SFT and the local policy of eval run: "cpu" (the default), "cuda" or "cuda:N".
-    /// (RL runs on the CPU backend.)
+    /// Where SFT, RL and the local policy of eval run: "cpu" (the default), "cuda" or "cuda:N".
     #[serde(default)]
     pub device: Option<String>,
 }
@@ -369,7 +368,7 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
         } else {
             stage_line("rl", "GRPO with the SWE-Protégé reward, stage by stage");
             let resume = dir.join("checkpoints/latest").exists();
-            crate::train::rl::run_rl(r, &toml::to_string(r)?, resume, None)?;
+            crate::train::rl::run_rl_on(device, r, &toml::to_string(r)?, resume, None)?;
         }
     }
     let mut summaries = vec![];

@@ -31,6 +31,7 @@ use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::sandbox::best_isolation;
 use crate::agent::trajectory::Source;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, Device};
 use crate::backend::{Backend, TrainBackend};
 use crate::config::{ExpertKind, RlConfig};
 use crate::eval::{make_expert, prepare_expert};
@@ -282,9 +283,34 @@ pub fn load_policy<B: Backend>(be: &B, cfg: &RlConfig) -> Result<Qwen2<B>> {
     Ok(model)
 }
 
-/// Runs (or, with `resume`, continues) the RL run of `cfg`. `stop_after` ends this process's
-/// run after that many steps, as an interruption would.
+/// Runs (or, with `resume`, continues) the RL run of `cfg` on the CPU backend. `stop_after`
+/// ends this process's run after that many steps, as an interruption would.
 pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Option<u64>) -> Result<RlOutcome> {
+    rl_with(CpuBackend::new(), cfg, config_text, resume, stop_after)
+}
+
+/// As [`run_rl`], on `device`: on a GPU the rollouts (prefill, decode, sampling) and the
+/// policy update both run there, sharing one copy of the weights.
+pub fn run_rl_on(
+    device: Device,
+    cfg: &RlConfig,
+    config_text: &str,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> Result<RlOutcome> {
+    match device {
+        Device::Cpu => run_rl(cfg, config_text, resume, stop_after),
+        Device::Cuda(n) => rl_with(CudaBackend::new(n)?, cfg, config_text, resume, stop_after),
+    }
+}
+
+fn rl_with<B: TrainBackend>(
+    be: B,
+    cfg: &RlConfig,
+    config_text: &str,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> Result<RlOutcome> {
     let run = cfg.output.run_dir.clone();
     let metrics_path = run.join("metrics.jsonl");
     // A run exists once it has a checkpoint; a run killed before its first one starts over.
@@ -300,7 +326,7 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
     std::fs::create_dir_all(run.join("rollouts")).with_context(|| format!("cannot create {}", run.display()))?;
     write_atomic(&run.join("config.toml"), config_text.as_bytes())?;
 
-    let be = CpuBackend::new();
+    eprintln!("rl: on {}", be.name());
     let tok = Tokenizer::from_dir(&cfg.model.path)?;
     let mut model = load_policy(&be, cfg)?;
     // The reference for the KL term: the starting model. With LoRA it is the same weights
@@ -660,10 +686,18 @@ pub fn run_rl(cfg: &RlConfig, config_text: &str, resume: bool, stop_after: Optio
         }
     }
     if state.step == total {
+        // On a bf16 device the exports write the optimiser's f32 masters; the merged model is
+        // made from the bf16 adapters (merging runs device ops, which read bf16).
+        let mut masters = std::mem::take(&mut opt.master);
         if model.lora.is_some() {
-            export_peft(&be, &model, &cfg.model.path.display().to_string(), &run.join("adapter"))?;
+            let base = cfg.model.path.display().to_string();
+            super::sft::with_masters(&mut model, &mut masters, |m| export_peft(&be, m, &base, &run.join("adapter")))?;
+            export_final(&be, &mut model, &cfg.model.path, &run.join("model"))?;
+        } else {
+            super::sft::with_masters(&mut model, &mut masters, |m| {
+                export_final(&be, m, &cfg.model.path, &run.join("model"))
+            })?;
         }
-        export_final(&be, &mut model, &cfg.model.path, &run.join("model"))?;
     }
     Ok(RlOutcome { run_dir: run, last_step: state.step, metrics })
 }

@@ -362,22 +362,34 @@ fn sft_with<B: TrainBackend>(
         // their bf16 rounding: rank 0 collects each from its owner and lends it to the model.
         let mut masters = collect_masters(&be, coll, &opt)?;
         if main {
-            let swap = |model: &mut Qwen2<B>, masters: &mut Vec<B::Buf>| {
-                for (p, m) in model.trainable_mut().into_iter().zip(masters.iter_mut()) {
-                    std::mem::swap(p, m);
-                }
-            };
-            swap(&mut model, &mut masters);
-            let exported = match &model.lora {
-                Some(_) => export_peft(&be, &model, &cfg.model.path.display().to_string(), &run.join("adapter")),
+            with_masters(&mut model, &mut masters, |model| match &model.lora {
+                Some(_) => export_peft(&be, model, &cfg.model.path.display().to_string(), &run.join("adapter")),
                 // With the context override recorded in its config.json.
-                None => super::rl::export_final(&be, &mut model, &cfg.model.path, &run.join("model")),
-            };
-            swap(&mut model, &mut masters);
-            exported?;
+                None => super::rl::export_final(&be, model, &cfg.model.path, &run.join("model")),
+            })?;
         }
     }
     Ok(SftOutcome { run_dir: run, last_step: state.step, data: stats, metrics })
+}
+
+/// Runs `f` (an export) with the trained tensors replaced by their f32 `masters` where there
+/// are any (a bf16 device), so that it writes the masters rather than their bf16 rounding; the
+/// model gets its own tensors back afterwards. Only for reading the tensors: device ops
+/// expect bf16 parameters.
+pub(crate) fn with_masters<B: TrainBackend>(
+    model: &mut Qwen2<B>,
+    masters: &mut [B::Buf],
+    f: impl FnOnce(&mut Qwen2<B>) -> Result<()>,
+) -> Result<()> {
+    let swap = |model: &mut Qwen2<B>, masters: &mut [B::Buf]| {
+        for (p, m) in model.trainable_mut().into_iter().zip(masters.iter_mut()) {
+            std::mem::swap(p, m);
+        }
+    };
+    swap(model, masters);
+    let r = f(model);
+    swap(model, masters);
+    r
 }
 
 /// Every trained tensor's f32 master copy on rank 0 (each broadcast from the rank that owns
