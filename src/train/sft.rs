@@ -165,7 +165,9 @@ fn sft_with<B: TrainBackend>(
     coll.barrier()?;
 
     if world.size > 1 {
-        eprintln!("sft: rank {} of {} on {}", world.rank, world.size, be.name());
+        // One write, so that the ranks' lines do not interleave on a shared stderr.
+        let line = format!("sft: rank {} of {} on {}\n", world.rank, world.size, be.name());
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     } else {
         eprintln!("sft: on {}", be.name());
     }
@@ -186,14 +188,16 @@ fn sft_with<B: TrainBackend>(
     if train.is_empty() {
         bail!("no training examples: {} trajectories, {stats:?}", trajectories.len());
     }
-    eprintln!(
-        "sft: {} train examples ({} truncated, {} dropped too long, {} with nothing to learn), {} eval",
-        stats.kept,
-        stats.truncated,
-        stats.dropped_too_long,
-        stats.dropped_nothing_to_learn,
-        eval.len()
-    );
+    if main {
+        eprintln!(
+            "sft: {} train examples ({} truncated, {} dropped too long, {} with nothing to learn), {} eval",
+            stats.kept,
+            stats.truncated,
+            stats.dropped_too_long,
+            stats.dropped_nothing_to_learn,
+            eval.len()
+        );
+    }
 
     let longest = train.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     let plan = MemoryPlan::new(&be, &model, cfg.data.batch_tokens.max(longest), cfg.train.recompute);
