@@ -29,11 +29,9 @@
 //    grid (n_tiles, kv_heads), block 128, no dynamic shared memory; scale_log2 as in the forward.
 //    Adds into dq_acc with atomicAdd (dq_acc must be zeroed first); writes every element of dk
 //    and dv once.
-//  flash_train_dq_cast(const float* dq_acc, bf16* dq, long long n)
-//    dq[i] = bf16(dq_acc[i]) for i < n (n = rows * heads * D); grid-stride, any grid (e.g. block
-//    256, grid min(ceil(n / 256), 65535)).
 // Host sequence for the backward: zero dq_acc (rows * heads * D floats), then flash_train_bwd_pre,
-// flash_train_bwd_d{D}, flash_train_dq_cast, on one stream in that order. lse is the forward's
+// flash_train_bwd_d{D}, then round dq_acc to bf16 into dq (elementwise.cu's cast_f32_bf16), on
+// one stream in that order. lse is the forward's
 // (delta may come from the bf16 out the forward wrote). heads must be a multiple of kv_heads; with
 // rows == 0 (n_tiles == 0) launch nothing, as an empty grid is invalid.
 //
@@ -491,9 +489,3 @@ __device__ __forceinline__ void flash_train_bwd(const bf16* __restrict__ q, cons
     }
 FLASH_TRAIN_BWD(64, 64)
 FLASH_TRAIN_BWD(128, 16)
-
-// ---------------------------------------------------------------------------------------------
-extern "C" __global__ void flash_train_dq_cast(const float* __restrict__ dq_acc, bf16* __restrict__ dq, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        dq[i] = to_bf(dq_acc[i]);
-}

@@ -30,7 +30,7 @@ use crate::backend::{AdamW, AdamWTensor, Backend, LoraRef, SamplingParams, StepM
 use crate::model::config::Qwen2Config;
 use crate::model::lora::{Lora, LoraConfig, Target};
 use crate::model::qwen2::{KvCache, Weights};
-use crate::model::training::{Grads, TrainBatch};
+use crate::model::training::TrainBatch;
 use crate::model::Qwen2;
 use crate::selftest::{paged_meta, SeqSpec};
 
@@ -96,7 +96,6 @@ pub struct SftStep {
     pub mfu_pct: f64,
     pub peak_bf16_tflops_used: f64,
     pub loss: f64,
-    pub grad_norm: f64,
     /// Peak device memory of a step beyond the model weights, in MiB.
     pub peak_mib: Option<f64>,
 }
@@ -795,9 +794,6 @@ fn bench_sft_step(
     let lcfg = LoraConfig { rank, alpha: 2.0 * rank as f32, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 0 };
     model.lora = Some(Lora::init(be, &cfg, &lcfg)?);
     let ids: Vec<u32> = (0..t as u32).map(|i| i.wrapping_mul(7919) % cfg.vocab_size as u32).collect();
-    let batch = TrainBatch::pack(&[(ids, vec![true; t])])?;
-    let denom = batch.trained_rows().max(1) as f32;
-    let dlogp = batch.nll_dlogp(denom);
 
     // Recompute only when the memory plan (weights are resident already) would not fit.
     be.release_cached_memory()?;
@@ -822,75 +818,15 @@ fn bench_sft_step(
     };
     eprintln!("bench: SFT step recompute = {recompute} ({reason})");
 
-    let shapes = model.trainable();
-    let numel: Vec<usize> = shapes.iter().map(|(_, s)| s.iter().product()).collect();
-    let trained: usize = numel.iter().sum();
-    let mut grads = Grads::zeros_for(be, model);
-    let mut m: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
-    let mut v: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
-    let mut master: Vec<CudaBuf> =
-        model.trainable_tensors().into_iter().map(|p| be.upload_f32_full(&be.to_f32(p))).collect();
-    let mut step_no = 0u64;
-    let reps = it.clamp(1, 3);
-    let (mut times, mut loss, mut grad_norm, mut peak) = (vec![], f64::NAN, f64::NAN, None);
-    for rep in 0..=reps {
-        // Rep 0 is the warm-up; its peak memory is measured.
-        let mark = if rep == 0 { Some(PoolPeak::start(be)?) } else { None };
-        be.synchronize()?;
-        let t0 = Instant::now();
-        let (logp, trace) = {
-            let _r = be.range("sft forward");
-            grads.zero(be, &cfg);
-            // train_forward ends by copying the log-probs to the host: synchronised.
-            model.train_forward(be, &batch, recompute)?
-        };
-        let t1 = Instant::now();
-        {
-            let _r = be.range("sft backward");
-            model.train_backward(be, &batch, trace, &dlogp, &mut grads)?;
-            be.synchronize()?;
-        }
-        let t2 = Instant::now();
-        {
-            let _r = be.range("sft optimiser");
-            let gts = grads.tensors(&cfg);
-            let sums: Vec<(&CudaBuf, usize)> = gts.iter().copied().zip(numel.iter().copied()).collect();
-            let norm = be.sum_squares_all(&sums).sqrt();
-            // As Optimizer::step with max_grad_norm 1 (which refuses a non-finite norm; the
-            // bench reports it instead).
-            let clip = if norm.is_finite() { (1.0 / (norm + 1e-6)).min(1.0) as f32 } else { 1.0 };
-            step_no += 1;
-            let mut tensors: Vec<AdamWTensor<CudaBackend>> = model
-                .trainable_mut()
-                .into_iter()
-                .zip(gts)
-                .zip(master.iter_mut().zip(m.iter_mut().zip(v.iter_mut())))
-                .enumerate()
-                .map(|(i, ((param, grad), (master, (m, v))))| AdamWTensor {
-                    param,
-                    master: Some(master),
-                    grad,
-                    m,
-                    v,
-                    n: numel[i],
-                    decay: shapes[i].1.len() >= 2,
-                })
-                .collect();
-            be.adamw(&mut tensors, &BENCH_ADAMW, clip, step_no);
-            be.synchronize()?;
-            grad_norm = norm;
-        }
-        let t3 = Instant::now();
-        loss = batch.nll(&logp, denom);
-        if let Some(mark) = mark {
-            peak = mark.finish(be)?;
-        } else {
-            let s = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-            times.push([s(t0, t3), s(t0, t1), s(t1, t2), s(t2, t3)]);
-        }
-    }
-    let phase = |i: usize| median(times.iter().map(|p| p[i]).collect());
-    let ms = phase(0);
+    // The step itself is the generic SFT step benchmark (forward, backward, clipping, AdamW with
+    // f32 masters), here with the peak of the device's memory pool around it.
+    let mark = PoolPeak::start(be)?;
+    let r = crate::bench::bench_sft_step(be, model, &ids, Some(rank), recompute, it.clamp(1, 3))?;
+    let peak = mark.finish(be)?;
+    let trained = r.trainable_params;
+    let ms = r.step_s * 1e3;
+    let phase = |i: usize| r.phases_s[i] * 1e3;
+    let loss = *r.losses.last().unwrap_or(&f64::NAN);
 
     let (l, hh, d) = (cfg.num_layers as f64, cfg.num_heads as f64, cfg.head_dim as f64);
     let n_w = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) as f64;
@@ -929,14 +865,13 @@ fn bench_sft_step(
         recompute_reason: reason,
         trained_params: trained,
         ms,
-        phases_ms: [phase(1), phase(2), phase(3)],
+        phases_ms: [phase(0) + phase(1), phase(2), phase(3)],
         tokens_per_s: tf / (ms * 1e-3),
         model_flops: flops,
         flops_formula: formula,
         mfu_pct: r.pct_peak,
         peak_bf16_tflops_used: peaks.tflops,
         loss,
-        grad_norm,
         peak_mib: r.peak_mib,
     };
     model.lora = None;

@@ -154,7 +154,7 @@ def train_attention(q, k, v, dout, meta, heads, kv_heads, D, stats):
         for t in range(meta['n_tiles']):
             train_bwd_block(D, TRAIN_BRQ[D], t, kh, gm, scale_log2, heads, kv_heads, stats)
     dq = Mem('dq', np.full(rows * heads * D, BF_NAN, np.uint16), True)
-    dq.st(np.arange(rows * heads * D), f2bf(dq_acc.a))  # flash_train_dq_cast, grid-stride
+    dq.st(np.arange(rows * heads * D), f2bf(dq_acc.a))  # cast_f32_bf16 (elementwise.cu), grid-stride
     return out, lse, delta, dq_acc, dq, dk, dv
 
 def train_reference(qf, kf, vf, dof, lengths, heads, kv_heads, D):

@@ -134,7 +134,6 @@ kernels! {
     flash_train_bwd_pre: "flash_attn_train" / "flash_train_bwd_pre",
     flash_train_bwd_d64: "flash_attn_train" / "flash_train_bwd_d64",
     flash_train_bwd_d128: "flash_attn_train" / "flash_train_bwd_d128",
-    flash_train_dq_cast: "flash_attn_train" / "flash_train_dq_cast",
     logprob_chunk_fwd: "logprob" / "logprob_chunk_fwd",
     logprob_finish: "logprob" / "logprob_finish",
     logprob_chunk_bwd: "logprob" / "logprob_chunk_bwd",
@@ -191,9 +190,17 @@ pub struct CudaMeta {
     n_decode: usize,
     max_decode_ctx: usize,
     /// Every 64-row chunk (sequence, first row) of every sequence: the query tiles of the
-    /// training forward and the key tiles of its backward.
-    train_tiles: CudaSlice<i32>,
+    /// training forward and the key tiles of its backward. Uploaded at the first training
+    /// attention, so that inference steps do not pay for it.
+    train_tiles_host: Vec<i32>,
+    train_tiles: std::sync::OnceLock<CudaSlice<i32>>,
     n_train_tiles: usize,
+}
+
+impl CudaMeta {
+    fn train_tiles(&self, be: &CudaBackend) -> &CudaSlice<i32> {
+        self.train_tiles.get_or_init(|| be.upload_i32(&self.train_tiles_host))
+    }
 }
 
 /// Rows per flash-attention tile (BR in flash_attn.cu).
@@ -517,7 +524,8 @@ impl Backend for CudaBackend {
             decode_seqs: self.upload_i32(&decode),
             max_decode_ctx,
             n_train_tiles: train_tiles.len() / 2,
-            train_tiles: self.upload_i32(&train_tiles),
+            train_tiles_host: train_tiles,
+            train_tiles: std::sync::OnceLock::new(),
         }
     }
 

@@ -272,7 +272,7 @@ impl TrainBackend for CudaBackend {
                 .arg(v.bf())
                 .arg(out.bf_mut())
                 .arg(lse.f32_mut())
-                .arg(&meta.train_tiles)
+                .arg(meta.train_tiles(self))
                 .arg(&meta.seq_row_start)
                 .arg(&meta.seq_n_new)
                 .arg(&h)
@@ -348,7 +348,7 @@ impl TrainBackend for CudaBackend {
                 .arg(dq_acc.f32_mut())
                 .arg(dk.bf_mut())
                 .arg(dv.bf_mut())
-                .arg(&meta.train_tiles)
+                .arg(meta.train_tiles(self))
                 .arg(&meta.seq_row_start)
                 .arg(&meta.seq_n_new)
                 .arg(&h)
@@ -360,10 +360,7 @@ impl TrainBackend for CudaBackend {
                 shared_mem_bytes: 0,
             };
             check("flash attention backward", unsafe { b.launch(cfg) });
-            let n = (rows * qd) as i64;
-            let mut b = self.stream.launch_builder(&self.k.flash_train_dq_cast);
-            b.arg(dq_acc.f32()).arg(dq.bf_mut()).arg(&n);
-            check("flash attention backward (dq)", unsafe { b.launch(self.elementwise_cfg(rows * qd)) });
+            self.cast_to_bf16(&dq_acc, dq, rows * qd);
             return;
         }
         let mut dk_acc = self.zeros_f32(rows * kvd);
