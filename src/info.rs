@@ -90,6 +90,7 @@ pub fn report() -> String {
     if let Some(g) = mem_total_gib() {
         let _ = writeln!(out, "memory    {g:.1} GiB");
     }
+    let _ = write!(out, "sandbox   {}", crate::agent::sandbox::describe());
     let found = libs::probe();
     let _ = writeln!(out, "libcuda   {}", found.driver.describe());
     let _ = writeln!(out, "nvrtc     {}", found.nvrtc.describe());

@@ -13,6 +13,7 @@ pub mod config;
 pub mod eval;
 pub mod generate;
 pub mod info;
+pub mod interrupt;
 pub mod launch;
 pub mod model;
 pub mod pipeline;

@@ -181,12 +181,12 @@ fn the_editor_is_confined_to_the_work_tree_and_can_undo() {
     assert!(std::fs::read_to_string(sb.host_root().join("calc/ops.py")).unwrap().starts_with("# top\ndef clamp"));
     edit(json!({"command": "undo_edit", "path": "calc/ops.py"})).unwrap();
     edit(json!({"command": "undo_edit", "path": "calc/ops.py"})).unwrap();
-    assert!(sb.diff().unwrap().is_empty(), "two undos restore the base");
+    assert!(sb.diff(1 << 20).unwrap().is_empty(), "two undos restore the base");
     assert!(edit(json!({"command": "create", "path": "calc/ops.py", "file_text": ""}))
         .unwrap_err()
         .contains("already exists"));
     edit(json!({"command": "create", "path": "notes/todo.md", "file_text": "fix clamp\n"})).unwrap();
-    assert!(sb.diff().unwrap().contains("+++ b/notes/todo.md"));
+    assert!(sb.diff(1 << 20).unwrap().contains("+++ b/notes/todo.md"));
     let listing = edit(json!({"command": "view", "path": "."})).unwrap();
     assert!(listing.contains("calc/ops.py"), "{listing}");
     // Undoing a create deletes the file.
@@ -227,7 +227,7 @@ fn the_agents_git_config_never_runs_on_the_host() {
     assert_eq!(out.exit_code, Some(0), "{}", out.output);
     // The agent's own git works (and may run its own filter inside its command: that is its business).
     let _ = std::fs::remove_file(&marker);
-    let diff = sb.diff().unwrap();
+    let diff = sb.diff(1 << 20).unwrap();
     assert!(diff.contains("+changed") && diff.contains(".gitattributes"), "{diff}");
     assert!(!diff.contains(".git/"), "the agent's repository is not part of the patch");
     assert!(!marker.exists(), "a filter, hook or fsmonitor of the agent ran on the host");

@@ -24,17 +24,23 @@ pub enum ExitStatus {
     FormatErrors,
     ExpertQuota,
     Timeout,
+    /// The work tree's changes were over `max_patch_bytes`: nothing to grade.
+    PatchTooLarge,
+    /// The run was asked to stop (a signal) before the episode ended: not a result.
+    Interrupted,
     Error,
 }
 
 impl ExitStatus {
-    pub const ALL: [ExitStatus; 7] = [
+    pub const ALL: [ExitStatus; 9] = [
         ExitStatus::Submitted,
         ExitStatus::StepLimit,
         ExitStatus::ContextLimit,
         ExitStatus::FormatErrors,
         ExitStatus::ExpertQuota,
         ExitStatus::Timeout,
+        ExitStatus::PatchTooLarge,
+        ExitStatus::Interrupted,
         ExitStatus::Error,
     ];
 
@@ -46,6 +52,8 @@ impl ExitStatus {
             ExitStatus::FormatErrors => "format_errors",
             ExitStatus::ExpertQuota => "expert_quota",
             ExitStatus::Timeout => "timeout",
+            ExitStatus::PatchTooLarge => "patch_too_large",
+            ExitStatus::Interrupted => "interrupted",
             ExitStatus::Error => "error",
         }
     }
@@ -74,6 +82,9 @@ pub struct EpisodeConfig {
     /// One-line tool descriptions and a short system prompt, for small models with short
     /// contexts.
     pub compact_prompt: bool,
+    /// Largest patch (the work tree's diff) an episode may yield; beyond it the episode ends
+    /// `patch_too_large` with nothing to grade.
+    pub max_patch_bytes: u64,
 }
 
 impl Default for EpisodeConfig {
@@ -88,6 +99,7 @@ impl Default for EpisodeConfig {
             episode_timeout_s: 1800.0,
             observation_chars: 16000,
             compact_prompt: false,
+            max_patch_bytes: 1 << 20,
         }
     }
 }
@@ -164,15 +176,10 @@ pub fn task_prompt(task: &TaskInstance, workdir: &str) -> String {
     )
 }
 
-/// Keeps the first and last `max / 2` characters of a long observation.
+/// Keeps the first and last `max / 2` characters of a long observation; the marker counts
+/// the bytes cut.
 pub fn cap_observation(text: &str, max: usize) -> String {
-    let n = text.chars().count();
-    if n <= max {
-        return text.to_string();
-    }
-    let head: String = text.chars().take(max / 2).collect();
-    let tail: String = text.chars().skip(n - max / 2).collect();
-    format!("{head}\n[... {} characters truncated ...]\n{tail}", n - 2 * (max / 2))
+    super::sandbox::output::cap_text(text, max)
 }
 
 fn approx_context(messages: &[Message], tools: &[Value]) -> usize {
@@ -222,6 +229,9 @@ pub fn run_episode<'p, 'e>(
         if started.elapsed().as_secs_f64() > cfg.episode_timeout_s {
             break ExitStatus::Timeout;
         }
+        if crate::interrupt::requested() {
+            break ExitStatus::Interrupted;
+        }
         let used = policy.context_tokens().unwrap_or_else(|| approx_context(&ep.messages, &ep.tools));
         let budget = policy.max_context().map_or(cfg.context_tokens, |m| m.min(cfg.context_tokens));
         if used >= budget {
@@ -266,9 +276,11 @@ pub fn run_episode<'p, 'e>(
         let observation = match &request {
             Request::Submit => break ExitStatus::Submitted,
             Request::Bash(command) => match exec.run(command) {
+                Ok(out) if out.interrupted => break ExitStatus::Interrupted,
                 Ok(out) => {
                     ep.timing.command_s += out.seconds;
-                    let mut text = out.output;
+                    // One cut, one marker with the true count of bytes cut.
+                    let mut text = out.shown(cfg.observation_chars);
                     if text.trim().is_empty() {
                         text = "(no output)".into();
                     }
@@ -278,7 +290,7 @@ pub fn run_episode<'p, 'e>(
                         None if !out.timed_out => text.push_str("\n[killed by a signal]"),
                         None => {}
                     }
-                    Message::tool(cap_observation(&text, cfg.observation_chars))
+                    Message::tool(text)
                 }
                 Err(e) => {
                     ep.error = Some(format!("executor: {e:#}"));
@@ -349,8 +361,12 @@ pub fn run_episode<'p, 'e>(
         ep.messages.push(observation);
     };
     ep.exit_status = status;
-    match exec.diff() {
+    match exec.diff(cfg.max_patch_bytes) {
         Ok(p) => ep.patch = p,
+        Err(e) if e.downcast_ref::<super::sandbox::PatchTooLarge>().is_some() => {
+            ep.exit_status = ExitStatus::PatchTooLarge;
+            ep.error = Some(format!("{e:#}"));
+        }
         Err(e) => {
             ep.error.get_or_insert(format!("diff: {e:#}"));
         }

@@ -1,12 +1,27 @@
-//! Where an episode's commands run: a fresh copy of the task's repository, under bubblewrap
-//! when it works on this machine (no network, only the work tree and a private /tmp writable,
-//! everything else read-only, the hidden paths masked), else as a plain subprocess with the
-//! same limits and a loud warning.
+//! Where an episode's commands run: a fresh copy of the task's repository in a bubblewrap
+//! sandbox when bubblewrap works here, else as plain subprocesses with the same limits and a
+//! loud warning of what is then unprotected.
 //!
-//! Every command gets a wall-clock timeout that kills its whole process tree (bubblewrap: the
-//! command's PID namespace dies with it; plain: its process group), CPU-time, address-space and
-//! file-size limits, and its merged stdout/stderr is cut to a head and a tail with a marker.
-//! [`Executor`] is what the tools see, so a docker executor (SWE-bench images) can stand in.
+//! The sandbox is a security boundary (an RL-trained agent learns whatever it allows):
+//! - least privilege ([`launch`]): no capability, no-new-privileges, its own user, mount, PID,
+//!   network, IPC and UTS namespaces, no further user namespaces, and — when protege runs as
+//!   root — an unprivileged host user, so that nothing inside owns a host inode;
+//! - an empty world ([`world`]): the system's runtime directories read-only, the task's work
+//!   tree at `/repo`, its venv, a private `/tmp` — never the project checkout, the home
+//!   directory, the run directory or the suite;
+//! - bounded resources: a wall-clock timeout that kills the command's whole process tree,
+//!   per-process CPU, address-space and file-size rlimits, a per-sandbox cgroup memory and
+//!   process limit where the machine offers one ([`cgroup`]), a size-limited `/tmp`, output
+//!   cut to head + tail with a marker that counts the bytes cut ([`output`]), and a cap on
+//!   the patch the work tree yields.
+//!
+//! [`Executor`] is what the tools see, so that another executor (SWE-bench images) can stand in.
+
+pub mod cgroup;
+pub mod launch;
+pub mod output;
+pub mod scratch;
+pub mod world;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -48,12 +63,17 @@ pub struct Limits {
     pub cpu_s: u64,
     /// Address space per process, MiB.
     pub memory_mib: u64,
+    /// Memory of all of a sandbox's processes together (its `/tmp` included), MiB, through its
+    /// cgroup where the machine offers one; 0: no such limit.
+    pub total_memory_mib: u64,
     /// Largest file a command may write, MiB.
     pub file_mib: u64,
+    /// Size of the sandbox's private `/tmp`, MiB.
+    pub tmp_mib: u64,
     /// Bytes of output kept (half from the head, half from the tail).
     pub output_bytes: usize,
-    /// Processes of the user (RLIMIT_NPROC): stops a fork bomb early. The kernel does not
-    /// apply it to root, where the timeout alone ends one.
+    /// Processes: of the sandbox together through its cgroup where the machine offers one,
+    /// and of its user (RLIMIT_NPROC, which the kernel does not apply to root).
     pub max_processes: u64,
 }
 
@@ -63,7 +83,9 @@ impl Default for Limits {
             timeout_s: 60.0,
             cpu_s: 120,
             memory_mib: 4096,
+            total_memory_mib: 8192,
             file_mib: 256,
+            tmp_mib: 1024,
             output_bytes: 16 * 1024,
             max_processes: 4096,
         }
@@ -80,6 +102,26 @@ pub struct CmdOutput {
     /// Output bytes dropped by the truncation.
     pub dropped_bytes: usize,
     pub seconds: f64,
+    /// Killed because the run was asked to stop (see [`crate::interrupt`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
+}
+
+impl CmdOutput {
+    /// The output shown in at most `max_chars` characters, with one marker that counts every
+    /// byte cut (by the collector and here).
+    pub fn shown(&self, max_chars: usize) -> String {
+        let (head, tail) = output::split_at_marker(&self.output, self.dropped_bytes);
+        output::clip(head, tail, self.dropped_bytes, max_chars)
+    }
+}
+
+/// The work tree's changes are over the patch limit: nothing is graded.
+#[derive(Debug, thiserror::Error)]
+#[error("the work tree's changes come to {bytes} bytes, over the patch limit of {limit} bytes")]
+pub struct PatchTooLarge {
+    pub bytes: u64,
+    pub limit: u64,
 }
 
 /// Runs commands and edits files in one episode's work tree.
@@ -96,8 +138,9 @@ pub trait Executor: Send + Sync {
     fn kind(&self, rel: &Path) -> Result<PathKind>;
     /// Deletes a file relative to the work tree.
     fn remove(&self, rel: &Path) -> Result<()>;
-    /// The work tree's changes against the task's base, as a git patch.
-    fn diff(&self) -> Result<String>;
+    /// The work tree's changes against the task's base, as a git patch of at most `max_bytes`
+    /// bytes ([`PatchTooLarge`] otherwise).
+    fn diff(&self, max_bytes: u64) -> Result<String>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,34 +158,65 @@ pub enum Isolation {
     Plain,
 }
 
-/// Whether bubblewrap runs here (installed and allowed to create namespaces); probed once.
+/// Whether the bubblewrap sandbox works here (installed, namespaces allowed, the whole
+/// launch tried once).
 pub fn bubblewrap_works() -> bool {
-    static WORKS: OnceLock<bool> = OnceLock::new();
-    *WORKS.get_or_init(|| {
-        Command::new("bwrap")
-            .args(["--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--die-with-parent", "true"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+    launch::bubblewrap().is_ok()
 }
+
+/// What plain subprocesses (`--no-sandbox`, or no working bubblewrap) do not protect.
+pub const PLAIN_WARNING: &str = "agent commands run as plain subprocesses, as the user running protege (root \
+     included), with its network, its capabilities and read and write access to everything it can reach: the \
+     home directory, the project checkout, the suite's hidden tests and gold patches, sockets in /run. Only the \
+     time, CPU, memory, file-size and output limits hold, and the process-group kill at the timeout (a command \
+     that calls setsid escapes it). Use this only with agents you trust on machines you can lose.";
 
 /// The best isolation available, warning loudly (once) when it is not bubblewrap.
 pub fn best_isolation() -> Isolation {
     static WARNED: OnceLock<()> = OnceLock::new();
-    if bubblewrap_works() {
-        return Isolation::Bubblewrap;
+    match launch::bubblewrap() {
+        Ok(_) => Isolation::Bubblewrap,
+        Err(why) => {
+            WARNED.get_or_init(|| {
+                eprintln!(
+                    "WARNING: no sandbox: {why}. {PLAIN_WARNING} Install bubblewrap (Debian/Ubuntu: apt-get install \
+                     bubblewrap) on a kernel that allows user namespaces for real isolation."
+                )
+            });
+            Isolation::Plain
+        }
     }
-    WARNED.get_or_init(|| {
-        eprintln!(
-            "WARNING: bubblewrap (bwrap) is not available or cannot create namespaces here: agent commands run \
-             as plain subprocesses WITH network access and read access to the whole machine, hidden tests \
-             included. Install bubblewrap (Debian: apt-get install bubblewrap) for real isolation."
-        )
-    });
-    Isolation::Plain
+}
+
+/// What `protege info` says about the sandbox on this machine.
+pub fn describe() -> String {
+    let mut s = String::new();
+    match launch::bubblewrap() {
+        Ok(bw) => {
+            s += &format!("bubblewrap: {} ({})\n", bw.version, bw.path.display());
+            s += &format!(
+                "  commands run as uid {} inside (no capabilities), {} on the host\n",
+                world::SANDBOX_ID,
+                if bw.staged {
+                    format!("unprivileged uid {}", launch::sandbox_host_uid())
+                } else {
+                    // SAFETY: getuid cannot fail.
+                    format!("uid {} (protege's own)", unsafe { libc::getuid() })
+                }
+            );
+            s += &format!(
+                "  nested user namespaces: {}\n",
+                if bw.disable_userns { "disabled" } else { "not disabled (bubblewrap < 0.8)" }
+            );
+            s += &format!(
+                "  private /tmp size limit: {}\n",
+                if bw.tmpfs_size { "yes" } else { "no (bubblewrap without --size)" }
+            );
+        }
+        Err(why) => s += &format!("bubblewrap: unusable ({why}); {PLAIN_WARNING}\n"),
+    }
+    s += &format!("  {}\n", cgroup::support().describe());
+    s
 }
 
 /// A work tree on this machine: a copy of a repository snapshot committed as the base.
@@ -152,10 +226,20 @@ pub struct LocalSandbox {
     harness_git: PathBuf,
     isolation: Isolation,
     limits: Limits,
-    /// Host paths masked inside the sandbox (the task suite, other episodes, run outputs).
-    hidden: Vec<PathBuf>,
-    /// Host paths made visible read-only even where a mask covers them (a task's venv).
-    pub visible: Vec<PathBuf>,
+    /// The bubblewrap command line of this sandbox (`None` for plain subprocesses).
+    launcher: Option<launch::Launcher>,
+    cgroup: Option<cgroup::Cgroup>,
+    /// Host uid that owns the work tree (commands run as it), when protege runs as root.
+    owner: Option<u32>,
+    /// Bytes in the work tree at the base (after setup).
+    base_bytes: u64,
+}
+
+/// Files beside a work tree: its harness repository and its sandbox's `/etc` files.
+fn sibling(root: &Path, suffix: &str) -> PathBuf {
+    let mut name = root.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    root.with_file_name(name)
 }
 
 impl LocalSandbox {
@@ -163,7 +247,8 @@ impl LocalSandbox {
     /// in the sandbox, and records the result as the base twice: in a repository inside the work
     /// tree for the agent's own `git` use, and in a harness repository beside it (never visible
     /// in the sandbox) that [`Executor::diff`] reads, so that nothing the agent does to its
-    /// `.git` (hooks, filters, config) runs on the host.
+    /// `.git` (hooks, filters, config) runs on the host. `hidden` are host paths that must
+    /// never be visible in the sandbox (checked against everything it shows).
     pub fn create(
         snapshot: &Path,
         root: &Path,
@@ -188,7 +273,8 @@ impl LocalSandbox {
         Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup, visible)
     }
 
-    /// [`LocalSandbox::create`] with a base patch and paths kept visible.
+    /// [`LocalSandbox::create`] with a base patch and host directories shown read-only.
+    #[allow(clippy::too_many_arguments)]
     pub fn create_with(
         snapshot: &Path,
         base_patch: Option<&str>,
@@ -210,8 +296,36 @@ impl LocalSandbox {
             apply_patch(root, p, "the task's base_patch")?;
         }
         let root = root.canonicalize()?;
-        let harness_git = harness_git_dir(&root);
-        let sandbox = Self { root, harness_git, isolation, limits, hidden, visible };
+        let etc_dir = sibling(&root, ".etc");
+        let mut sandbox = Self {
+            harness_git: sibling(&root, ".harness-git"),
+            root,
+            isolation,
+            limits,
+            launcher: None,
+            cgroup: None,
+            owner: None,
+            base_bytes: 0,
+        };
+        sandbox.cgroup = cgroup::Cgroup::create(limits.total_memory_mib << 20, limits.max_processes)
+            .context("cannot create the sandbox's cgroup")?;
+        if isolation == Isolation::Bubblewrap {
+            let bw = launch::bubblewrap().as_ref().map_err(|e| anyhow::anyhow!("bubblewrap: {e}"))?;
+            let world = world::World::build(&world::WorldSpec {
+                work_tree: &sandbox.root,
+                visible: &visible,
+                hidden: &hidden,
+                etc_dir: &etc_dir,
+                tmp_bytes: Some(limits.tmp_mib << 20),
+            });
+            std::fs::create_dir_all(&etc_dir)?;
+            world::World::write_etc(&etc_dir, &world.home)?;
+            if bw.staged {
+                launch::give_to_sandbox_user(&sandbox.root)?;
+                sandbox.owner = Some(launch::sandbox_host_uid());
+            }
+            sandbox.launcher = Some(launch::Launcher::new(bw, &world, sandbox.cgroup.as_ref())?);
+        }
         for c in setup {
             let out = sandbox.run(c)?;
             if out.exit_code != Some(0) {
@@ -235,6 +349,11 @@ impl LocalSandbox {
         sandbox.harness_git(&["init", "-q"])?;
         sandbox.harness_git(&["add", "-A"])?;
         sandbox.harness_git(&commit)?;
+        if sandbox.owner.is_some() {
+            // The agent's own repository is the agent's.
+            launch::give_to_sandbox_user(&sandbox.root.join(".git"))?;
+        }
+        sandbox.base_bytes = tree_bytes(&sandbox.root);
         Ok(sandbox)
     }
 
@@ -249,7 +368,7 @@ impl LocalSandbox {
         git(&self.root, &all)
     }
 
-    /// Deletes the work tree and the harness repository beside it.
+    /// Deletes the work tree and what is beside it, and the sandbox's cgroup.
     pub fn discard(self) {
         discard(&self.root);
     }
@@ -262,66 +381,39 @@ impl LocalSandbox {
         self.isolation
     }
 
-    fn command(&self, script: &str) -> Command {
-        let mut cmd = match self.isolation {
-            Isolation::Plain => {
-                let mut c = Command::new("bash");
-                c.current_dir(&self.root);
-                c
+    /// Hands a path the harness wrote (as root) in the work tree to the sandbox's user.
+    fn own(&self, path: &Path) -> Result<()> {
+        if let Some(id) = self.owner {
+            let mut p = Some(path);
+            while let Some(q) = p.filter(|q| q.starts_with(&self.root) && *q != self.root) {
+                std::os::unix::fs::lchown(q, Some(id), Some(id))?;
+                p = q.parent();
             }
-            Isolation::Bubblewrap => {
-                let mut c = Command::new("bwrap");
-                // An empty root with the host's top-level directories read-only, so that the
-                // work tree can sit at a fixed path.
-                for e in std::fs::read_dir("/").into_iter().flatten().flatten() {
-                    let p = e.path();
-                    let name = p.to_string_lossy().to_string();
-                    if ["/proc", "/dev", "/tmp", "/sys", "/repo"].contains(&name.as_str()) {
-                        continue;
-                    }
-                    match std::fs::read_link(&p) {
-                        Ok(target) => c.arg("--symlink").arg(target).arg(&p),
-                        Err(_) => c.arg("--ro-bind").arg(&p).arg(&p),
-                    };
+        }
+        Ok(())
+    }
+
+    fn command(&self, script: &str) -> Command {
+        let mut cmd = match &self.launcher {
+            Some(l) => l.command(script),
+            None => {
+                let mut c = Command::new("bash");
+                c.current_dir(&self.root).arg("-c").arg(script);
+                let procs = self.cgroup.as_ref().map(|c| c.procs_files().to_vec()).unwrap_or_default();
+                // SAFETY: only open/write/close between fork and exec.
+                unsafe {
+                    c.pre_exec(move || cgroup::join_self(&procs));
                 }
-                c.args(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
-                // /run holds sockets (docker, dbus) that read-only does not protect; the home
-                // directory holds credentials. Only the tool directories on PATH stay visible.
-                if Path::new("/run").is_dir() {
-                    c.args(["--tmpfs", "/run"]);
-                }
-                if let Some(home) =
-                    std::env::var_os("HOME").map(PathBuf::from).filter(|h| h.is_dir() && h != Path::new("/"))
-                {
-                    c.arg("--tmpfs").arg(&home);
-                    for keep in home_tool_dirs(&home) {
-                        c.arg("--ro-bind").arg(&keep).arg(&keep);
-                    }
-                }
-                for h in &self.hidden {
-                    if h.is_dir() && !h.starts_with("/tmp") {
-                        c.arg("--tmpfs").arg(h);
-                    } else if h.is_file() {
-                        c.arg("--ro-bind").arg("/dev/null").arg(h);
-                    }
-                }
-                for v in &self.visible {
-                    c.arg("--ro-bind").arg(v).arg(v);
-                }
-                c.arg("--bind").arg(&self.root).arg(SANDBOX_REPO);
-                c.args(["--chdir", SANDBOX_REPO, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]);
-                c.args(["--die-with-parent", "--new-session", "--", "bash"]);
                 c
             }
         };
-        cmd.arg("-c").arg(script);
         // Only an allowlist of the environment reaches commands (no API keys or tokens).
+        let keep: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+            std::env::vars_os().filter(|(k, _)| ENV_ALLOWED.contains(&k.to_string_lossy().as_ref())).collect();
+        let set: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+            cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))).collect();
         cmd.env_clear();
-        for (k, v) in std::env::vars_os() {
-            if ENV_ALLOWED.contains(&k.to_string_lossy().as_ref()) {
-                cmd.env(k, v);
-            }
-        }
+        cmd.envs(keep).envs(set);
         cmd.env("PAGER", "cat").env("GIT_PAGER", "cat").env("TERM", "dumb").env("PYTHONDONTWRITEBYTECODE", "1");
         cmd
     }
@@ -342,8 +434,32 @@ impl LocalSandbox {
     }
 }
 
+impl Drop for LocalSandbox {
+    fn drop(&mut self) {
+        // The cgroup goes with its processes; the directories go in `discard` (or with the
+        // run's scratch directory).
+        self.cgroup.take();
+    }
+}
+
 /// Largest file the editor reads.
 pub const MAX_EDITOR_FILE: u64 = 8 << 20;
+
+/// Bytes in the regular files under `dir` (links not followed).
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map_or(0, |m| m.len()),
+                _ => {}
+            }
+        }
+    }
+    total
+}
 
 impl Executor for LocalSandbox {
     fn workdir(&self) -> String {
@@ -354,7 +470,19 @@ impl Executor for LocalSandbox {
     }
 
     fn run(&self, command: &str) -> Result<CmdOutput> {
-        run_limited(self.command(command), &self.limits)
+        let oom_before = self.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        let mut out = run_limited(self.command(command), &self.limits)?;
+        if let Some(cg) = &self.cgroup {
+            // Nothing of a command outlives it.
+            cg.kill_all();
+            if cg.oom_kills() > oom_before {
+                out.output.push_str(&format!(
+                    "\n[killed: the sandbox's memory limit of {} MiB was reached]",
+                    self.limits.total_memory_mib
+                ));
+            }
+        }
+        Ok(out)
     }
 
     fn read(&self, rel: &Path) -> Result<Vec<u8>> {
@@ -374,7 +502,8 @@ impl Executor for LocalSandbox {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        Ok(std::fs::write(path, data)?)
+        std::fs::write(&path, data)?;
+        self.own(&path)
     }
 
     fn kind(&self, rel: &Path) -> Result<PathKind> {
@@ -388,9 +517,45 @@ impl Executor for LocalSandbox {
         })
     }
 
-    fn diff(&self) -> Result<String> {
+    fn diff(&self, max_bytes: u64) -> Result<String> {
+        // A tree that grew far beyond any patch is not even added to the harness repository.
+        let grown = tree_bytes(&self.root).saturating_sub(self.base_bytes);
+        if grown > (256 << 20).max(16 * max_bytes) {
+            return Err(PatchTooLarge { bytes: grown, limit: max_bytes }.into());
+        }
         self.harness_git(&["add", "-A"])?;
-        self.harness_git(&["diff", "--cached", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "HEAD"])
+        let git_dir = format!("--git-dir={}", self.harness_git.display());
+        let work_tree = format!("--work-tree={}", self.root.display());
+        let mut child = git_command(&self.root)
+            .args([git_dir.as_str(), work_tree.as_str(), "-c", "core.fsmonitor=false"])
+            .args(["diff", "--cached", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "HEAD"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run git diff")?;
+        // Read what fits, count the rest.
+        let mut kept = vec![];
+        let mut total: u64 = 0;
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            let n = stdout.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total <= max_bytes {
+                kept.extend_from_slice(&buf[..n]);
+            }
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("git diff: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        if total > max_bytes {
+            return Err(PatchTooLarge { bytes: total, limit: max_bytes }.into());
+        }
+        Ok(String::from_utf8_lossy(&kept).into_owned())
     }
 
     fn remove(&self, rel: &Path) -> Result<()> {
@@ -398,70 +563,40 @@ impl Executor for LocalSandbox {
     }
 }
 
-/// The top-level directories under `home` that PATH, PYENV_ROOT or VIRTUAL_ENV point into
-/// (e.g. `~/.pyenv`, `~/.local`, `~/.cargo`), and Python's user packages (`~/.local/lib`,
-/// where `pip install --user pytest` goes): kept visible when the home directory is masked.
-fn home_tool_dirs(home: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = vec![];
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    candidates
-        .extend(["PYENV_ROOT", "VIRTUAL_ENV", "CONDA_PREFIX"].iter().filter_map(std::env::var_os).map(PathBuf::from));
-    for c in candidates {
-        if let Ok(rest) = c.strip_prefix(home) {
-            if let Some(first) = rest.components().next() {
-                let d = home.join(first);
-                if d.is_dir() && !dirs.contains(&d) {
-                    dirs.push(d);
-                }
-            }
-        }
-    }
-    let user_lib =
-        std::env::var_os("PYTHONUSERBASE").map(PathBuf::from).unwrap_or_else(|| home.join(".local")).join("lib");
-    if user_lib.is_dir() && user_lib.starts_with(home) && !dirs.iter().any(|d| user_lib.starts_with(d)) {
-        dirs.push(user_lib);
-    }
-    dirs
+/// `git` for the harness: no system config, no prompts, and every directory trusted (work
+/// trees belong to the sandbox's user when protege runs as root).
+fn git_command(dir: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .args(["-c", "safe.directory=*"])
+        .stdin(Stdio::null());
+    c
 }
 
 /// Runs `git args` in `dir`, returning stdout; an error carries stderr.
 pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run git (is it installed?)")?;
+    let out = git_command(dir).args(args).output().context("cannot run git (is it installed?)")?;
     if !out.status.success() {
         bail!("git {} in {}: {}", args.join(" "), dir.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The harness repository of the work tree `root`: a sibling, never inside the sandbox.
-fn harness_git_dir(root: &Path) -> PathBuf {
-    let mut name = root.file_name().unwrap_or_default().to_os_string();
-    name.push(".harness-git");
-    root.with_file_name(name)
-}
-
-/// Deletes a work tree at `root` and its harness repository, if they exist (also what a
-/// crashed run left behind).
+/// Deletes a work tree at `root` and what is beside it (its harness repository and sandbox
+/// files), if they exist.
 pub fn discard(root: &Path) {
     let _ = std::fs::remove_dir_all(root);
-    let _ = std::fs::remove_dir_all(harness_git_dir(root));
+    let _ = std::fs::remove_dir_all(sibling(root, ".harness-git"));
+    let _ = std::fs::remove_dir_all(sibling(root, ".etc"));
 }
 
 /// Applies a unified diff in `dir` with `git apply` (works outside a repository too).
 pub fn apply_patch(dir: &Path, patch: &str, what: &str) -> Result<()> {
     use std::io::Write;
-    let mut child = Command::new("git")
+    let mut child = git_command(dir)
         .args(["apply", "--whitespace=nowarn", "--recount", "-"])
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -493,40 +628,6 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Keeps the first and last `cap / 2` bytes of a stream and counts the rest.
-struct HeadTail {
-    cap: usize,
-    head: Vec<u8>,
-    tail: std::collections::VecDeque<u8>,
-    dropped: usize,
-}
-
-impl HeadTail {
-    fn push(&mut self, mut data: &[u8]) {
-        let half = self.cap / 2;
-        let take = data.len().min(half.saturating_sub(self.head.len()));
-        self.head.extend_from_slice(&data[..take]);
-        data = &data[take..];
-        self.tail.extend(data);
-        let over = self.tail.len().saturating_sub(self.cap - half);
-        self.tail.drain(..over);
-        self.dropped += over;
-    }
-
-    fn finish(self) -> (String, usize) {
-        let mut bytes = self.head;
-        if self.dropped == 0 {
-            bytes.extend(self.tail);
-            return (String::from_utf8_lossy(&bytes).into_owned(), 0);
-        }
-        let head = String::from_utf8_lossy(&bytes).into_owned();
-        let tail = String::from_utf8_lossy(&self.tail.into_iter().collect::<Vec<_>>()).into_owned();
-        {
-            (format!("{head}\n[... {} bytes of output truncated ...]\n{tail}", self.dropped), self.dropped)
-        }
-    }
-}
-
 /// Spawns `cmd` with the limits, collects its merged output and kills its process tree at
 /// the timeout.
 pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
@@ -554,7 +655,7 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
     drop(cmd); // closes our copies of the pipe's write end
     let cap = limits.output_bytes.max(2);
     let collector = std::thread::spawn(move || {
-        let mut acc = HeadTail { cap, head: vec![], tail: Default::default(), dropped: 0 };
+        let mut acc = output::HeadTail::new(cap);
         let mut reader = reader;
         let mut buf = [0u8; 64 * 1024];
         while let Ok(n) = reader.read(&mut buf) {
@@ -567,6 +668,7 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
     });
     let timeout = Duration::from_secs_f64(limits.timeout_s.max(0.001));
     let mut timed_out = false;
+    let mut interrupted = false;
     let status = loop {
         if let Some(s) = child.try_wait()? {
             // Commands are stateless: background jobs they left behind die with them.
@@ -575,8 +677,9 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
             }
             break s;
         }
-        if started.elapsed() >= timeout {
-            timed_out = true;
+        interrupted = crate::interrupt::requested();
+        if started.elapsed() >= timeout || interrupted {
+            timed_out = !interrupted;
             // The process group (plain) and the process itself (bubblewrap: its PID namespace
             // and everything in it die with it).
             unsafe {
@@ -605,6 +708,9 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
     if timed_out {
         output.push_str(&format!("\n[command timed out after {:.0} s and was killed]", limits.timeout_s));
     }
+    if interrupted {
+        output.push_str("\n[command killed: the run was asked to stop]");
+    }
     use std::os::unix::process::ExitStatusExt;
     Ok(CmdOutput {
         output,
@@ -612,6 +718,7 @@ pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<CmdOutput> {
         timed_out,
         dropped_bytes: dropped,
         seconds: started.elapsed().as_secs_f64(),
+        interrupted,
     })
 }
 
