@@ -529,6 +529,9 @@ pub struct SynthConfig {
     /// Limits of the grading test run.
     #[serde(default = "grade_limits")]
     pub grade_limits: crate::agent::sandbox::Limits,
+    /// Files the agent's patch may not change when graded.
+    #[serde(default)]
+    pub protection: crate::tasks::protect::Protection,
     pub output: OutputSection,
 }
 

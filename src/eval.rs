@@ -22,6 +22,7 @@ use crate::agent::expert::{Expert, Oracle};
 use crate::agent::loops::{analyse, LoopConfig};
 use crate::agent::policy::{LocalPolicy, Policy, Replay};
 use crate::agent::remote::{Endpoint, LocalExpert, OpenAiPolicy, RemoteExpert};
+use crate::agent::sandbox::scratch::Scratch;
 use crate::agent::sandbox::{best_isolation, Isolation, Limits, LocalSandbox};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::Device;
@@ -30,7 +31,8 @@ use crate::generate::loaded::{load_on, LoadedModel};
 use crate::generate::GenOptions;
 use crate::model::export::write_atomic;
 use crate::model::Qwen2;
-use crate::tasks::grade::{grade, GradeReport};
+use crate::tasks::grade::{GradeReport, Grader};
+use crate::tasks::protect::Protection;
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
 use crate::train::rollout::EngineClient;
@@ -93,6 +95,8 @@ pub struct EvalOptions {
     pub limits: Limits,
     /// Limits of the grading test run.
     pub grade_limits: Limits,
+    /// Files the agent's patch may not change when graded.
+    pub protection: Protection,
     pub loops: LoopConfig,
     /// Only these instance ids (all when empty).
     pub only: Vec<String>,
@@ -115,8 +119,15 @@ pub struct TaskResult {
     pub longest_run: usize,
     pub episode_s: f64,
     pub harness_s: f64,
+    /// Protected files the patch changed (dropped before grading).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tampered: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl TaskResult {
@@ -135,6 +146,7 @@ impl TaskResult {
             longest_run: 0,
             episode_s: 0.0,
             harness_s: 0.0,
+            tampered: 0,
             error: Some(error),
         }
     }
@@ -153,12 +165,18 @@ pub struct Summary {
     pub expert_token_share: f64,
     pub steps_per_task: f64,
     pub looping_rate: f64,
+    /// Share of tasks whose patch changed protected files (tests, test configuration).
+    #[serde(default)]
+    pub tampering_rate: f64,
     pub cost_per_task_usd: f64,
     pub exit_statuses: BTreeMap<String, usize>,
     /// Harness time per policy turn, milliseconds (episode time outside the model, the
     /// commands and the expert).
     pub harness_ms_per_turn: f64,
     pub wall_s: f64,
+    /// The run was stopped by a signal: `results` holds the episodes that finished.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
     pub results: Vec<TaskResult>,
 }
 
@@ -201,19 +219,25 @@ impl Summary {
             expert_token_share: f(expert_tokens) / f(expert_tokens + policy_tokens).max(1.0),
             steps_per_task: mean(results.iter().map(|r| f(r.steps))),
             looping_rate: mean(results.iter().map(|r| f(r.looping as usize))),
+            tampering_rate: mean(results.iter().map(|r| f((r.tampered > 0) as usize))),
             cost_per_task_usd: mean(results.iter().map(|r| r.cost_usd)),
             exit_statuses,
             harness_ms_per_turn: 1000.0 * results.iter().map(|r| r.harness_s).sum::<f64>() / f(turns).max(1.0),
             wall_s,
+            interrupted: false,
             results,
         }
     }
 
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "# protege eval\n\nsuite `{}`, policy `{}`, expert `{}`, sandbox {:?}\n\n| metric | value |\n|---|---|\n",
+            "# protege eval\n\nsuite `{}`, policy `{}`, expert `{}`, sandbox {:?}\n\n",
             self.suite, self.policy, self.expert, self.isolation
         );
+        if self.interrupted {
+            s += "**Interrupted**: these are the episodes that finished before the run was stopped.\n\n";
+        }
+        s += "| metric | value |\n|---|---|\n";
         let rows = [
             ("tasks", format!("{}", self.tasks)),
             ("resolved (Pass@1)", format!("{} ({:.1}%)", self.resolved, 100.0 * self.pass_at_1)),
@@ -221,6 +245,7 @@ impl Summary {
             ("expert share of tokens", format!("{:.1}%", 100.0 * self.expert_token_share)),
             ("steps / task", format!("{:.1}", self.steps_per_task)),
             ("looping trajectories", format!("{:.1}%", 100.0 * self.looping_rate)),
+            ("patches touching protected files", format!("{:.1}%", 100.0 * self.tampering_rate)),
             ("cost / task", format!("${:.4}", self.cost_per_task_usd)),
             ("harness overhead / turn", format!("{:.1} ms", self.harness_ms_per_turn)),
             ("wall time", format!("{:.1} s", self.wall_s)),
@@ -343,16 +368,20 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     };
     let expert_model = prepare_expert(&o.expert)?;
     let isolation = o.isolation.unwrap_or_else(best_isolation);
+    o.protection.validate()?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
-    let scratch = tempfile::Builder::new().prefix("protege-eval-").tempdir()?;
+    // A signal stops the run cleanly: work trees removed, finished episodes summarised.
+    let _signals = crate::interrupt::watch();
+    let scratch = Scratch::new("eval")?;
     let suite_dir = std::fs::canonicalize(if o.suite.is_dir() {
         o.suite.clone()
     } else {
         o.suite.parent().unwrap_or(Path::new(".")).to_path_buf()
     })?;
-    // Masked in the sandbox: the whole suite (gold and test patches, clean snapshots), the
-    // run's outputs, other episodes. A task's venv is bound back in by its sandbox.
+    // Never visible in a sandbox: the whole suite (gold and test patches, clean snapshots),
+    // the run's outputs, other episodes. A task's venv is shown by its sandbox.
     let hidden = vec![suite_dir, std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf()];
+    let grader = Grader { hidden: hidden.clone(), ..Grader::new(isolation, o.grade_limits, o.protection.clone()) };
 
     let traj_path = o.out.join("trajectories.jsonl");
     let traj_file = Mutex::new(
@@ -366,16 +395,21 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     );
     let worker = |client: Option<&EngineClient>| -> Result<()> {
         loop {
+            if crate::interrupt::requested() {
+                return Ok(());
+            }
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
             let result =
-                match run_one(o, task, i, &engine, client, expert_model.as_ref(), isolation, &hidden, scratch.path()) {
-                    Ok((result, line)) => {
+                match run_one(o, task, i, &engine, client, expert_model.as_ref(), &grader, &hidden, scratch.path()) {
+                    Ok(Some((result, line))) => {
                         let mut f = traj_file.lock().expect("lock");
                         f.write_all(line.as_bytes())?;
                         f.flush()?;
                         result
                     }
+                    // Stopped by a signal: not a result.
+                    Ok(None) => continue,
                     // The task could not even start (sandbox, setup): recorded, the others go on.
                     Err(e) => TaskResult::failed(&task.instance_id, format!("{e:#}")),
                 };
@@ -416,14 +450,17 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     bar.finish_and_clear();
     let mut results = results.into_inner().expect("lock");
     results.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-    let summary =
+    let mut summary =
         Summary::new(&o.suite, policy_name, o.expert.name(), isolation, results, started.elapsed().as_secs_f64());
+    summary.interrupted = crate::interrupt::requested();
     write_atomic(&o.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     write_atomic(&o.out.join("summary.md"), summary.markdown().as_bytes())?;
+    crate::interrupt::check()?;
     Ok(summary)
 }
 
-/// One task: episode, grade, trajectory line.
+/// One task: episode, grade, trajectory line (`None`: the run was stopped during it).
+#[allow(clippy::too_many_arguments)]
 fn run_one(
     o: &EvalOptions,
     task: &TaskInstance,
@@ -431,12 +468,12 @@ fn run_one(
     engine: &Engine,
     client: Option<&EngineClient>,
     expert_model: Option<&ExpertModel>,
-    isolation: Isolation,
+    grader: &Grader,
     hidden: &[PathBuf],
     scratch: &Path,
-) -> Result<(TaskResult, String)> {
+) -> Result<Option<(TaskResult, String)>> {
     let work = scratch.join(format!("ep-{index}"));
-    let sandbox = LocalSandbox::for_task(task, &work, isolation, o.limits, hidden.to_vec())
+    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, o.limits, hidden.to_vec())
         .with_context(|| format!("task {}", task.instance_id))?;
     let mut policy: Box<dyn Policy + '_> = match engine {
         Engine::Local { tok, sampling, max_new_tokens, .. } => {
@@ -455,17 +492,32 @@ fn run_one(
     let mut expert = make_expert(&o.expert, expert_model, false)?;
     let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &o.episode);
     sandbox.discard();
-    let grade_dir = scratch.join(format!("grade-{index}"));
-    let grade: Result<GradeReport> = grade(task, &ep.patch, &grade_dir, isolation, &o.grade_limits);
+    if ep.exit_status == ExitStatus::Interrupted {
+        return Ok(None);
+    }
+    let grade: Result<GradeReport> = if ep.exit_status == ExitStatus::PatchTooLarge {
+        Err(anyhow::anyhow!("not graded: {}", ep.error.clone().unwrap_or_default()))
+    } else {
+        grader.grade(task, &ep.patch, &scratch.join(format!("grade-{index}")))
+    };
+    if crate::interrupt::requested() && grade.is_err() {
+        return Ok(None);
+    }
     let loops = analyse(&ep.actions, &o.loops);
     let (resolved, grade_json, grade_error) = match &grade {
         Ok(g) => (g.resolved, json!(g), None),
         Err(e) => (false, json!({"error": format!("{e:#}")}), Some(format!("grading: {e:#}"))),
     };
+    let tampered = grade.as_ref().map_or(0, |g| g.tampering.len());
     let mut extra = serde_json::Map::new();
     extra.insert("loops".into(), json!(loops));
     extra.insert("grade".into(), grade_json);
-    let traj = ep.to_trajectory(Some(resolved), extra);
+    if let Ok(g) = &grade {
+        if !g.tampering.is_empty() {
+            extra.insert("tampering".into(), json!(g.tampering));
+        }
+    }
+    let traj = ep.to_trajectory(Some(resolved), extra).bounded(o.episode.max_record_bytes);
     let result = TaskResult {
         task_id: task.instance_id.clone(),
         resolved,
@@ -480,7 +532,8 @@ fn run_one(
         longest_run: loops.longest_run,
         episode_s: ep.timing.total_s,
         harness_s: ep.timing.harness_s,
+        tampered,
         error: ep.error.clone().or(grade_error),
     };
-    Ok((result, serde_json::to_string(&traj)? + "\n"))
+    Ok(Some((result, serde_json::to_string(&traj)? + "\n")))
 }

@@ -163,9 +163,13 @@ enum TasksCommand {
         /// Seconds for one test run.
         #[arg(long, default_value_t = 300.0)]
         timeout: f64,
-        /// Run tests as plain subprocesses even when bubblewrap works.
+        /// Run tests as plain subprocesses even when bubblewrap works (not isolated).
         #[arg(long)]
         no_sandbox: bool,
+        /// Also protect these paths from patches when grading (as `eval --protect`); a gold
+        /// patch that changes a protected file makes its task invalid. Repeatable.
+        #[arg(long = "protect")]
+        protect: Vec<String>,
         /// Also write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -318,9 +322,15 @@ struct EvalArgs {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Run commands as plain subprocesses even when bubblewrap works (not isolated).
+    /// Run commands as plain subprocesses even when bubblewrap works: NOT isolated (see the
+    /// README's sandbox section for what that leaves open).
     #[arg(long)]
     no_sandbox: bool,
+    /// Also protect these paths (gitignore-like globs) from the agent's patch when grading,
+    /// beyond the defaults (tests, conftest.py, pytest/tox/setup.cfg/pyproject configuration,
+    /// sitecustomize and .pth files). Repeatable.
+    #[arg(long = "protect")]
+    protect: Vec<String>,
 }
 
 #[derive(Args)]
@@ -694,7 +704,7 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
     use protege::agent::sandbox::{best_isolation, Isolation, Limits};
     use protege::tasks::{load_suite, validate};
     match c {
-        TasksCommand::Validate { suite, runs, concurrency, tasks, timeout, no_sandbox, json } => {
+        TasksCommand::Validate { suite, runs, concurrency, tasks, timeout, no_sandbox, protect, json } => {
             let mut all = load_suite(&suite)?;
             if !tasks.is_empty() {
                 all.retain(|t| tasks.contains(&t.instance_id));
@@ -704,7 +714,15 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
             }
             let isolation = if no_sandbox { Isolation::Plain } else { best_isolation() };
             let limits = Limits { timeout_s: timeout, cpu_s: timeout.ceil() as u64 * 2, ..Default::default() };
-            let results = validate::validate_suite(&all, isolation, &limits, runs, concurrency)?;
+            let mut protection = protege::tasks::protect::Protection::default();
+            protection.paths.extend(protect);
+            protection.validate()?;
+            let suite_dir = if suite.is_dir() { suite.clone() } else { suite.parent().unwrap_or(&suite).to_path_buf() };
+            let grader = protege::tasks::grade::Grader {
+                hidden: vec![suite_dir.canonicalize()?],
+                ..protege::tasks::grade::Grader::new(isolation, limits, protection)
+            };
+            let results = validate::validate_suite(&all, &grader, runs, concurrency)?;
             println!("| task | valid | seconds | problems |\n|---|---|---|---|");
             for v in &results {
                 println!(
@@ -882,6 +900,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         },
         limits,
         grade_limits: Limits { timeout_s: 600.0, cpu_s: 600, ..limits },
+        protection: {
+            let mut p = protege::tasks::protect::Protection::default();
+            p.paths.extend(a.protect);
+            p
+        },
         loops: Default::default(),
         only: a.tasks,
         seed: a.seed,
@@ -1027,7 +1050,11 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // Stopped by a signal: the shell's convention, 128 + the signal.
+            match e.downcast_ref::<protege::interrupt::Interrupted>() {
+                Some(i) if i.0 > 0 => ExitCode::from((128 + i.0) as u8),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -69,6 +69,9 @@ pub struct EvalSection {
     pub episode: EpisodeConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// Files the agent's patch may not change when graded.
+    #[serde(default)]
+    pub protection: crate::tasks::protect::Protection,
     #[serde(default)]
     pub seed: u64,
 }
@@ -408,6 +411,7 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
                 episode: e.episode.clone(),
                 limits: e.limits,
                 grade_limits: Limits { timeout_s: 300.0, cpu_s: 600, ..e.limits },
+                protection: e.protection.clone(),
                 loops: Default::default(),
                 only: vec![],
                 seed: e.seed,

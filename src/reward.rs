@@ -2,7 +2,7 @@
 //! component is returned in a [`RewardBreakdown`] so that it can be logged.
 //!
 //! ```text
-//! R_total  = R_loop + R_format + w_follow * R_follow + g_loop * g_follow * R_other
+//! R_total  = R_loop + R_format + R_tamper + w_follow * R_follow + g_loop * g_follow * R_other
 //! R_other  = R_correct + w_sim * R_sim + w_expert * R_expert
 //! R_expert = R_warrant + R_b2b + R_quota
 //! ```
@@ -13,6 +13,10 @@
 //!   protege's addition. The paper's formula has no such term, and without it an episode that
 //!   ends early on malformed replies scores above one that loops, so RL on a weak policy learns
 //!   to break its format; set both to 0 for the paper's reward.
+//! - `R_tamper`: `tampering_penalty` when the patch changed protected files (the task's tests,
+//!   `conftest.py`, test configuration; [`crate::tasks::protect`]). Those changes are dropped
+//!   before grading, so they cannot earn `R_correct`; the penalty keeps RL from learning to
+//!   try. Outside the gates, like `R_loop`: a correct fix does not excuse it.
 //! - `R_correct` ∈ {0, 1}: the hidden tests pass (graded in a fresh copy).
 //! - `R_sim`: for an unresolved episode, 0 when its patch is at least `sim_threshold` similar to
 //!   the gold patch, else −1 (0 for resolved episodes).
@@ -169,6 +173,8 @@ pub struct RewardConfig {
     /// R_format of an episode that ended on malformed replies (≤ 0; as bad as the worst loop
     /// by default, so that breaking the format is no escape from the loop penalty).
     pub format_exit: f64,
+    /// R_tamper (≤ 0): added when the patch changed protected files.
+    pub tampering_penalty: f64,
     pub warrant: WarrantConfig,
     pub quota: QuotaConfig,
     pub follow: FollowConfig,
@@ -188,6 +194,7 @@ impl Default for RewardConfig {
             b2b_lambda: -0.5,
             format_penalty: -0.5,
             format_exit: -10.0,
+            tampering_penalty: -1.0,
             warrant: WarrantConfig::default(),
             quota: QuotaConfig::default(),
             follow: FollowConfig::default(),
@@ -208,6 +215,7 @@ impl RewardConfig {
             self.b2b_lambda,
             self.format_penalty,
             self.format_exit,
+            self.tampering_penalty,
             self.warrant.threshold,
             self.warrant.p_low,
             self.quota.no_call_penalty,
@@ -225,12 +233,13 @@ impl RewardConfig {
         if self.b2b_lambda > 0.0
             || self.format_penalty > 0.0
             || self.format_exit > 0.0
+            || self.tampering_penalty > 0.0
             || self.warrant.p_low > 0.0
             || self.follow.p_low > 0.0
             || self.quota.no_call_penalty > 0.0
             || self.quota.over_penalty > 0.0
         {
-            bail!("reward: b2b_lambda, format_penalty, format_exit, warrant.p_low, follow.p_low, quota.no_call_penalty and quota.over_penalty are penalties and must be <= 0");
+            bail!("reward: b2b_lambda, format_penalty, format_exit, tampering_penalty, warrant.p_low, follow.p_low, quota.no_call_penalty and quota.over_penalty are penalties and must be <= 0");
         }
         if self.loops.floor > 0.0 || self.loops.lambda < 0.0 {
             bail!("reward.loops: floor must be <= 0 and lambda >= 0");
@@ -600,6 +609,8 @@ pub struct RewardBreakdown {
     pub total: f64,
     pub r_loop: f64,
     pub r_format: f64,
+    #[serde(default)]
+    pub r_tamper: f64,
     pub r_follow: f64,
     pub r_other: f64,
     pub r_correct: f64,
@@ -628,6 +639,8 @@ pub struct Outcome<'a> {
     pub format_errors: usize,
     /// The episode ended on them.
     pub format_exit: bool,
+    /// Protected files the patch changed (dropped before grading).
+    pub tampered: usize,
 }
 
 impl<'a> Outcome<'a> {
@@ -639,6 +652,7 @@ impl<'a> Outcome<'a> {
             resolved,
             format_errors: ep.format_errors,
             format_exit: ep.exit_status == crate::agent::episode::ExitStatus::FormatErrors,
+            tampered: 0,
         }
     }
 }
@@ -684,10 +698,12 @@ pub fn reward(cfg: &RewardConfig, o: &Outcome, calls: &[CallScore]) -> RewardBre
     };
     let r_other = r_correct + cfg.w_sim * r_sim + cfg.w_expert * r_expert;
     let r_format = if o.format_exit { cfg.format_exit } else { cfg.format_penalty * o.format_errors as f64 };
+    let r_tamper = if o.tampered > 0 { cfg.tampering_penalty } else { 0.0 };
     RewardBreakdown {
-        total: loops.penalty + r_format + cfg.w_follow * r_follow + g_loop * g_follow * r_other,
+        total: loops.penalty + r_format + r_tamper + cfg.w_follow * r_follow + g_loop * g_follow * r_other,
         r_loop: loops.penalty,
         r_format,
+        r_tamper,
         r_follow,
         r_other,
         r_correct,
@@ -731,7 +747,7 @@ mod tests {
 
     /// An episode with these actions and patch against GOLD, with no format errors.
     fn outcome<'a>(actions: &'a [Action], patch: &'a str, resolved: bool) -> Outcome<'a> {
-        Outcome { actions, patch, gold_patch: GOLD, resolved, format_errors: 0, format_exit: false }
+        Outcome { actions, patch, gold_patch: GOLD, resolved, format_errors: 0, format_exit: false, tampered: 0 }
     }
 
     fn stage2() -> RewardConfig {
@@ -930,6 +946,18 @@ mod tests {
     }
 
     #[test]
+    fn tampering_costs_even_a_resolved_episode() {
+        let acts = [bash("ls"), Action::Submit];
+        let clean = reward(&RewardConfig::default(), &outcome(&acts, GOLD, true), &[]);
+        let tampered = Outcome { tampered: 2, ..outcome(&acts, GOLD, true) };
+        let r = reward(&RewardConfig::default(), &tampered, &[]);
+        assert_eq!((r.r_tamper, r.total), (-1.0, clean.total - 1.0));
+        let off = RewardConfig { tampering_penalty: 0.0, ..Default::default() };
+        assert_eq!(reward(&off, &tampered, &[]).total, clean.total);
+        assert!(RewardConfig { tampering_penalty: 0.5, ..Default::default() }.validate().is_err());
+    }
+
+    #[test]
     fn malformed_replies_cost_and_ending_on_them_costs_the_most() {
         let acts = [bash("ls")];
         let o = |n, exit| Outcome {
@@ -939,6 +967,7 @@ mod tests {
             resolved: false,
             format_errors: n,
             format_exit: exit,
+            tampered: 0,
         };
         let cfg = RewardConfig { w_sim: 0.0, ..Default::default() };
         assert_eq!(reward(&cfg, &o(0, false), &[]).r_format, 0.0);

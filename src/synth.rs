@@ -26,6 +26,7 @@ use crate::agent::episode::{run_episode, Episode};
 use crate::agent::loops::analyse;
 use crate::agent::policy::{LocalPolicy, Policy};
 use crate::agent::remote::OpenAiPolicy;
+use crate::agent::sandbox::scratch::Scratch;
 use crate::agent::sandbox::{best_isolation, LocalSandbox};
 use crate::agent::teacher::{ScriptedTeacher, TEACHER_LABEL};
 use crate::agent::trajectory::{write_jsonl, Trajectory};
@@ -35,7 +36,7 @@ use crate::config::SynthConfig;
 use crate::eval::{make_expert, prepare_expert};
 use crate::model::export::write_atomic;
 use crate::model::Qwen2;
-use crate::tasks::grade::grade;
+use crate::tasks::grade::Grader;
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
 
@@ -110,9 +111,13 @@ enum Agent {
     Local { be: CpuBackend, model: Box<Qwen2<CpuBackend>>, tok: Tokenizer, sampling: SamplingParams, max_new: usize },
 }
 
-fn verdict(cfg: &SynthConfig, ep: &Episode, resolved: bool, longest_run: usize) -> Option<String> {
+fn verdict(cfg: &SynthConfig, ep: &Episode, resolved: bool, longest_run: usize, tampered: usize) -> Option<String> {
     let a = &cfg.accept;
     let calls = ep.expert_calls.len();
+    if tampered > 0 {
+        // A trajectory that edits the tests or their configuration teaches exactly that.
+        return Some("changed protected files".into());
+    }
     if a.resolved && !resolved {
         return Some("unresolved".into());
     }
@@ -183,11 +188,14 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
     let expert_spec = cfg.expert.spec()?;
     let expert_model = prepare_expert(&expert_spec)?;
     let isolation = best_isolation();
-    let scratch = tempfile::Builder::new().prefix("protege-synth-").tempdir()?;
+    cfg.protection.validate()?;
+    let _signals = crate::interrupt::watch();
+    let scratch = Scratch::new("synth")?;
     let suite_dir =
         if cfg.suite.is_dir() { cfg.suite.clone() } else { cfg.suite.parent().unwrap_or(Path::new(".")).to_path_buf() };
     let hidden: Vec<PathBuf> =
         vec![std::fs::canonicalize(&suite_dir)?, std::fs::canonicalize(&run)?, scratch.path().to_path_buf()];
+    let grader = Grader { hidden: hidden.clone(), ..Grader::new(isolation, cfg.grade_limits, cfg.protection.clone()) };
 
     // Attempt-major order, so that every task gets its first try before any gets a second.
     let jobs: Vec<(usize, usize)> = (0..cfg.attempts)
@@ -204,6 +212,9 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
     );
     let worker = || -> Result<()> {
         loop {
+            if crate::interrupt::requested() {
+                return Ok(());
+            }
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(&(ti, attempt)) = jobs.get(i) else { return Ok(()) };
             let task = &tasks[ti];
@@ -222,12 +233,15 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
                 &agent_name,
                 &expert_spec,
                 expert_model.as_ref(),
-                isolation,
+                &grader,
                 &hidden,
                 scratch.path(),
             )
+            .transpose();
+            // Stopped by a signal: not recorded, so that a resumed run tries it again.
+            let Some(a) = a else { continue };
             // An attempt that could not start (sandbox, setup, expert) is recorded; the others go on.
-            .unwrap_or_else(|e| Attempt {
+            let a = a.unwrap_or_else(|e| Attempt {
                 task_id: task.instance_id.clone(),
                 attempt,
                 accepted: false,
@@ -304,6 +318,7 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
         wall_s: started.elapsed().as_secs_f64(),
     };
     write_atomic(&run.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::interrupt::check()?;
     Ok(summary)
 }
 
@@ -318,10 +333,10 @@ fn attempt_one(
     agent_name: &str,
     expert_spec: &crate::eval::ExpertSpec,
     expert_model: Option<&crate::eval::ExpertModel>,
-    isolation: crate::agent::sandbox::Isolation,
+    grader: &Grader,
     hidden: &[PathBuf],
     scratch: &Path,
-) -> Result<Attempt> {
+) -> Result<Option<Attempt>> {
     let started = Instant::now();
     // From the task and the attempt, so that a resumed run samples as an uninterrupted one.
     let seed = cfg.seed ^ ((attempt as u64) << 32) ^ task_index as u64;
@@ -336,17 +351,28 @@ fn attempt_one(
     };
     let mut expert = make_expert(expert_spec, expert_model, true)?;
     let work = scratch.join(format!("ep-{index}"));
-    let sandbox = LocalSandbox::for_task(task, &work, isolation, cfg.limits, hidden.to_vec())
+    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, cfg.limits, hidden.to_vec())
         .with_context(|| format!("task {}", task.instance_id))?;
     let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &cfg.episode);
     sandbox.discard();
-    let graded = grade(task, &ep.patch, &scratch.join(format!("grade-{index}")), isolation, &cfg.grade_limits);
+    if ep.exit_status == crate::agent::episode::ExitStatus::Interrupted {
+        return Ok(None);
+    }
+    let graded = if ep.exit_status == crate::agent::episode::ExitStatus::PatchTooLarge {
+        Err(anyhow::anyhow!("not graded: {}", ep.error.clone().unwrap_or_default()))
+    } else {
+        grader.grade(task, &ep.patch, &scratch.join(format!("grade-{index}")))
+    };
+    if crate::interrupt::requested() && graded.is_err() {
+        return Ok(None);
+    }
     let (resolved, grade_json) = match &graded {
         Ok(g) => (g.resolved, json!(g)),
         Err(e) => (false, json!({"error": format!("{e:#}")})),
     };
+    let tampered = graded.as_ref().map_or(0, |g| g.tampering.len());
     let loops = analyse(&ep.actions, &Default::default());
-    let reason = match (&graded, verdict(cfg, &ep, resolved, loops.longest_run)) {
+    let reason = match (&graded, verdict(cfg, &ep, resolved, loops.longest_run, tampered)) {
         (Err(e), _) => Some(format!("grading failed: {e:#}")),
         (_, r) => r,
     };
@@ -356,7 +382,12 @@ fn attempt_one(
     extra.insert("attempt".into(), json!(attempt));
     extra.insert("loops".into(), json!(loops));
     extra.insert("grade".into(), grade_json);
-    Ok(Attempt {
+    if let Ok(g) = &graded {
+        if !g.tampering.is_empty() {
+            extra.insert("tampering".into(), json!(g.tampering));
+        }
+    }
+    Ok(Some(Attempt {
         task_id: task.instance_id.clone(),
         attempt,
         accepted: reason.is_none(),
@@ -370,6 +401,6 @@ fn attempt_one(
         expert_tokens: ep.expert_calls.iter().map(|c| c.tokens_out).sum(),
         cost_usd: ep.expert_calls.iter().map(|c| c.cost_usd).sum(),
         seconds: started.elapsed().as_secs_f64(),
-        trajectory: ep.to_trajectory(Some(resolved), extra),
-    })
+        trajectory: ep.to_trajectory(Some(resolved), extra).bounded(cfg.episode.max_record_bytes),
+    }))
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use protege::agent::sandbox::{best_isolation, Limits};
+use protege::tasks::grade::Grader;
 use protege::tasks::load_suite;
 use protege::tasks::validate::validate_suite;
 
@@ -48,8 +49,13 @@ fn every_bundled_task_is_valid() {
         return;
     }
     let tasks: Vec<_> = suite("train").into_iter().chain(suite("test")).collect();
-    let results =
-        validate_suite(&tasks, best_isolation(), &Limits { timeout_s: 120.0, ..Default::default() }, 1, 2).unwrap();
+    let results = validate_suite(
+        &tasks,
+        &Grader::new(best_isolation(), Limits { timeout_s: 120.0, ..Default::default() }, Default::default()),
+        1,
+        2,
+    )
+    .unwrap();
     let invalid: Vec<_> =
         results.iter().filter(|v| !v.valid).map(|v| format!("{}: {:?}", v.instance_id, v.problems)).collect();
     assert!(invalid.is_empty(), "{invalid:#?}");

@@ -12,7 +12,7 @@ use protege::agent::expert::{Expert, Oracle};
 use protege::agent::policy::{LocalPolicy, Replay};
 use protege::agent::sandbox::{bubblewrap_works, Executor, Isolation, Limits, LocalSandbox};
 use protege::agent::tools::Editor;
-use protege::tasks::grade::grade;
+use protege::tasks::grade::Grader;
 use protege::tasks::{load_suite, TaskInstance};
 use serde_json::json;
 
@@ -277,29 +277,32 @@ fn a_replay_agent_following_the_oracle_resolves_a_task_and_a_wrong_patch_does_no
     assert_eq!(ep.messages[3].name.as_deref(), Some("ask_expert"), "the expert's reply is marked");
     assert!(ep.messages.iter().any(|m| m.text().trim() == "10"), "the check ran in the sandbox");
     assert!(ep.patch.contains("+        return hi"), "{}", ep.patch);
-    let report = grade(&t, &ep.patch, &dir.path().join("grade"), isolation, &limits(120.0)).unwrap();
+    let report = Grader::new(isolation, limits(120.0), Default::default())
+        .grade(&t, &ep.patch, &dir.path().join("grade"))
+        .unwrap();
     assert!(report.resolved, "{report:#?}");
     assert!(!dir.path().join("grade").exists(), "grading cleans up");
     assert!(!dir.path().join("grade.harness-git").exists(), "grading cleans up its harness repository");
 
     // The same episode without the fix: unresolved, the hidden test named as failing.
     let wrong = ep.patch.replace("return hi", "return x");
-    let report = grade(&t, &wrong, &dir.path().join("grade"), isolation, &limits(120.0)).unwrap();
+    let report =
+        Grader::new(isolation, limits(120.0), Default::default()).grade(&t, &wrong, &dir.path().join("grade")).unwrap();
     assert!(!report.resolved);
     assert_eq!(
         report.fail_to_pass["tests/test_clamp_above.py::test_clamp_above"],
         protege::tasks::grade::TestStatus::Failed
     );
     // No patch at all, and a patch that does not apply.
-    assert!(!grade(&t, "", &dir.path().join("grade"), isolation, &limits(120.0)).unwrap().resolved);
-    let broken = grade(
-        &t,
-        "--- a/nope.py\n+++ b/nope.py\n@@ -1 +1 @@\n-a\n+b\n",
-        &dir.path().join("grade"),
-        isolation,
-        &limits(120.0),
-    )
-    .unwrap();
+    assert!(
+        !Grader::new(isolation, limits(120.0), Default::default())
+            .grade(&t, "", &dir.path().join("grade"))
+            .unwrap()
+            .resolved
+    );
+    let broken = Grader::new(isolation, limits(120.0), Default::default())
+        .grade(&t, "--- a/nope.py\n+++ b/nope.py\n@@ -1 +1 @@\n-a\n+b\n", &dir.path().join("grade"))
+        .unwrap();
     assert!(!broken.resolved && !broken.patch_applied);
 }
 

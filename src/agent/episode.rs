@@ -85,6 +85,8 @@ pub struct EpisodeConfig {
     /// Largest patch (the work tree's diff) an episode may yield; beyond it the episode ends
     /// `patch_too_large` with nothing to grade.
     pub max_patch_bytes: u64,
+    /// Largest trajectory record written for an episode (see [`super::trajectory::Trajectory::bounded`]).
+    pub max_record_bytes: usize,
 }
 
 impl Default for EpisodeConfig {
@@ -100,6 +102,7 @@ impl Default for EpisodeConfig {
             observation_chars: 16000,
             compact_prompt: false,
             max_patch_bytes: 1 << 20,
+            max_record_bytes: 16 << 20,
         }
     }
 }

@@ -125,6 +125,25 @@ impl Trajectory {
     }
 }
 
+impl Trajectory {
+    /// The record as written, at most `max_bytes` of JSON: one over it keeps only its first
+    /// two messages (system and task), no tokens and no patch, and says so in
+    /// `meta.record_too_large` (`{"bytes": .., "limit": ..}`); training skips it (nothing to
+    /// learn), reports still count it.
+    pub fn bounded(self, max_bytes: usize) -> Trajectory {
+        let bytes = serde_json::to_vec(&self).map_or(usize::MAX, |v| v.len());
+        if bytes <= max_bytes {
+            return self;
+        }
+        let mut t = self;
+        t.messages.truncate(2);
+        t.tokens = None;
+        t.meta.remove("patch");
+        t.meta.insert("record_too_large".into(), serde_json::json!({"bytes": bytes, "limit": max_bytes}));
+        t
+    }
+}
+
 /// Reads a trajectory file; every problem names the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Trajectory>> {
     let file = File::open(path).with_context(|| format!("cannot open trajectories {}", path.display()))?;

@@ -1,14 +1,24 @@
-//! Grading with SWE-bench semantics: in a fresh copy at the base, apply the model's patch,
-//! reset the files the hidden tests touch and apply `test_patch`, run FAIL_TO_PASS and
-//! PASS_TO_PASS, and parse per-test results. Resolved iff every one of them passes.
+//! Grading with SWE-bench semantics: in a fresh copy at the base, apply the model's patch
+//! (without its changes to protected files, [`super::protect`]), reset the files the hidden
+//! tests touch and apply `test_patch`, run FAIL_TO_PASS and PASS_TO_PASS, and read per-test
+//! results. Resolved iff every one of them passes.
+//!
+//! For pytest commands the results come from a reporter plugin written for this run under a
+//! random module name and loaded with `-p`: it writes each test's outcome, marked with a
+//! random nonce, to the stdout pytest started with. Code under test can print anything it
+//! likes — `PASSED tests/...` lines, a whole fake summary from an `atexit` hook — and it is
+//! not read; it would have to find and imitate a mechanism the agent never sees. Other test
+//! commands are read from pytest's `-rA` short summary, the lines between its header and the
+//! final count only.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::instance::TaskInstance;
+use super::protect::{Protection, Tampering};
 use crate::agent::sandbox::{apply_patch, Executor, Isolation, Limits, LocalSandbox};
 use crate::agent::tools::shell_quote;
 
@@ -32,17 +42,42 @@ pub struct GradeReport {
     pub error: Option<String>,
     pub fail_to_pass: BTreeMap<String, TestStatus>,
     pub pass_to_pass: BTreeMap<String, TestStatus>,
+    /// The patch's changes to protected files, dropped before the tests ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tampering: Vec<Tampering>,
     pub seconds: f64,
     /// The end of the test run's output, for debugging.
     pub log_tail: String,
 }
 
+fn short_summary_header(line: &str) -> bool {
+    line.starts_with('=') && line.contains(" short test summary info ")
+}
+
+/// pytest's closing line, `==== 2 passed, 1 failed in 0.03s ====`.
+fn final_line(line: &str) -> bool {
+    line.starts_with('=') && line.ends_with('=') && line.contains(" in ") && line.trim_matches('=').trim().len() > 3
+}
+
 /// Per-test outcomes from pytest's `-rA` short summary (`PASSED tests/t.py::test_x`, `FAILED
-/// ... - reason`, `ERROR ...`, `SKIPPED [1] ...` lines).
+/// ... - reason`, `ERROR ...` lines), read only between the summary's header and pytest's
+/// final line; a test listed twice keeps its worst outcome.
 pub fn parse_pytest(output: &str) -> BTreeMap<String, TestStatus> {
     let mut out = BTreeMap::new();
+    let mut inside = false;
     for line in output.lines() {
-        let line = line.trim();
+        let line = line.trim_end();
+        if short_summary_header(line) {
+            inside = true;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if final_line(line) {
+            inside = false;
+            continue;
+        }
         let (status, rest) = match line.split_once(' ') {
             Some(("PASSED", r)) => (TestStatus::Passed, r),
             Some(("FAILED", r)) => (TestStatus::Failed, r),
@@ -54,7 +89,80 @@ pub fn parse_pytest(output: &str) -> BTreeMap<String, TestStatus> {
         };
         let id = rest.split(" - ").next().unwrap_or(rest).trim();
         if !id.is_empty() && !id.contains(' ') {
-            out.insert(id.to_string(), status);
+            record(&mut out, id, status);
+        }
+    }
+    out
+}
+
+fn rank(s: TestStatus) -> u8 {
+    match s {
+        TestStatus::Passed => 0,
+        TestStatus::Skipped => 1,
+        TestStatus::Missing => 2,
+        TestStatus::Failed => 3,
+        TestStatus::Error => 4,
+    }
+}
+
+fn record(out: &mut BTreeMap<String, TestStatus>, id: &str, status: TestStatus) {
+    let e = out.entry(id.to_string()).or_insert(status);
+    if rank(status) > rank(*e) {
+        *e = status;
+    }
+}
+
+/// The reporter plugin (see the module docs); `{nonce}` is replaced per run.
+const REPORTER: &str = r#"# protege's grading reporter: each test's outcome, written when the session ends to the
+# stdout pytest started with, every line marked with this run's nonce.
+import os
+_OUT = os.dup(1)
+_MARK = "{nonce}"
+_RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+_results = {}
+
+
+def _set(nodeid, status):
+    old = _results.get(nodeid)
+    if old is None or _RANK[status] > _RANK[old]:
+        _results[nodeid] = status
+
+
+def pytest_runtest_logreport(report):
+    xfail = hasattr(report, "wasxfail")
+    if report.when == "call":
+        # An expected failure (or unexpected pass) counts as passing, as in SWE-bench.
+        _set(report.nodeid, "passed" if xfail else report.outcome)
+    elif report.failed:
+        _set(report.nodeid, "error")
+    elif report.skipped:
+        _set(report.nodeid, "passed" if xfail else "skipped")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    data = "".join("\n%s %s %s" % (_MARK, s, n) for n, s in _results.items()) + "\n"
+    data = data.encode("utf-8", "replace")
+    while data:
+        data = data[os.write(_OUT, data):]
+"#;
+
+/// Outcomes the reporter wrote with `nonce`.
+fn parse_reporter(output: &str, nonce: &str) -> BTreeMap<String, TestStatus> {
+    let mut out = BTreeMap::new();
+    for line in output.lines() {
+        let mut parts = line.splitn(3, ' ');
+        if parts.next() != Some(nonce) {
+            continue;
+        }
+        let status = match parts.next() {
+            Some("passed") => TestStatus::Passed,
+            Some("failed") => TestStatus::Failed,
+            Some("error") => TestStatus::Error,
+            Some("skipped") => TestStatus::Skipped,
+            _ => continue,
+        };
+        if let Some(id) = parts.next() {
+            record(&mut out, id, status);
         }
     }
     out
@@ -66,71 +174,114 @@ pub fn test_command(task: &TaskInstance, ids: &[&String]) -> String {
     format!("{} {}", task.env.test_cmd, ids.join(" "))
 }
 
-/// Grades `model_patch` for `task` in a new work tree `dir` (which must not exist; removed
-/// afterwards).
-pub fn grade(
-    task: &TaskInstance,
-    model_patch: &str,
-    dir: &Path,
-    isolation: Isolation,
-    limits: &Limits,
-) -> Result<GradeReport> {
-    let started = std::time::Instant::now();
-    // The whole test log is parsed: no truncation of the grading run's output.
-    let limits = Limits { output_bytes: 256 << 20, ..*limits };
-    let sandbox = LocalSandbox::for_task(task, dir, isolation, limits, vec![])?;
-    let result = grade_in(task, model_patch, &sandbox);
-    sandbox.discard();
-    let mut report = result?;
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+/// Whether `task`'s tests run through pytest (and so can carry the reporter).
+fn runs_pytest(task: &TaskInstance) -> bool {
+    task.env.test_cmd.contains("pytest")
 }
 
-fn grade_in(task: &TaskInstance, model_patch: &str, sandbox: &LocalSandbox) -> Result<GradeReport> {
-    let root = sandbox.host_root();
-    let missing = |ids: &[String]| ids.iter().map(|t| (t.clone(), TestStatus::Missing)).collect::<BTreeMap<_, _>>();
-    let mut report = GradeReport {
-        resolved: false,
-        patch_applied: true,
-        error: None,
-        fail_to_pass: missing(&task.fail_to_pass),
-        pass_to_pass: missing(&task.pass_to_pass),
-        seconds: 0.0,
-        log_tail: String::new(),
-    };
-    if !model_patch.trim().is_empty() {
-        if let Err(e) = apply_patch(root, model_patch, "the model's patch") {
-            report.patch_applied = false;
-            report.error = Some(format!("{e:#}"));
-            return Ok(report);
-        }
+/// How patches are graded: where the tests run, their limits, what the patch may not touch.
+#[derive(Debug, Clone)]
+pub struct Grader {
+    pub isolation: Isolation,
+    pub limits: Limits,
+    pub protection: Protection,
+    /// Host paths the test run must not see (as in the agent's sandbox).
+    pub hidden: Vec<PathBuf>,
+}
+
+impl Grader {
+    pub fn new(isolation: Isolation, limits: Limits, protection: Protection) -> Self {
+        Self { isolation, limits, protection, hidden: vec![] }
     }
-    // The hidden tests win over whatever the model did to the same files.
-    for f in task.test_files() {
-        let tracked = crate::agent::sandbox::git(root, &["ls-files", "--error-unmatch", &f]).is_ok();
-        if tracked {
-            crate::agent::sandbox::git(root, &["checkout", "HEAD", "--", &f])?;
+
+    /// Grades `model_patch` for `task` in a new work tree `dir` (which must not exist;
+    /// removed afterwards).
+    pub fn grade(&self, task: &TaskInstance, model_patch: &str, dir: &Path) -> Result<GradeReport> {
+        let started = std::time::Instant::now();
+        // The whole test log is kept: no truncation of the grading run's output.
+        let limits = Limits { output_bytes: 256 << 20, ..self.limits };
+        let sandbox = LocalSandbox::for_task(task, dir, self.isolation, limits, self.hidden.clone())?;
+        let result = self.grade_in(task, model_patch, &sandbox);
+        sandbox.discard();
+        let mut report = result?;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    fn grade_in(&self, task: &TaskInstance, model_patch: &str, sandbox: &LocalSandbox) -> Result<GradeReport> {
+        let root = sandbox.host_root();
+        let missing = |ids: &[String]| ids.iter().map(|t| (t.clone(), TestStatus::Missing)).collect::<BTreeMap<_, _>>();
+        let (patch, tampering) = self.protection.filter(task, model_patch);
+        let mut report = GradeReport {
+            resolved: false,
+            patch_applied: true,
+            error: None,
+            fail_to_pass: missing(&task.fail_to_pass),
+            pass_to_pass: missing(&task.pass_to_pass),
+            tampering,
+            seconds: 0.0,
+            log_tail: String::new(),
+        };
+        if !patch.trim().is_empty() {
+            if let Err(e) = apply_patch(root, &patch, "the model's patch") {
+                report.patch_applied = false;
+                report.error = Some(format!("{e:#}"));
+                return Ok(report);
+            }
+        }
+        // The hidden tests win over whatever the model did to the same files.
+        for f in task.test_files() {
+            let tracked = crate::agent::sandbox::git(root, &["ls-files", "--error-unmatch", &f]).is_ok();
+            if tracked {
+                crate::agent::sandbox::git(root, &["checkout", "HEAD", "--", &f])?;
+            } else {
+                let _ = std::fs::remove_file(root.join(&f));
+            }
+        }
+        if !task.test_patch.trim().is_empty() {
+            apply_patch(root, &task.test_patch, "test_patch").with_context(|| format!("task {}", task.instance_id))?;
+        }
+        let ids: Vec<&String> = task.fail_to_pass.iter().chain(&task.pass_to_pass).collect();
+        let results = if runs_pytest(task) {
+            let nonce = format!("{:032x}", rand::random::<u128>());
+            let module = format!("protege_report_{nonce}");
+            let plugin = root.join(format!("{module}.py"));
+            std::fs::write(&plugin, REPORTER.replace("{nonce}", &nonce))?;
+            sandbox.give(&plugin)?;
+            let cmd = format!(
+                "export PYTHONPATH=\"${{PYTHONPATH:+$PYTHONPATH:}}{}\"; {} -p {module} {}",
+                sandbox.workdir(),
+                task.env.test_cmd,
+                ids.iter().map(|t| shell_quote(t)).collect::<Vec<_>>().join(" ")
+            );
+            let out = sandbox.run(&cmd)?;
+            report.log_tail = tail(&out.output);
+            let results = parse_reporter(&out.output, &nonce);
+            if results.is_empty() {
+                report.error = Some("the test run reported no results (see log_tail)".into());
+            }
+            results
         } else {
-            let _ = std::fs::remove_file(root.join(&f));
+            let out = sandbox.run(&test_command(task, &ids))?;
+            report.log_tail = tail(&out.output);
+            parse_pytest(&out.output)
+        };
+        for (id, status) in report.fail_to_pass.iter_mut().chain(report.pass_to_pass.iter_mut()) {
+            if let Some(s) = results.get(id) {
+                *status = *s;
+            }
         }
+        report.resolved =
+            report.fail_to_pass.values().chain(report.pass_to_pass.values()).all(|s| *s == TestStatus::Passed);
+        Ok(report)
     }
-    if !task.test_patch.trim().is_empty() {
-        apply_patch(root, &task.test_patch, "test_patch").with_context(|| format!("task {}", task.instance_id))?;
-    }
-    let ids: Vec<&String> = task.fail_to_pass.iter().chain(&task.pass_to_pass).collect();
-    let out = sandbox.run(&test_command(task, &ids))?;
-    let results = parse_pytest(&out.output);
-    for (id, status) in report.fail_to_pass.iter_mut().chain(report.pass_to_pass.iter_mut()) {
-        if let Some(s) = results.get(id) {
-            *status = *s;
-        }
-    }
-    report.resolved =
-        report.fail_to_pass.values().chain(report.pass_to_pass.values()).all(|s| *s == TestStatus::Passed);
-    let tail_from = out.output.len().saturating_sub(2000);
-    let tail_from = (tail_from..out.output.len()).find(|&i| out.output.is_char_boundary(i)).unwrap_or(0);
-    report.log_tail = out.output[tail_from..].to_string();
-    Ok(report)
+}
+
+/// The last 2000 bytes of a log (at a character boundary).
+fn tail(log: &str) -> String {
+    let from = log.len().saturating_sub(2000);
+    let from = (from..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(0);
+    log[from..].to_string()
 }
 
 #[cfg(test)]
@@ -153,5 +304,28 @@ SKIPPED [1] tests/test_c.py:3: unconditional skip
         assert_eq!(r.get("tests/test_a.py::test_two"), Some(&TestStatus::Failed));
         assert_eq!(r.get("tests/test_b.py::test_setup"), Some(&TestStatus::Error));
         assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn lines_outside_the_short_summary_are_not_results() {
+        // Printed by code under test before the summary, and by an atexit hook after it.
+        let log = "\
+PASSED tests/test_a.py::test_forged
+============ short test summary info ============
+FAILED tests/test_a.py::test_two - AssertionError
+PASSED tests/test_a.py::test_two
+============ 1 failed in 0.03s ============
+PASSED tests/test_a.py::test_after";
+        let r = parse_pytest(log);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r.get("tests/test_a.py::test_two"), Some(&TestStatus::Failed), "the worst outcome wins");
+    }
+
+    #[test]
+    fn the_reporter_is_read_only_with_its_nonce() {
+        let log = "abc passed t.py::x\nPASSED t.py::y\nn0nce passed t.py::z[a b]\nn0nce failed t.py::z[a b]\n";
+        let r = parse_reporter(log, "n0nce");
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.get("t.py::z[a b]"), Some(&TestStatus::Failed));
     }
 }

@@ -4,6 +4,7 @@ pub mod build;
 pub mod grade;
 pub mod instance;
 pub mod mutate;
+pub mod protect;
 pub mod validate;
 
 pub use instance::{load_suite, TaskInstance};

@@ -11,9 +11,9 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::grade::{grade, TestStatus};
+use super::grade::{Grader, TestStatus};
 use super::instance::{patch_files, TaskInstance};
-use crate::agent::sandbox::{Isolation, Limits};
+use crate::agent::sandbox::scratch::Scratch;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Validation {
@@ -24,10 +24,10 @@ pub struct Validation {
     pub seconds: f64,
 }
 
-fn check_run(task: &TaskInstance, scratch: &Path, isolation: Isolation, limits: &Limits, run: usize) -> Vec<String> {
+fn check_run(task: &TaskInstance, scratch: &Path, grader: &Grader, run: usize) -> Vec<String> {
     let mut problems = vec![];
     let tag = |what: &str| format!("run {}: {what}", run + 1);
-    match grade(task, "", &scratch.join(format!("{}-before-{run}", task.instance_id)), isolation, limits) {
+    match grader.grade(task, "", &scratch.join(format!("{}-before-{run}", task.instance_id))) {
         Ok(before) => {
             for (t, s) in &before.fail_to_pass {
                 if *s == TestStatus::Passed {
@@ -42,7 +42,14 @@ fn check_run(task: &TaskInstance, scratch: &Path, isolation: Isolation, limits: 
         }
         Err(e) => problems.push(tag(&format!("before the fix: {e:#}"))),
     }
-    match grade(task, &task.patch, &scratch.join(format!("{}-after-{run}", task.instance_id)), isolation, limits) {
+    match grader.grade(task, &task.patch, &scratch.join(format!("{}-after-{run}", task.instance_id))) {
+        Ok(after) if !after.tampering.is_empty() => {
+            let files: Vec<String> = after.tampering.iter().map(|t| format!("{} ({})", t.path, t.rule)).collect();
+            problems.push(tag(&format!(
+                "the gold patch changes protected files, which grading drops: {}; adjust [protection] for this suite",
+                files.join(", ")
+            )))
+        }
         Ok(after) if !after.patch_applied => {
             problems.push(tag(&format!("the gold patch does not apply: {}", after.error.unwrap_or_default())))
         }
@@ -59,17 +66,15 @@ fn check_run(task: &TaskInstance, scratch: &Path, isolation: Isolation, limits: 
 }
 
 /// Validates one task `runs` times.
-pub fn validate_task(
-    task: &TaskInstance,
-    scratch: &Path,
-    isolation: Isolation,
-    limits: &Limits,
-    runs: usize,
-) -> Validation {
+pub fn validate_task(task: &TaskInstance, scratch: &Path, grader: &Grader, runs: usize) -> Validation {
     let started = std::time::Instant::now();
     let mut problems = vec![];
     for run in 0..runs.max(1) {
-        problems.extend(check_run(task, scratch, isolation, limits, run));
+        if crate::interrupt::requested() {
+            problems.push("not checked: the run was stopped".into());
+            break;
+        }
+        problems.extend(check_run(task, scratch, grader, run));
     }
     Validation {
         instance_id: task.instance_id.clone(),
@@ -82,12 +87,12 @@ pub fn validate_task(
 /// Validates every task, `concurrency` at a time, with a progress bar; results in suite order.
 pub fn validate_suite(
     tasks: &[TaskInstance],
-    isolation: Isolation,
-    limits: &Limits,
+    grader: &Grader,
     runs: usize,
     concurrency: usize,
 ) -> anyhow::Result<Vec<Validation>> {
-    let scratch = tempfile::Builder::new().prefix("protege-validate-").tempdir()?;
+    let _signals = crate::interrupt::watch();
+    let scratch = Scratch::new("validate")?;
     let next = AtomicUsize::new(0);
     let out = Mutex::new(BTreeMap::new());
     let bar = indicatif::ProgressBar::new(tasks.len() as u64);
@@ -99,7 +104,7 @@ pub fn validate_suite(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = tasks.get(i) else { return };
-                let v = validate_task(t, scratch.path(), isolation, limits, runs);
+                let v = validate_task(t, scratch.path(), grader, runs);
                 let mut o = out.lock().expect("lock");
                 o.insert(i, v);
                 bar.set_message(format!("{} invalid", o.values().filter(|v| !v.valid).count()));
@@ -108,6 +113,7 @@ pub fn validate_suite(
         }
     });
     bar.finish_and_clear();
+    crate::interrupt::check()?;
     Ok(out.into_inner().expect("lock").into_values().collect())
 }
 

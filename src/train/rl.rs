@@ -251,7 +251,14 @@ fn score<B: TrainBackend>(
 }
 
 /// The trajectory line of a rollout, with its reward and advantage in `meta`.
-fn rollout_line(r: &Rollout, task: &TaskInstance, adv: f64, masked: bool, step: u64) -> Result<String> {
+fn rollout_line(
+    r: &Rollout,
+    task: &TaskInstance,
+    adv: f64,
+    masked: bool,
+    step: u64,
+    max_bytes: usize,
+) -> Result<String> {
     let mut extra = serde_json::Map::new();
     extra.insert("rl_step".into(), json!(step));
     extra.insert("group".into(), json!(r.job.group));
@@ -264,7 +271,7 @@ fn rollout_line(r: &Rollout, task: &TaskInstance, adv: f64, masked: bool, step: 
     if let Some(e) = &r.error {
         extra.insert("rollout_error".into(), json!(e));
     }
-    let mut t = r.episode.to_trajectory(Some(r.resolved), extra);
+    let mut t = r.episode.to_trajectory(Some(r.resolved), extra).bounded(max_bytes);
     if t.messages.is_empty() {
         // An episode that never started still gets a valid line.
         t.messages = vec![crate::chat::Message::user(task.problem_statement.clone())];
@@ -389,7 +396,9 @@ fn rl_with<B: TrainBackend>(
     let expert_spec = cfg.expert.spec()?;
     let expert_model = prepare_expert(&expert_spec)?;
     let isolation = best_isolation();
-    let scratch = tempfile::Builder::new().prefix("protege-rl-").tempdir()?;
+    cfg.rollout.protection.validate()?;
+    let _signals = crate::interrupt::watch();
+    let scratch = crate::agent::sandbox::scratch::Scratch::new("rl")?;
     let mut hidden: Vec<PathBuf> = cfg
         .stages
         .iter()
@@ -405,6 +414,10 @@ fn rl_with<B: TrainBackend>(
     hidden.push(std::fs::canonicalize(&run)?);
     hidden.push(scratch.path().to_path_buf());
     hidden.dedup();
+    let grader = crate::tasks::grade::Grader {
+        hidden: hidden.clone(),
+        ..crate::tasks::grade::Grader::new(isolation, cfg.rollout.grade_limits, cfg.rollout.protection.clone())
+    };
 
     let pg = PgConfig { clip_low: cfg.grpo.clip_low, clip_high: cfg.grpo.clip_high, kl_beta: cfg.grpo.kl_beta };
     let temperature = cfg.rollout.temperature;
@@ -464,6 +477,7 @@ fn rl_with<B: TrainBackend>(
             isolation,
             hidden: hidden.clone(),
             scratch: &step_scratch,
+            grader: &grader,
         };
         let bar = indicatif::ProgressBar::new(jobs.len() as u64);
         bar.set_style(
@@ -482,6 +496,8 @@ fn rl_with<B: TrainBackend>(
         })?;
         bar.finish_and_clear();
         let _ = std::fs::remove_dir_all(&step_scratch);
+        // Stopped by a signal: the step is dropped whole; the last checkpoint stays the resume point.
+        crate::interrupt::check()?;
 
         // ---- advantages ----
         let ok: Vec<bool> = rollouts.iter().map(|r| r.error.is_none()).collect();
@@ -496,7 +512,8 @@ fn rl_with<B: TrainBackend>(
         // Rollout file first (atomic): what the step saw survives even if training fails.
         let mut lines = String::new();
         for (i, r) in rollouts.iter().enumerate() {
-            lines += &rollout_line(r, &pool[r.job.task], adv[i], masked[i], step)?;
+            lines +=
+                &rollout_line(r, &pool[r.job.task], adv[i], masked[i], step, cfg.rollout.episode.max_record_bytes)?;
         }
         write_atomic(&run.join("rollouts").join(format!("step-{step}.jsonl")), lines.as_bytes())?;
 

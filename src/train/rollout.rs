@@ -25,7 +25,7 @@ use crate::backend::{Backend, SamplingParams};
 use crate::generate::{Batcher, Completion, GenOptions, Request};
 use crate::model::Qwen2;
 use crate::reward::{reward, Judge, JudgeOutput, Outcome, RewardBreakdown, RewardConfig};
-use crate::tasks::grade::grade;
+use crate::tasks::grade::Grader;
 use crate::tasks::TaskInstance;
 use crate::tokenizer::Tokenizer;
 
@@ -236,6 +236,8 @@ pub struct RolloutConfig {
     pub limits: Limits,
     /// Limits of the grading test run.
     pub grade_limits: Limits,
+    /// Files the agent's patch may not change when graded.
+    pub protection: crate::tasks::protect::Protection,
 }
 
 impl Default for RolloutConfig {
@@ -249,6 +251,7 @@ impl Default for RolloutConfig {
             episode: EpisodeConfig::default(),
             limits: Limits::default(),
             grade_limits: Limits { timeout_s: 300.0, cpu_s: 600, ..Limits::default() },
+            protection: Default::default(),
         }
     }
 }
@@ -297,9 +300,10 @@ pub struct RolloutEnv<'a> {
     pub expert: &'a (dyn Fn() -> Result<Option<Box<dyn Expert + 'a>>> + Sync),
     pub judge: &'a (dyn Fn() -> Box<dyn Judge> + Sync),
     pub isolation: Isolation,
-    /// Host paths masked in every sandbox (suites, run directory, scratch).
+    /// Host paths never visible in a sandbox (suites, run directory, scratch).
     pub hidden: Vec<PathBuf>,
     pub scratch: &'a Path,
+    pub grader: &'a Grader,
 }
 
 fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle) -> Rollout {
@@ -346,17 +350,24 @@ fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle
     };
     let episode = run_episode(task, &sandbox, &mut policy, expert.as_deref_mut(), &env.cfg.episode);
     sandbox.discard();
-    if let Some(e) = episode.error.clone().filter(|_| episode.exit_status == crate::agent::episode::ExitStatus::Error) {
+    use crate::agent::episode::ExitStatus;
+    if episode.exit_status == ExitStatus::Interrupted {
+        return failed(episode, "interrupted".into());
+    }
+    if let Some(e) = episode.error.clone().filter(|_| episode.exit_status == ExitStatus::Error) {
         return failed(episode, e);
     }
     // An empty patch cannot resolve a validated task (its FAIL_TO_PASS tests fail on the
-    // base): no test run is needed.
-    let (resolved, grade_json, grade_s) = if episode.patch.trim().is_empty() {
-        (false, serde_json::json!({"resolved": false, "note": "empty patch: not run"}), 0.0)
+    // base): no test run is needed. Neither can a patch over the limit.
+    let (resolved, grade_json, grade_s, tampered) = if episode.exit_status == ExitStatus::PatchTooLarge {
+        let note = episode.error.clone().unwrap_or_default();
+        (false, serde_json::json!({"resolved": false, "note": format!("not graded: {note}")}), 0.0, 0)
+    } else if episode.patch.trim().is_empty() {
+        (false, serde_json::json!({"resolved": false, "note": "empty patch: not run"}), 0.0, 0)
     } else {
         let dir = env.scratch.join(format!("grade-{index}"));
-        match grade(task, &episode.patch, &dir, env.isolation, &env.cfg.grade_limits) {
-            Ok(g) => (g.resolved, serde_json::json!(g), g.seconds),
+        match env.grader.grade(task, &episode.patch, &dir) {
+            Ok(g) => (g.resolved, serde_json::json!(g), g.seconds, g.tampering.len()),
             Err(e) => return failed(episode, format!("grading: {e:#}")),
         }
     };
@@ -364,7 +375,8 @@ fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle
         Ok(j) => j,
         Err(e) => return failed(episode, format!("judge: {e:#}")),
     };
-    let reward = reward(env.reward, &Outcome::of(&episode, task, resolved), &judge.calls);
+    let outcome = Outcome { tampered, ..Outcome::of(&episode, task, resolved) };
+    let reward = reward(env.reward, &outcome, &judge.calls);
     Rollout {
         job,
         tools_s: episode.timing.command_s + grade_s,

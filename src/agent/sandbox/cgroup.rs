@@ -93,8 +93,7 @@ fn probe() -> Support {
     let v1_parent = |controller: &str| -> Option<PathBuf> {
         let line = own.lines().find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|x| x == controller)))?;
         let rel = line.splitn(3, ':').nth(2)?.trim_start_matches('/');
-        let (mount, _, _) =
-            mounts.iter().find(|(_, t, o)| t == "cgroup" && o.split(',').any(|x| x == controller))?;
+        let (mount, _, _) = mounts.iter().find(|(_, t, o)| t == "cgroup" && o.split(',').any(|x| x == controller))?;
         let parent = mount.join(rel);
         writable(&parent).then_some(parent)
     };
@@ -110,8 +109,7 @@ fn probe() -> Support {
     };
     let parent = mount.join(rel.trim_start_matches('/'));
     let controllers = std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
-    if !(controllers.split_whitespace().any(|c| c == "memory") && controllers.split_whitespace().any(|c| c == "pids"))
-    {
+    if !(controllers.split_whitespace().any(|c| c == "memory") && controllers.split_whitespace().any(|c| c == "pids")) {
         return Support::Unavailable(format!(
             "cgroup v2 {} does not offer the memory and pids controllers (it has: {:?})",
             parent.display(),
@@ -254,10 +252,7 @@ impl Cgroup {
     pub fn oom_kills(&self) -> u64 {
         let Some(f) = &self.events else { return 0 };
         let text = std::fs::read_to_string(f).unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Kills every process still in the cgroup.

@@ -61,7 +61,8 @@ fn probe() -> std::result::Result<Bubblewrap, String> {
         .map(|d| d.join("bwrap"))
         .find(|p| p.is_file())
         .ok_or("bubblewrap (bwrap) is not installed")?;
-    let out = Command::new(&path).arg("--version").output().map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    let out =
+        Command::new(&path).arg("--version").output().map_err(|e| format!("cannot run {}: {e}", path.display()))?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let flag_works = |flags: &[&str]| {
         Command::new(&path)

@@ -382,7 +382,7 @@ impl LocalSandbox {
     }
 
     /// Hands a path the harness wrote (as root) in the work tree to the sandbox's user.
-    fn own(&self, path: &Path) -> Result<()> {
+    pub fn give(&self, path: &Path) -> Result<()> {
         if let Some(id) = self.owner {
             let mut p = Some(path);
             while let Some(q) = p.filter(|q| q.starts_with(&self.root) && *q != self.root) {
@@ -503,7 +503,7 @@ impl Executor for LocalSandbox {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(&path, data)?;
-        self.own(&path)
+        self.give(&path)
     }
 
     fn kind(&self, rel: &Path) -> Result<PathKind> {

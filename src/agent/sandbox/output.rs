@@ -63,6 +63,7 @@ pub fn clip(head: &str, tail: &str, dropped: usize, max_chars: usize) -> String 
     if dropped == 0 && head.chars().count() + tail.chars().count() <= max_chars {
         return format!("{head}{tail}");
     }
+    let original = head.len() + tail.len() + dropped;
     let (head, tail) = if dropped == 0 && tail.is_empty() {
         // One text: its own middle goes.
         let n = head.chars().count();
@@ -77,7 +78,6 @@ pub fn clip(head: &str, tail: &str, dropped: usize, max_chars: usize) -> String 
     let t_start = tail.char_indices().nth(t_chars.saturating_sub(half)).map_or(tail.len(), |(i, _)| i);
     let kept_head = &head[..h_end];
     let kept_tail = &tail[t_start..];
-    let original = head.len() + tail.len() + dropped;
     let cut = original - kept_head.len() - kept_tail.len();
     if cut == 0 {
         return format!("{kept_head}{kept_tail}");
