@@ -112,9 +112,6 @@ impl World {
                 Err(_) => {}
             }
         }
-        for name in ["passwd", "group", "hosts", "hostname"] {
-            mounts.push(Mount::ReadOnly { source: spec.etc_dir.join(name), dest: Path::new("/etc").join(name) });
-        }
         mounts.push(Mount::Tmpfs { at: home.clone(), bytes: Some(64 << 20) });
         for dir in tool_dirs(&home, spec.visible) {
             mounts.push(Mount::ReadOnly { source: dir.clone(), dest: dir });
@@ -127,6 +124,10 @@ impl World {
         });
         for v in spec.visible {
             mounts.push(Mount::ReadOnly { source: v.clone(), dest: v.clone() });
+        }
+        // The sandbox's own /etc files live beside its work tree (in the hidden scratch area).
+        for name in ["passwd", "group", "hosts", "hostname"] {
+            mounts.push(Mount::ReadOnly { source: spec.etc_dir.join(name), dest: Path::new("/etc").join(name) });
         }
         // A hidden path inside anything shown is covered.
         let shown: Vec<PathBuf> = mounts
@@ -310,6 +311,8 @@ mod tests {
         let w = World::build(&spec);
         assert!(w.mounts.contains(&Mount::ReadOnly { source: venv.clone(), dest: venv.clone() }));
         assert!(w.mounts.contains(&Mount::Tmpfs { at: secret.clone(), bytes: Some(4096) }));
+        // The sandbox's own /etc files are shown even though they sit in a hidden directory.
+        assert!(w.mounts.contains(&Mount::ReadOnly { source: root.join("etc/passwd"), dest: "/etc/passwd".into() }));
         // Whatever is hidden, the work tree is the task's and is shown writable.
         assert!(w.mounts.iter().any(|m| matches!(m, Mount::Writable { source, .. } if *source == work)));
     }
