@@ -17,7 +17,7 @@ fn replies(sleep_marker: &str) -> serde_json::Value {
     json!({
         "calc__clamp-above": [Replay::call("Done.", "submit", json!({}))],
         "calc__running-total-first": [
-            Replay::call("Wait.", "bash", json!({"command": format!("sleep {sleep_marker}")})),
+            Replay::call("Wait.", "bash", json!({"command": format!("touch /repo/.started && sleep {sleep_marker}")})),
             Replay::call("Done.", "submit", json!({})),
         ],
     })
@@ -38,13 +38,19 @@ fn start(dir: &Path, tmp: &Path, sleep_marker: &str) -> std::process::Child {
         .unwrap()
 }
 
-/// Waits until the first task is written and the second one's command runs.
-fn wait_for_the_sleep(dir: &Path, sleep_marker: &str) {
+/// Waits until the first task is written and the second one's command runs (past
+/// bubblewrap's setup: a SIGKILL during those milliseconds can orphan that one command, which
+/// the next run's cgroup sweep kills).
+fn wait_for_the_sleep(dir: &Path, tmp: &Path, sleep_marker: &str) {
     let started = Instant::now();
     loop {
         let first_done =
             std::fs::read_to_string(dir.join("out/trajectories.jsonl")).is_ok_and(|t| t.lines().count() == 1);
-        if first_done && !processes_with(sleep_marker).is_empty() {
+        let running = work_dirs(tmp)
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+            .any(|e| e.path().join(".started").exists());
+        if first_done && running && !processes_with(sleep_marker).is_empty() {
             return;
         }
         assert!(started.elapsed() < Duration::from_secs(60), "the eval never reached its second task");
@@ -66,7 +72,12 @@ fn processes_with(marker: &str) -> Vec<u32> {
 }
 
 fn work_dirs(tmp: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(tmp.join("protege-work")).into_iter().flatten().flatten().map(|e| e.path()).collect()
+    std::fs::read_dir(tmp.join(format!("protege-work-{}", unsafe { libc::getuid() })))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
 }
 
 /// This machine's sandbox cgroups of process `pid`.
@@ -107,7 +118,7 @@ fn a_stopped_eval_cleans_up_and_a_killed_one_is_cleaned_up_by_the_next() {
     std::fs::create_dir_all(&tmp).unwrap();
     let marker = format!("{}.25", 100 + std::process::id() % 100);
     let mut child = start(dir.path(), &tmp, &marker);
-    wait_for_the_sleep(dir.path(), &marker);
+    wait_for_the_sleep(dir.path(), &tmp, &marker);
     let pid = child.id();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -134,7 +145,7 @@ fn a_stopped_eval_cleans_up_and_a_killed_one_is_cleaned_up_by_the_next() {
     std::fs::create_dir_all(&tmp).unwrap();
     let marker = format!("{}.75", 100 + std::process::id() % 100);
     let mut child = start(dir.path(), &tmp, &marker);
-    wait_for_the_sleep(dir.path(), &marker);
+    wait_for_the_sleep(dir.path(), &tmp, &marker);
     let pid = child.id();
     child.kill().unwrap();
     child.wait().unwrap();

@@ -136,8 +136,12 @@ fn eval(dir: &Path, suite: &Path, replies: Value, env: &[(&str, &str)]) -> Run {
     let trajectories = raw.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let summary = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     // Nothing of the run is left in its temporary directory.
-    let left: Vec<_> =
-        std::fs::read_dir(tmp.join("protege-work")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    let left: Vec<_> = std::fs::read_dir(tmp.join(format!("protege-work-{}", unsafe { libc::getuid() })))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert!(left.is_empty(), "work trees left behind: {left:?}");
     Run { trajectories, raw, summary, stderr }
 }

@@ -226,6 +226,7 @@ impl Launcher {
             self.staged.iter().map(|s| (s.source.clone(), s.target.clone(), s.is_dir)).collect();
         let mut fds: Vec<libc::c_int> = vec![-1; stage.len()];
         let drop_to = self.drop_to;
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec only raw syscalls on data prepared before the fork.
         unsafe {
             c.pre_exec(move || {
@@ -233,7 +234,7 @@ impl Launcher {
                 if let Some(id) = drop_to {
                     stage_and_drop(&stage, &mut fds, id)?;
                 }
-                Ok(())
+                die_with_parent(parent)
             });
         }
         c
@@ -296,6 +297,21 @@ fn stage_and_drop(stage: &[(CString, CString, bool)], fds: &mut [libc::c_int], i
         check(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_int)?;
         check(libc::syscall(libc::SYS_setresgid, id, id, id) as libc::c_int)?;
         check(libc::syscall(libc::SYS_setresuid, id, id, id) as libc::c_int)?;
+    }
+    Ok(())
+}
+
+/// SIGKILL when protege dies, from before bubblewrap runs (its own `--die-with-parent` comes
+/// later, and a protege killed in between would leave an orphan running the command). Set
+/// after the last credential change, which would clear it; if protege is already gone, the
+/// command does not start. Async-signal-safe.
+pub fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl and getppid are plain syscalls.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0))?;
+        if libc::getppid() != parent {
+            return Err(std::io::Error::other("protege exited before the command started"));
+        }
     }
     Ok(())
 }

@@ -400,9 +400,13 @@ impl LocalSandbox {
                 let mut c = Command::new("bash");
                 c.current_dir(&self.root).arg("-c").arg(script);
                 let procs = self.cgroup.as_ref().map(|c| c.procs_files().to_vec()).unwrap_or_default();
-                // SAFETY: only open/write/close between fork and exec.
+                let parent = std::process::id() as libc::pid_t;
+                // SAFETY: only open/write/close/prctl between fork and exec.
                 unsafe {
-                    c.pre_exec(move || cgroup::join_self(&procs));
+                    c.pre_exec(move || {
+                        cgroup::join_self(&procs)?;
+                        launch::die_with_parent(parent)
+                    });
                 }
                 c
             }

@@ -1,4 +1,4 @@
-//! Where a run keeps its work trees: `$TMPDIR/protege-work/<kind>-<pid>-<n>/`, locked (an
+//! Where a run keeps its work trees: `$TMPDIR/protege-work-<uid>/<kind>-<pid>-<n>/`, locked (an
 //! `flock` on its `.lock`) for as long as the run holds it and removed when dropped — on an
 //! error, a panic or an interrupt (see [`crate::interrupt`]) alike. A directory left by a run
 //! that could not clean up (SIGKILL, a crash, a power cut) is removed by the next run that
@@ -16,9 +16,31 @@ pub struct Scratch {
     _lock: File,
 }
 
-/// `$TMPDIR/protege-work`, private to its owner.
+/// `$TMPDIR/protege-work-<uid>`, private to its owner.
 pub fn base_dir() -> PathBuf {
-    std::env::temp_dir().join("protege-work")
+    // SAFETY: getuid cannot fail.
+    std::env::temp_dir().join(format!("protege-work-{}", unsafe { libc::getuid() }))
+}
+
+/// Creates `base` (0700) or checks that the existing one is a directory of ours that nobody
+/// else can write: a shared /tmp must not let another user prepare it.
+fn private_dir(base: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match std::fs::create_dir(base) {
+        Ok(()) => std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o700))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", base.display())),
+    }
+    let meta = std::fs::symlink_metadata(base)?;
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "{} is not a private directory of uid {uid} (a symlink, another owner, or writable by others); remove it",
+            base.display()
+        );
+    }
+    Ok(())
 }
 
 fn try_lock(f: &File) -> bool {
@@ -30,9 +52,10 @@ impl Scratch {
     /// A new locked scratch directory; removes what killed runs left first.
     pub fn new(kind: &str) -> Result<Scratch> {
         let base = base_dir();
-        std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700));
+        if let Some(parent) = base.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        private_dir(&base)?;
         sweep(&base);
         for n in 0..1000u32 {
             let dir = base.join(format!("{kind}-{}-{n}", std::process::id()));
