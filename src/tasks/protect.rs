@@ -208,7 +208,7 @@ fn git_header_paths(rest: &str) -> Vec<String> {
         return vec![a, b];
     }
     // `a/P b/P` for the same P: the split in the middle.
-    if rest.len() >= 5 && (rest.len() - 1) % 2 == 0 {
+    if rest.len() >= 5 && (rest.len() - 1).is_multiple_of(2) {
         let half = (rest.len() - 1) / 2;
         if rest.is_char_boundary(half) && rest.is_char_boundary(half + 1) {
             let (a, b) = (&rest[..half], &rest[half + 1..]);
