@@ -473,3 +473,35 @@ fn episodes_start_from_the_base_patch() {
     assert_eq!(traj.messages[3].text().trim(), "injected", "{:?}", traj.messages[3]);
     assert!(!traj.meta["patch"].as_str().unwrap().contains("BUG.txt"), "the base is not part of the agent's patch");
 }
+
+#[test]
+fn a_work_tree_that_grows_past_its_limits_ends_the_episode() {
+    let dir = tempfile::tempdir().unwrap();
+    let isolation = if bubblewrap_works() { Isolation::Bubblewrap } else { Isolation::Plain };
+    let t = task("calc__clamp-above");
+    let small = Limits { work_tree_mib: 1, work_tree_files: 50, ..limits(20.0) };
+    let make = |name: &str| {
+        LocalSandbox::create(&t.env.repo_path, &dir.path().join(name), isolation, small, vec![], &[]).unwrap()
+    };
+    // Bytes: 2 MB in one file.
+    let sb = make("bytes");
+    assert!(sb.run("head -c 500000 /dev/zero > ok.bin").is_ok(), "under the limit");
+    let err = sb.run("head -c 2000000 /dev/zero > big.bin").unwrap_err();
+    let over = err.downcast_ref::<protege::agent::sandbox::PatchTooLarge>().expect("a PatchTooLarge");
+    assert!(over.amount > 1 << 20 && over.to_string().contains("new bytes"), "{over}");
+    // The diff refuses too, before adding anything to the harness repository.
+    assert!(sb.diff(1 << 30).unwrap_err().downcast_ref::<protege::agent::sandbox::PatchTooLarge>().is_some());
+    // Files: 60 empty ones.
+    let sb = make("files");
+    let err = sb.run("mkdir d && for i in $(seq 1 60); do : > d/$i; done").unwrap_err();
+    assert!(err.to_string().contains("new files and directories"), "{err}");
+    // An episode ends with a named status.
+    let sb = make("episode");
+    let mut policy = Replay::new(vec![
+        Replay::call("Fill.", "bash", json!({"command": "head -c 3000000 /dev/zero > big.bin"})),
+        Replay::call("Done.", "submit", json!({})),
+    ]);
+    let ep = run_episode(&t, &sb, &mut policy, None, &EpisodeConfig::default());
+    assert_eq!(ep.exit_status, ExitStatus::PatchTooLarge);
+    assert!(ep.patch.is_empty() && ep.error.unwrap().contains("new bytes"));
+}

@@ -295,6 +295,10 @@ pub fn run_episode<'p, 'e>(
                     }
                     Message::tool(text)
                 }
+                Err(e) if e.downcast_ref::<super::sandbox::PatchTooLarge>().is_some() => {
+                    ep.error = Some(format!("{e:#}"));
+                    break ExitStatus::PatchTooLarge;
+                }
                 Err(e) => {
                     ep.error = Some(format!("executor: {e:#}"));
                     break ExitStatus::Error;
@@ -364,7 +368,11 @@ pub fn run_episode<'p, 'e>(
         ep.messages.push(observation);
     };
     ep.exit_status = status;
-    match exec.diff(cfg.max_patch_bytes) {
+    let diff = match status {
+        ExitStatus::PatchTooLarge => Ok(String::new()),
+        _ => exec.diff(cfg.max_patch_bytes),
+    };
+    match diff {
         Ok(p) => ep.patch = p,
         Err(e) if e.downcast_ref::<super::sandbox::PatchTooLarge>().is_some() => {
             ep.exit_status = ExitStatus::PatchTooLarge;

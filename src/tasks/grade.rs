@@ -1,14 +1,17 @@
-//! Grading with SWE-bench semantics: in a fresh copy at the base, apply the model's patch
-//! (without its changes to protected files, [`super::protect`]), reset the files the hidden
-//! tests touch and apply `test_patch`, run FAIL_TO_PASS and PASS_TO_PASS, and read per-test
-//! results. Resolved iff every one of them passes.
+//! Grading with SWE-bench semantics: in a fresh copy at the base, apply the model's patch and
+//! put the files it may not change back as at the base ([`super::protect`]; which files it
+//! changed is asked of git), reset the files the hidden tests touch and apply `test_patch`,
+//! run FAIL_TO_PASS and PASS_TO_PASS, and read per-test results. Resolved iff every one of
+//! them passes.
 //!
-//! For pytest commands the results come from a reporter plugin written for this run under a
-//! random module name and loaded with `-p`: it writes each test's outcome, marked with a
-//! random nonce, to the stdout pytest started with. Code under test can print anything it
-//! likes — `PASSED tests/...` lines, a whole fake summary from an `atexit` hook — and it is
-//! not read; it would have to find and imitate a mechanism the agent never sees. Other test
-//! commands are read from pytest's `-rA` short summary, the lines between its header and the
+//! For pytest commands the results come from a reporter plugin written for the run under a
+//! random module name in a directory beside the work tree, shown read-only, and loaded with
+//! `-p`: it writes each test's outcome, marked with a random nonce, to the stdout pytest
+//! started with. What code under test prints — `PASSED tests/...` lines, a whole fake summary
+//! from an `atexit` hook — is not read. A canary test that must fail, named like any other
+//! test and placed beside the first test file, runs last: if it passes, the runner was made
+//! to pass everything, and the grade is unresolved with that recorded as tampering. Other
+//! test commands are read from pytest's `-rA` short summary, between its header and the
 //! final count only.
 
 use std::collections::BTreeMap;
@@ -189,6 +192,19 @@ pub struct Grader {
     pub hidden: Vec<PathBuf>,
 }
 
+/// Words for the canary test's names: it should look like any other test.
+const WORDS: [&str; 32] = [
+    "parse", "value", "range", "empty", "order", "merge", "split", "limit", "index", "count", "label", "token",
+    "field", "state", "cache", "group", "shape", "scale", "round", "match", "check", "total", "delta", "entry",
+    "start", "final", "inner", "outer", "after", "early", "local", "basic",
+];
+
+fn random_name(prefix: &str) -> String {
+    let w = |_| WORDS[rand::random::<usize>() % WORDS.len()];
+    let words: Vec<&str> = (0..3).map(w).collect();
+    format!("{prefix}{}_{}", words.join("_"), rand::random::<u16>() % 1000)
+}
+
 impl Grader {
     pub fn new(isolation: Isolation, limits: Limits, protection: Protection) -> Self {
         Self { isolation, limits, protection, hidden: vec![] }
@@ -198,70 +214,121 @@ impl Grader {
     /// removed afterwards).
     pub fn grade(&self, task: &TaskInstance, model_patch: &str, dir: &Path) -> Result<GradeReport> {
         let started = std::time::Instant::now();
-        // The whole test log is kept: no truncation of the grading run's output.
-        let limits = Limits { output_bytes: 256 << 20, ..self.limits };
-        let sandbox = LocalSandbox::for_task(task, dir, self.isolation, limits, self.hidden.clone())?;
-        let result = self.grade_in(task, model_patch, &sandbox);
-        sandbox.discard();
+        // The test log is kept whole up to 64 MiB (the reporter writes at its end).
+        let limits = Limits { output_bytes: 64 << 20, ..self.limits };
+        // The reporter lives beside the work tree, shown read-only: code under test cannot
+        // rewrite it, and a module of its name in the work tree cannot shadow it.
+        let reporter_dir = {
+            let mut name = dir.file_name().unwrap_or_default().to_os_string();
+            name.push(".grader");
+            dir.with_file_name(name)
+        };
+        let reporter = Reporter::write(&reporter_dir)?;
+        let sandbox = LocalSandbox::for_task_with(
+            task,
+            dir,
+            self.isolation,
+            limits,
+            self.hidden.clone(),
+            vec![reporter_dir.clone()],
+        );
+        let result = sandbox.and_then(|sb| {
+            let r = self.grade_in(task, model_patch, &sb, &reporter);
+            sb.discard();
+            r
+        });
+        crate::agent::sandbox::remove_tree(&reporter_dir);
         let mut report = result?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
 
-    fn grade_in(&self, task: &TaskInstance, model_patch: &str, sandbox: &LocalSandbox) -> Result<GradeReport> {
+    fn grade_in(
+        &self,
+        task: &TaskInstance,
+        model_patch: &str,
+        sandbox: &LocalSandbox,
+        reporter: &Reporter,
+    ) -> Result<GradeReport> {
         let root = sandbox.host_root();
         let missing = |ids: &[String]| ids.iter().map(|t| (t.clone(), TestStatus::Missing)).collect::<BTreeMap<_, _>>();
-        let (patch, tampering) = self.protection.filter(task, model_patch);
         let mut report = GradeReport {
             resolved: false,
             patch_applied: true,
             error: None,
             fail_to_pass: missing(&task.fail_to_pass),
             pass_to_pass: missing(&task.pass_to_pass),
-            tampering,
+            tampering: vec![],
             seconds: 0.0,
             log_tail: String::new(),
         };
-        if !patch.trim().is_empty() {
-            if let Err(e) = apply_patch(root, &patch, "the model's patch") {
+        if !model_patch.trim().is_empty() {
+            if let Err(e) = apply_patch(root, model_patch, "the model's patch") {
                 report.patch_applied = false;
                 report.error = Some(format!("{e:#}"));
                 return Ok(report);
             }
         }
+        // Protected files go back to the base: judged on what git applied, not on how the
+        // patch text spells its paths.
+        for c in sandbox.changes()? {
+            if let Some(rule) = self.protection.rule_for(task, &c.path) {
+                sandbox.restore(&c.path)?;
+                report.tampering.push(Tampering {
+                    path: c.path,
+                    rule,
+                    lines_added: c.added.unwrap_or(0) as usize,
+                    lines_removed: c.removed.unwrap_or(0) as usize,
+                });
+            }
+        }
         // The hidden tests win over whatever the model did to the same files.
         for f in task.test_files() {
-            let tracked = crate::agent::sandbox::git(root, &["ls-files", "--error-unmatch", &f]).is_ok();
-            if tracked {
-                crate::agent::sandbox::git(root, &["checkout", "HEAD", "--", &f])?;
-            } else {
-                let _ = std::fs::remove_file(root.join(&f));
-            }
+            sandbox.restore(&f)?;
         }
         if !task.test_patch.trim().is_empty() {
             apply_patch(root, &task.test_patch, "test_patch").with_context(|| format!("task {}", task.instance_id))?;
         }
         let ids: Vec<&String> = task.fail_to_pass.iter().chain(&task.pass_to_pass).collect();
         let results = if runs_pytest(task) {
-            let nonce = format!("{:032x}", rand::random::<u128>());
-            let module = format!("protege_report_{nonce}");
-            let plugin = root.join(format!("{module}.py"));
-            std::fs::write(&plugin, REPORTER.replace("{nonce}", &nonce))?;
-            sandbox.give(&plugin)?;
+            // A test that must fail, named like any other, beside the first test file: a
+            // runner made to pass everything passes it too.
+            let canary_dir = ids.iter().find_map(|id| id.split_once("::")).and_then(|(f, _)| f.rsplit_once('/'));
+            let canary_dir = canary_dir.map_or(String::new(), |(d, _)| format!("{d}/"));
+            let canary_file = format!("{canary_dir}{}.py", random_name("test_"));
+            let canary_fn = random_name("test_");
+            std::fs::write(root.join(&canary_file), format!("def {canary_fn}():\n    assert 1 + 1 == 3\n"))?;
+            sandbox.give_tree()?;
             let cmd = format!(
-                "export PYTHONPATH=\"${{PYTHONPATH:+$PYTHONPATH:}}{}\"; {} -p {module} {}",
-                sandbox.workdir(),
+                "export PYTHONPATH=\"${{PYTHONPATH:+$PYTHONPATH:}}{}\"; {} -p {} {} {}",
+                reporter.dir.display(),
                 task.env.test_cmd,
-                ids.iter().map(|t| shell_quote(t)).collect::<Vec<_>>().join(" ")
+                reporter.module,
+                ids.iter().map(|t| shell_quote(t)).collect::<Vec<_>>().join(" "),
+                shell_quote(&format!("{canary_file}::{canary_fn}"))
             );
             let out = sandbox.run(&cmd)?;
             report.log_tail = tail(&out.output);
-            let results = parse_reporter(&out.output, &nonce);
+            let results = parse_reporter(&out.output, &reporter.nonce);
             if results.is_empty() {
                 report.error = Some("the test run reported no results (see log_tail)".into());
             }
+            let suffix = format!("::{canary_fn}");
+            if let Some((_, s)) = results.iter().find(|(id, _)| id.ends_with(&suffix)) {
+                if *s == TestStatus::Passed {
+                    report.tampering.push(Tampering {
+                        path: canary_file,
+                        rule: "the test runner was subverted: a test that must fail passed".into(),
+                        lines_added: 0,
+                        lines_removed: 0,
+                    });
+                    report.error = Some("a test that must fail passed: the patch subverts the test runner".into());
+                    return Ok(report);
+                }
+            }
             results
         } else {
+            sandbox.give_tree()?;
             let out = sandbox.run(&test_command(task, &ids))?;
             report.log_tail = tail(&out.output);
             parse_pytest(&out.output)
@@ -274,6 +341,27 @@ impl Grader {
         report.resolved =
             report.fail_to_pass.values().chain(report.pass_to_pass.values()).all(|s| *s == TestStatus::Passed);
         Ok(report)
+    }
+}
+
+/// The reporter plugin of one grading run: its directory, module name and marker.
+struct Reporter {
+    dir: PathBuf,
+    module: String,
+    nonce: String,
+}
+
+impl Reporter {
+    fn write(dir: &Path) -> Result<Reporter> {
+        std::fs::create_dir_all(dir)?;
+        let module = format!("protege_grader_{:016x}", rand::random::<u64>());
+        let nonce = format!("{:032x}", rand::random::<u128>());
+        let file = dir.join(format!("{module}.py"));
+        std::fs::write(&file, REPORTER.replace("{nonce}", &nonce))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+        Ok(Reporter { dir: dir.canonicalize()?, module, nonce })
     }
 }
 

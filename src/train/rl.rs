@@ -495,7 +495,7 @@ fn rl_with<B: TrainBackend>(
             ));
         })?;
         bar.finish_and_clear();
-        let _ = std::fs::remove_dir_all(&step_scratch);
+        crate::agent::sandbox::remove_tree(&step_scratch);
         // Stopped by a signal: the step is dropped whole; the last checkpoint stays the resume point.
         crate::interrupt::check()?;
 

@@ -101,17 +101,19 @@ fn probe() -> Support {
     if memory.is_some() || pids.is_some() {
         return Support::V1 { memory, pids };
     }
+    let v1_mounted = mounts.iter().any(|(_, t, o)| t == "cgroup" && o.split(',').any(|x| x == "memory" || x == "pids"));
+    let v1_note = if v1_mounted { "cgroup v1 memory/pids are mounted but not writable here; " } else { "" };
     let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
-        return Support::Unavailable("no writable cgroup v1 memory/pids hierarchy and no cgroup v2".into());
+        return Support::Unavailable(format!("{v1_note}no cgroup v2"));
     };
     let Some((mount, _, _)) = mounts.iter().find(|(_, t, _)| t == "cgroup2") else {
-        return Support::Unavailable("cgroup v2 is not mounted".into());
+        return Support::Unavailable(format!("{v1_note}cgroup v2 is not mounted"));
     };
     let parent = mount.join(rel.trim_start_matches('/'));
     let controllers = std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
     if !(controllers.split_whitespace().any(|c| c == "memory") && controllers.split_whitespace().any(|c| c == "pids")) {
         return Support::Unavailable(format!(
-            "cgroup v2 {} does not offer the memory and pids controllers (it has: {:?})",
+            "{v1_note}cgroup v2 {} does not offer the memory and pids controllers (it has: {:?})",
             parent.display(),
             controllers.trim()
         ));

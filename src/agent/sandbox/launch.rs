@@ -5,7 +5,7 @@
 //! forbids further user namespaces. Which host user the command *is* matters too: a process
 //! mapped to host root keeps root's ownership of host inodes without any capability — it can
 //! write root-owned sysctls under `/proc/sys` and chmod the host's `/dev/null`. So when
-//! protege runs as root, commands run as the unprivileged host user [`sandbox_host_uid`]:
+//! protege runs as root, commands run as an unprivileged host user ([`HostUid`], one per sandbox):
 //! between fork and exec the launcher, still root, enters a private mount namespace, binds
 //! every host directory the sandbox shows under a fresh tmpfs at `/tmp/s<N>` (so that the
 //! unprivileged user can reach them wherever they live, e.g. under a `0700` `/root`), joins
@@ -24,10 +24,44 @@ use anyhow::{Context, Result};
 use super::cgroup;
 use super::world::{Mount, World, HOSTNAME, SANDBOX_ID};
 
-/// The host uid (and gid) commands run as when protege runs as root;
+/// The first host uid (and gid) commands run as when protege runs as root;
 /// `PROTEGE_SANDBOX_UID` overrides it.
-pub fn sandbox_host_uid() -> u32 {
+pub fn sandbox_uid_base() -> u32 {
     std::env::var("PROTEGE_SANDBOX_UID").ok().and_then(|v| v.parse().ok()).filter(|&u| u != 0).unwrap_or(64_646)
+}
+
+/// How many host uids sandboxes of one protege process use at most at once.
+const UID_POOL: u32 = 1024;
+
+/// The host uid of one live sandbox (protege as root): each sandbox has its own, so that a
+/// limit the kernel counts per user (RLIMIT_NPROC) is that sandbox's alone and one sandbox
+/// cannot exhaust another's. Returned to the pool when dropped.
+#[derive(Debug)]
+pub struct HostUid(u32);
+
+static IN_USE: std::sync::Mutex<std::collections::BTreeSet<u32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+impl HostUid {
+    pub fn allocate() -> anyhow::Result<HostUid> {
+        let base = sandbox_uid_base();
+        let mut used = IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+        let id = (base..base.saturating_add(UID_POOL))
+            .find(|u| !used.contains(u))
+            .ok_or_else(|| anyhow::anyhow!("more than {UID_POOL} sandboxes at once"))?;
+        used.insert(id);
+        Ok(HostUid(id))
+    }
+
+    pub fn get(&self) -> u32 {
+        self.0
+    }
+}
+
+impl Drop for HostUid {
+    fn drop(&mut self) {
+        IN_USE.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0);
+    }
 }
 
 pub fn running_as_root() -> bool {
@@ -44,7 +78,7 @@ pub struct Bubblewrap {
     pub disable_userns: bool,
     /// `--size` for tmpfs mounts.
     pub tmpfs_size: bool,
-    /// Commands run as [`sandbox_host_uid`] from staged paths (protege runs as root).
+    /// Commands run as a [`HostUid`] from staged paths (protege runs as root).
     pub staged: bool,
 }
 
@@ -86,12 +120,16 @@ fn probe() -> std::result::Result<Bubblewrap, String> {
         std::fs::create_dir_all(&work)?;
         std::fs::create_dir_all(&etc)?;
         World::write_etc(&etc, &super::world::home_dir())?;
-        if bw.staged {
-            give_to_sandbox_user(dir.path())?;
-        }
         Ok(())
     };
     setup().map_err(|e| format!("cannot prepare a probe sandbox: {e}"))?;
+    let uid = match bw.staged {
+        true => Some(HostUid::allocate().map_err(|e| e.to_string())?),
+        false => None,
+    };
+    if let Some(u) = &uid {
+        give_to(dir.path(), u.get()).map_err(|e| format!("cannot prepare a probe sandbox: {e}"))?;
+    }
     let world = World::build(&super::world::WorldSpec {
         work_tree: &work,
         visible: &[],
@@ -99,7 +137,7 @@ fn probe() -> std::result::Result<Bubblewrap, String> {
         etc_dir: &etc,
         tmp_bytes: Some(1 << 20),
     });
-    let launcher = Launcher::new(&bw, &world, None).map_err(|e| format!("{e:#}"))?;
+    let launcher = Launcher::new(&bw, &world, None, uid.as_ref().map(HostUid::get)).map_err(|e| format!("{e:#}"))?;
     let mut cmd = launcher.command("test \"$(id -u)\" = 1000 && touch /repo/ok");
     let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot start bubblewrap: {e}"))?;
     if !out.status.success() || !work.join("ok").exists() {
@@ -112,9 +150,8 @@ fn probe() -> std::result::Result<Bubblewrap, String> {
     Ok(bw)
 }
 
-/// Gives `path` (recursively, links not followed) to the sandbox's host user.
-pub fn give_to_sandbox_user(path: &Path) -> std::io::Result<()> {
-    let id = sandbox_host_uid();
+/// Gives `path` (recursively, links not followed) to host uid and gid `id`.
+pub fn give_to(path: &Path, id: u32) -> std::io::Result<()> {
     chown_tree(path, id)
 }
 
@@ -151,13 +188,19 @@ pub struct Launcher {
 
 /// Host paths bubblewrap can reach as any user: system directories and `/etc` entries.
 fn reachable_by_anyone(p: &Path) -> bool {
-    ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/", "/dev/null"]
+    ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/nix/store", "/etc/", "/dev/null"]
         .iter()
         .any(|s| p.starts_with(s) || p.to_string_lossy().starts_with(s))
 }
 
 impl Launcher {
-    pub fn new(bw: &Bubblewrap, world: &World, cgroup: Option<&cgroup::Cgroup>) -> Result<Launcher> {
+    /// `drop_to`: the host uid commands run as (protege as root: staged, then dropped to it).
+    pub fn new(
+        bw: &Bubblewrap,
+        world: &World,
+        cgroup: Option<&cgroup::Cgroup>,
+        drop_to: Option<u32>,
+    ) -> Result<Launcher> {
         let id = SANDBOX_ID.to_string();
         let mut args: Vec<OsString> = vec![];
         let mut push = |xs: &[&str]| args.extend(xs.iter().map(OsString::from));
@@ -200,17 +243,17 @@ impl Launcher {
                 Mount::EmptyFile { at } => mount_args.extend(["--ro-bind".into(), "/dev/null".into(), at.into()]),
             }
         }
+        // /dev and /proc first: the world's mounts include /dev/shm.
+        args.extend(["--dev", "/dev", "--proc", "/proc"].map(OsString::from));
         args.extend(mount_args);
-        // The root itself (where /etc's entries and the mount points live) is read-only.
-        args.extend(
-            ["--dev", "/dev", "--proc", "/proc", "--remount-ro", "/", "--chdir", super::SANDBOX_REPO]
-                .map(OsString::from),
-        );
+        // The root itself (where /etc's entries and the mount points live) and /dev's own tmpfs
+        // (not its device nodes, /dev/pts or /dev/shm, mounts of their own) are read-only.
+        args.extend(["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", super::SANDBOX_REPO].map(OsString::from));
         Ok(Launcher {
             bwrap: bw.path.clone(),
             args,
             staged,
-            drop_to: bw.staged.then(sandbox_host_uid),
+            drop_to,
             cgroup_procs: cgroup.map(|c| c.procs_files().to_vec()).unwrap_or_default(),
             home: world.home.clone(),
         })
@@ -230,6 +273,7 @@ impl Launcher {
         // SAFETY: between fork and exec only raw syscalls on data prepared before the fork.
         unsafe {
             c.pre_exec(move || {
+                close_inherited_fds();
                 cgroup::join_self(&procs)?;
                 if let Some(id) = drop_to {
                     stage_and_drop(&stage, &mut fds, id)?;
@@ -310,10 +354,28 @@ pub fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
     unsafe {
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0))?;
         if libc::getppid() != parent {
-            return Err(std::io::Error::other("protege exited before the command started"));
+            // protege is gone: the command must not start (no allocation after fork).
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
         }
     }
     Ok(())
+}
+
+/// Marks every descriptor above stderr close-on-exec: whatever protege inherited (a directory
+/// descriptor from its launcher is a way out of any mount namespace) or opened without
+/// close-on-exec never reaches a command. Async-signal-safe.
+pub fn close_inherited_fds() {
+    // SAFETY: close_range (Linux 5.11) or fcntl on each descriptor: plain syscalls.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) == 0 {
+            return;
+        }
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 { lim.rlim_cur.min(1 << 20) } else { 4096 };
+        for fd in 3..max as libc::c_int {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
 }
 
 /// `/proc/self/fd/<fd>` NUL-terminated into `buf`, without allocating.

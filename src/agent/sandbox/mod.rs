@@ -68,8 +68,13 @@ pub struct Limits {
     pub total_memory_mib: u64,
     /// Largest file a command may write, MiB.
     pub file_mib: u64,
-    /// Size of the sandbox's private `/tmp`, MiB.
+    /// Size of the sandbox's private `/tmp` (and `/dev/shm`), MiB.
     pub tmp_mib: u64,
+    /// How much the work tree may grow beyond the base, MiB, and by how many files and
+    /// directories; checked after every command (a command over it ends the episode
+    /// `patch_too_large`).
+    pub work_tree_mib: u64,
+    pub work_tree_files: u64,
     /// Bytes of output kept (half from the head, half from the tail).
     pub output_bytes: usize,
     /// Processes: of the sandbox together through its cgroup where the machine offers one,
@@ -86,6 +91,8 @@ impl Default for Limits {
             total_memory_mib: 8192,
             file_mib: 256,
             tmp_mib: 1024,
+            work_tree_mib: 1024,
+            work_tree_files: 100_000,
             output_bytes: 16 * 1024,
             max_processes: 4096,
         }
@@ -116,11 +123,13 @@ impl CmdOutput {
     }
 }
 
-/// The work tree's changes are over the patch limit: nothing is graded.
+/// The work tree's changes are over a limit (the patch's size, or the tree's growth in bytes
+/// or files): the episode ends and nothing is graded.
 #[derive(Debug, thiserror::Error)]
-#[error("the work tree's changes come to {bytes} bytes, over the patch limit of {limit} bytes")]
+#[error("the work tree's {what} come to {amount}, over the limit of {limit}")]
 pub struct PatchTooLarge {
-    pub bytes: u64,
+    pub what: &'static str,
+    pub amount: u64,
     pub limit: u64,
 }
 
@@ -198,7 +207,7 @@ pub fn describe() -> String {
                 "  commands run as uid {} inside (no capabilities), {} on the host\n",
                 world::SANDBOX_ID,
                 if bw.staged {
-                    format!("unprivileged uid {}", launch::sandbox_host_uid())
+                    format!("an unprivileged uid of its own from {} up", launch::sandbox_uid_base())
                 } else {
                     // SAFETY: getuid cannot fail.
                     format!("uid {} (protege's own)", unsafe { libc::getuid() })
@@ -230,9 +239,9 @@ pub struct LocalSandbox {
     launcher: Option<launch::Launcher>,
     cgroup: Option<cgroup::Cgroup>,
     /// Host uid that owns the work tree (commands run as it), when protege runs as root.
-    owner: Option<u32>,
-    /// Bytes in the work tree at the base (after setup).
-    base_bytes: u64,
+    owner: Option<launch::HostUid>,
+    /// Bytes, and files and directories, in the work tree at the base (after setup).
+    base_size: TreeSize,
 }
 
 /// Files beside a work tree: its harness repository and its sandbox's `/etc` files.
@@ -273,6 +282,20 @@ impl LocalSandbox {
         Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup, visible)
     }
 
+    /// [`LocalSandbox::for_task`] with more host directories shown read-only (the grader's).
+    pub fn for_task_with(
+        task: &crate::tasks::TaskInstance,
+        root: &Path,
+        isolation: Isolation,
+        limits: Limits,
+        hidden: Vec<PathBuf>,
+        extra_visible: Vec<PathBuf>,
+    ) -> Result<Self> {
+        let e = &task.env;
+        let visible = e.venv.iter().cloned().chain(extra_visible).collect();
+        Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup, visible)
+    }
+
     /// [`LocalSandbox::create`] with a base patch and host directories shown read-only.
     #[allow(clippy::too_many_arguments)]
     pub fn create_with(
@@ -305,7 +328,7 @@ impl LocalSandbox {
             launcher: None,
             cgroup: None,
             owner: None,
-            base_bytes: 0,
+            base_size: TreeSize::default(),
         };
         sandbox.cgroup = cgroup::Cgroup::create(limits.total_memory_mib << 20, limits.max_processes)
             .context("cannot create the sandbox's cgroup")?;
@@ -321,10 +344,12 @@ impl LocalSandbox {
             std::fs::create_dir_all(&etc_dir)?;
             world::World::write_etc(&etc_dir, &world.home)?;
             if bw.staged {
-                launch::give_to_sandbox_user(&sandbox.root)?;
-                sandbox.owner = Some(launch::sandbox_host_uid());
+                let uid = launch::HostUid::allocate()?;
+                launch::give_to(&sandbox.root, uid.get())?;
+                sandbox.owner = Some(uid);
             }
-            sandbox.launcher = Some(launch::Launcher::new(bw, &world, sandbox.cgroup.as_ref())?);
+            let drop_to = sandbox.owner.as_ref().map(launch::HostUid::get);
+            sandbox.launcher = Some(launch::Launcher::new(bw, &world, sandbox.cgroup.as_ref(), drop_to)?);
         }
         for c in setup {
             let out = sandbox.run(c)?;
@@ -349,12 +374,84 @@ impl LocalSandbox {
         sandbox.harness_git(&["init", "-q"])?;
         sandbox.harness_git(&["add", "-A"])?;
         sandbox.harness_git(&commit)?;
-        if sandbox.owner.is_some() {
+        if let Some(uid) = &sandbox.owner {
             // The agent's own repository is the agent's.
-            launch::give_to_sandbox_user(&sandbox.root.join(".git"))?;
+            launch::give_to(&sandbox.root.join(".git"), uid.get())?;
         }
-        sandbox.base_bytes = tree_bytes(&sandbox.root);
+        sandbox.base_size = tree_size(&sandbox.root, u64::MAX);
         Ok(sandbox)
+    }
+
+    /// The paths the work tree changed against the base, as git sees them (a rename is a
+    /// deletion and an addition), with their line counts (`None` for binary files).
+    pub fn changes(&self) -> Result<Vec<Change>> {
+        self.harness_git(&["add", "-A"])?;
+        let status = self.harness_git(&["diff", "--cached", "--name-status", "--no-renames", "-z", "HEAD"])?;
+        let numstat = self.harness_git(&["diff", "--cached", "--numstat", "--no-renames", "-z", "HEAD"])?;
+        let mut counts = std::collections::HashMap::new();
+        for rec in numstat.split('\0').filter(|r| !r.is_empty()) {
+            let mut f = rec.splitn(3, '\t');
+            let (a, r, p) = (f.next(), f.next(), f.next());
+            if let (Some(a), Some(r), Some(p)) = (a, r, p) {
+                counts.insert(p.to_string(), (a.parse().ok(), r.parse().ok()));
+            }
+        }
+        let fields: Vec<&str> = status.split('\0').collect();
+        let mut out = vec![];
+        for pair in fields.chunks(2) {
+            if let [st, path] = pair {
+                if path.is_empty() {
+                    continue;
+                }
+                let (added, removed) = counts.get(*path).copied().unwrap_or((None, None));
+                out.push(Change { path: path.to_string(), in_base: !st.starts_with('A'), added, removed });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts `rel` back as it is at the base (removes it when the base has none), following no
+    /// link the agent made on the way: a link or file where a directory of the path belongs is
+    /// removed itself, never what it points to.
+    pub fn restore(&self, rel: &str) -> Result<()> {
+        let parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        if parts.is_empty() || parts.contains(&"..") {
+            bail!("{rel:?} is not a path inside the work tree");
+        }
+        let mut p = self.root.clone();
+        for part in &parts[..parts.len() - 1] {
+            p.push(part);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => continue,
+                Ok(_) => {
+                    std::fs::remove_file(&p)?;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let full = self.root.join(parts.join("/"));
+        match std::fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => {
+                remove_tree(&full);
+            }
+            Ok(_) => std::fs::remove_file(&full)?,
+            Err(_) => {}
+        }
+        let spec = format!("HEAD:{}", parts.join("/"));
+        if self.harness_git(&["cat-file", "-e", &spec]).is_ok() {
+            self.harness_git(&["checkout", "HEAD", "--", &parts.join("/")])?;
+            self.give(&full)?;
+        }
+        Ok(())
+    }
+
+    /// Gives the whole work tree to the sandbox's user (after the harness wrote in it as root).
+    pub fn give_tree(&self) -> Result<()> {
+        if let Some(uid) = &self.owner {
+            launch::give_to(&self.root, uid.get())?;
+        }
+        Ok(())
     }
 
     /// Runs git on the harness repository (work tree = the sandbox's), with every hook, filter
@@ -383,7 +480,7 @@ impl LocalSandbox {
 
     /// Hands a path the harness wrote (as root) in the work tree to the sandbox's user.
     pub fn give(&self, path: &Path) -> Result<()> {
-        if let Some(id) = self.owner {
+        if let Some(id) = self.owner.as_ref().map(launch::HostUid::get) {
             let mut p = Some(path);
             while let Some(q) = p.filter(|q| q.starts_with(&self.root) && *q != self.root) {
                 std::os::unix::fs::lchown(q, Some(id), Some(id))?;
@@ -404,6 +501,7 @@ impl LocalSandbox {
                 // SAFETY: only open/write/close/prctl between fork and exec.
                 unsafe {
                     c.pre_exec(move || {
+                        launch::close_inherited_fds();
                         cgroup::join_self(&procs)?;
                         launch::die_with_parent(parent)
                     });
@@ -449,20 +547,65 @@ impl Drop for LocalSandbox {
 /// Largest file the editor reads.
 pub const MAX_EDITOR_FILE: u64 = 8 << 20;
 
-/// Bytes in the regular files under `dir` (links not followed).
-fn tree_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
+/// One path the work tree changed against its base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub path: String,
+    /// The base has this path (modified or deleted, not added).
+    pub in_base: bool,
+    pub added: Option<u64>,
+    pub removed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct TreeSize {
+    bytes: u64,
+    entries: u64,
+}
+
+/// Bytes in the regular files under `dir` and its entries (links not followed), counting
+/// stopped once `max_entries` is passed.
+fn tree_size(dir: &Path, max_entries: u64) -> TreeSize {
+    let mut size = TreeSize::default();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            size.entries += 1;
+            if size.entries > max_entries {
+                return size;
+            }
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => total += e.metadata().map_or(0, |m| m.len()),
+                Ok(t) if t.is_file() => size.bytes += e.metadata().map_or(0, |m| m.len()),
                 _ => {}
             }
         }
     }
-    total
+    size
+}
+
+impl LocalSandbox {
+    /// [`PatchTooLarge`] when the work tree grew past `work_tree_mib` or `work_tree_files`.
+    fn check_growth(&self) -> Result<()> {
+        let max_entries = self.base_size.entries.saturating_add(self.limits.work_tree_files);
+        let now = tree_size(&self.root, max_entries);
+        if now.entries > max_entries {
+            let what = "new files and directories";
+            return Err(PatchTooLarge {
+                what,
+                amount: now.entries - self.base_size.entries,
+                limit: self.limits.work_tree_files,
+            }
+            .into());
+        }
+        let grown = now.bytes.saturating_sub(self.base_size.bytes);
+        if grown > self.limits.work_tree_mib << 20 {
+            return Err(
+                PatchTooLarge { what: "new bytes", amount: grown, limit: self.limits.work_tree_mib << 20 }.into()
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Executor for LocalSandbox {
@@ -486,6 +629,7 @@ impl Executor for LocalSandbox {
                 ));
             }
         }
+        self.check_growth()?;
         Ok(out)
     }
 
@@ -522,11 +666,8 @@ impl Executor for LocalSandbox {
     }
 
     fn diff(&self, max_bytes: u64) -> Result<String> {
-        // A tree that grew far beyond any patch is not even added to the harness repository.
-        let grown = tree_bytes(&self.root).saturating_sub(self.base_bytes);
-        if grown > (256 << 20).max(16 * max_bytes) {
-            return Err(PatchTooLarge { bytes: grown, limit: max_bytes }.into());
-        }
+        // A tree past its growth limits is not even added to the harness repository.
+        self.check_growth()?;
         self.harness_git(&["add", "-A"])?;
         let git_dir = format!("--git-dir={}", self.harness_git.display());
         let work_tree = format!("--work-tree={}", self.root.display());
@@ -557,7 +698,7 @@ impl Executor for LocalSandbox {
             bail!("git diff: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         if total > max_bytes {
-            return Err(PatchTooLarge { bytes: total, limit: max_bytes }.into());
+            return Err(PatchTooLarge { what: "patch bytes", amount: total, limit: max_bytes }.into());
         }
         Ok(String::from_utf8_lossy(&kept).into_owned())
     }
@@ -571,8 +712,12 @@ impl Executor for LocalSandbox {
 /// trees belong to the sandbox's user when protege runs as root).
 fn git_command(dir: &Path) -> Command {
     let mut c = Command::new("git");
+    // No system or user config: nothing of the host's (a filter driver such as git-lfs named
+    // by the agent's .gitattributes) runs on the agent's files.
     c.current_dir(dir)
         .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_LITERAL_PATHSPECS", "1")
         .env("GIT_TERMINAL_PROMPT", "0")
         .args(["-c", "safe.directory=*"])
         .stdin(Stdio::null());
@@ -591,9 +736,26 @@ pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
 /// Deletes a work tree at `root` and what is beside it (its harness repository and sandbox
 /// files), if they exist.
 pub fn discard(root: &Path) {
-    let _ = std::fs::remove_dir_all(root);
-    let _ = std::fs::remove_dir_all(sibling(root, ".harness-git"));
-    let _ = std::fs::remove_dir_all(sibling(root, ".etc"));
+    remove_tree(root);
+    remove_tree(&sibling(root, ".harness-git"));
+    remove_tree(&sibling(root, ".etc"));
+}
+
+/// Removes a directory tree the agent may have shaped: links are not followed, and a tree
+/// too deep for one descriptor per level (`remove_dir_all` fails with EMFILE on thousands of
+/// nested directories) goes through `rm -rf --one-file-system`. Returns whether it is gone.
+pub fn remove_tree(path: &Path) -> bool {
+    if std::fs::symlink_metadata(path).is_err() || std::fs::remove_dir_all(path).is_ok() {
+        return true;
+    }
+    let _ = Command::new("rm")
+        .args(["-rf", "--one-file-system", "--"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    std::fs::symlink_metadata(path).is_err()
 }
 
 /// Applies a unified diff in `dir` with `git apply` (works outside a repository too).

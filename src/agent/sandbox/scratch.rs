@@ -81,7 +81,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        super::remove_tree(&self.dir);
     }
 }
 
@@ -98,7 +98,7 @@ pub fn sweep(base: &Path) {
                 .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60)),
         };
         if stale {
-            let _ = std::fs::remove_dir_all(&dir);
+            super::remove_tree(&dir);
         }
     }
 }

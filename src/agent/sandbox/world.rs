@@ -12,9 +12,11 @@
 
 use std::path::{Path, PathBuf};
 
-/// Top-level directories of the host shown read-only when they exist (as themselves, or as
-/// the same symlink on merged-/usr systems).
-const SYSTEM_DIRS: [&str; 9] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/nix"];
+/// Directories of the host shown read-only when they exist (as themselves, or as the same
+/// symlink on merged-/usr systems). Not `/opt` or the whole of `/nix`: they can hold sockets
+/// (`/nix/var/nix/daemon-socket`) and data, which read-only does not protect; tools there are
+/// shown through PATH like any other.
+const SYSTEM_DIRS: [&str; 8] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/nix/store"];
 
 /// Entries of the host's `/etc` shown read-only: what the dynamic loader, locales, time
 /// zones, TLS roots, `file`, Python and Debian's alternatives read. Never `shadow`, `ssh`,
@@ -113,6 +115,10 @@ impl World {
             }
         }
         mounts.push(Mount::Tmpfs { at: home.clone(), bytes: Some(64 << 20) });
+        // Before the tool directories and venvs: one of them may live under /tmp.
+        mounts.push(Mount::Tmpfs { at: "/tmp".into(), bytes: spec.tmp_bytes });
+        mounts.push(Mount::Tmpfs { at: "/dev/shm".into(), bytes: spec.tmp_bytes });
+        mounts.push(Mount::Symlink { target: "../tmp".into(), at: "/var/tmp".into() });
         for dir in tool_dirs(&home, spec.visible) {
             mounts.push(Mount::ReadOnly { source: dir.clone(), dest: dir });
         }
@@ -147,8 +153,6 @@ impl World {
             }
         }
         mounts.push(Mount::Writable { source: spec.work_tree.to_path_buf(), dest: PathBuf::from(super::SANDBOX_REPO) });
-        mounts.push(Mount::Tmpfs { at: "/tmp".into(), bytes: spec.tmp_bytes });
-        mounts.push(Mount::Symlink { target: "../tmp".into(), at: "/var/tmp".into() });
         World { mounts, home }
     }
 
