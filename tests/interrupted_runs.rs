@@ -106,6 +106,17 @@ fn gone_within(what: impl Fn() -> bool, secs: u64) -> bool {
     false
 }
 
+/// An eval in its own directories, past its first task and into its second one's command.
+fn running_eval(tag: &str) -> (tempfile::TempDir, PathBuf, String, std::process::Child) {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let marker = format!("{}.{tag}", 100 + std::process::id() % 100);
+    let child = start(dir.path(), &tmp, &marker);
+    wait_for_the_sleep(dir.path(), &tmp, &marker);
+    (dir, tmp, marker, child)
+}
+
 #[test]
 fn a_stopped_eval_cleans_up_and_a_killed_one_is_cleaned_up_by_the_next() {
     if !protege::agent::sandbox::bubblewrap_works() {
@@ -113,12 +124,7 @@ fn a_stopped_eval_cleans_up_and_a_killed_one_is_cleaned_up_by_the_next() {
         return;
     }
     // SIGTERM: a clean stop.
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = dir.path().join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let marker = format!("{}.25", 100 + std::process::id() % 100);
-    let mut child = start(dir.path(), &tmp, &marker);
-    wait_for_the_sleep(dir.path(), &tmp, &marker);
+    let (dir, tmp, marker, mut child) = running_eval("25");
     let pid = child.id();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -140,12 +146,7 @@ fn a_stopped_eval_cleans_up_and_a_killed_one_is_cleaned_up_by_the_next() {
 
     // SIGKILL: nothing can run in the killed process; its sandbox dies with it, and the next
     // run removes what it left.
-    let dir = tempfile::tempdir().unwrap();
-    let tmp = dir.path().join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let marker = format!("{}.75", 100 + std::process::id() % 100);
-    let mut child = start(dir.path(), &tmp, &marker);
-    wait_for_the_sleep(dir.path(), &tmp, &marker);
+    let (dir, tmp, marker, mut child) = running_eval("75");
     let pid = child.id();
     child.kill().unwrap();
     child.wait().unwrap();

@@ -5,8 +5,8 @@
 //! them passes.
 //!
 //! For pytest commands the results come from a reporter plugin written for the run under a
-//! random module name in a directory beside the work tree, shown read-only, and loaded with
-//! `-p`: it writes each test's outcome, marked with a random nonce, to the stdout pytest
+//! random module name and loaded with `-p` (at startup, before any code of the work tree
+//! runs): it writes each test's outcome, marked with a random nonce, to the stdout pytest
 //! started with. What code under test prints — `PASSED tests/...` lines, a whole fake summary
 //! from an `atexit` hook — is not read. A canary test that must fail, named like any other
 //! test and placed beside the first test file, runs last: if it passes, the runner was made
@@ -216,40 +216,15 @@ impl Grader {
         let started = std::time::Instant::now();
         // The test log is kept whole up to 64 MiB (the reporter writes at its end).
         let limits = Limits { output_bytes: 64 << 20, ..self.limits };
-        // The reporter lives beside the work tree, shown read-only: code under test cannot
-        // rewrite it, and a module of its name in the work tree cannot shadow it.
-        let reporter_dir = {
-            let mut name = dir.file_name().unwrap_or_default().to_os_string();
-            name.push(".grader");
-            dir.with_file_name(name)
-        };
-        let reporter = Reporter::write(&reporter_dir)?;
-        let sandbox = LocalSandbox::for_task_with(
-            task,
-            dir,
-            self.isolation,
-            limits,
-            self.hidden.clone(),
-            vec![reporter_dir.clone()],
-        );
-        let result = sandbox.and_then(|sb| {
-            let r = self.grade_in(task, model_patch, &sb, &reporter);
-            sb.discard();
-            r
-        });
-        crate::agent::sandbox::remove_tree(&reporter_dir);
+        let sandbox = LocalSandbox::for_task(task, dir, self.isolation, limits, self.hidden.clone())?;
+        let result = self.grade_in(task, model_patch, &sandbox);
+        sandbox.discard();
         let mut report = result?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
 
-    fn grade_in(
-        &self,
-        task: &TaskInstance,
-        model_patch: &str,
-        sandbox: &LocalSandbox,
-        reporter: &Reporter,
-    ) -> Result<GradeReport> {
+    fn grade_in(&self, task: &TaskInstance, model_patch: &str, sandbox: &LocalSandbox) -> Result<GradeReport> {
         let root = sandbox.host_root();
         let missing = |ids: &[String]| ids.iter().map(|t| (t.clone(), TestStatus::Missing)).collect::<BTreeMap<_, _>>();
         let mut report = GradeReport {
@@ -298,10 +273,14 @@ impl Grader {
             let canary_file = format!("{canary_dir}{}.py", random_name("test_"));
             let canary_fn = random_name("test_");
             std::fs::write(root.join(&canary_file), format!("def {canary_fn}():\n    assert 1 + 1 == 3\n"))?;
+            // Written after the patch, at the root (where `python -m pytest` and a test command's
+            // own `PYTHONPATH=.` find it), under a name the agent cannot know; pytest imports it
+            // at startup, before any of the work tree's code runs.
+            let reporter = Reporter::write(root)?;
             sandbox.give_tree()?;
             let cmd = format!(
                 "export PYTHONPATH=\"${{PYTHONPATH:+$PYTHONPATH:}}{}\"; {} -p {} {} {}",
-                reporter.dir.display(),
+                sandbox.workdir(),
                 task.env.test_cmd,
                 reporter.module,
                 ids.iter().map(|t| shell_quote(t)).collect::<Vec<_>>().join(" "),
@@ -344,24 +323,18 @@ impl Grader {
     }
 }
 
-/// The reporter plugin of one grading run: its directory, module name and marker.
+/// The reporter plugin of one grading run: its module name and the marker of its lines.
 struct Reporter {
-    dir: PathBuf,
     module: String,
     nonce: String,
 }
 
 impl Reporter {
     fn write(dir: &Path) -> Result<Reporter> {
-        std::fs::create_dir_all(dir)?;
         let module = format!("protege_grader_{:016x}", rand::random::<u64>());
         let nonce = format!("{:032x}", rand::random::<u128>());
-        let file = dir.join(format!("{module}.py"));
-        std::fs::write(&file, REPORTER.replace("{nonce}", &nonce))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
-        Ok(Reporter { dir: dir.canonicalize()?, module, nonce })
+        std::fs::write(dir.join(format!("{module}.py")), REPORTER.replace("{nonce}", &nonce))?;
+        Ok(Reporter { module, nonce })
     }
 }
 

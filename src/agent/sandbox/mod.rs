@@ -282,20 +282,6 @@ impl LocalSandbox {
         Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup, visible)
     }
 
-    /// [`LocalSandbox::for_task`] with more host directories shown read-only (the grader's).
-    pub fn for_task_with(
-        task: &crate::tasks::TaskInstance,
-        root: &Path,
-        isolation: Isolation,
-        limits: Limits,
-        hidden: Vec<PathBuf>,
-        extra_visible: Vec<PathBuf>,
-    ) -> Result<Self> {
-        let e = &task.env;
-        let visible = e.venv.iter().cloned().chain(extra_visible).collect();
-        Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup, visible)
-    }
-
     /// [`LocalSandbox::create`] with a base patch and host directories shown read-only.
     #[allow(clippy::too_many_arguments)]
     pub fn create_with(
