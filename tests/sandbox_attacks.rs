@@ -191,11 +191,13 @@ fn escapes_fail_and_nothing_hidden_is_read() {
     let env_canary = token("ENV");
     let manifest = env!("CARGO_MANIFEST_DIR");
     // Host sockets: a unix socket in /run (where Docker's lives), an abstract one, TCP on loopback.
-    let run_dir =
-        if std::fs::metadata("/run").is_ok_and(|m| m.is_dir()) { PathBuf::from("/run") } else { home.clone() };
-    let sock_path = run_dir.join(format!("protege-attack-{}.sock", std::process::id()));
+    // In /run where it can be made (Docker's socket lives there), else in the home directory.
+    let name = format!("protege-attack-{}.sock", std::process::id());
+    let (sock_path, unix) = [PathBuf::from("/run"), home.clone()]
+        .into_iter()
+        .find_map(|d| std::os::unix::net::UnixListener::bind(d.join(&name)).ok().map(|l| (d.join(&name), l)))
+        .expect("a unix socket in /run or the home directory");
     let _sock_file = HostFile(sock_path.clone());
-    let unix = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
     unix.set_nonblocking(true).unwrap();
     let unix = Listener::spawn(unix, |l| l.accept().is_ok());
     use std::os::linux::net::SocketAddrExt;
