@@ -142,7 +142,7 @@ fn openai_and_anthropic_clients_work_against_protege_serve() {
 
     // The OpenAI policy, with tools, runs an episode against the served tiny model.
     let mut policy =
-        OpenAiPolicy::new(endpoint(Api::Openai, v1), SamplingParams { temperature: 1.0, ..Default::default() }, 16)
+        OpenAiPolicy::new(endpoint(Api::Openai, v1), SamplingParams { temperature: 0.0, ..Default::default() }, 16)
             .unwrap();
     let tools = protege::agent::tools::tool_specs("/repo");
     let turn = policy.act(&[Message::system("You fix bugs."), Message::user("Fix it.")], &tools).unwrap();
