@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::agent::episode::{run_episode, EpisodeConfig, ExitStatus};
+use crate::agent::episode::{run_episode, Episode, EpisodeConfig, ExitStatus};
 use crate::agent::expert::{Expert, Oracle};
 use crate::agent::loops::{analyse, LoopConfig};
 use crate::agent::policy::{LocalPolicy, Policy, Replay};
@@ -381,7 +381,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     // Never visible in a sandbox: the whole suite (gold and test patches, clean snapshots),
     // the run's outputs, other episodes. A task's venv is shown by its sandbox.
     let hidden = vec![suite_dir, std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf()];
-    let grader = Grader { hidden: hidden.clone(), ..Grader::new(isolation, o.grade_limits, o.protection.clone()) };
+    let grader = Grader { hidden, ..Grader::new(isolation, o.grade_limits, o.protection.clone()) };
 
     let traj_path = o.out.join("trajectories.jsonl");
     let traj_file = Mutex::new(
@@ -400,19 +400,18 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             }
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
-            let result =
-                match run_one(o, task, i, &engine, client, expert_model.as_ref(), &grader, &hidden, scratch.path()) {
-                    Ok(Some((result, line))) => {
-                        let mut f = traj_file.lock().expect("lock");
-                        f.write_all(line.as_bytes())?;
-                        f.flush()?;
-                        result
-                    }
-                    // Stopped by a signal: not a result.
-                    Ok(None) => continue,
-                    // The task could not even start (sandbox, setup): recorded, the others go on.
-                    Err(e) => TaskResult::failed(&task.instance_id, format!("{e:#}")),
-                };
+            let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), &grader, scratch.path()) {
+                Ok(Some((result, line))) => {
+                    let mut f = traj_file.lock().expect("lock");
+                    f.write_all(line.as_bytes())?;
+                    f.flush()?;
+                    result
+                }
+                // Stopped by a signal: not a result.
+                Ok(None) => continue,
+                // The task could not even start (sandbox, setup): recorded, the others go on.
+                Err(e) => TaskResult::failed(&task.instance_id, format!("{e:#}")),
+            };
             let mut rs = results.lock().expect("lock");
             rs.push(result);
             let solved = rs.iter().filter(|r| r.resolved).count();
@@ -459,6 +458,38 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     Ok(summary)
 }
 
+/// Grades what an episode left: its patch, unless it ended `patch_too_large` (an error: not
+/// graded). `None` when the run was stopped before a grade came.
+pub fn grade_episode(grader: &Grader, task: &TaskInstance, ep: &Episode, dir: &Path) -> Option<Result<GradeReport>> {
+    let grade = match ep.exit_status {
+        ExitStatus::PatchTooLarge => Err(anyhow::anyhow!("not graded: {}", ep.error.clone().unwrap_or_default())),
+        _ => grader.grade(task, &ep.patch, dir),
+    };
+    (!(crate::interrupt::requested() && grade.is_err())).then_some(grade)
+}
+
+/// Puts a grade in a trajectory's `meta`: `grade` (the report, or its error) and `tampering`
+/// when the patch touched protected files. Returns whether it resolved and how many protected
+/// files it touched.
+pub fn record_grade(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    grade: &Result<GradeReport>,
+) -> (bool, usize) {
+    match grade {
+        Ok(g) => {
+            extra.insert("grade".into(), json!(g));
+            if !g.tampering.is_empty() {
+                extra.insert("tampering".into(), json!(g.tampering));
+            }
+            (g.resolved, g.tampering.len())
+        }
+        Err(e) => {
+            extra.insert("grade".into(), json!({"error": format!("{e:#}")}));
+            (false, 0)
+        }
+    }
+}
+
 /// One task: episode, grade, trajectory line (`None`: the run was stopped during it).
 #[allow(clippy::too_many_arguments)]
 fn run_one(
@@ -469,11 +500,11 @@ fn run_one(
     client: Option<&EngineClient>,
     expert_model: Option<&ExpertModel>,
     grader: &Grader,
-    hidden: &[PathBuf],
     scratch: &Path,
 ) -> Result<Option<(TaskResult, String)>> {
     let work = scratch.join(format!("ep-{index}"));
-    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, o.limits, hidden.to_vec())
+    // The agent's sandbox hides what the grader's does.
+    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, o.limits, grader.hidden.clone())
         .with_context(|| format!("task {}", task.instance_id))?;
     let mut policy: Box<dyn Policy + '_> = match engine {
         Engine::Local { tok, sampling, max_new_tokens, .. } => {
@@ -495,28 +526,14 @@ fn run_one(
     if ep.exit_status == ExitStatus::Interrupted {
         return Ok(None);
     }
-    let grade: Result<GradeReport> = if ep.exit_status == ExitStatus::PatchTooLarge {
-        Err(anyhow::anyhow!("not graded: {}", ep.error.clone().unwrap_or_default()))
-    } else {
-        grader.grade(task, &ep.patch, &scratch.join(format!("grade-{index}")))
-    };
-    if crate::interrupt::requested() && grade.is_err() {
+    let Some(grade) = grade_episode(grader, task, &ep, &scratch.join(format!("grade-{index}"))) else {
         return Ok(None);
-    }
-    let loops = analyse(&ep.actions, &o.loops);
-    let (resolved, grade_json, grade_error) = match &grade {
-        Ok(g) => (g.resolved, json!(g), None),
-        Err(e) => (false, json!({"error": format!("{e:#}")}), Some(format!("grading: {e:#}"))),
     };
-    let tampered = grade.as_ref().map_or(0, |g| g.tampering.len());
+    let loops = analyse(&ep.actions, &o.loops);
     let mut extra = serde_json::Map::new();
     extra.insert("loops".into(), json!(loops));
-    extra.insert("grade".into(), grade_json);
-    if let Ok(g) = &grade {
-        if !g.tampering.is_empty() {
-            extra.insert("tampering".into(), json!(g.tampering));
-        }
-    }
+    let (resolved, tampered) = record_grade(&mut extra, &grade);
+    let grade_error = grade.as_ref().err().map(|e| format!("grading: {e:#}"));
     let traj = ep.to_trajectory(Some(resolved), extra).bounded(o.episode.max_record_bytes);
     let result = TaskResult {
         task_id: task.instance_id.clone(),

@@ -33,7 +33,7 @@ use crate::agent::trajectory::{write_jsonl, Trajectory};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::SamplingParams;
 use crate::config::SynthConfig;
-use crate::eval::{make_expert, prepare_expert};
+use crate::eval::{grade_episode, make_expert, prepare_expert, record_grade};
 use crate::model::export::write_atomic;
 use crate::model::Qwen2;
 use crate::tasks::grade::Grader;
@@ -195,7 +195,7 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
         if cfg.suite.is_dir() { cfg.suite.clone() } else { cfg.suite.parent().unwrap_or(Path::new(".")).to_path_buf() };
     let hidden: Vec<PathBuf> =
         vec![std::fs::canonicalize(&suite_dir)?, std::fs::canonicalize(&run)?, scratch.path().to_path_buf()];
-    let grader = Grader { hidden: hidden.clone(), ..Grader::new(isolation, cfg.grade_limits, cfg.protection.clone()) };
+    let grader = Grader { hidden, ..Grader::new(isolation, cfg.grade_limits, cfg.protection.clone()) };
 
     // Attempt-major order, so that every task gets its first try before any gets a second.
     let jobs: Vec<(usize, usize)> = (0..cfg.attempts)
@@ -234,7 +234,6 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
                 &expert_spec,
                 expert_model.as_ref(),
                 &grader,
-                &hidden,
                 scratch.path(),
             )
             .transpose();
@@ -334,7 +333,6 @@ fn attempt_one(
     expert_spec: &crate::eval::ExpertSpec,
     expert_model: Option<&crate::eval::ExpertModel>,
     grader: &Grader,
-    hidden: &[PathBuf],
     scratch: &Path,
 ) -> Result<Option<Attempt>> {
     let started = Instant::now();
@@ -351,42 +349,27 @@ fn attempt_one(
     };
     let mut expert = make_expert(expert_spec, expert_model, true)?;
     let work = scratch.join(format!("ep-{index}"));
-    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, cfg.limits, hidden.to_vec())
+    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, cfg.limits, grader.hidden.clone())
         .with_context(|| format!("task {}", task.instance_id))?;
     let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &cfg.episode);
     sandbox.discard();
     if ep.exit_status == crate::agent::episode::ExitStatus::Interrupted {
         return Ok(None);
     }
-    let graded = if ep.exit_status == crate::agent::episode::ExitStatus::PatchTooLarge {
-        Err(anyhow::anyhow!("not graded: {}", ep.error.clone().unwrap_or_default()))
-    } else {
-        grader.grade(task, &ep.patch, &scratch.join(format!("grade-{index}")))
-    };
-    if crate::interrupt::requested() && graded.is_err() {
+    let Some(graded) = grade_episode(grader, task, &ep, &scratch.join(format!("grade-{index}"))) else {
         return Ok(None);
-    }
-    let (resolved, grade_json) = match &graded {
-        Ok(g) => (g.resolved, json!(g)),
-        Err(e) => (false, json!({"error": format!("{e:#}")})),
     };
-    let tampered = graded.as_ref().map_or(0, |g| g.tampering.len());
     let loops = analyse(&ep.actions, &Default::default());
-    let reason = match (&graded, verdict(cfg, &ep, resolved, loops.longest_run, tampered)) {
-        (Err(e), _) => Some(format!("grading failed: {e:#}")),
-        (_, r) => r,
-    };
     let mut extra = serde_json::Map::new();
     extra.insert("agent".into(), json!(agent_name));
     extra.insert("expert_kind".into(), json!(expert_spec.name()));
     extra.insert("attempt".into(), json!(attempt));
     extra.insert("loops".into(), json!(loops));
-    extra.insert("grade".into(), grade_json);
-    if let Ok(g) = &graded {
-        if !g.tampering.is_empty() {
-            extra.insert("tampering".into(), json!(g.tampering));
-        }
-    }
+    let (resolved, tampered) = record_grade(&mut extra, &graded);
+    let reason = match (&graded, verdict(cfg, &ep, resolved, loops.longest_run, tampered)) {
+        (Err(e), _) => Some(format!("grading failed: {e:#}")),
+        (_, r) => r,
+    };
     Ok(Some(Attempt {
         task_id: task.instance_id.clone(),
         attempt,

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use super::expert::{cap_reply, Expert};
 use super::loops::Action;
 use super::policy::{ContextFull, Policy, EXPERT_TOOL};
+use super::sandbox::output::cap_text;
 use super::sandbox::Executor;
 use super::tools::{compact_tool_specs, parse_tool_call, tool_specs, Editor, Request};
 use super::trajectory::{TokenRecord, Trajectory};
@@ -179,12 +180,6 @@ pub fn task_prompt(task: &TaskInstance, workdir: &str) -> String {
     )
 }
 
-/// Keeps the first and last `max / 2` characters of a long observation; the marker counts
-/// the bytes cut.
-pub fn cap_observation(text: &str, max: usize) -> String {
-    super::sandbox::output::cap_text(text, max)
-}
-
 fn approx_context(messages: &[Message], tools: &[Value]) -> usize {
     let chars: usize = messages.iter().map(|m| m.text().len() + m.tool_calls.len() * 64).sum::<usize>()
         + tools.iter().map(|t| t.to_string().len()).sum::<usize>();
@@ -305,7 +300,7 @@ pub fn run_episode<'p, 'e>(
                 }
             },
             Request::Editor(args) => match editor.run(exec, args) {
-                Ok(Ok(text)) | Ok(Err(text)) => Message::tool(cap_observation(&text, cfg.observation_chars)),
+                Ok(Ok(text)) | Ok(Err(text)) => Message::tool(cap_text(&text, cfg.observation_chars)),
                 Err(e) => {
                     ep.error = Some(format!("editor: {e:#}"));
                     break ExitStatus::Error;

@@ -415,7 +415,7 @@ fn rl_with<B: TrainBackend>(
     hidden.push(scratch.path().to_path_buf());
     hidden.dedup();
     let grader = crate::tasks::grade::Grader {
-        hidden: hidden.clone(),
+        hidden,
         ..crate::tasks::grade::Grader::new(isolation, cfg.rollout.grade_limits, cfg.rollout.protection.clone())
     };
 
@@ -474,8 +474,6 @@ fn rl_with<B: TrainBackend>(
             reward: &stage.reward,
             expert: &make_expert_fn,
             judge: &make_judge,
-            isolation,
-            hidden: hidden.clone(),
             scratch: &step_scratch,
             grader: &grader,
         };

@@ -8,7 +8,7 @@
 //! tool calls overlap the others' generation.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::episode::{run_episode, Episode, EpisodeConfig};
 use crate::agent::expert::Expert;
 use crate::agent::policy::{LocalPolicy, TokenGenerator};
-use crate::agent::sandbox::{Isolation, Limits, LocalSandbox};
+use crate::agent::sandbox::{Limits, LocalSandbox};
 use crate::backend::{Backend, SamplingParams};
 use crate::generate::{Batcher, Completion, GenOptions, Request};
 use crate::model::Qwen2;
@@ -299,10 +299,8 @@ pub struct RolloutEnv<'a> {
     /// A fresh expert for an episode (`None`: no expert tool).
     pub expert: &'a (dyn Fn() -> Result<Option<Box<dyn Expert + 'a>>> + Sync),
     pub judge: &'a (dyn Fn() -> Box<dyn Judge> + Sync),
-    pub isolation: Isolation,
-    /// Host paths never visible in a sandbox (suites, run directory, scratch).
-    pub hidden: Vec<PathBuf>,
     pub scratch: &'a Path,
+    /// Grades the episodes; its isolation and hidden paths are the episodes' sandboxes' too.
     pub grader: &'a Grader,
 }
 
@@ -337,10 +335,11 @@ fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle
         tokens: None,
     };
     let work = env.scratch.join(format!("rollout-{index}"));
-    let sandbox = match LocalSandbox::for_task(task, &work, env.isolation, env.cfg.limits, env.hidden.clone()) {
-        Ok(s) => s,
-        Err(e) => return failed(empty(), format!("sandbox: {e:#}")),
-    };
+    let sandbox =
+        match LocalSandbox::for_task(task, &work, env.grader.isolation, env.cfg.limits, env.grader.hidden.clone()) {
+            Ok(s) => s,
+            Err(e) => return failed(empty(), format!("sandbox: {e:#}")),
+        };
     let mut expert = match (env.expert)() {
         Ok(e) => e,
         Err(e) => {

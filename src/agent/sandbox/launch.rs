@@ -152,21 +152,17 @@ fn probe() -> std::result::Result<Bubblewrap, String> {
 
 /// Gives `path` (recursively, links not followed) to host uid and gid `id`.
 pub fn give_to(path: &Path, id: u32) -> std::io::Result<()> {
-    chown_tree(path, id)
-}
-
-fn chown_tree(path: &Path, id: u32) -> std::io::Result<()> {
     std::os::unix::fs::lchown(path, Some(id), Some(id))?;
-    let meta = std::fs::symlink_metadata(path)?;
-    if meta.is_dir() {
+    if std::fs::symlink_metadata(path)?.is_dir() {
         for e in std::fs::read_dir(path)? {
-            chown_tree(&e?.path(), id)?;
+            give_to(&e?.path(), id)?;
         }
     }
     Ok(())
 }
 
 /// One host path bound through the staging area.
+#[derive(Clone)]
 struct Staged {
     /// The host path.
     source: CString,
@@ -188,9 +184,7 @@ pub struct Launcher {
 
 /// Host paths bubblewrap can reach as any user: system directories and `/etc` entries.
 fn reachable_by_anyone(p: &Path) -> bool {
-    ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/nix/store", "/etc/", "/dev/null"]
-        .iter()
-        .any(|s| p.starts_with(s) || p.to_string_lossy().starts_with(s))
+    super::world::SYSTEM_DIRS.iter().chain(&["/etc", "/dev/null"]).any(|s| p.starts_with(s))
 }
 
 impl Launcher {
@@ -265,8 +259,7 @@ impl Launcher {
         c.args(&self.args).args(["--", "bash", "-c", script]);
         c.env("HOME", &self.home).env("USER", "agent").env("LOGNAME", "agent").env("TMPDIR", "/tmp");
         let procs = self.cgroup_procs.clone();
-        let stage: Vec<(CString, CString, bool)> =
-            self.staged.iter().map(|s| (s.source.clone(), s.target.clone(), s.is_dir)).collect();
+        let stage = self.staged.clone();
         let mut fds: Vec<libc::c_int> = vec![-1; stage.len()];
         let drop_to = self.drop_to;
         let parent = std::process::id() as libc::pid_t;
@@ -297,7 +290,7 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
 /// descriptor of the parent's namespace cannot be bound into this one); a tmpfs on `/tmp`;
 /// each source bound at its `/tmp/s<N>` through `/proc/self/fd`; then the unprivileged
 /// uid/gid for good. Async-signal-safe: raw syscalls on buffers made before the fork.
-fn stage_and_drop(stage: &[(CString, CString, bool)], fds: &mut [libc::c_int], id: u32) -> std::io::Result<()> {
+fn stage_and_drop(stage: &[Staged], fds: &mut [libc::c_int], id: u32) -> std::io::Result<()> {
     // SAFETY: raw syscalls with NUL-terminated strings made before the fork.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS))?;
@@ -308,8 +301,8 @@ fn stage_and_drop(stage: &[(CString, CString, bool)], fds: &mut [libc::c_int], i
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
-        for ((source, _, _), fd) in stage.iter().zip(fds.iter_mut()) {
-            *fd = libc::open(source.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+        for (s, fd) in stage.iter().zip(fds.iter_mut()) {
+            *fd = libc::open(s.source.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
             check(*fd)?;
         }
         check(libc::mount(
@@ -319,11 +312,11 @@ fn stage_and_drop(stage: &[(CString, CString, bool)], fds: &mut [libc::c_int], i
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             c"mode=0755,size=65536".as_ptr().cast(),
         ))?;
-        for ((_, target, is_dir), fd) in stage.iter().zip(fds.iter()) {
-            if *is_dir {
-                check(libc::mkdir(target.as_ptr(), 0o755))?;
+        for (s, fd) in stage.iter().zip(fds.iter()) {
+            if s.is_dir {
+                check(libc::mkdir(s.target.as_ptr(), 0o755))?;
             } else {
-                let f = libc::open(target.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                let f = libc::open(s.target.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
                 check(f)?;
                 libc::close(f);
             }
@@ -331,7 +324,7 @@ fn stage_and_drop(stage: &[(CString, CString, bool)], fds: &mut [libc::c_int], i
             fd_path(*fd, &mut path);
             check(libc::mount(
                 path.as_ptr().cast(),
-                target.as_ptr(),
+                s.target.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND | libc::MS_REC,
                 std::ptr::null(),

@@ -369,28 +369,16 @@ impl LocalSandbox {
     }
 
     /// The paths the work tree changed against the base, as git sees them (a rename is a
-    /// deletion and an addition), with their line counts (`None` for binary files).
+    /// deletion and an addition; mode and link changes count), with their line counts (`None`
+    /// for binary files).
     pub fn changes(&self) -> Result<Vec<Change>> {
         self.harness_git(&["add", "-A"])?;
-        let status = self.harness_git(&["diff", "--cached", "--name-status", "--no-renames", "-z", "HEAD"])?;
         let numstat = self.harness_git(&["diff", "--cached", "--numstat", "--no-renames", "-z", "HEAD"])?;
-        let mut counts = std::collections::HashMap::new();
+        let mut out = vec![];
         for rec in numstat.split('\0').filter(|r| !r.is_empty()) {
             let mut f = rec.splitn(3, '\t');
-            let (a, r, p) = (f.next(), f.next(), f.next());
-            if let (Some(a), Some(r), Some(p)) = (a, r, p) {
-                counts.insert(p.to_string(), (a.parse().ok(), r.parse().ok()));
-            }
-        }
-        let fields: Vec<&str> = status.split('\0').collect();
-        let mut out = vec![];
-        for pair in fields.chunks(2) {
-            if let [st, path] = pair {
-                if path.is_empty() {
-                    continue;
-                }
-                let (added, removed) = counts.get(*path).copied().unwrap_or((None, None));
-                out.push(Change { path: path.to_string(), in_base: !st.starts_with('A'), added, removed });
+            if let (Some(a), Some(r), Some(path)) = (f.next(), f.next(), f.next()) {
+                out.push(Change { path: path.to_string(), added: a.parse().ok(), removed: r.parse().ok() });
             }
         }
         Ok(out)
@@ -416,7 +404,8 @@ impl LocalSandbox {
                 Err(_) => break,
             }
         }
-        let full = self.root.join(parts.join("/"));
+        let rel = parts.join("/");
+        let full = self.root.join(&rel);
         match std::fs::symlink_metadata(&full) {
             Ok(m) if m.is_dir() => {
                 remove_tree(&full);
@@ -424,9 +413,8 @@ impl LocalSandbox {
             Ok(_) => std::fs::remove_file(&full)?,
             Err(_) => {}
         }
-        let spec = format!("HEAD:{}", parts.join("/"));
-        if self.harness_git(&["cat-file", "-e", &spec]).is_ok() {
-            self.harness_git(&["checkout", "HEAD", "--", &parts.join("/")])?;
+        if self.harness_git(&["cat-file", "-e", &format!("HEAD:{rel}")]).is_ok() {
+            self.harness_git(&["checkout", "HEAD", "--", &rel])?;
             self.give(&full)?;
         }
         Ok(())
@@ -440,15 +428,19 @@ impl LocalSandbox {
         Ok(())
     }
 
-    /// Runs git on the harness repository (work tree = the sandbox's), with every hook, filter
-    /// and monitor the work tree could name switched off.
+    /// git on the harness repository (work tree = the sandbox's), with every hook, filter and
+    /// monitor the work tree could name switched off.
+    fn harness_command(&self) -> Command {
+        let mut c = git_command(&self.root);
+        c.arg(format!("--git-dir={}", self.harness_git.display()))
+            .arg(format!("--work-tree={}", self.root.display()))
+            .args(["-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"]);
+        c
+    }
+
+    /// Runs [`Self::harness_command`] with `args`, returning stdout; an error carries stderr.
     fn harness_git(&self, args: &[&str]) -> Result<String> {
-        let git_dir = format!("--git-dir={}", self.harness_git.display());
-        let work_tree = format!("--work-tree={}", self.root.display());
-        let mut all =
-            vec![git_dir.as_str(), work_tree.as_str(), "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"];
-        all.extend_from_slice(args);
-        git(&self.root, &all)
+        output_of(self.harness_command().args(args), &self.root, args)
     }
 
     /// Deletes the work tree and what is beside it, and the sandbox's cgroup.
@@ -522,14 +514,6 @@ impl LocalSandbox {
     }
 }
 
-impl Drop for LocalSandbox {
-    fn drop(&mut self) {
-        // The cgroup goes with its processes; the directories go in `discard` (or with the
-        // run's scratch directory).
-        self.cgroup.take();
-    }
-}
-
 /// Largest file the editor reads.
 pub const MAX_EDITOR_FILE: u64 = 8 << 20;
 
@@ -537,8 +521,6 @@ pub const MAX_EDITOR_FILE: u64 = 8 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub path: String,
-    /// The base has this path (modified or deleted, not added).
-    pub in_base: bool,
     pub added: Option<u64>,
     pub removed: Option<u64>,
 }
@@ -655,10 +637,8 @@ impl Executor for LocalSandbox {
         // A tree past its growth limits is not even added to the harness repository.
         self.check_growth()?;
         self.harness_git(&["add", "-A"])?;
-        let git_dir = format!("--git-dir={}", self.harness_git.display());
-        let work_tree = format!("--work-tree={}", self.root.display());
-        let mut child = git_command(&self.root)
-            .args([git_dir.as_str(), work_tree.as_str(), "-c", "core.fsmonitor=false"])
+        let mut child = self
+            .harness_command()
             .args(["diff", "--cached", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "HEAD"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -712,7 +692,11 @@ fn git_command(dir: &Path) -> Command {
 
 /// Runs `git args` in `dir`, returning stdout; an error carries stderr.
 pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
-    let out = git_command(dir).args(args).output().context("cannot run git (is it installed?)")?;
+    output_of(git_command(dir).args(args), dir, args)
+}
+
+fn output_of(cmd: &mut Command, dir: &Path, args: &[&str]) -> Result<String> {
+    let out = cmd.output().context("cannot run git (is it installed?)")?;
     if !out.status.success() {
         bail!("git {} in {}: {}", args.join(" "), dir.display(), String::from_utf8_lossy(&out.stderr).trim());
     }

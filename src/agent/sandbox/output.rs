@@ -65,11 +65,9 @@ pub fn clip(head: &str, tail: &str, dropped: usize, max_chars: usize) -> String 
     }
     let original = head.len() + tail.len() + dropped;
     let (head, tail) = if dropped == 0 && tail.is_empty() {
-        // One text: its own middle goes.
-        let n = head.chars().count();
-        let end = head.char_indices().nth(half).map_or(head.len(), |(i, _)| i);
-        let start = head.char_indices().nth(n.saturating_sub(half)).map_or(head.len(), |(i, _)| i).max(end);
-        (&head[..end], &head[start..])
+        // One text: split in the middle, then cut like a head and a tail.
+        let mid = head.char_indices().nth(head.chars().count() / 2).map_or(head.len(), |(i, _)| i);
+        head.split_at(mid)
     } else {
         (head, tail)
     };

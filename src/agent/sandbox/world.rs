@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 /// symlink on merged-/usr systems). Not `/opt` or the whole of `/nix`: they can hold sockets
 /// (`/nix/var/nix/daemon-socket`) and data, which read-only does not protect; tools there are
 /// shown through PATH like any other.
-const SYSTEM_DIRS: [&str; 8] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/nix/store"];
+pub const SYSTEM_DIRS: [&str; 8] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/nix/store"];
 
 /// Entries of the host's `/etc` shown read-only: what the dynamic loader, locales, time
 /// zones, TLS roots, `file`, Python and Debian's alternatives read. Never `shadow`, `ssh`,
