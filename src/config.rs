@@ -532,6 +532,12 @@ pub struct SynthConfig {
     /// Files the agent's patch may not change when graded.
     #[serde(default)]
     pub protection: crate::tasks::protect::Protection,
+    /// Where episodes run (overrides each task's `env.executor`).
+    #[serde(default)]
+    pub executor: Option<crate::executor::ExecutorKind>,
+    /// Docker hosts and container limits.
+    #[serde(default)]
+    pub docker: crate::executor::docker::DockerConfig,
     pub output: OutputSection,
 }
 

@@ -17,16 +17,18 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::agent::episode::{run_episode, Episode, EpisodeConfig, ExitStatus};
+use crate::agent::episode::{EpisodeConfig, ExitStatus};
 use crate::agent::expert::{Expert, Oracle};
 use crate::agent::loops::{analyse, LoopConfig};
 use crate::agent::policy::{LocalPolicy, Policy, Replay};
 use crate::agent::remote::{Endpoint, LocalExpert, OpenAiPolicy, RemoteExpert};
 use crate::agent::sandbox::scratch::Scratch;
-use crate::agent::sandbox::{best_isolation, Isolation, Limits, LocalSandbox};
+use crate::agent::sandbox::{best_isolation, Isolation, Limits};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::Device;
 use crate::backend::SamplingParams;
+use crate::executor::docker::DockerConfig;
+use crate::executor::{run_graded_episode, ExecutorKind, Executors, LocalExecutor};
 use crate::generate::loaded::{load_on, LoadedModel};
 use crate::generate::GenOptions;
 use crate::model::export::write_atomic;
@@ -102,6 +104,10 @@ pub struct EvalOptions {
     pub only: Vec<String>,
     pub seed: u64,
     pub isolation: Option<Isolation>,
+    /// Overrides each task's executor.
+    pub executor: Option<ExecutorKind>,
+    /// Settings of the Docker executor (hosts, limits, network).
+    pub docker: DockerConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -382,6 +388,10 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     // the run's outputs, other episodes. A task's venv is shown by its sandbox.
     let hidden = vec![suite_dir, std::fs::canonicalize(&o.out)?, scratch.path().to_path_buf()];
     let grader = Grader { hidden, ..Grader::new(isolation, o.grade_limits, o.protection.clone()) };
+    let local = LocalExecutor { grader, limits: o.limits, scratch: scratch.path().to_path_buf() };
+    let docker = DockerConfig { limits: o.limits, protection: o.protection.clone(), ..o.docker.clone() };
+    let executors = Executors::new(Some(local), Some(docker), o.executor);
+    executors.prepare(&tasks)?;
 
     let traj_path = o.out.join("trajectories.jsonl");
     let traj_file = Mutex::new(
@@ -400,7 +410,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             }
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
-            let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), &grader, scratch.path()) {
+            let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), &executors) {
                 Ok(Some((result, line))) => {
                     let mut f = traj_file.lock().expect("lock");
                     f.write_all(line.as_bytes())?;
@@ -458,16 +468,6 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     Ok(summary)
 }
 
-/// Grades what an episode left: its patch, unless it ended `patch_too_large` (an error: not
-/// graded). `None` when the run was stopped before a grade came.
-pub fn grade_episode(grader: &Grader, task: &TaskInstance, ep: &Episode, dir: &Path) -> Option<Result<GradeReport>> {
-    let grade = match ep.exit_status {
-        ExitStatus::PatchTooLarge => Err(anyhow::anyhow!("not graded: {}", ep.error.clone().unwrap_or_default())),
-        _ => grader.grade(task, &ep.patch, dir),
-    };
-    (!(crate::interrupt::requested() && grade.is_err())).then_some(grade)
-}
-
 /// Puts a grade in a trajectory's `meta`: `grade` (the report, or its error) and `tampering`
 /// when the patch touched protected files. Returns whether it resolved and how many protected
 /// files it touched.
@@ -499,13 +499,8 @@ fn run_one(
     engine: &Engine,
     client: Option<&EngineClient>,
     expert_model: Option<&ExpertModel>,
-    grader: &Grader,
-    scratch: &Path,
+    executors: &Executors,
 ) -> Result<Option<(TaskResult, String)>> {
-    let work = scratch.join(format!("ep-{index}"));
-    // The agent's sandbox hides what the grader's does.
-    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, o.limits, grader.hidden.clone())
-        .with_context(|| format!("task {}", task.instance_id))?;
     let mut policy: Box<dyn Policy + '_> = match engine {
         Engine::Local { tok, sampling, max_new_tokens, .. } => {
             let seed = o.seed.wrapping_add(index as u64 * 7919);
@@ -521,14 +516,12 @@ fn run_one(
         }
     };
     let mut expert = make_expert(&o.expert, expert_model, false)?;
-    let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &o.episode);
-    sandbox.discard();
-    if ep.exit_status == ExitStatus::Interrupted {
-        return Ok(None);
-    }
-    let Some(grade) = grade_episode(grader, task, &ep, &scratch.join(format!("grade-{index}"))) else {
+    let label = format!("{index}");
+    let Some(graded) = run_graded_episode(executors, task, &label, policy.as_mut(), expert.as_deref_mut(), &o.episode)?
+    else {
         return Ok(None);
     };
+    let (ep, grade) = (graded.episode, graded.grade);
     let loops = analyse(&ep.actions, &o.loops);
     let mut extra = serde_json::Map::new();
     extra.insert("loops".into(), json!(loops));

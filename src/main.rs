@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use protege::executor::ExecutorKind;
 
 use protege::backend::cpu::CpuBackend;
 use protege::backend::cuda::Device;
@@ -43,9 +44,15 @@ enum Command {
     Sft(SftArgs),
     /// Run agent episodes on a task suite in the sandbox, grade them, write trajectories and a summary.
     Eval(Box<EvalArgs>),
-    /// Task suites: validate, list, show, stats.
+    /// Task suites: validate, import, build, list, show, stats.
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Grade predictions as the official SWE-bench harness does (per-instance logs and a
+    /// report.json with its keys).
+    Grade(GradeArgs),
+    /// Docker executor housekeeping.
+    #[command(subcommand)]
+    Docker(DockerCommand),
     /// Serve a model over OpenAI-compatible /v1/chat/completions and Anthropic-compatible /v1/messages.
     Serve(ServeArgs),
     /// Expert-augmented trajectories: an agent works tasks with an expert that sees the gold
@@ -106,6 +113,35 @@ struct SelftestArgs {
     json: Option<PathBuf>,
 }
 
+/// Where episodes run and how the Docker executor reaches its hosts.
+#[derive(Args, Clone, Default)]
+struct ExecArgs {
+    /// Run every task with this executor (default: each task's `env.executor`).
+    #[arg(long, value_enum)]
+    executor: Option<ExecutorKind>,
+    /// A Docker host, `URL` or `URL=SLOTS` (unix://, tcp:// with DOCKER_TLS_VERIFY, ssh://);
+    /// repeatable. Default: DOCKER_HOST or the local socket.
+    #[arg(long = "docker-host")]
+    docker_hosts: Vec<String>,
+    /// Give the agent's containers a network (off by default).
+    #[arg(long)]
+    network: bool,
+    /// Pull missing images (with progress) instead of failing.
+    #[arg(long)]
+    pull: bool,
+}
+
+impl ExecArgs {
+    fn docker(&self, mut base: protege::executor::docker::DockerConfig) -> protege::executor::docker::DockerConfig {
+        if !self.docker_hosts.is_empty() {
+            base.hosts = self.docker_hosts.clone();
+        }
+        base.network |= self.network;
+        base.pull |= self.pull;
+        base
+    }
+}
+
 #[derive(Args)]
 struct ResumableArgs {
     /// TOML config (every field documented in src/config.rs).
@@ -114,6 +150,8 @@ struct ResumableArgs {
     /// Continue the run in the config's run directory from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 #[derive(Args)]
@@ -127,6 +165,8 @@ struct RlArgs {
     /// cpu, cuda or cuda:N for rollouts and updates (default: cuda when a usable GPU is present).
     #[arg(long)]
     device: Option<Device>,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 #[derive(Args)]
@@ -143,6 +183,37 @@ struct TrainArgs {
 struct ReportArgs {
     /// A run directory (of protege train, rl or sft).
     run_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct GradeArgs {
+    /// A protege suite, or a dataset file (JSONL/JSON rows of SWE-bench, SWE-Gym, SWE-smith).
+    #[arg(long)]
+    suite: PathBuf,
+    /// Predictions: {"instance_id", "model_name_or_path", "model_patch"} per line.
+    #[arg(long)]
+    predictions: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Drop no file from patches (exactly the harness; by default changes to tests and test
+    /// configuration are put back before the tests run, and reported).
+    #[arg(long)]
+    no_protect: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+#[derive(Subcommand)]
+enum DockerCommand {
+    /// Remove containers that killed protege runs left (`--all`: every protege container).
+    Gc {
+        #[arg(long)]
+        all: bool,
+        #[arg(long = "docker-host")]
+        docker_hosts: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -173,6 +244,23 @@ enum TasksCommand {
         /// Also write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Import dataset rows (SWE-bench full/Lite/Verified, SWE-Gym, SWE-smith; JSONL or a JSON
+    /// list) into a suite of docker tasks.
+    Import {
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        dataset: protege::swebench::import::Dataset,
+        /// Image names: `{id}`, `{id_1776}` (SWE-bench's form), `{id_s}` (SWE-Gym's).
+        #[arg(long)]
+        image_template: Option<String>,
+        /// Test command for rows with no eval script and no spec (SWE-smith's default: pytest -rA).
+        #[arg(long)]
+        test_cmd: Option<String>,
     },
     /// Synthesise tasks from PyPI packages: download the source, run its tests, inject bugs with
     /// mutation operators, keep those that the tests catch (SWE-smith style). Resumable.
@@ -331,6 +419,8 @@ struct EvalArgs {
     /// sitecustomize and .pth files). Repeatable.
     #[arg(long = "protect")]
     protect: Vec<String>,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 #[derive(Args)]
@@ -704,7 +794,13 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
     use protege::agent::sandbox::{best_isolation, Isolation, Limits};
     use protege::tasks::{load_suite, validate};
     match c {
-        TasksCommand::Validate { suite, runs, concurrency, tasks, timeout, no_sandbox, protect, json } => {
+        TasksCommand::Import { files, out, dataset, image_template, test_cmd } => {
+            let o = protege::swebench::import::ImportOptions { dataset, image_template, test_cmd };
+            let n = protege::swebench::import::import(&files, &out, &o)?;
+            eprintln!("tasks import: {n} docker tasks in {}", out.join("tasks.jsonl").display());
+            Ok(true)
+        }
+        TasksCommand::Validate { suite, runs, concurrency, tasks, timeout, no_sandbox, protect, json, exec } => {
             let mut all = load_suite(&suite)?;
             if !tasks.is_empty() {
                 all.retain(|t| tasks.contains(&t.instance_id));
@@ -722,7 +818,17 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
                 hidden: vec![suite_dir.canonicalize()?],
                 ..protege::tasks::grade::Grader::new(isolation, limits, protection)
             };
-            let results = validate::validate_suite(&all, &grader, runs, concurrency)?;
+            let scratch = protege::agent::sandbox::scratch::Scratch::new("validate")?;
+            let docker = exec.docker(protege::executor::docker::DockerConfig {
+                limits,
+                protection: grader.protection.clone(),
+                grade_timeout_s: timeout.max(1800.0),
+                ..Default::default()
+            });
+            let local = protege::executor::LocalExecutor { grader, limits, scratch: scratch.path().to_path_buf() };
+            let executors = protege::executor::Executors::new(Some(local), Some(docker), exec.executor);
+            executors.prepare(&all)?;
+            let results = validate::validate_suite(&all, &executors, runs, concurrency)?;
             println!("| task | valid | seconds | problems |\n|---|---|---|---|");
             for v in &results {
                 println!(
@@ -909,6 +1015,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         only: a.tasks,
         seed: a.seed,
         isolation: a.no_sandbox.then_some(Isolation::Plain),
+        executor: a.exec.executor,
+        docker: a.exec.docker(Default::default()),
     };
     let summary = protege::eval::run_eval(&opts)?;
     print!("{}", summary.markdown());
@@ -941,9 +1049,53 @@ fn run_sft(a: SftArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_grade(a: GradeArgs) -> Result<bool> {
+    // A suite, or a dataset file imported on the fly.
+    let tasks = match protege::tasks::load_suite(&a.suite) {
+        Ok(t) => t,
+        Err(suite_err) => {
+            let rows = protege::swebench::import::read_rows(&a.suite).context(format!("{suite_err:#}"))?;
+            let o = protege::swebench::import::ImportOptions::default();
+            rows.iter()
+                .map(|r| protege::swebench::import::row_to_task(r, &o))
+                .collect::<Result<Vec<_>>>()
+                .with_context(|| {
+                    format!("{} is neither a protege suite ({suite_err:#}) nor dataset rows", a.suite.display())
+                })?
+        }
+    };
+    let predictions = protege::swebench::evaluate::read_predictions(&a.predictions)?;
+    let protection = if a.no_protect {
+        protege::tasks::protect::Protection { paths: vec![], test_files: false }
+    } else {
+        protege::tasks::protect::Protection::default()
+    };
+    let limits = protege::agent::sandbox::Limits { timeout_s: 1800.0, cpu_s: 3600, ..Default::default() };
+    let scratch = protege::agent::sandbox::scratch::Scratch::new("grade")?;
+    let isolation = protege::agent::sandbox::best_isolation();
+    let grader = protege::tasks::grade::Grader::new(isolation, limits, protection.clone());
+    let local = protege::executor::LocalExecutor { grader, limits, scratch: scratch.path().to_path_buf() };
+    let docker = a.exec.docker(protege::executor::docker::DockerConfig { limits, protection, ..Default::default() });
+    let executors = protege::executor::Executors::new(Some(local), Some(docker), a.exec.executor);
+    let r = protege::swebench::evaluate::grade_predictions(&tasks, &predictions, &executors, a.workers, &a.out)?;
+    println!(
+        "resolved {} / submitted {} (unresolved {}, empty patch {}, error {}; {} instances in the suite); report: {}",
+        r.resolved_instances,
+        r.submitted_instances,
+        r.unresolved_instances,
+        r.empty_patch_instances,
+        r.error_instances,
+        r.total_instances,
+        a.out.join("report.json").display()
+    );
+    Ok(true)
+}
+
 fn run_synth(a: ResumableArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
-    let cfg = protege::config::SynthConfig::from_file(&a.config)?;
+    let mut cfg = protege::config::SynthConfig::from_file(&a.config)?;
+    cfg.executor = a.exec.executor.or(cfg.executor);
+    cfg.docker = a.exec.docker(cfg.docker.clone());
     if cfg.agent.kind == "scripted" {
         eprintln!("synth: the agent is the {}", protege::agent::teacher::TEACHER_LABEL);
     }
@@ -968,7 +1120,9 @@ fn run_synth(a: ResumableArgs) -> Result<()> {
 
 fn run_rl(a: RlArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).with_context(|| format!("cannot read {}", a.config.display()))?;
-    let cfg = protege::config::RlConfig::from_file(&a.config)?;
+    let mut cfg = protege::config::RlConfig::from_file(&a.config)?;
+    cfg.rollout.executor = a.exec.executor.or(cfg.rollout.executor);
+    cfg.rollout.docker = a.exec.docker(cfg.rollout.docker.clone());
     let device = a.device.unwrap_or_else(protege::backend::cuda::default_device);
     let out = protege::train::rl::run_rl_on(device, &cfg, &text, a.resume, None)?;
     eprintln!("rl: {} steps; run directory {}", out.last_step, out.run_dir.display());
@@ -1017,6 +1171,14 @@ fn main() -> ExitCode {
         Command::Sft(a) => run_sft(a).map(|_| true),
         Command::Eval(a) => run_eval(*a).map(|_| true),
         Command::Tasks(c) => run_tasks(c),
+        Command::Grade(a) => run_grade(a),
+        Command::Docker(DockerCommand::Gc { all, docker_hosts }) => (|| {
+            let cfg = protege::executor::docker::DockerConfig { hosts: docker_hosts, ..Default::default() };
+            let d = protege::executor::docker::DockerExecutor::connect(cfg)?;
+            let n = d.gc(all)?;
+            eprintln!("docker gc: removed {n} container(s)");
+            Ok(true)
+        })(),
         Command::Serve(a) => protege::serve::run_serve(&protege::serve::ServeOptions {
             model: a.model,
             addr: a.addr,

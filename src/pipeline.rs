@@ -42,6 +42,12 @@ pub struct RunSection {
     /// Where SFT, RL and the local policy of eval run: "cpu" (the default), "cuda" or "cuda:N".
     #[serde(default)]
     pub device: Option<String>,
+    /// Where every stage's episodes run (`local` or `docker`; default: each task's own).
+    #[serde(default)]
+    pub executor: Option<crate::executor::ExecutorKind>,
+    /// Docker hosts and container limits for every stage.
+    #[serde(default)]
+    pub docker: Option<crate::executor::docker::DockerConfig>,
 }
 
 fn all_stages() -> Vec<String> {
@@ -166,6 +172,10 @@ impl Pipeline {
                 inject(&mut t, "synth", "output", "run_dir", path_value(&dir.join("synth")))?;
                 let mut c: SynthConfig = parse_stage(t, "synth")?;
                 c.resolve_paths(&base);
+                c.executor = c.executor.or(run.executor);
+                if let Some(d) = &run.docker {
+                    c.docker = d.clone();
+                }
                 c.validate().context("[synth]")?;
                 Some(c)
             }
@@ -213,6 +223,10 @@ impl Pipeline {
                 inject(&mut t, "rl", "output", "run_dir", path_value(&dir.join("rl")))?;
                 let mut c: RlConfig = parse_stage(t, "rl")?;
                 c.resolve_paths(&base);
+                c.rollout.executor = c.rollout.executor.or(run.executor);
+                if let Some(d) = &run.docker {
+                    c.rollout.docker = d.clone();
+                }
                 c.validate().context("[rl]")?;
                 Some(c)
             }
@@ -416,6 +430,8 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
                 only: vec![],
                 seed: e.seed,
                 isolation: None,
+                executor: p.run.executor,
+                docker: p.run.docker.clone().unwrap_or_default(),
             };
             summaries.push((name.clone(), run_eval(&opts)?));
         }

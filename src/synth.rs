@@ -22,18 +22,20 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::agent::episode::{run_episode, Episode};
+use crate::agent::episode::Episode;
 use crate::agent::loops::analyse;
 use crate::agent::policy::{LocalPolicy, Policy};
 use crate::agent::remote::OpenAiPolicy;
+use crate::agent::sandbox::best_isolation;
 use crate::agent::sandbox::scratch::Scratch;
-use crate::agent::sandbox::{best_isolation, LocalSandbox};
 use crate::agent::teacher::{ScriptedTeacher, TEACHER_LABEL};
 use crate::agent::trajectory::{write_jsonl, Trajectory};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::SamplingParams;
 use crate::config::SynthConfig;
-use crate::eval::{grade_episode, make_expert, prepare_expert, record_grade};
+use crate::eval::{make_expert, prepare_expert, record_grade};
+use crate::executor::docker::DockerConfig;
+use crate::executor::{run_graded_episode, Executors, LocalExecutor};
 use crate::model::export::write_atomic;
 use crate::model::Qwen2;
 use crate::tasks::grade::Grader;
@@ -196,6 +198,10 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
     let hidden: Vec<PathBuf> =
         vec![std::fs::canonicalize(&suite_dir)?, std::fs::canonicalize(&run)?, scratch.path().to_path_buf()];
     let grader = Grader { hidden, ..Grader::new(isolation, cfg.grade_limits, cfg.protection.clone()) };
+    let local = LocalExecutor { grader, limits: cfg.limits, scratch: scratch.path().to_path_buf() };
+    let docker = DockerConfig { limits: cfg.limits, protection: cfg.protection.clone(), ..cfg.docker.clone() };
+    let executors = Executors::new(Some(local), Some(docker), cfg.executor);
+    executors.prepare(&tasks)?;
 
     // Attempt-major order, so that every task gets its first try before any gets a second.
     let jobs: Vec<(usize, usize)> = (0..cfg.attempts)
@@ -233,8 +239,7 @@ pub fn run_synth(cfg: &SynthConfig, config_text: &str, resume: bool) -> Result<S
                 &agent_name,
                 &expert_spec,
                 expert_model.as_ref(),
-                &grader,
-                scratch.path(),
+                &executors,
             )
             .transpose();
             // Stopped by a signal: not recorded, so that a resumed run tries it again.
@@ -332,8 +337,7 @@ fn attempt_one(
     agent_name: &str,
     expert_spec: &crate::eval::ExpertSpec,
     expert_model: Option<&crate::eval::ExpertModel>,
-    grader: &Grader,
-    scratch: &Path,
+    executors: &Executors,
 ) -> Result<Option<Attempt>> {
     let started = Instant::now();
     // From the task and the attempt, so that a resumed run samples as an uninterrupted one.
@@ -348,17 +352,12 @@ fn attempt_one(
         }
     };
     let mut expert = make_expert(expert_spec, expert_model, true)?;
-    let work = scratch.join(format!("ep-{index}"));
-    let sandbox = LocalSandbox::for_task(task, &work, grader.isolation, cfg.limits, grader.hidden.clone())
-        .with_context(|| format!("task {}", task.instance_id))?;
-    let ep = run_episode(task, &sandbox, policy.as_mut(), expert.as_deref_mut(), &cfg.episode);
-    sandbox.discard();
-    if ep.exit_status == crate::agent::episode::ExitStatus::Interrupted {
-        return Ok(None);
-    }
-    let Some(graded) = grade_episode(grader, task, &ep, &scratch.join(format!("grade-{index}"))) else {
+    let label = format!("{index}");
+    let Some(g) = run_graded_episode(executors, task, &label, policy.as_mut(), expert.as_deref_mut(), &cfg.episode)?
+    else {
         return Ok(None);
     };
+    let (ep, graded) = (g.episode, g.grade);
     let loops = analyse(&ep.actions, &Default::default());
     let mut extra = serde_json::Map::new();
     extra.insert("agent".into(), json!(agent_name));

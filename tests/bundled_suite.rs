@@ -49,13 +49,14 @@ fn every_bundled_task_is_valid() {
         return;
     }
     let tasks: Vec<_> = suite("train").into_iter().chain(suite("test")).collect();
-    let results = validate_suite(
-        &tasks,
-        &Grader::new(best_isolation(), Limits { timeout_s: 120.0, ..Default::default() }, Default::default()),
-        1,
-        2,
-    )
-    .unwrap();
+    let scratch = protege::agent::sandbox::scratch::Scratch::new("test-validate").unwrap();
+    let limits = Limits { timeout_s: 120.0, ..Default::default() };
+    let local = protege::executor::LocalExecutor {
+        grader: Grader::new(best_isolation(), limits, Default::default()),
+        limits,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let results = validate_suite(&tasks, &local, 1, 2).unwrap();
     let invalid: Vec<_> =
         results.iter().filter(|v| !v.valid).map(|v| format!("{}: {:?}", v.instance_id, v.problems)).collect();
     assert!(invalid.is_empty(), "{invalid:#?}");

@@ -10,7 +10,7 @@ use common::fixture;
 use protege::agent::episode::{run_episode, EpisodeConfig, ExitStatus};
 use protege::agent::expert::{Expert, Oracle};
 use protege::agent::policy::{LocalPolicy, Replay};
-use protege::agent::sandbox::{bubblewrap_works, Executor, Isolation, Limits, LocalSandbox};
+use protege::agent::sandbox::{bubblewrap_works, Isolation, Limits, LocalSandbox, Workspace};
 use protege::agent::tools::Editor;
 use protege::tasks::grade::Grader;
 use protege::tasks::{load_suite, TaskInstance};

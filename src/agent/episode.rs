@@ -9,7 +9,7 @@ use super::expert::{cap_reply, Expert};
 use super::loops::Action;
 use super::policy::{ContextFull, Policy, EXPERT_TOOL};
 use super::sandbox::output::cap_text;
-use super::sandbox::Executor;
+use super::sandbox::Workspace;
 use super::tools::{compact_tool_specs, parse_tool_call, tool_specs, Editor, Request};
 use super::trajectory::{TokenRecord, Trajectory};
 use crate::chat::Message;
@@ -189,7 +189,7 @@ fn approx_context(messages: &[Message], tools: &[Value]) -> usize {
 /// Runs one episode of `task` in `exec`.
 pub fn run_episode<'p, 'e>(
     task: &TaskInstance,
-    exec: &dyn Executor,
+    exec: &dyn Workspace,
     policy: &mut (dyn Policy + 'p),
     mut expert: Option<&mut (dyn Expert + 'e)>,
     cfg: &EpisodeConfig,

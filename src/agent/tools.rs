@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::loops::Action;
-use super::sandbox::{agent_path, Executor, PathKind};
+use super::sandbox::{agent_path, PathKind, Workspace};
 use crate::chat::ToolCall;
 
 /// The same four tools with one-line descriptions and bare parameters: for small models with
@@ -237,7 +237,7 @@ fn numbered(text: &str, first_line: usize) -> String {
 impl Editor {
     /// Runs one editor command. `Ok` is the observation; `Err` an error message for the model
     /// (the episode continues either way). Harness failures are `Result` errors.
-    pub fn run(&mut self, exec: &dyn Executor, args: &Value) -> Result<std::result::Result<String, String>> {
+    pub fn run(&mut self, exec: &dyn Workspace, args: &Value) -> Result<std::result::Result<String, String>> {
         let s = |k: &str| args.get(k).and_then(Value::as_str);
         let command = s("command").unwrap_or("");
         let given = s("path").unwrap_or("");
@@ -251,7 +251,7 @@ impl Editor {
             Ok(k) => k,
             Err(e) => return Ok(Err(format!("Refused: {e}."))),
         };
-        let read_text = |exec: &dyn Executor| -> Result<std::result::Result<String, String>> {
+        let read_text = |exec: &dyn Workspace| -> Result<std::result::Result<String, String>> {
             match kind {
                 PathKind::File => match exec.read(&rel) {
                     Ok(bytes) => Ok(String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text."))),
@@ -384,7 +384,7 @@ impl Editor {
         })
     }
 
-    fn save(&mut self, exec: &dyn Executor, rel: &std::path::Path, old: &[u8], new: &[u8]) -> Result<()> {
+    fn save(&mut self, exec: &dyn Workspace, rel: &std::path::Path, old: &[u8], new: &[u8]) -> Result<()> {
         exec.write(rel, new)?;
         self.history.entry(rel.to_path_buf()).or_default().push(Some(old.to_vec()));
         Ok(())

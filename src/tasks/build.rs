@@ -27,7 +27,7 @@ use serde_json::json;
 use super::grade::{parse_pytest, TestStatus};
 use super::instance::{LocalEnv, TaskInstance};
 use super::mutate::{mutants, Mutant};
-use crate::agent::sandbox::{copy_tree, discard, git, Executor, Isolation, Limits, LocalSandbox};
+use crate::agent::sandbox::{copy_tree, discard, git, Isolation, Limits, LocalSandbox, Workspace};
 use crate::model::export::write_atomic;
 
 #[derive(Debug, Clone)]
@@ -560,6 +560,7 @@ fn write_tasks(o: &BuildOptions) -> Result<usize> {
                         test_cmd: baseline.test_cmd.clone(),
                         base_patch: Some(file_diff(&m.file, &correct, &buggy)?),
                         venv: baseline.venv.as_ref().map(|_| PathBuf::from("venvs").join(&id)),
+                        ..Default::default()
                     },
                     extra,
                 },

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::instance::TaskInstance;
 use super::protect::{Protection, Tampering};
-use crate::agent::sandbox::{apply_patch, Executor, Isolation, Limits, LocalSandbox};
+use crate::agent::sandbox::{apply_patch, Isolation, Limits, LocalSandbox, Workspace};
 use crate::agent::tools::shell_quote;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,8 +36,33 @@ pub enum TestStatus {
     Missing,
 }
 
+/// The harness's run statuses: `error` when the patch does not apply or the tests could not
+/// run to a valid log, `empty_patch` when there was nothing to grade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GradeStatus {
+    Resolved,
+    #[default]
+    Unresolved,
+    EmptyPatch,
+    Error,
+}
+
+impl GradeStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GradeStatus::Resolved => "resolved",
+            GradeStatus::Unresolved => "unresolved",
+            GradeStatus::EmptyPatch => "empty_patch",
+            GradeStatus::Error => "error",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GradeReport {
+    #[serde(default)]
+    pub status: GradeStatus,
     pub resolved: bool,
     /// Whether the model's patch applied.
     pub patch_applied: bool,
@@ -51,6 +76,37 @@ pub struct GradeReport {
     pub seconds: f64,
     /// The end of the test run's output, for debugging.
     pub log_tail: String,
+    /// The official harness's report of this instance (docker tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub harness: Option<crate::swebench::grading::InstanceReport>,
+}
+
+impl GradeReport {
+    /// A report with every test missing and nothing run.
+    pub fn unrun(task: &TaskInstance, status: GradeStatus, note: &str) -> Self {
+        let missing = |ids: &[String]| ids.iter().map(|t| (t.clone(), TestStatus::Missing)).collect();
+        GradeReport {
+            status,
+            resolved: false,
+            patch_applied: false,
+            error: Some(note.to_string()),
+            fail_to_pass: missing(&task.fail_to_pass),
+            pass_to_pass: missing(&task.pass_to_pass),
+            tampering: vec![],
+            seconds: 0.0,
+            log_tail: String::new(),
+            harness: None,
+        }
+    }
+
+    /// The status that follows from the patch applying and the verdict.
+    pub fn settle(&mut self) {
+        self.status = match (self.patch_applied, self.resolved) {
+            (false, _) => GradeStatus::Error,
+            (true, true) => GradeStatus::Resolved,
+            (true, false) => GradeStatus::Unresolved,
+        };
+    }
 }
 
 fn short_summary_header(line: &str) -> bool {
@@ -220,6 +276,7 @@ impl Grader {
         let result = self.grade_in(task, model_patch, &sandbox);
         sandbox.discard();
         let mut report = result?;
+        report.settle();
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
@@ -228,6 +285,8 @@ impl Grader {
         let root = sandbox.host_root();
         let missing = |ids: &[String]| ids.iter().map(|t| (t.clone(), TestStatus::Missing)).collect::<BTreeMap<_, _>>();
         let mut report = GradeReport {
+            status: GradeStatus::Unresolved,
+            harness: None,
             resolved: false,
             patch_applied: true,
             error: None,

@@ -27,10 +27,16 @@ use serde_json::Value;
 
 pub const DEFAULT_TEST_CMD: &str = "python3 -m pytest -rA -p no:cacheprovider";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalEnv {
-    /// The repository snapshot, relative to the suite file (absolute once loaded).
+    /// Where episodes run: `local` (a snapshot in the bubblewrap sandbox, the default) or
+    /// `docker` (the instance's image). `--executor` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<crate::executor::ExecutorKind>,
+    /// The repository snapshot, relative to the suite file (absolute once loaded); local
+    /// tasks only.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub repo_path: PathBuf,
     #[serde(default)]
     pub setup: Vec<String>,
@@ -44,6 +50,35 @@ pub struct LocalEnv {
     /// made visible read-only in the sandbox; `{venv}` in `test_cmd` stands for its path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub venv: Option<PathBuf>,
+    /// Docker tasks: the instance image (`swebench/sweb.eval.x86_64.<id>`), the repository's
+    /// directory in it, the harness's eval script, the log parser's registry name and the
+    /// eval type, as SWE-bench 5.x rows carry them ([`crate::swebench`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_script: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_parser: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_type: Option<crate::swebench::EvalType>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+impl LocalEnv {
+    /// Where this task's episodes run when nothing overrides it.
+    pub fn executor(&self) -> crate::executor::ExecutorKind {
+        self.executor.unwrap_or(crate::executor::ExecutorKind::Local)
+    }
+
+    /// The repository's directory inside a docker task's image.
+    pub fn workdir(&self) -> &str {
+        self.workdir.as_deref().unwrap_or("/testbed")
+    }
 }
 
 fn default_test_cmd() -> String {
@@ -123,8 +158,17 @@ impl TaskInstance {
         if let Some(k) = self.extra.keys().find(|k| !KNOWN_EXTRA.contains(&k.as_str())) {
             bail!("unknown field `{k}` (expected SWE-bench fields, `env`, or one of {KNOWN_EXTRA:?})");
         }
-        if !self.env.repo_path.is_dir() {
+        if self.env.executor() == crate::executor::ExecutorKind::Local && !self.env.repo_path.is_dir() {
             bail!("`env.repo_path` {} is not a directory", self.env.repo_path.display());
+        }
+        if self.env.executor() == crate::executor::ExecutorKind::Docker {
+            for (name, v) in [("env.image", &self.env.image), ("env.eval_script", &self.env.eval_script)] {
+                if v.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                    bail!("`{name}` is missing: a docker task needs its image and eval script (`protege tasks import` writes both)");
+                }
+            }
+            crate::swebench::check_parser(self.env.log_parser.as_deref().unwrap_or_default())
+                .context("`env.log_parser`")?;
         }
         if self.env.test_cmd.trim().is_empty() {
             bail!("`env.test_cmd` is empty");
@@ -163,7 +207,7 @@ pub fn load_suite(path: &Path) -> Result<Vec<TaskInstance>> {
         let at = || format!("{}:{}", file.display(), i + 1);
         let mut t: TaskInstance =
             serde_json::from_str(line).with_context(|| format!("{}: not a task instance", at()))?;
-        if t.env.repo_path.is_relative() {
+        if t.env.repo_path.is_relative() && !t.env.repo_path.as_os_str().is_empty() {
             t.env.repo_path = base.join(&t.env.repo_path);
         }
         if let Some(v) = t.env.venv.take() {

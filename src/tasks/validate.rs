@@ -5,15 +5,14 @@
 //! passes; with `patch` and `test_patch`, all of them pass.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::grade::{Grader, TestStatus};
+use super::grade::TestStatus;
 use super::instance::{patch_files, TaskInstance};
-use crate::agent::sandbox::scratch::Scratch;
+use crate::executor::Executor;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Validation {
@@ -24,10 +23,17 @@ pub struct Validation {
     pub seconds: f64,
 }
 
-fn check_run(task: &TaskInstance, scratch: &Path, grader: &Grader, run: usize) -> Vec<String> {
+fn check_run(task: &TaskInstance, exec: &dyn Executor, run: usize) -> Vec<String> {
     let mut problems = vec![];
     let tag = |what: &str| format!("run {}: {what}", run + 1);
-    match grader.grade(task, "", &scratch.join(format!("{}-before-{run}", task.instance_id))) {
+    let label = |what: &str| crate::executor::next_label(&format!("validate-{what}-"));
+    match exec.grade(task, "", &label("before")) {
+        // The harness's verdict (docker tasks): the empty patch must not resolve.
+        Ok(before) if before.harness.is_some() => {
+            if before.resolved {
+                problems.push(tag("the task resolves without any patch"));
+            }
+        }
         Ok(before) => {
             for (t, s) in &before.fail_to_pass {
                 if *s == TestStatus::Passed {
@@ -42,7 +48,7 @@ fn check_run(task: &TaskInstance, scratch: &Path, grader: &Grader, run: usize) -
         }
         Err(e) => problems.push(tag(&format!("before the fix: {e:#}"))),
     }
-    match grader.grade(task, &task.patch, &scratch.join(format!("{}-after-{run}", task.instance_id))) {
+    match exec.grade(task, &task.patch, &label("after")) {
         Ok(after) if !after.tampering.is_empty() => {
             let files: Vec<String> = after.tampering.iter().map(|t| format!("{} ({})", t.path, t.rule)).collect();
             problems.push(tag(&format!(
@@ -52,6 +58,22 @@ fn check_run(task: &TaskInstance, scratch: &Path, grader: &Grader, run: usize) -
         }
         Ok(after) if !after.patch_applied => {
             problems.push(tag(&format!("the gold patch does not apply: {}", after.error.unwrap_or_default())))
+        }
+        Ok(after) if after.harness.is_some() => {
+            if !after.resolved {
+                let failing: Vec<String> = after
+                    .fail_to_pass
+                    .iter()
+                    .chain(&after.pass_to_pass)
+                    .filter(|(_, s)| **s != TestStatus::Passed && **s != TestStatus::Skipped)
+                    .map(|(t, s)| format!("{t} ({s:?})"))
+                    .collect();
+                problems.push(tag(&format!(
+                    "the gold patch does not resolve the task{}: {}",
+                    after.error.map(|e| format!(" ({e})")).unwrap_or_default(),
+                    failing.join(", ")
+                )));
+            }
         }
         Ok(after) => {
             for (t, s) in after.fail_to_pass.iter().chain(&after.pass_to_pass) {
@@ -66,7 +88,7 @@ fn check_run(task: &TaskInstance, scratch: &Path, grader: &Grader, run: usize) -
 }
 
 /// Validates one task `runs` times.
-pub fn validate_task(task: &TaskInstance, scratch: &Path, grader: &Grader, runs: usize) -> Validation {
+pub fn validate_task(task: &TaskInstance, exec: &dyn Executor, runs: usize) -> Validation {
     let started = std::time::Instant::now();
     let mut problems = vec![];
     for run in 0..runs.max(1) {
@@ -74,7 +96,7 @@ pub fn validate_task(task: &TaskInstance, scratch: &Path, grader: &Grader, runs:
             problems.push("not checked: the run was stopped".into());
             break;
         }
-        problems.extend(check_run(task, scratch, grader, run));
+        problems.extend(check_run(task, exec, run));
     }
     Validation {
         instance_id: task.instance_id.clone(),
@@ -87,12 +109,11 @@ pub fn validate_task(task: &TaskInstance, scratch: &Path, grader: &Grader, runs:
 /// Validates every task, `concurrency` at a time, with a progress bar; results in suite order.
 pub fn validate_suite(
     tasks: &[TaskInstance],
-    grader: &Grader,
+    exec: &dyn Executor,
     runs: usize,
     concurrency: usize,
 ) -> anyhow::Result<Vec<Validation>> {
     let _signals = crate::interrupt::watch();
-    let scratch = Scratch::new("validate")?;
     let next = AtomicUsize::new(0);
     let out = Mutex::new(BTreeMap::new());
     let bar = indicatif::ProgressBar::new(tasks.len() as u64);
@@ -104,7 +125,7 @@ pub fn validate_suite(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(t) = tasks.get(i) else { return };
-                let v = validate_task(t, scratch.path(), grader, runs);
+                let v = validate_task(t, exec, runs);
                 let mut o = out.lock().expect("lock");
                 o.insert(i, v);
                 bar.set_message(format!("{} invalid", o.values().filter(|v| !v.valid).count()));

@@ -418,6 +418,20 @@ fn rl_with<B: TrainBackend>(
         hidden,
         ..crate::tasks::grade::Grader::new(isolation, cfg.rollout.grade_limits, cfg.rollout.protection.clone())
     };
+    let executors = crate::executor::Executors::new(
+        Some(crate::executor::LocalExecutor {
+            grader,
+            limits: cfg.rollout.limits,
+            scratch: scratch.path().to_path_buf(),
+        }),
+        Some(crate::executor::docker::DockerConfig {
+            limits: cfg.rollout.limits,
+            protection: cfg.rollout.protection.clone(),
+            ..cfg.rollout.docker.clone()
+        }),
+        cfg.rollout.executor,
+    );
+    executors.prepare(&stage_tasks.concat())?;
 
     let pg = PgConfig { clip_low: cfg.grpo.clip_low, clip_high: cfg.grpo.clip_high, kl_beta: cfg.grpo.kl_beta };
     let temperature = cfg.rollout.temperature;
@@ -464,9 +478,6 @@ fn rl_with<B: TrainBackend>(
                 _ => Box::new(HeuristicJudge::default()),
             }
         };
-        // A fresh scratch directory per step: no work tree of an earlier step can be in the way.
-        let step_scratch = scratch.path().join(format!("step-{step}"));
-        std::fs::create_dir_all(&step_scratch)?;
         let env = RolloutEnv {
             tasks: pool,
             tok: &tok,
@@ -474,8 +485,8 @@ fn rl_with<B: TrainBackend>(
             reward: &stage.reward,
             expert: &make_expert_fn,
             judge: &make_judge,
-            scratch: &step_scratch,
-            grader: &grader,
+            exec: &executors,
+            step,
         };
         let bar = indicatif::ProgressBar::new(jobs.len() as u64);
         bar.set_style(
@@ -493,7 +504,6 @@ fn rl_with<B: TrainBackend>(
             ));
         })?;
         bar.finish_and_clear();
-        crate::agent::sandbox::remove_tree(&step_scratch);
         // Stopped by a signal: the step is dropped whole; the last checkpoint stays the resume point.
         crate::interrupt::check()?;
 

@@ -8,7 +8,6 @@
 //! tool calls overlap the others' generation.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -17,15 +16,15 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::episode::{run_episode, Episode, EpisodeConfig};
+use crate::agent::episode::{Episode, EpisodeConfig, ExitStatus};
 use crate::agent::expert::Expert;
 use crate::agent::policy::{LocalPolicy, TokenGenerator};
-use crate::agent::sandbox::{Limits, LocalSandbox};
+use crate::agent::sandbox::Limits;
 use crate::backend::{Backend, SamplingParams};
+use crate::executor::run_graded_episode;
 use crate::generate::{Batcher, Completion, GenOptions, Request};
 use crate::model::Qwen2;
 use crate::reward::{reward, Judge, JudgeOutput, Outcome, RewardBreakdown, RewardConfig};
-use crate::tasks::grade::Grader;
 use crate::tasks::TaskInstance;
 use crate::tokenizer::Tokenizer;
 
@@ -238,6 +237,10 @@ pub struct RolloutConfig {
     pub grade_limits: Limits,
     /// Files the agent's patch may not change when graded.
     pub protection: crate::tasks::protect::Protection,
+    /// Where episodes run (overrides each task's `env.executor`).
+    pub executor: Option<crate::executor::ExecutorKind>,
+    /// Docker hosts and container limits.
+    pub docker: crate::executor::docker::DockerConfig,
 }
 
 impl Default for RolloutConfig {
@@ -252,6 +255,8 @@ impl Default for RolloutConfig {
             limits: Limits::default(),
             grade_limits: Limits { timeout_s: 300.0, cpu_s: 600, ..Limits::default() },
             protection: Default::default(),
+            executor: None,
+            docker: Default::default(),
         }
     }
 }
@@ -299,9 +304,10 @@ pub struct RolloutEnv<'a> {
     /// A fresh expert for an episode (`None`: no expert tool).
     pub expert: &'a (dyn Fn() -> Result<Option<Box<dyn Expert + 'a>>> + Sync),
     pub judge: &'a (dyn Fn() -> Box<dyn Judge> + Sync),
-    pub scratch: &'a Path,
-    /// Grades the episodes; its isolation and hidden paths are the episodes' sandboxes' too.
-    pub grader: &'a Grader,
+    /// Where episodes run and are graded.
+    pub exec: &'a crate::executor::Executors,
+    /// The RL step (names the episodes' environments).
+    pub step: u64,
 }
 
 fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle) -> Rollout {
@@ -334,41 +340,29 @@ fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle
         timing: Default::default(),
         tokens: None,
     };
-    let work = env.scratch.join(format!("rollout-{index}"));
-    let sandbox =
-        match LocalSandbox::for_task(task, &work, env.grader.isolation, env.cfg.limits, env.grader.hidden.clone()) {
-            Ok(s) => s,
-            Err(e) => return failed(empty(), format!("sandbox: {e:#}")),
-        };
     let mut expert = match (env.expert)() {
         Ok(e) => e,
-        Err(e) => {
-            sandbox.discard();
-            return failed(empty(), format!("expert: {e:#}"));
-        }
+        Err(e) => return failed(empty(), format!("expert: {e:#}")),
     };
-    let episode = run_episode(task, &sandbox, &mut policy, expert.as_deref_mut(), &env.cfg.episode);
-    sandbox.discard();
-    use crate::agent::episode::ExitStatus;
-    if episode.exit_status == ExitStatus::Interrupted {
-        return failed(episode, "interrupted".into());
-    }
+    let label = format!("s{}-{index}", env.step);
+    let graded = match run_graded_episode(env.exec, task, &label, &mut policy, expert.as_deref_mut(), &env.cfg.episode)
+    {
+        Ok(Some(g)) => g,
+        Ok(None) => return failed(empty(), "interrupted".into()),
+        Err(e) => return failed(empty(), format!("environment: {e:#}")),
+    };
+    let episode = graded.episode;
     if let Some(e) = episode.error.clone().filter(|_| episode.exit_status == ExitStatus::Error) {
         return failed(episode, e);
     }
-    // An empty patch cannot resolve a validated task (its FAIL_TO_PASS tests fail on the
-    // base): no test run is needed. Neither can a patch over the limit.
-    let (resolved, grade_json, grade_s, tampered) = if episode.exit_status == ExitStatus::PatchTooLarge {
-        let note = episode.error.clone().unwrap_or_default();
-        (false, serde_json::json!({"resolved": false, "note": format!("not graded: {note}")}), 0.0, 0)
-    } else if episode.patch.trim().is_empty() {
-        (false, serde_json::json!({"resolved": false, "note": "empty patch: not run"}), 0.0, 0)
-    } else {
-        let dir = env.scratch.join(format!("grade-{index}"));
-        match env.grader.grade(task, &episode.patch, &dir) {
-            Ok(g) => (g.resolved, serde_json::json!(g), g.seconds, g.tampering.len()),
-            Err(e) => return failed(episode, format!("grading: {e:#}")),
+    // A patch over the limit is not graded (it resolves nothing); a grading failure leaves
+    // the episode out of training.
+    let (resolved, grade_json, grade_s, tampered) = match (&graded.grade, episode.exit_status) {
+        (Err(e), ExitStatus::PatchTooLarge) => {
+            (false, serde_json::json!({"resolved": false, "note": format!("{e:#}")}), 0.0, 0)
         }
+        (Err(e), _) => return failed(episode, format!("grading: {e:#}")),
+        (Ok(g), _) => (g.resolved, serde_json::json!(g), g.seconds, g.tampering.len()),
     };
     let judge = match (env.judge)().judge(task, &episode.messages) {
         Ok(j) => j,

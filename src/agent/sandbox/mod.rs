@@ -15,7 +15,7 @@
 //!   cut to head + tail with a marker that counts the bytes cut ([`output`]), and a cap on
 //!   the patch the work tree yields.
 //!
-//! [`Executor`] is what the tools see, so that another executor (SWE-bench images) can stand in.
+//! [`Workspace`] is what the tools see, so that another executor (SWE-bench images) can stand in.
 
 pub mod cgroup;
 pub mod launch;
@@ -134,7 +134,7 @@ pub struct PatchTooLarge {
 }
 
 /// Runs commands and edits files in one episode's work tree.
-pub trait Executor: Send + Sync {
+pub trait Workspace: Send + Sync {
     /// The work tree's path as commands (and so the agent) see it.
     fn workdir(&self) -> String;
     /// Runs `bash -c command` in the work tree.
@@ -244,6 +244,12 @@ pub struct LocalSandbox {
     base_size: TreeSize,
 }
 
+impl Drop for LocalSandbox {
+    fn drop(&mut self) {
+        discard(&self.root);
+    }
+}
+
 /// Files beside a work tree: its harness repository and its sandbox's `/etc` files.
 fn sibling(root: &Path, suffix: &str) -> PathBuf {
     let mut name = root.file_name().unwrap_or_default().to_os_string();
@@ -255,7 +261,7 @@ impl LocalSandbox {
     /// Copies `snapshot` into `root` (which must not exist), runs the task's `setup` commands
     /// in the sandbox, and records the result as the base twice: in a repository inside the work
     /// tree for the agent's own `git` use, and in a harness repository beside it (never visible
-    /// in the sandbox) that [`Executor::diff`] reads, so that nothing the agent does to its
+    /// in the sandbox) that [`Workspace::diff`] reads, so that nothing the agent does to its
     /// `.git` (hooks, filters, config) runs on the host. `hidden` are host paths that must
     /// never be visible in the sandbox (checked against everything it shows).
     pub fn create(
@@ -444,9 +450,8 @@ impl LocalSandbox {
     }
 
     /// Deletes the work tree and what is beside it, and the sandbox's cgroup.
-    pub fn discard(self) {
-        discard(&self.root);
-    }
+    /// Removes the work tree (as dropping does).
+    pub fn discard(self) {}
 
     pub fn host_root(&self) -> &Path {
         &self.root
@@ -576,7 +581,7 @@ impl LocalSandbox {
     }
 }
 
-impl Executor for LocalSandbox {
+impl Workspace for LocalSandbox {
     fn workdir(&self) -> String {
         match self.isolation {
             Isolation::Bubblewrap => SANDBOX_REPO.into(),

@@ -1,0 +1,425 @@
+//! One container: created from an instance image with an init process, network off unless
+//! asked, memory/CPU/pids limits, no capabilities beyond what a root user editing files needs,
+//! no new privileges, and labels naming the run; commands by exec; removed when dropped.
+//!
+//! Commands run as `bash -c` in the work directory with the image's environment activated as
+//! the harness does (the conda `testbed` env, captured once at start and passed to every exec),
+//! stdout and stderr merged into one ordered stream, cut to head + tail. When a command ends,
+//! every process it left behind is killed (its wrapper stops every process but init and the
+//! keep-alive, then kills them); on its timeout a second exec does the same, so a whole
+//! process tree dies — an exec cannot be killed through the API.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::hosts::{host_failure, Lease, Pool};
+use super::Labels;
+use crate::agent::sandbox::output::HeadTail;
+use crate::agent::sandbox::{CmdOutput, PatchTooLarge, PathKind, Workspace};
+
+/// The conda activation of the official images; harmless where it is missing.
+const ACTIVATE: &str =
+    "if [ -f /opt/miniconda3/bin/activate ]; then . /opt/miniconda3/bin/activate && conda activate testbed; fi";
+
+/// Capabilities kept: what root needs to own, edit and signal its own files and processes.
+const CAPS: [&str; 7] = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID"];
+
+/// A shell snippet that kills every process of the container but init, the keep-alive
+/// (`keep`) and itself: all are stopped first, so that nothing can fork while the list is
+/// walked (a fork bomb included); the keep-alive is continued.
+fn killer(keep: u32) -> String {
+    format!(
+        "kill -STOP -1 2>/dev/null; for p in /proc/[0-9]*; do p=${{p#/proc/}}; case $p in 1|{keep}|$$) ;; *) kill -9 $p 2>/dev/null;; esac; done; kill -CONT {keep} 2>/dev/null"
+    )
+}
+
+/// How a container is made.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub image: String,
+    pub workdir: String,
+    pub network: bool,
+    pub memory_mib: u64,
+    pub cpus: f64,
+    pub pids: i64,
+    pub labels: HashMap<String, String>,
+}
+
+/// A changed path with lines added and removed (`None` for binary files).
+pub type Change = (String, Option<u64>, Option<u64>);
+
+/// Raw result of one exec.
+pub struct ExecOut {
+    pub stdout: HeadTail,
+    pub stderr: HeadTail,
+    pub exit_code: Option<i64>,
+    pub timed_out: bool,
+    pub interrupted: bool,
+    pub seconds: f64,
+}
+
+pub struct Container<'p> {
+    pool: &'p Pool,
+    lease: Option<Lease<'p>>,
+    rt: &'p tokio::runtime::Runtime,
+    pub id: String,
+    pub workdir: String,
+    /// The activated environment, `KEY=VALUE`.
+    env: Vec<String>,
+    /// The commit the agent's patch is taken against.
+    pub base: String,
+    /// The keep-alive process under init (spared when a command's leftovers are killed).
+    keep: u32,
+    pub timeout_s: f64,
+    pub output_bytes: usize,
+}
+
+impl<'p> Container<'p> {
+    /// Creates and starts a container on a leased host.
+    pub fn start(
+        pool: &'p Pool,
+        lease: Lease<'p>,
+        rt: &'p tokio::runtime::Runtime,
+        spec: &Spec,
+        timeout_s: f64,
+        output_bytes: usize,
+    ) -> Result<Self> {
+        let host = &pool.hosts[lease.host];
+        let docker = host.docker.clone();
+        let config = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            // The init process (below) reaps and forwards signals; this only keeps it alive.
+            cmd: Some(vec!["sleep".into(), "infinity".into()]),
+            entrypoint: Some(vec![]),
+            working_dir: Some(spec.workdir.clone()),
+            labels: Some(spec.labels.clone()),
+            network_disabled: Some(!spec.network),
+            host_config: Some(HostConfig {
+                init: Some(true),
+                network_mode: Some(if spec.network { "bridge".into() } else { "none".into() }),
+                memory: (spec.memory_mib > 0).then_some((spec.memory_mib << 20) as i64),
+                memory_swap: (spec.memory_mib > 0).then_some((spec.memory_mib << 20) as i64),
+                nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
+                pids_limit: (spec.pids > 0).then_some(spec.pids),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(CAPS.iter().map(|c| c.to_string()).collect()),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = format!("protege-{}", spec.labels.get(Labels::EPISODE).cloned().unwrap_or_default());
+        let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = rt.block_on(docker.create_container(Some(opts), config));
+        let id = match created {
+            Ok(c) => c.id,
+            Err(e) => {
+                if host_failure(&e) {
+                    pool.take_out(lease.host, &e.to_string());
+                }
+                return Err(e)
+                    .with_context(|| format!("cannot create a container from {} on {}", spec.image, host.spec.url));
+            }
+        };
+        let mut c = Container {
+            pool,
+            lease: Some(lease),
+            rt,
+            id,
+            workdir: spec.workdir.clone(),
+            env: vec![],
+            base: String::new(),
+            keep: 0,
+            timeout_s,
+            output_bytes,
+        };
+        rt.block_on(docker.start_container(&c.id, None)).with_context(|| format!("cannot start container {name}"))?;
+        let children = c.exec_raw(&["cat", "/proc/1/task/1/children"], None, 60.0, 1 << 12)?;
+        c.keep = children.stdout.finish().0.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if c.keep == 0 {
+            bail!("cannot find the container's keep-alive process under its init");
+        }
+        // The activated environment, once: the activation costs more than most commands.
+        let env =
+            c.exec_raw(&["/bin/bash", "-c", &format!("{ACTIVATE} >/dev/null 2>&1; env -0")], None, 60.0, 1 << 20)?;
+        let (text, _) = env.stdout.finish();
+        c.env =
+            text.split('\0').filter(|kv| kv.contains('=') && !kv.starts_with("_=")).map(|s| s.to_string()).collect();
+        Ok(c)
+    }
+
+    fn docker(&self) -> &bollard::Docker {
+        &self.pool.hosts[self.lease.as_ref().expect("leased").host].docker
+    }
+
+    /// Runs `cmd` (argv) with `stdin`, collecting stdout and stderr apart.
+    pub fn exec_raw(&self, cmd: &[&str], stdin: Option<&[u8]>, timeout_s: f64, cap: usize) -> Result<ExecOut> {
+        self.exec_with(cmd, stdin, timeout_s, cap, None)
+    }
+
+    fn exec_with(
+        &self,
+        cmd: &[&str],
+        stdin: Option<&[u8]>,
+        timeout_s: f64,
+        cap: usize,
+        workdir: Option<&str>,
+    ) -> Result<ExecOut> {
+        let docker = self.docker().clone();
+        let started = Instant::now();
+        let opts = CreateExecOptions {
+            cmd: Some(cmd.iter().map(|s| s.to_string()).collect::<Vec<String>>()),
+            env: Some(self.env.clone()),
+            attach_stdin: Some(stdin.is_some()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            working_dir: Some(workdir.unwrap_or(&self.workdir).to_string()),
+            ..Default::default()
+        };
+        let id = self.id.clone();
+        let keep = self.keep;
+        let stdin = stdin.map(|s| s.to_vec());
+        self.rt.block_on(async move {
+            let exec = docker.create_exec(&id, opts).await.with_context(|| format!("exec in container {id}"))?;
+            let started_exec = docker.start_exec(&exec.id, Some(StartExecOptions::default())).await?;
+            let StartExecResults::Attached { mut output, mut input } = started_exec else {
+                bail!("exec started detached");
+            };
+            if let Some(data) = stdin {
+                input.write_all(&data).await?;
+                input.shutdown().await?;
+            }
+            drop(input);
+            let mut out = ExecOut {
+                stdout: HeadTail::new(cap),
+                stderr: HeadTail::new(cap),
+                exit_code: None,
+                timed_out: false,
+                interrupted: false,
+                seconds: 0.0,
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout_s.max(0.001));
+            let mut killed = false;
+            loop {
+                let tick = tokio::time::sleep(Duration::from_millis(200));
+                tokio::select! {
+                    item = output.next() => match item {
+                        Some(Ok(LogOutput::StdOut { message })) | Some(Ok(LogOutput::Console { message })) => out.stdout.push(&message),
+                        Some(Ok(LogOutput::StdErr { message })) => out.stderr.push(&message),
+                        Some(Ok(LogOutput::StdIn { .. })) => {}
+                        Some(Err(e)) => return Err(e.into()),
+                        None => break,
+                    },
+                    _ = tick => {
+                        let over = tokio::time::Instant::now() >= deadline;
+                        let stop = crate::interrupt::requested();
+                        if (over || stop) && !killed {
+                            out.timed_out = over;
+                            out.interrupted = stop && !over;
+                            killed = true;
+                            kill_all(&docker, &id, keep).await;
+                        }
+                    }
+                }
+            }
+            let info = docker.inspect_exec(&exec.id).await?;
+            out.exit_code = info.exit_code;
+            out.seconds = started.elapsed().as_secs_f64();
+            Ok(out)
+        })
+    }
+
+    /// Runs a shell script in the work directory, output merged; processes left behind die.
+    pub fn shell(&self, script: &str, timeout_s: f64, cap: usize) -> Result<ExecOut> {
+        // `$1` is the command; the wrapper outlives it only to kill what it left.
+        let wrapper = format!("exec 2>&1 </dev/null; /bin/bash -c \"$1\"; rc=$?; {}; exit $rc", killer(self.keep));
+        self.exec_raw(&["/bin/bash", "-c", &wrapper, "protege", script], None, timeout_s, cap)
+    }
+
+    /// Writes `data` to an absolute path in the container.
+    pub fn put(&self, path: &str, data: &[u8]) -> Result<()> {
+        let out = self.exec_raw(
+            &["/bin/sh", "-c", "mkdir -p -- \"$(dirname -- \"$1\")\" && cat > \"$1\"", "sh", path],
+            Some(data),
+            60.0,
+            1 << 16,
+        )?;
+        if out.exit_code != Some(0) {
+            bail!("cannot write {path} in the container: {}", out.stderr.finish().0.trim());
+        }
+        Ok(())
+    }
+
+    fn rel(&self, rel: &Path) -> String {
+        format!("{}/{}", self.workdir.trim_end_matches('/'), rel.display())
+    }
+
+    /// Records the commit the agent's patch is taken against (the image's HEAD, after the
+    /// task's hidden base patch when it has one).
+    pub fn record_base(&mut self, base_patch: Option<&str>) -> Result<()> {
+        if let Some(p) = base_patch.filter(|p| !p.trim().is_empty()) {
+            self.put("/tmp/.protege-base.diff", p.as_bytes())?;
+            // Folded into HEAD so that neither `git diff` nor `git log` shows it; the reflog
+            // and the patch file go.
+            let script = "git apply /tmp/.protege-base.diff && rm -f /tmp/.protege-base.diff \
+                && git add -A && git -c user.name=protege -c user.email=protege@localhost commit -q --amend --no-edit --allow-empty \
+                && rm -rf .git/logs .git/ORIG_HEAD";
+            let out = self.shell(script, 300.0, 1 << 16)?;
+            if out.exit_code != Some(0) {
+                bail!("the task's base patch does not apply in the image: {}", out.stdout.finish().0.trim());
+            }
+        }
+        let out = self.exec_raw(&["git", "rev-parse", "HEAD"], None, 60.0, 1 << 12)?;
+        let (sha, _) = out.stdout.finish();
+        if out.exit_code != Some(0) || sha.trim().len() < 7 {
+            bail!("{} is not a git repository in the image: {}", self.workdir, out.stderr.finish().0.trim());
+        }
+        self.base = sha.trim().to_string();
+        Ok(())
+    }
+
+    /// Paths changed against the base (committed, staged, unstaged, untracked), with lines
+    /// added and removed (`None` for binary files).
+    pub fn changes(&self) -> Result<Vec<Change>> {
+        let script = format!(
+            "set -e; export GIT_INDEX_FILE=$(mktemp); cp .git/index \"$GIT_INDEX_FILE\" 2>/dev/null || true; \
+             git -c core.fileMode=false add -A >/dev/null; \
+             git -c core.fileMode=false -c core.quotepath=off diff --cached --numstat -z --no-renames {}; rm -f \"$GIT_INDEX_FILE\"",
+            self.base
+        );
+        let out = self.exec_raw(&["/bin/bash", "-c", &script], None, 300.0, 64 << 20)?;
+        let (text, _) = out.stdout.finish();
+        if out.exit_code != Some(0) {
+            bail!("git numstat in the container failed: {}", out.stderr.finish().0.trim());
+        }
+        Ok(text
+            .split('\0')
+            .filter(|r| !r.is_empty())
+            .filter_map(|r| {
+                let mut f = r.splitn(3, '\t');
+                let (a, d, p) = (f.next()?, f.next()?, f.next()?);
+                Some((p.to_string(), a.parse().ok(), d.parse().ok()))
+            })
+            .collect())
+    }
+
+    /// Puts `rel` back as at the base (removed when the base has no such path).
+    pub fn restore(&self, rel: &str) -> Result<()> {
+        let script = "if git cat-file -e \"$1:$2\" 2>/dev/null; then rm -rf -- \"$2\"; git checkout -q \"$1\" -- \"$2\"; else rm -rf -- \"$2\"; fi";
+        let out = self.exec_raw(&["/bin/bash", "-c", script, "restore", &self.base, rel], None, 60.0, 1 << 16)?;
+        if out.exit_code != Some(0) {
+            bail!("cannot restore {rel}: {}", out.stderr.finish().0.trim());
+        }
+        Ok(())
+    }
+}
+
+/// Kills every process in the container but its init (and the killer itself).
+async fn kill_all(docker: &bollard::Docker, id: &str, keep: u32) {
+    let opts = CreateExecOptions::<String> {
+        cmd: Some(vec!["/bin/sh".into(), "-c".into(), killer(keep)]),
+        user: Some("root".into()),
+        ..Default::default()
+    };
+    if let Ok(e) = docker.create_exec(id, opts).await {
+        let _ = docker.start_exec(&e.id, Some(StartExecOptions { detach: true, ..Default::default() })).await;
+    }
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        let docker = self.docker().clone();
+        let opts = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        let id = self.id.clone();
+        if let Err(e) = self.rt.block_on(docker.remove_container(&id, Some(opts))) {
+            eprintln!("could not remove container {id}: {e} (`protege docker gc` removes it)");
+        }
+        self.lease.take();
+    }
+}
+
+impl Workspace for Container<'_> {
+    fn workdir(&self) -> String {
+        self.workdir.clone()
+    }
+
+    fn run(&self, command: &str) -> Result<CmdOutput> {
+        let out = self.shell(command, self.timeout_s, self.output_bytes)?;
+        let (output, dropped_bytes) = out.stdout.finish();
+        Ok(CmdOutput {
+            output,
+            exit_code: if out.timed_out || out.interrupted { None } else { out.exit_code.map(|c| c as i32) },
+            timed_out: out.timed_out,
+            dropped_bytes,
+            seconds: out.seconds,
+            interrupted: out.interrupted,
+        })
+    }
+
+    fn read(&self, rel: &Path) -> Result<Vec<u8>> {
+        let path = self.rel(rel);
+        let out = self.exec_raw(&["cat", "--", &path], None, 60.0, 64 << 20)?;
+        if out.exit_code != Some(0) {
+            bail!("cannot read {}: {}", rel.display(), out.stderr.finish().0.trim());
+        }
+        let (text, dropped) = out.stdout.finish();
+        if dropped > 0 {
+            bail!("{} is larger than 64 MiB", rel.display());
+        }
+        Ok(text.into_bytes())
+    }
+
+    fn write(&self, rel: &Path, data: &[u8]) -> Result<()> {
+        self.put(&self.rel(rel), data)
+    }
+
+    fn kind(&self, rel: &Path) -> Result<PathKind> {
+        let script = "if [ -d \"$1\" ]; then echo d; elif [ -e \"$1\" ]; then echo f; else echo m; fi";
+        let out = self.exec_raw(&["/bin/sh", "-c", script, "sh", &self.rel(rel)], None, 60.0, 64)?;
+        Ok(match out.stdout.finish().0.trim() {
+            "d" => PathKind::Dir,
+            "f" => PathKind::File,
+            _ => PathKind::Missing,
+        })
+    }
+
+    fn remove(&self, rel: &Path) -> Result<()> {
+        let out = self.exec_raw(&["rm", "-f", "--", &self.rel(rel)], None, 60.0, 1 << 12)?;
+        if out.exit_code != Some(0) {
+            bail!("cannot remove {}: {}", rel.display(), out.stderr.finish().0.trim());
+        }
+        Ok(())
+    }
+
+    fn diff(&self, max_bytes: u64) -> Result<String> {
+        // A private index: the agent's own staging area is left as it was; its git
+        // configuration cannot run programs or reshape the diff.
+        let script = format!(
+            "set -e; export GIT_INDEX_FILE=$(mktemp); cp .git/index \"$GIT_INDEX_FILE\" 2>/dev/null || true; \
+             git -c core.fileMode=false add -A >/dev/null; \
+             git -c core.fileMode=false -c diff.noprefix=false -c diff.mnemonicPrefix=false diff --cached --binary --no-color --no-ext-diff --no-textconv {}; \
+             rm -f \"$GIT_INDEX_FILE\"",
+            self.base
+        );
+        let cap = (max_bytes as usize).saturating_add(1).min(usize::MAX / 4);
+        let out = self.exec_raw(&["/bin/bash", "-c", &script], None, 300.0, cap.saturating_mul(2))?;
+        let (text, dropped) = out.stdout.finish();
+        if out.exit_code != Some(0) {
+            bail!("git diff in the container failed: {}", out.stderr.finish().0.trim());
+        }
+        let size = (text.len() + dropped) as u64;
+        if size > max_bytes {
+            return Err(PatchTooLarge { what: "patch bytes", amount: size, limit: max_bytes }.into());
+        }
+        Ok(text)
+    }
+}
