@@ -1,6 +1,7 @@
 //! `protege eval`: episodes of a task suite in parallel, graded, summarised.
 //!
-//! Writes to the output directory: `trajectories.jsonl` (the shared schema; `meta` holds the
+//! Writes to the output directory: `predictions.jsonl` (the SWE-bench harness's format, for
+//! `protege grade` or the official harness), `trajectories.jsonl` (the shared schema; `meta` holds the
 //! exit status, actions, expert calls, patch, timing, loop report and grade), `summary.json` and
 //! `summary.md`. Metrics: Pass@1 (resolved / tasks), expert calls per task, expert share of
 //! tokens (expert reply tokens / (expert reply + policy tokens)), steps per task, looping rate
@@ -394,6 +395,11 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     executors.prepare(&tasks)?;
 
     let traj_path = o.out.join("trajectories.jsonl");
+    // The harness's predictions format, for `protege grade` or the official harness.
+    let pred_path = o.out.join("predictions.jsonl");
+    let pred_file = Mutex::new(
+        std::fs::File::create(&pred_path).with_context(|| format!("cannot create {}", pred_path.display()))?,
+    );
     let traj_file = Mutex::new(
         std::fs::File::create(&traj_path).with_context(|| format!("cannot create {}", traj_path.display()))?,
     );
@@ -410,11 +416,14 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             }
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(task) = tasks.get(i) else { return Ok(()) };
-            let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), &executors) {
-                Ok(Some((result, line))) => {
+            let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), &executors, &policy_name) {
+                Ok(Some((result, line, prediction))) => {
                     let mut f = traj_file.lock().expect("lock");
                     f.write_all(line.as_bytes())?;
                     f.flush()?;
+                    let mut p = pred_file.lock().expect("lock");
+                    p.write_all(prediction.as_bytes())?;
+                    p.flush()?;
                     result
                 }
                 // Stopped by a signal: not a result.
@@ -500,7 +509,8 @@ fn run_one(
     client: Option<&EngineClient>,
     expert_model: Option<&ExpertModel>,
     executors: &Executors,
-) -> Result<Option<(TaskResult, String)>> {
+    policy_name: &str,
+) -> Result<Option<(TaskResult, String, String)>> {
     let mut policy: Box<dyn Policy + '_> = match engine {
         Engine::Local { tok, sampling, max_new_tokens, .. } => {
             let seed = o.seed.wrapping_add(index as u64 * 7919);
@@ -522,6 +532,8 @@ fn run_one(
         return Ok(None);
     };
     let (ep, grade) = (graded.episode, graded.grade);
+    // Not graded (over the limit): no prediction either.
+    let traj_patch = if ep.exit_status == ExitStatus::PatchTooLarge { String::new() } else { ep.patch.clone() };
     let loops = analyse(&ep.actions, &o.loops);
     let mut extra = serde_json::Map::new();
     extra.insert("loops".into(), json!(loops));
@@ -545,5 +557,7 @@ fn run_one(
         tampered,
         error: ep.error.clone().or(grade_error),
     };
-    Ok(Some((result, serde_json::to_string(&traj)? + "\n")))
+    let prediction =
+        json!({"instance_id": task.instance_id, "model_name_or_path": policy_name, "model_patch": traj_patch});
+    Ok(Some((result, serde_json::to_string(&traj)? + "\n", prediction.to_string() + "\n")))
 }

@@ -243,3 +243,148 @@ fn a_killed_run_leaves_nothing_after_the_next_start() {
     assert!(out.contains("removed"), "{out}");
     assert!(protege_containers().is_empty(), "left: {:?}", protege_containers());
 }
+
+/// The bundled suite as docker tasks: one image per package snapshot (the bug is each task's
+/// hidden base patch, folded into HEAD at start), eval scripts in the harness's shape.
+fn bundled_docker_suite(tmp: &Path) -> (PathBuf, Vec<protege::tasks::TaskInstance>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tasks");
+    let mut tasks = protege::tasks::load_suite(&root.join("train.jsonl")).unwrap();
+    tasks.extend(protege::tasks::load_suite(&root.join("test.jsonl")).unwrap());
+    let mut bases = std::collections::BTreeMap::new();
+    let mut lines = String::new();
+    for t in &tasks {
+        let pkg = t.env.repo_path.file_name().unwrap().to_string_lossy().to_string();
+        let image_name = format!("protege-test-bundled-{pkg}:latest");
+        let base = bases.entry(pkg).or_insert_with(|| image(&image_name, &t.env.repo_path)).clone();
+        let mut files: Vec<&str> =
+            t.fail_to_pass.iter().chain(&t.pass_to_pass).map(|id| id.split("::").next().unwrap()).collect();
+        files.sort();
+        files.dedup();
+        // The hidden tests are new files: nothing to reset (a bare `git checkout BASE` would
+        // leave the task's bug, which is folded into HEAD).
+        let touched = protege::swebench::script::modified_files(&t.test_patch).join(" ");
+        let reset = if touched.is_empty() { String::new() } else { format!("git checkout {base} {touched}") };
+        let eval_script = format!(
+            "#!/bin/bash\nset -uxo pipefail\nsource /opt/miniconda3/bin/activate\nconda activate testbed\ncd /testbed\n{reset}\ngit apply -v - <<'EOF_114329324912'\n{}\nEOF_114329324912\n: '>>>>> Start Test Output'\npytest -rA -p no:cacheprovider {}\n: '>>>>> End Test Output'\n{reset}\n",
+            t.test_patch,
+            files.join(" ")
+        );
+        let mut d = t.clone();
+        d.env.executor = Some(protege::executor::ExecutorKind::Docker);
+        d.env.image = Some(image_name);
+        d.env.eval_script = Some(eval_script);
+        d.env.log_parser = Some("parse_log_pytest".into());
+        d.env.eval_type = Some(protege::swebench::EvalType::PassAndFail);
+        lines += &(serde_json::to_string(&d).unwrap() + "\n");
+    }
+    let suite = tmp.join("bundled-docker");
+    std::fs::create_dir_all(&suite).unwrap();
+    std::fs::write(suite.join("tasks.jsonl"), lines).unwrap();
+    (suite, tasks)
+}
+
+#[test]
+fn the_bundled_suite_runs_in_docker_as_locally() {
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !docker_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (suite, tasks) = bundled_docker_suite(tmp.path());
+    // The harness's gold run on all 40: the gold patch resolves, no patch does not.
+    let out = run_ok(protege().args(["tasks", "validate"]).arg(&suite).args(["--runs", "1", "--concurrency", "4"]));
+    assert!(out.contains("40 of 40 tasks valid"), "{out}");
+
+    // Replayed episodes grade the same under both executors: the gold fix, a wrong edit, nothing.
+    let mut replay = serde_json::Map::new();
+    let picked: Vec<&protege::tasks::TaskInstance> = tasks.iter().step_by(7).collect();
+    for (i, t) in picked.iter().enumerate() {
+        let apply =
+            serde_json::json!({"name": "bash", "arguments": {"command": format!("git apply <<'EOF'\n{}EOF", t.patch)}});
+        let wrong = serde_json::json!({"name": "bash", "arguments": {"command": "echo '# touched' >> README.md; ls"}});
+        let submit = serde_json::json!({"name": "submit", "arguments": {}});
+        let calls = match i % 3 {
+            0 => vec![apply, submit],
+            1 => vec![wrong, submit],
+            _ => vec![submit],
+        };
+        let replies: Vec<String> = calls.iter().map(|c| format!("<tool_call>{c}</tool_call>")).collect();
+        replay.insert(t.instance_id.clone(), serde_json::json!(replies));
+    }
+    std::fs::write(tmp.path().join("replay.json"), serde_json::Value::Object(replay).to_string()).unwrap();
+    let only: Vec<String> = picked.iter().map(|t| t.instance_id.clone()).collect();
+    let mut verdicts = vec![];
+    for exec in ["local", "docker"] {
+        let out_dir = tmp.path().join(format!("eval-{exec}"));
+        run_ok(
+            protege()
+                .args([
+                    "eval",
+                    "--policy",
+                    "replay",
+                    "--executor",
+                    exec,
+                    "--concurrency",
+                    "2",
+                    "--tasks",
+                    &only.join(","),
+                ])
+                .arg("--replay")
+                .arg(tmp.path().join("replay.json"))
+                .arg("--suite")
+                .arg(suite.join("tasks.jsonl"))
+                .arg("--out")
+                .arg(&out_dir),
+        );
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
+        let v: Vec<(String, bool)> = s["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["task_id"].as_str().unwrap().to_string(), r["resolved"].as_bool().unwrap()))
+            .collect();
+        let preds = std::fs::read_to_string(out_dir.join("predictions.jsonl")).unwrap();
+        assert_eq!(preds.lines().count(), picked.len(), "{preds}");
+        verdicts.push(v);
+    }
+    assert_eq!(verdicts[0], verdicts[1], "local and docker grade the same episodes differently");
+    let resolved = verdicts[0].iter().filter(|(_, r)| *r).count();
+    assert_eq!(resolved, picked.iter().enumerate().filter(|(i, _)| i % 3 == 0).count(), "{:?}", verdicts[0]);
+    assert!(protege_containers().is_empty(), "left: {:?}", protege_containers());
+}
+
+#[test]
+fn a_terminated_run_removes_its_containers() {
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !docker_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let suite = geometry_suite(tmp.path(), &["acme__geometry-8"]);
+    let call = r#"<tool_call>{"name": "bash", "arguments": {"command": "sleep 600"}}</tool_call>"#;
+    std::fs::write(tmp.path().join("replay.json"), serde_json::json!({"acme__geometry-8": [call]}).to_string())
+        .unwrap();
+    let mut child = protege()
+        .args(["eval", "--policy", "replay", "--executor", "docker", "--command-timeout", "900"])
+        .arg("--replay")
+        .arg(tmp.path().join("replay.json"))
+        .arg("--suite")
+        .arg(&suite)
+        .arg("--out")
+        .arg(tmp.path().join("eval"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while protege_containers().is_empty() {
+        assert!(started.elapsed().as_secs() < 60, "no container appeared");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    assert!(started.elapsed().as_secs() < 60);
+    assert!(protege_containers().is_empty(), "left: {:?}", protege_containers());
+}

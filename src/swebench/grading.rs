@@ -68,7 +68,11 @@ pub struct TestsStatus {
 }
 
 /// The statuses the log shows, or `None` when the log is invalid (see the module docs).
+/// Errs for an unknown parser, and where the harness's parser raises (it then writes no report:
+/// an error instance).
 pub fn logs_eval(parser: &str, content: &str) -> anyhow::Result<Option<StatusMap>> {
+    // The harness reads the log back from a file in text mode, where `\r\n` and `\r` end lines.
+    let content = &content.replace("\r\n", "\n").replace('\r', "\n");
     if [APPLY_PATCH_FAIL, RESET_FAILED, TESTS_ERROR, TESTS_TIMEOUT].iter().any(|c| content.contains(c)) {
         return Ok(None);
     }
@@ -92,22 +96,36 @@ pub fn logs_eval(parser: &str, content: &str) -> anyhow::Result<Option<StatusMap
     Ok(Some(map))
 }
 
-/// Evidence that a test runner ran, for a log whose statuses parse to nothing.
+/// Evidence that a test runner ran, for a log whose statuses parse to nothing. Python's `\s`
+/// also matches `\x1c`..`\x1f`, and its `\w` is letters, numbers and `_` (no marks).
 fn suite_ran() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
         Regex::new(
-            r"(?m)Executed [1-9]\d* of \d+|TOTAL: [1-9]\d* (?:SUCCESS|FAILED)|[1-9]\d* passing|Tests:\s+[1-9]\d*|Test Suites:\s+(?:\d+ \w+, )*[1-9]\d* total|^# tests [1-9]\d*|[1-9]\d* specs?, \d+ failures?|': ok$",
+            r"(?m)Executed [1-9]\d* of \d+|TOTAL: [1-9]\d* (?:SUCCESS|FAILED)|[1-9]\d* passing|Tests:[\s\x1C-\x1F]+[1-9]\d*|Test Suites:[\s\x1C-\x1F]+(?:\d+ [\p{L}\p{N}_]+, )*[1-9]\d* total|^# tests [1-9]\d*|[1-9]\d* specs?, \d+ failures?|': ok$",
         )
         .expect("regex")
     })
 }
 
-/// The test command's exit status the eval script recorded after the end marker.
+/// The test command's exit status the eval script recorded after the end marker, read as
+/// Python's `int()` reads it: `\d` is any Unicode decimal digit (these come in runs of ten from
+/// 0, so a digit's value is its distance from its run's start, mod 10); saturating.
 pub fn test_exit_code(content: &str) -> Option<i64> {
     static RE: OnceLock<Regex> = OnceLock::new();
-    let re = RE.get_or_init(|| Regex::new(&format!(r"{}:\s*(-?\d+)", regex::escape(TEST_EXIT_CODE))).expect("regex"));
-    re.captures(content).and_then(|c| c[1].parse().ok())
+    static DIGIT: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        Regex::new(&format!(r"{}:[\s\x1C-\x1F]*(-?)(\d+)", regex::escape(TEST_EXIT_CODE))).expect("regex")
+    });
+    let digit = DIGIT.get_or_init(|| Regex::new(r"^\d$").expect("regex"));
+    let is_digit =
+        |c: Option<u32>| c.and_then(char::from_u32).is_some_and(|c| digit.is_match(c.encode_utf8(&mut [0; 4])));
+    let c = re.captures(content)?;
+    let value = c[2].chars().fold(0i64, |n, d| {
+        let d = (1..).take_while(|i| is_digit((d as u32).checked_sub(*i))).count() % 10;
+        n.saturating_mul(10).saturating_add(d as i64)
+    });
+    Some(if c[1].is_empty() { value } else { -value })
 }
 
 /// The status-map key for a test id, tolerating ids truncated inside their parameters.
@@ -233,6 +251,12 @@ mod tests {
         );
         // No markers: invalid.
         assert!(logs_eval("parse_log_pytest", "PASSED t.py::a").unwrap().is_none());
+        // Read as the harness reads its file: `\r` ends a line.
+        let cr = log("collecting ...\rPASSED t.py::a\r\nPASSED t.py::b[x-1]\r\nPASSED t.py::c", 0);
+        assert!(eval_report("parse_log_pytest", &cr, &f2p, &p2p, EvalType::PassAndFail).unwrap().resolved);
+        // Python's int() reads any decimal digits.
+        assert_eq!(test_exit_code(">>>>> Test Exit Code: \u{0661}\u{1D7D8}"), Some(10));
+        assert_eq!(test_exit_code(">>>>> Test Exit Code: -99999999999999999999"), Some(-i64::MAX));
         // fail_only: missing tests succeed.
         let r = eval_report("parse_log_pytest", &log("FAILED t.py::c", 1), &f2p, &p2p, EvalType::FailOnly).unwrap();
         assert_eq!(r.tests_status.unwrap().pass_to_pass.failure, v(&["t.py::c"]));
