@@ -199,6 +199,15 @@ fn the_agents_container_holds_an_attacker() {
     let bomb = run("bomb() { bomb | bomb & }; bomb; sleep 3");
     assert!(bomb.timed_out || bomb.exit_code.is_some());
     assert_eq!(run("echo alive").output.trim(), "alive");
+    // Killing everything it can reach (init ignores it; the shell that runs commands is
+    // started again) does not end the episode.
+    run("kill -9 -1; pkill -9 sleep; kill -TERM 1");
+    assert_eq!(run("echo still here").output.trim(), "still here");
+    let r = run("kill -9 $PPID; echo gone");
+    assert!(r.exit_code.is_none() || r.output.contains("gone"));
+    assert_eq!(run("echo back").output.trim(), "back");
+    // The command's stdin is not the runner's channel.
+    assert_eq!(run("cat; echo rc=$?").output.trim(), "rc=0");
     // No capability to change the world around it.
     assert!(run("mknod /tmp/x c 1 3 2>&1; echo rc=$?").output.contains("rc=1"));
     // The patch is taken against the image's HEAD, whatever the agent commits.

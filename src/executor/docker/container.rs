@@ -2,12 +2,19 @@
 //! asked, memory/CPU/pids limits, no capabilities beyond what a root user editing files needs,
 //! no new privileges, and labels naming the run; commands by exec; removed when dropped.
 //!
-//! Commands run as `bash -c` in the work directory with the image's environment activated as
-//! the harness does (the conda `testbed` env, captured once at start and passed to every exec),
-//! stdout and stderr merged into one ordered stream, cut to head + tail. When a command ends,
-//! every process it left behind is killed (its wrapper stops every process but init and the
-//! keep-alive, then kills them); on its timeout a second exec does the same, so a whole
-//! process tree dies — an exec cannot be killed through the API.
+//! PID 1 is a small shell init: it reaps orphans and ignores the signals a process inside may
+//! send it (docker's own init, tini, exits when its one child dies, so an agent's `pkill sleep`
+//! would stop the container); `docker rm -f` kills it at once.
+//!
+//! The agent's commands go to one long-lived bash per container (the runner, an exec with
+//! stdin attached): starting an exec per command costs the engine ~60 ms here, a line to the
+//! runner a few. Each command runs as `bash -c` in the work directory with the image's
+//! environment activated as the harness does (the conda `testbed` env, captured once at start),
+//! stdin from /dev/null, stdout and stderr as one ordered stream cut to head + tail, and ends
+//! with a line holding a random nonce and its exit code. When a command ends, every process it
+//! left behind is killed (all processes but init and the runner are stopped, then killed); on
+//! its timeout a second exec does the same, so a whole process tree dies — an exec cannot be
+//! killed through the API. A runner that dies is started again for the next command.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,13 +40,42 @@ const ACTIVATE: &str =
 /// Capabilities kept: what root needs to own, edit and signal its own files and processes.
 const CAPS: [&str; 7] = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID"];
 
-/// A shell snippet that kills every process of the container but init, the keep-alive
-/// (`keep`) and itself: all are stopped first, so that nothing can fork while the list is
-/// walked (a fork bomb included); the keep-alive is continued.
-fn killer(keep: u32) -> String {
+/// PID 1: reaps every child (orphans included) while it waits; signals from inside are
+/// ignored (SIGKILL cannot reach a namespace's init from inside).
+const INIT: &str = "trap '' TERM INT HUP QUIT USR1 USR2; while :; do sleep 2147483647 & wait; done";
+
+/// A shell snippet that kills every process of the container but init, `spare` and itself:
+/// all are stopped first, so that nothing can fork while the list is walked (a fork bomb
+/// included); `spare` is continued.
+fn killer(spare: u32) -> String {
+    let cont = if spare > 0 { format!("; kill -CONT {spare} 2>/dev/null") } else { String::new() };
     format!(
-        "kill -STOP -1 2>/dev/null; for p in /proc/[0-9]*; do p=${{p#/proc/}}; case $p in 1|{keep}|$$) ;; *) kill -9 $p 2>/dev/null;; esac; done; kill -CONT {keep} 2>/dev/null"
+        "kill -STOP -1 2>/dev/null; for p in /proc/[0-9]*; do p=${{p#/proc/}}; case $p in 1|{spare}|$$) ;; *) kill -9 $p 2>/dev/null;; esac; done{cont}"
     )
+}
+
+/// The runner's loop: a header line `NONCE`, the command's lines, `NONCE` again; the command
+/// runs, its leftovers are killed, `\nNONCE RC\n` ends its output.
+fn runner_script(workdir: &str) -> String {
+    format!(
+        r#"exec 3>&1; echo "ready $$"
+while IFS= read -r nonce; do
+  cmd=""; while IFS= read -r line; do [ "$line" = "$nonce" ] && break; cmd+="$line"$'\n'; done
+  ( cd {wd} 2>/dev/null; exec /bin/bash -c "$cmd" ) </dev/null >&3 2>&3
+  rc=$?
+  {kill}
+  printf '\n%s %d\n' "$nonce" "$rc"
+done"#,
+        wd = crate::agent::tools::shell_quote(workdir),
+        kill = killer(0)
+    )
+}
+
+/// The runner of one container: its pid, and the exec's streams.
+struct Runner {
+    pid: u32,
+    output: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>,
+    input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
 }
 
 /// How a container is made.
@@ -77,8 +113,8 @@ pub struct Container<'p> {
     env: Vec<String>,
     /// The commit the agent's patch is taken against.
     pub base: String,
-    /// The keep-alive process under init (spared when a command's leftovers are killed).
-    keep: u32,
+    /// The agent's shell (started on first use, again after it dies).
+    runner: std::sync::Mutex<Option<Runner>>,
     pub timeout_s: f64,
     pub output_bytes: usize,
 }
@@ -97,14 +133,13 @@ impl<'p> Container<'p> {
         let docker = host.docker.clone();
         let config = ContainerCreateBody {
             image: Some(spec.image.clone()),
-            // The init process (below) reaps and forwards signals; this only keeps it alive.
-            cmd: Some(vec!["sleep".into(), "infinity".into()]),
+            cmd: Some(vec!["/bin/sh".into(), "-c".into(), INIT.into()]),
             entrypoint: Some(vec![]),
             working_dir: Some(spec.workdir.clone()),
             labels: Some(spec.labels.clone()),
             network_disabled: Some(!spec.network),
             host_config: Some(HostConfig {
-                init: Some(true),
+                init: Some(false),
                 network_mode: Some(if spec.network { "bridge".into() } else { "none".into() }),
                 memory: (spec.memory_mib > 0).then_some((spec.memory_mib << 20) as i64),
                 memory_swap: (spec.memory_mib > 0).then_some((spec.memory_mib << 20) as i64),
@@ -138,16 +173,11 @@ impl<'p> Container<'p> {
             workdir: spec.workdir.clone(),
             env: vec![],
             base: String::new(),
-            keep: 0,
+            runner: std::sync::Mutex::new(None),
             timeout_s,
             output_bytes,
         };
         rt.block_on(docker.start_container(&c.id, None)).with_context(|| format!("cannot start container {name}"))?;
-        let children = c.exec_raw(&["cat", "/proc/1/task/1/children"], None, 60.0, 1 << 12)?;
-        c.keep = children.stdout.finish().0.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if c.keep == 0 {
-            bail!("cannot find the container's keep-alive process under its init");
-        }
         // The activated environment, once: the activation costs more than most commands.
         let env =
             c.exec_raw(&["/bin/bash", "-c", &format!("{ACTIVATE} >/dev/null 2>&1; env -0")], None, 60.0, 1 << 20)?;
@@ -186,7 +216,6 @@ impl<'p> Container<'p> {
             ..Default::default()
         };
         let id = self.id.clone();
-        let keep = self.keep;
         let stdin = stdin.map(|s| s.to_vec());
         self.rt.block_on(async move {
             let exec = docker.create_exec(&id, opts).await.with_context(|| format!("exec in container {id}"))?;
@@ -226,7 +255,7 @@ impl<'p> Container<'p> {
                             out.timed_out = over;
                             out.interrupted = stop && !over;
                             killed = true;
-                            kill_all(&docker, &id, keep).await;
+                            kill_all(&docker, &id, 0).await;
                         }
                     }
                 }
@@ -241,8 +270,118 @@ impl<'p> Container<'p> {
     /// Runs a shell script in the work directory, output merged; processes left behind die.
     pub fn shell(&self, script: &str, timeout_s: f64, cap: usize) -> Result<ExecOut> {
         // `$1` is the command; the wrapper outlives it only to kill what it left.
-        let wrapper = format!("exec 2>&1 </dev/null; /bin/bash -c \"$1\"; rc=$?; {}; exit $rc", killer(self.keep));
+        let wrapper = format!("exec 2>&1 </dev/null; /bin/bash -c \"$1\"; rc=$?; {}; exit $rc", killer(0));
         self.exec_raw(&["/bin/bash", "-c", &wrapper, "protege", script], None, timeout_s, cap)
+    }
+
+    /// Starts the runner (an attached exec of bash) and waits for its `ready PID` line.
+    async fn start_runner(docker: &bollard::Docker, id: &str, env: Vec<String>, workdir: &str) -> Result<Runner> {
+        let opts = CreateExecOptions {
+            cmd: Some(vec!["/bin/bash".to_string(), "-c".to_string(), runner_script(workdir)]),
+            env: Some(env),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            working_dir: Some(workdir.to_string()),
+            ..Default::default()
+        };
+        let exec = docker.create_exec(id, opts).await?;
+        let StartExecResults::Attached { mut output, input } = docker.start_exec(&exec.id, None).await? else {
+            bail!("the runner started detached");
+        };
+        let mut line = Vec::new();
+        while !line.ends_with(b"\n") {
+            match tokio::time::timeout(Duration::from_secs(30), output.next()).await {
+                Ok(Some(Ok(LogOutput::StdOut { message }))) => line.extend_from_slice(&message),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) | Err(_) => bail!("the container's shell did not start (is /bin/bash in the image?)"),
+            }
+        }
+        let text = String::from_utf8_lossy(&line);
+        let pid = text.trim().strip_prefix("ready ").and_then(|p| p.parse().ok()).context("the runner's first line")?;
+        Ok(Runner { pid, output, input })
+    }
+
+    /// Runs `command` through the runner (see the module docs).
+    fn run_in_runner(&self, command: &str) -> Result<ExecOut> {
+        let mut guard = self.runner.lock().expect("lock");
+        let docker = self.docker().clone();
+        let (id, env, workdir) = (self.id.clone(), self.env.clone(), self.workdir.clone());
+        let (timeout_s, cap) = (self.timeout_s, self.output_bytes);
+        let started = Instant::now();
+        self.rt.block_on(async move {
+            if guard.is_none() {
+                *guard = Some(Self::start_runner(&docker, &id, env, &workdir).await?);
+            }
+            let r = guard.as_mut().expect("runner");
+            let nonce = format!("protege-{:016x}", rand::random::<u64>());
+            let mut msg = format!("{nonce}\n{command}");
+            if !command.ends_with('\n') {
+                msg.push('\n');
+            }
+            msg += &format!("{nonce}\n");
+            r.input.write_all(msg.as_bytes()).await?;
+            r.input.flush().await?;
+            let marker = format!("\n{nonce} ");
+            let keep = marker.len() + 24;
+            let mut out = ExecOut {
+                stdout: HeadTail::new(cap),
+                stderr: HeadTail::new(1 << 12),
+                exit_code: None,
+                timed_out: false,
+                interrupted: false,
+                seconds: 0.0,
+            };
+            let mut pend: Vec<u8> = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout_s.max(0.001));
+            let mut killed = false;
+            loop {
+                let tick = tokio::time::sleep(Duration::from_millis(200));
+                tokio::select! {
+                    item = r.output.next() => match item {
+                        Some(Ok(LogOutput::StdOut { message })) => {
+                            pend.extend_from_slice(&message);
+                            if let Some(at) = find(&pend, marker.as_bytes()) {
+                                let rest = &pend[at + marker.len()..];
+                                if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                                    out.exit_code = std::str::from_utf8(&rest[..nl]).ok().and_then(|c| c.parse().ok());
+                                    out.stdout.push(&pend[..at]);
+                                    break;
+                                }
+                                continue;
+                            }
+                            if pend.len() > keep {
+                                let cut = pend.len() - keep;
+                                out.stdout.push(&pend[..cut]);
+                                pend.drain(..cut);
+                            }
+                        }
+                        Some(Ok(LogOutput::StdErr { message })) => out.stderr.push(&message),
+                        Some(Ok(_)) => {}
+                        // The runner died (killed by the command, or the container went): what came
+                        // is the output; the next command starts a new runner.
+                        Some(Err(_)) | None => {
+                            out.stdout.push(&pend);
+                            *guard = None;
+                            break;
+                        }
+                    },
+                    _ = tick => {
+                        let over = tokio::time::Instant::now() >= deadline;
+                        let stop = crate::interrupt::requested();
+                        if (over || stop) && !killed {
+                            out.timed_out = over;
+                            out.interrupted = stop && !over;
+                            killed = true;
+                            kill_all(&docker, &id, r.pid).await;
+                        }
+                    }
+                }
+            }
+            out.seconds = started.elapsed().as_secs_f64();
+            Ok(out)
+        })
     }
 
     /// Writes `data` to an absolute path in the container.
@@ -323,10 +462,15 @@ impl<'p> Container<'p> {
     }
 }
 
-/// Kills every process in the container but its init (and the killer itself).
-async fn kill_all(docker: &bollard::Docker, id: &str, keep: u32) {
+/// Where `needle` starts in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Kills every process in the container but its init, `spare` and the killer itself.
+async fn kill_all(docker: &bollard::Docker, id: &str, spare: u32) {
     let opts = CreateExecOptions::<String> {
-        cmd: Some(vec!["/bin/sh".into(), "-c".into(), killer(keep)]),
+        cmd: Some(vec!["/bin/sh".into(), "-c".into(), killer(spare)]),
         user: Some("root".into()),
         ..Default::default()
     };
@@ -353,7 +497,7 @@ impl Workspace for Container<'_> {
     }
 
     fn run(&self, command: &str) -> Result<CmdOutput> {
-        let out = self.shell(command, self.timeout_s, self.output_bytes)?;
+        let out = self.run_in_runner(command)?;
         let (output, dropped_bytes) = out.stdout.finish();
         Ok(CmdOutput {
             output,
