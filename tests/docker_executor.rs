@@ -171,6 +171,8 @@ fn the_agents_container_holds_an_attacker() {
     let task = protege::tasks::load_suite(&suite).unwrap().remove(0);
     let mut cfg = DockerConfig { pids: 256, memory_mib: 512, ..Default::default() };
     cfg.limits.timeout_s = 5.0;
+    cfg.limits.file_mib = 20;
+    cfg.limits.work_tree_mib = 50;
     let exec = DockerExecutor::connect(cfg).unwrap();
     let ws = exec.create(&task, "attack").unwrap();
     let run = |c: &str| ws.run(c).unwrap();
@@ -214,6 +216,14 @@ fn the_agents_container_holds_an_attacker() {
     run("sed -i 's/w + h/w * h/' geometry/__init__.py && git -c user.name=a -c user.email=a@b commit -qam x");
     let diff = ws.diff(1 << 20).unwrap();
     assert!(diff.contains("+    return w * h"), "{diff}");
+    // Disk: one file is capped (RLIMIT_FSIZE), and writing past the container's allowance
+    // anywhere ends the episode as `patch_too_large`.
+    let big = run("dd if=/dev/zero of=/tmp/big bs=1M count=30 2>&1; ls -l /tmp/big");
+    assert!(big.output.contains(&(20u64 << 20).to_string()), "{}", big.output);
+    let e = ws
+        .run("rm /tmp/big; for i in 1 2 3; do dd if=/dev/zero of=/root/f$i bs=1M count=19 2>/dev/null; done")
+        .unwrap_err();
+    assert!(e.downcast_ref::<protege::agent::sandbox::PatchTooLarge>().is_some(), "{e:#}");
     drop(ws);
     assert!(protege_containers().is_empty());
 }

@@ -87,6 +87,10 @@ pub struct Spec {
     pub memory_mib: u64,
     pub cpus: f64,
     pub pids: i64,
+    /// Largest file a process may write, MiB (0: no limit).
+    pub file_mib: u64,
+    /// How much the container's writable layer may grow, MiB (0: no limit).
+    pub disk_mib: u64,
     pub labels: HashMap<String, String>,
 }
 
@@ -117,6 +121,10 @@ pub struct Container<'p> {
     runner: std::sync::Mutex<Option<Runner>>,
     pub timeout_s: f64,
     pub output_bytes: usize,
+    /// Growth allowed to the writable layer, bytes (0: unchecked).
+    disk_bytes: u64,
+    /// The writable layer's size at the base.
+    base_disk: u64,
 }
 
 impl<'p> Container<'p> {
@@ -148,6 +156,16 @@ impl<'p> Container<'p> {
                 cap_drop: Some(vec!["ALL".into()]),
                 cap_add: Some(CAPS.iter().map(|c| c.to_string()).collect()),
                 security_opt: Some(vec!["no-new-privileges".into()]),
+                // Largest file a process may write (as locally); the container's whole writable
+                // layer is checked after every command.
+                ulimits: (spec.file_mib > 0).then(|| {
+                    let bytes = (spec.file_mib << 20) as i64;
+                    vec![bollard::models::ResourcesUlimits {
+                        name: Some("fsize".into()),
+                        soft: Some(bytes),
+                        hard: Some(bytes),
+                    }]
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -174,6 +192,8 @@ impl<'p> Container<'p> {
             env: vec![],
             base: String::new(),
             runner: std::sync::Mutex::new(None),
+            disk_bytes: spec.disk_mib << 20,
+            base_disk: 0,
             timeout_s,
             output_bytes,
         };
@@ -423,7 +443,17 @@ impl<'p> Container<'p> {
             bail!("{} is not a git repository in the image: {}", self.workdir, out.stderr.finish().0.trim());
         }
         self.base = sha.trim().to_string();
+        if self.disk_bytes > 0 {
+            self.base_disk = self.disk_used()?;
+        }
         Ok(())
+    }
+
+    /// Bytes in the container's writable layer (what it wrote beyond its image).
+    fn disk_used(&self) -> Result<u64> {
+        let opts = bollard::query_parameters::InspectContainerOptions { size: true };
+        let info = self.rt.block_on(self.docker().inspect_container(&self.id, Some(opts)))?;
+        Ok(info.size_rw.unwrap_or(0).max(0) as u64)
     }
 
     /// Paths changed against the base (committed, staged, unstaged, untracked), with lines
@@ -498,6 +528,19 @@ impl Workspace for Container<'_> {
 
     fn run(&self, command: &str) -> Result<CmdOutput> {
         let out = self.run_in_runner(command)?;
+        // Anything written anywhere in the container lands on the host's disk: bounded as the
+        // local work tree is (the episode ends `patch_too_large`).
+        if self.disk_bytes > 0 {
+            let grown = self.disk_used()?.saturating_sub(self.base_disk);
+            if grown > self.disk_bytes {
+                return Err(PatchTooLarge {
+                    what: "bytes written in the container",
+                    amount: grown,
+                    limit: self.disk_bytes,
+                }
+                .into());
+            }
+        }
         let (output, dropped_bytes) = out.stdout.finish();
         Ok(CmdOutput {
             output,

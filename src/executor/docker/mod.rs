@@ -273,6 +273,8 @@ impl DockerExecutor {
             memory_mib: self.cfg.memory_mib,
             cpus: self.cfg.cpus,
             pids: self.cfg.pids,
+            file_mib: self.cfg.limits.file_mib,
+            disk_mib: self.cfg.limits.work_tree_mib,
             labels: HashMap::from([
                 (Labels::PROTEGE.to_string(), "1".to_string()),
                 (Labels::OWNER.to_string(), owner()),
