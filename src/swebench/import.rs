@@ -1,7 +1,7 @@
 //! `protege tasks import`: dataset rows into a suite of docker tasks.
 //!
-//! Reads SWE-bench (full, Lite, Verified; any split), SWE-Gym and SWE-smith rows from JSONL or
-//! a JSON array. Image names follow each dataset's scheme unless the row carries one (`image`
+//! Reads SWE-bench (full, Lite, Verified; any split), SWE-Gym and SWE-smith rows from JSONL, a
+//! JSON array, or Parquet as downloaded from the hub. Image names follow each dataset's scheme unless the row carries one (`image`
 //! in SWE-bench 5.x rows, `image_name` in SWE-smith's) or `--image-template` overrides it.
 //! The eval script is the row's (5.x) or generated from the spec table (4.x); SWE-smith's
 //! `patch` introduces the bug, so it becomes the task's `env.base_patch` and its reverse the
@@ -45,11 +45,7 @@ fn str_field<'a>(row: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.starts_with(b"PAR1") {
-        bail!(
-            "{}: Parquet files are not read directly yet; convert it to JSONL with `python3 -c \"import pandas as p; p.read_parquet('{}').to_json('rows.jsonl', orient='records', lines=True)\"`",
-            path.display(),
-            path.display()
-        );
+        return read_parquet(path, bytes);
     }
     let text = String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
     if text.trim_start().starts_with('[') {
@@ -65,6 +61,22 @@ pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
         let row: Map<String, Value> = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: expected one JSON object per line", path.display(), i + 1))?;
         rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Rows of a Parquet file as the hub serves them (snappy or uncompressed columns).
+fn read_parquet(path: &Path, bytes: Vec<u8>) -> Result<Vec<Map<String, Value>>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(bytes::Bytes::from(bytes))
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let mut rows = vec![];
+    for (i, row) in reader.get_row_iter(None)?.enumerate() {
+        let row = row.with_context(|| format!("{}: row {}", path.display(), i + 1))?;
+        match row.to_json_value() {
+            Value::Object(m) => rows.push(m),
+            other => bail!("{}: row {} is not a record: {other}", path.display(), i + 1),
+        }
     }
     Ok(rows)
 }
@@ -166,6 +178,17 @@ fn reorder_hunks(patch: &str) -> String {
     out
 }
 
+/// Whether a row gets the generic pytest spec (no eval script, repo/version not in the table).
+pub fn uses_generic_spec(row: &Map<String, Value>, o: &ImportOptions) -> bool {
+    let version = row.get("version").map(|v| v.as_str().map(|s| s.to_string()).unwrap_or_else(|| v.to_string()));
+    let repo = str_field(row, "repo").unwrap_or_default();
+    str_field(row, "eval_script").is_none()
+        && !row.contains_key("image_name")
+        && o.dataset != Dataset::SweSmith
+        && o.test_cmd.is_none()
+        && version.as_deref().is_none_or(|v| script::spec(repo, v).is_err())
+}
+
 /// One dataset row as a docker task.
 pub fn row_to_task(row: &Map<String, Value>, o: &ImportOptions) -> Result<TaskInstance> {
     let id = str_field(row, "instance_id").context("missing `instance_id`")?.to_string();
@@ -223,14 +246,18 @@ pub fn row_to_task(row: &Map<String, Value>, o: &ImportOptions) -> Result<TaskIn
                 grading::END_TEST_OUTPUT
             )
         }
-        None => {
-            let v = version.as_deref().context("missing `version` (needed to generate the eval script)")?;
-            script::generate(&repo, v, &base_commit, &test_patch)?
-        }
+        None => match version.as_deref().map(|v| script::spec(&repo, v)) {
+            Some(Ok(spec)) => script::generate_with(spec, &repo, &base_commit, &test_patch),
+            // Outside the table (SWE-Gym's repositories): the generic pytest spec, said by
+            // `import` and checked by `tasks validate --executor docker`.
+            _ => script::generate_with(&script::generic_spec(), &repo, &base_commit, &test_patch),
+        },
     };
+    let generic = uses_generic_spec(row, o);
     let log_parser = match str_field(row, "log_parser") {
         Some(p) => p.to_string(),
         None if smith || o.test_cmd.is_some() => "parse_log_pytest".into(),
+        None if generic => "parse_log_pytest".into(),
         None => script::specs()
             .log_parsers
             .get(&repo)
@@ -284,8 +311,12 @@ pub fn import(files: &[PathBuf], out: &Path, o: &ImportOptions) -> Result<usize>
     let mut lines = String::new();
     let mut seen = std::collections::HashSet::new();
     let mut n = 0;
+    let mut generic = std::collections::BTreeSet::new();
     for f in files {
         for (i, row) in read_rows(f)?.iter().enumerate() {
+            if uses_generic_spec(row, o) {
+                generic.insert(str_field(row, "repo").unwrap_or("?").to_string());
+            }
             let t = row_to_task(row, o).with_context(|| {
                 format!("{} row {}: {:?}", f.display(), i + 1, str_field(row, "instance_id").unwrap_or("?"))
             })?;
@@ -301,6 +332,13 @@ pub fn import(files: &[PathBuf], out: &Path, o: &ImportOptions) -> Result<usize>
     if n == 0 {
         bail!("no rows in {files:?}");
     }
+    if !generic.is_empty() {
+        eprintln!(
+            "tasks import: {} repositories are not in the SWE-bench spec table ({}); their eval scripts run `pytest -rA` on the test patch's files with parse_log_pytest: check them with `protege tasks validate --executor docker`",
+            generic.len(),
+            generic.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::model::export::write_atomic(&out.join("tasks.jsonl"), lines.as_bytes())?;
     Ok(n)
@@ -309,6 +347,26 @@ pub fn import(files: &[PathBuf], out: &Path, o: &ImportOptions) -> Result<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parquet_rows_read_as_their_jsonl_twin() {
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let pq = read_rows(&fx.join("swebench_rows.parquet")).unwrap();
+        let js = read_rows(&fx.join("swebench_rows.jsonl")).unwrap();
+        assert_eq!(pq, js);
+        let o = ImportOptions::default();
+        let t = row_to_task(&pq[0], &o).unwrap();
+        assert_eq!(t.env.image.as_deref(), Some("swebench/sweb.eval.x86_64.psf_1776_requests-1963:latest"));
+        assert_eq!(t.env.log_parser.as_deref(), Some("parse_log_pytest_options"));
+        assert!(t.env.eval_script.as_deref().unwrap().contains("pytest -rA tests/test_m.py"));
+        let gym = read_rows(&fx.join("swegym_rows.parquet")).unwrap();
+        let t = row_to_task(&gym[0], &ImportOptions { dataset: Dataset::SweGym, ..o.clone() }).unwrap();
+        assert_eq!(t.fail_to_pass, vec!["tests/test_m.py::test_new"]);
+        assert_eq!(t.env.image.as_deref(), Some("xingyaoww/sweb.eval.x86_64.getmoto_s_moto-5752"));
+        let bad = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(bad.path(), b"PAR1 not really").unwrap();
+        assert!(format!("{:#}", read_rows(bad.path()).unwrap_err()).contains("not a readable Parquet file"));
+    }
 
     #[test]
     fn reversing_twice_gives_the_patch_back() {

@@ -98,7 +98,17 @@ pub fn test_directives(repo: &str, test_patch: &str) -> Vec<String> {
 
 /// The 4.x harness's eval script for an instance without one.
 pub fn generate(repo: &str, version: &str, base_commit: &str, test_patch: &str) -> Result<String> {
-    let spec = spec(repo, version)?;
+    Ok(generate_with(spec(repo, version)?, repo, base_commit, test_patch))
+}
+
+/// What repositories outside the table get (SWE-Gym's and SWE-smith's are pytest projects):
+/// `pytest -rA` on the test patch's files, no install step.
+pub fn generic_spec() -> Spec {
+    Spec { test_cmd: "pytest -rA".into(), install: None, eval_commands: vec![] }
+}
+
+/// The 4.x harness's eval script from `spec`.
+pub fn generate_with(spec: &Spec, repo: &str, base_commit: &str, test_patch: &str) -> String {
     let reset = format!("git checkout {base_commit} {}", modified_files(test_patch).join(" "));
     let test_command =
         std::iter::once(spec.test_cmd.clone()).chain(test_directives(repo, test_patch)).collect::<Vec<_>>();
@@ -124,7 +134,7 @@ pub fn generate(repo: &str, version: &str, base_commit: &str, test_patch: &str) 
         format!(": '{END_TEST_OUTPUT}'"),
         reset,
     ]);
-    Ok(with_header(&lines))
+    with_header(&lines)
 }
 
 fn with_header(lines: &[String]) -> String {
