@@ -129,6 +129,9 @@ struct ExecArgs {
     /// Pull missing images (with progress) instead of failing.
     #[arg(long)]
     pull: bool,
+    /// Grade without a network (the harness grades with one).
+    #[arg(long)]
+    grade_offline: bool,
 }
 
 impl ExecArgs {
@@ -138,6 +141,7 @@ impl ExecArgs {
         }
         base.network |= self.network;
         base.pull |= self.pull;
+        base.grade_network &= !self.grade_offline;
         base
     }
 }

@@ -314,6 +314,17 @@ fn the_bundled_suite_runs_in_docker_as_locally() {
     let out = run_ok(protege().args(["tasks", "validate"]).arg(&suite).args(["--runs", "1", "--concurrency", "4"]));
     assert!(out.contains("40 of 40 tasks valid"), "{out}");
 
+    // The bug is the base: no diff shows it and no history holds the clean file.
+    let dtask = protege::tasks::load_suite(&suite).unwrap().remove(0);
+    let exec = DockerExecutor::connect(DockerConfig::default()).unwrap();
+    let ws = exec.create(&dtask, "history").unwrap();
+    assert_eq!(ws.run("git log --oneline | wc -l").unwrap().output.trim(), "1");
+    assert_eq!(ws.run("git status --porcelain; git diff HEAD").unwrap().output.trim(), "");
+    assert_eq!(ws.run("git fsck --unreachable --no-reflogs 2>&1 | wc -l").unwrap().output.trim(), "0");
+    assert_eq!(ws.diff(1 << 20).unwrap(), "");
+    drop(ws);
+    drop(exec);
+
     // Replayed episodes grade the same under both executors: the gold fix, a wrong edit, nothing.
     let mut replay = serde_json::Map::new();
     let picked: Vec<&protege::tasks::TaskInstance> = tasks.iter().step_by(7).collect();
@@ -405,5 +416,94 @@ fn a_terminated_run_removes_its_containers() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
     assert!(started.elapsed().as_secs() < 60);
+    assert!(protege_containers().is_empty(), "left: {:?}", protege_containers());
+}
+
+/// A second "host": a unix socket that forwards to the local daemon, and can be killed.
+struct Proxy {
+    path: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl Proxy {
+    fn start(path: PathBuf) -> Proxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let (s, c) = (stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let daemon = UnixStream::connect("/var/run/docker.sock").unwrap();
+                        c.lock().unwrap().extend([client.try_clone().unwrap(), daemon.try_clone().unwrap()]);
+                        let (mut c1, mut d1) = (client.try_clone().unwrap(), daemon.try_clone().unwrap());
+                        let (mut c2, mut d2) = (client, daemon);
+                        // Each direction ends with a half-close, as a TCP proxy passes one on.
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut c1, &mut d1);
+                            d1.shutdown(std::net::Shutdown::Write).ok();
+                        });
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut d2, &mut c2);
+                            c2.shutdown(std::net::Shutdown::Write).ok();
+                        });
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        });
+        Proxy { path, stop, conns }
+    }
+
+    /// The host dies: no new connections, the open ones cut.
+    fn kill(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::fs::remove_file(&self.path).ok();
+        for s in self.conns.lock().unwrap().iter() {
+            s.shutdown(std::net::Shutdown::Both).ok();
+        }
+    }
+}
+
+#[test]
+fn episodes_spread_over_hosts_and_a_dead_host_is_taken_out() {
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !docker_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let suite = geometry_suite(tmp.path(), &["acme__geometry-6"]);
+    let task = protege::tasks::load_suite(&suite).unwrap().remove(0);
+    let proxy = Proxy::start(tmp.path().join("docker.sock"));
+    let cfg = DockerConfig {
+        hosts: vec![
+            format!("unix://{}=1", proxy.path.display()),
+            "unix:///var/run/docker.sock=1".into(),
+            // Nothing listens here: left out at the start with a message.
+            "tcp://127.0.0.1:9=2".into(),
+        ],
+        ..Default::default()
+    };
+    let exec = DockerExecutor::connect(cfg).unwrap();
+    assert_eq!(exec.pool.up(), vec![0, 1]);
+    // One slot each: two episodes at once run on both hosts.
+    let a = exec.create(&task, "host-a").unwrap();
+    let b = exec.create(&task, "host-b").unwrap();
+    assert_eq!(a.run("echo a").unwrap().output.trim(), "a");
+    assert_eq!(b.run("echo b").unwrap().output.trim(), "b");
+    drop((a, b));
+    // The first host dies: the next episode tries it, takes it out, and runs on the other.
+    proxy.kill();
+    for i in 0..3 {
+        let ws = exec.create(&task, &format!("after-{i}")).unwrap();
+        assert_eq!(ws.run("echo ok").unwrap().output.trim(), "ok");
+    }
+    assert_eq!(exec.pool.up(), vec![1]);
+    drop(exec);
     assert!(protege_containers().is_empty(), "left: {:?}", protege_containers());
 }

@@ -11,8 +11,8 @@
 #       prints the base commit's sha.
 set -euo pipefail
 CACHE="${PROTEGE_CACHE:-$HOME/.cache/protege}/images"
-# Bump when the image's contents change.
-HASH="v1"
+# The base image is named by the hash of what builds it (this script's base()).
+HASH="$(sed -n '/^base() {/,/^}/p' "$0" | sha256sum | cut -c1-12)"
 BASE="protege-fixture-base:$HASH"
 
 base() {

@@ -427,11 +427,11 @@ impl<'p> Container<'p> {
     pub fn record_base(&mut self, base_patch: Option<&str>) -> Result<()> {
         if let Some(p) = base_patch.filter(|p| !p.trim().is_empty()) {
             self.put("/tmp/.protege-base.diff", p.as_bytes())?;
-            // Folded into HEAD so that neither `git diff` nor `git log` shows it; the reflog
-            // and the patch file go.
+            // The history starts over at the buggy tree: the fix is the bug's reverse, and the
+            // clean file would be one `git show HEAD~1:FILE` (or an unreachable object) away.
             let script = "git apply /tmp/.protege-base.diff && rm -f /tmp/.protege-base.diff \
-                && git add -A && git -c user.name=protege -c user.email=protege@localhost commit -q --amend --no-edit --allow-empty \
-                && rm -rf .git/logs .git/ORIG_HEAD";
+                && rm -rf .git && git init -q && git add -A \
+                && git -c user.name=protege -c user.email=protege@localhost commit -qm base";
             let out = self.shell(script, 300.0, 1 << 16)?;
             if out.exit_code != Some(0) {
                 bail!("the task's base patch does not apply in the image: {}", out.stdout.finish().0.trim());
