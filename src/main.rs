@@ -129,7 +129,11 @@ struct ExecArgs {
     /// Pull missing images (with progress) instead of failing.
     #[arg(long)]
     pull: bool,
-    /// Grade without a network (the harness grades with one).
+    /// Grade with a network (the patch's code then runs with one; off by default except in
+    /// `protege grade`, which grades as the harness does).
+    #[arg(long, conflicts_with = "grade_offline")]
+    grade_network: bool,
+    /// Grade without a network (for `protege grade`).
     #[arg(long)]
     grade_offline: bool,
 }
@@ -141,7 +145,7 @@ impl ExecArgs {
         }
         base.network |= self.network;
         base.pull |= self.pull;
-        base.grade_network &= !self.grade_offline;
+        base.grade_network = (base.grade_network || self.grade_network) && !self.grade_offline;
         base
     }
 }
@@ -1079,7 +1083,13 @@ fn run_grade(a: GradeArgs) -> Result<bool> {
     let isolation = protege::agent::sandbox::best_isolation();
     let grader = protege::tasks::grade::Grader::new(isolation, limits, protection.clone());
     let local = protege::executor::LocalExecutor { grader, limits, scratch: scratch.path().to_path_buf() };
-    let docker = a.exec.docker(protege::executor::docker::DockerConfig { limits, protection, ..Default::default() });
+    // As the harness: tests run with a network unless --grade-offline.
+    let docker = a.exec.docker(protege::executor::docker::DockerConfig {
+        limits,
+        protection,
+        grade_network: true,
+        ..Default::default()
+    });
     let executors = protege::executor::Executors::new(Some(local), Some(docker), a.exec.executor);
     let r = protege::swebench::evaluate::grade_predictions(&tasks, &predictions, &executors, a.workers, &a.out)?;
     println!(

@@ -208,6 +208,11 @@ fn the_agents_container_holds_an_attacker() {
     let r = run("kill -9 $PPID; echo gone");
     assert!(r.exit_code.is_none() || r.output.contains("gone"));
     assert_eq!(run("echo back").output.trim(), "back");
+    // What a command leaves when it kills the shell dies with it too.
+    run("nohup sh -c 'while :; do echo x >> /tmp/s; sleep 0.1; done' >/dev/null 2>&1 & sleep 0.3; kill -9 $PPID");
+    let a = run("sleep 0.5; wc -l < /tmp/s").output;
+    let b = run("sleep 0.5; wc -l < /tmp/s").output;
+    assert_eq!(a, b, "a process outlived the shell it killed");
     // The command's stdin is not the runner's channel.
     assert_eq!(run("cat; echo rc=$?").output.trim(), "rc=0");
     // No capability to change the world around it.

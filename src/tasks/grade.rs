@@ -171,8 +171,14 @@ fn record(out: &mut BTreeMap<String, TestStatus>, id: &str, status: TestStatus) 
     }
 }
 
+/// Whether restoring `path` can reveal changes git did not list (an ignore file).
+pub fn hides_changes(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name == ".gitignore" || name == ".gitattributes"
+}
+
 /// The reporter plugin (see the module docs); `{nonce}` is replaced per run.
-const REPORTER: &str = r#"# protege's grading reporter: each test's outcome, written when the session ends to the
+pub const REPORTER: &str = r#"# protege's grading reporter: each test's outcome, written when the session ends to the
 # stdout pytest started with, every line marked with this run's nonce.
 import os
 _OUT = os.dup(1)
@@ -200,13 +206,14 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     data = "".join("\n%s %s %s" % (_MARK, s, n) for n, s in _results.items()) + "\n"
+    data += "%s exit %d\n" % (_MARK, int(exitstatus))
     data = data.encode("utf-8", "replace")
     while data:
         data = data[os.write(_OUT, data):]
 "#;
 
 /// Outcomes the reporter wrote with `nonce`.
-fn parse_reporter(output: &str, nonce: &str) -> BTreeMap<String, TestStatus> {
+pub fn parse_reporter(output: &str, nonce: &str) -> BTreeMap<String, TestStatus> {
     let mut out = BTreeMap::new();
     for line in output.lines() {
         let mut parts = line.splitn(3, ' ');
@@ -255,7 +262,7 @@ const WORDS: [&str; 32] = [
     "start", "final", "inner", "outer", "after", "early", "local", "basic",
 ];
 
-fn random_name(prefix: &str) -> String {
+pub fn random_name(prefix: &str) -> String {
     let w = |_| WORDS[rand::random::<usize>() % WORDS.len()];
     let words: Vec<&str> = (0..3).map(w).collect();
     format!("{prefix}{}_{}", words.join("_"), rand::random::<u16>() % 1000)
@@ -296,6 +303,11 @@ impl Grader {
             seconds: 0.0,
             log_tail: String::new(),
         };
+        if let Some(why) = super::instance::unsafe_patch_path(model_patch) {
+            report.patch_applied = false;
+            report.error = Some(why);
+            return Ok(report);
+        }
         if !model_patch.trim().is_empty() {
             if let Err(e) = apply_patch(root, model_patch, "the model's patch") {
                 report.patch_applied = false;
@@ -305,15 +317,23 @@ impl Grader {
         }
         // Protected files go back to the base: judged on what git applied, not on how the
         // patch text spells its paths.
-        for c in sandbox.changes()? {
-            if let Some(rule) = self.protection.rule_for(task, &c.path) {
-                sandbox.restore(&c.path)?;
-                report.tampering.push(Tampering {
-                    path: c.path,
-                    rule,
-                    lines_added: c.added.unwrap_or(0) as usize,
-                    lines_removed: c.removed.unwrap_or(0) as usize,
-                });
+        // Again after a `.gitignore` goes back: what it hid is a change too.
+        for _ in 0..3 {
+            let mut rescan = false;
+            for c in sandbox.changes()? {
+                if let Some(rule) = self.protection.rule_for(task, &c.path) {
+                    sandbox.restore(&c.path)?;
+                    rescan |= hides_changes(&c.path);
+                    report.tampering.push(Tampering {
+                        path: c.path,
+                        rule,
+                        lines_added: c.added.unwrap_or(0) as usize,
+                        lines_removed: c.removed.unwrap_or(0) as usize,
+                    });
+                }
+            }
+            if !rescan {
+                break;
             }
         }
         // The hidden tests win over whatever the model did to the same files.

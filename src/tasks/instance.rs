@@ -138,6 +138,15 @@ impl TaskInstance {
                 bail!("`{name}` is empty");
             }
         }
+        // Ids name files and containers: letters, digits, `.`, `_`, `-`, not starting with a dot.
+        if self.instance_id.starts_with('.')
+            || !self.instance_id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            bail!(
+                "`instance_id` {:?} may hold only letters, digits, `.`, `_` and `-`, and not start with `.`",
+                self.instance_id
+            );
+        }
         // `test_patch` may be empty: tasks whose failing tests are already in the repository.
         let test_patch = Some(&self.test_patch).filter(|p| !p.trim().is_empty());
         let base_patch = self.env.base_patch.as_ref().filter(|p| !p.trim().is_empty());
@@ -190,6 +199,37 @@ pub fn patch_files(diff: &str) -> Vec<String> {
         .filter(|p| *p != "/dev/null")
         .map(|p| p.strip_prefix("b/").unwrap_or(p).to_string())
         .collect()
+}
+
+/// Why a patch may not be applied by tools that trust its paths (`patch`), or `None`: a path
+/// in any header (`diff --git`, `---`/`+++`, `Index:`, rename/copy from/to) that is absolute,
+/// climbs with `..`, or enters `.git` (any case) — `git apply` refuses these, GNU `patch`
+/// writes `.git/config` (and with it code that every later git command runs).
+pub fn unsafe_patch_path(patch: &str) -> Option<String> {
+    let bad = |p: &str| {
+        let p = p.split('\t').next().unwrap_or(p).trim().trim_matches('"');
+        if p == "/dev/null" || p.is_empty() {
+            return false;
+        }
+        let p = p.strip_prefix("a/").or_else(|| p.strip_prefix("b/")).unwrap_or(p);
+        p.starts_with('/') || p.split('/').any(|c| c == ".." || c.eq_ignore_ascii_case(".git"))
+    };
+    for line in patch.lines() {
+        let paths: Vec<&str> = if let Some(r) = line.strip_prefix("diff --git ") {
+            r.split(' ').collect()
+        } else if let Some(r) = ["--- ", "+++ ", "Index: ", "rename from ", "rename to ", "copy from ", "copy to "]
+            .iter()
+            .find_map(|h| line.strip_prefix(h))
+        {
+            vec![r]
+        } else {
+            continue;
+        };
+        if let Some(p) = paths.into_iter().find(|p| bad(p)) {
+            return Some(format!("the patch writes outside the repository or into .git: {p:?}"));
+        }
+    }
+    None
 }
 
 /// Loads a suite: a JSONL file, or a directory holding `tasks.jsonl`. Every instance is

@@ -37,6 +37,10 @@ use crate::agent::sandbox::{CmdOutput, PatchTooLarge, PathKind, Workspace};
 const ACTIVATE: &str =
     "if [ -f /opt/miniconda3/bin/activate ]; then . /opt/miniconda3/bin/activate && conda activate testbed; fi";
 
+/// git as protege runs it in a container: no fsmonitor or hooks (a repository's config could
+/// name programs), no mode noise.
+const SAFE_GIT: &str = "git -c core.fileMode=false -c core.fsmonitor=false -c core.hooksPath=/dev/null";
+
 /// Capabilities kept: what root needs to own, edit and signal its own files and processes.
 const CAPS: [&str; 7] = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID"];
 
@@ -213,7 +217,17 @@ impl<'p> Container<'p> {
 
     /// Runs `cmd` (argv) with `stdin`, collecting stdout and stderr apart.
     pub fn exec_raw(&self, cmd: &[&str], stdin: Option<&[u8]>, timeout_s: f64, cap: usize) -> Result<ExecOut> {
-        self.exec_with(cmd, stdin, timeout_s, cap, None)
+        self.exec_with(cmd, stdin, timeout_s, cap, &[])
+    }
+
+    /// Runs `cmd` with `extra` (`KEY=VALUE`) over the activated environment.
+    pub fn exec_env(&self, cmd: &[&str], extra: &[String], timeout_s: f64, cap: usize) -> Result<ExecOut> {
+        self.exec_with(cmd, None, timeout_s, cap, extra)
+    }
+
+    /// A variable of the activated environment.
+    pub fn env_var(&self, key: &str) -> Option<String> {
+        self.env.iter().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(|v| v.to_string()))
     }
 
     fn exec_with(
@@ -222,17 +236,17 @@ impl<'p> Container<'p> {
         stdin: Option<&[u8]>,
         timeout_s: f64,
         cap: usize,
-        workdir: Option<&str>,
+        extra_env: &[String],
     ) -> Result<ExecOut> {
         let docker = self.docker().clone();
         let started = Instant::now();
         let opts = CreateExecOptions {
             cmd: Some(cmd.iter().map(|s| s.to_string()).collect::<Vec<String>>()),
-            env: Some(self.env.clone()),
+            env: Some(self.env.iter().chain(extra_env).cloned().collect()),
             attach_stdin: Some(stdin.is_some()),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            working_dir: Some(workdir.unwrap_or(&self.workdir).to_string()),
+            working_dir: Some(self.workdir.clone()),
             ..Default::default()
         };
         let id = self.id.clone();
@@ -341,8 +355,16 @@ impl<'p> Container<'p> {
                 msg.push('\n');
             }
             msg += &format!("{nonce}\n");
-            r.input.write_all(msg.as_bytes()).await?;
-            r.input.flush().await?;
+            // A stopped runner must not hang the episode: the write has the command's deadline.
+            let write = async {
+                r.input.write_all(msg.as_bytes()).await?;
+                r.input.flush().await
+            };
+            if tokio::time::timeout(Duration::from_secs_f64(timeout_s.max(1.0)), write).await.is_err() {
+                kill_all(&docker, &id, 0).await;
+                *guard = None;
+                bail!("the container's shell did not take the command (stopped?); it was killed");
+            }
             let marker = format!("\n{nonce} ");
             let keep = marker.len() + 24;
             let mut out = ExecOut {
@@ -383,6 +405,8 @@ impl<'p> Container<'p> {
                         // is the output; the next command starts a new runner.
                         Some(Err(_)) | None => {
                             out.stdout.push(&pend);
+                            // What the command left must not outlive it (nor the next runner).
+                            kill_all(&docker, &id, 0).await;
                             *guard = None;
                             break;
                         }
@@ -437,7 +461,7 @@ impl<'p> Container<'p> {
                 bail!("the task's base patch does not apply in the image: {}", out.stdout.finish().0.trim());
             }
         }
-        let out = self.exec_raw(&["git", "rev-parse", "HEAD"], None, 60.0, 1 << 12)?;
+        let out = self.exec_raw(&["/bin/sh", "-c", &format!("{SAFE_GIT} rev-parse HEAD")], None, 60.0, 1 << 12)?;
         let (sha, _) = out.stdout.finish();
         if out.exit_code != Some(0) || sha.trim().len() < 7 {
             bail!("{} is not a git repository in the image: {}", self.workdir, out.stderr.finish().0.trim());
@@ -460,9 +484,9 @@ impl<'p> Container<'p> {
     /// added and removed (`None` for binary files).
     pub fn changes(&self) -> Result<Vec<Change>> {
         let script = format!(
-            "set -e; export GIT_INDEX_FILE=$(mktemp); cp .git/index \"$GIT_INDEX_FILE\" 2>/dev/null || true; \
-             git -c core.fileMode=false add -A >/dev/null; \
-             git -c core.fileMode=false -c core.quotepath=off diff --cached --numstat -z --no-renames {}; rm -f \"$GIT_INDEX_FILE\"",
+            "set -e; G='{SAFE_GIT}'; export GIT_INDEX_FILE=$(mktemp); cp .git/index \"$GIT_INDEX_FILE\" 2>/dev/null || true; \
+             $G add -A >/dev/null; \
+             $G -c core.quotepath=off diff --cached --numstat -z --no-renames {}; rm -f \"$GIT_INDEX_FILE\"",
             self.base
         );
         let out = self.exec_raw(&["/bin/bash", "-c", &script], None, 300.0, 64 << 20)?;
@@ -483,8 +507,10 @@ impl<'p> Container<'p> {
 
     /// Puts `rel` back as at the base (removed when the base has no such path).
     pub fn restore(&self, rel: &str) -> Result<()> {
-        let script = "if git cat-file -e \"$1:$2\" 2>/dev/null; then rm -rf -- \"$2\"; git checkout -q \"$1\" -- \"$2\"; else rm -rf -- \"$2\"; fi";
-        let out = self.exec_raw(&["/bin/bash", "-c", script, "restore", &self.base, rel], None, 60.0, 1 << 16)?;
+        let script = format!(
+            "if {SAFE_GIT} cat-file -e \"$1:$2\" 2>/dev/null; then rm -rf -- \"$2\"; {SAFE_GIT} checkout -q \"$1\" -- \"$2\"; else rm -rf -- \"$2\"; fi"
+        );
+        let out = self.exec_raw(&["/bin/bash", "-c", &script, "restore", &self.base, rel], None, 60.0, 1 << 16)?;
         if out.exit_code != Some(0) {
             bail!("cannot restore {rel}: {}", out.stderr.finish().0.trim());
         }
@@ -591,9 +617,9 @@ impl Workspace for Container<'_> {
         // A private index: the agent's own staging area is left as it was; its git
         // configuration cannot run programs or reshape the diff.
         let script = format!(
-            "set -e; export GIT_INDEX_FILE=$(mktemp); cp .git/index \"$GIT_INDEX_FILE\" 2>/dev/null || true; \
-             git -c core.fileMode=false add -A >/dev/null; \
-             git -c core.fileMode=false -c diff.noprefix=false -c diff.mnemonicPrefix=false diff --cached --binary --no-color --no-ext-diff --no-textconv {}; \
+            "set -e; G='{SAFE_GIT}'; export GIT_INDEX_FILE=$(mktemp); cp .git/index \"$GIT_INDEX_FILE\" 2>/dev/null || true; \
+             $G add -A >/dev/null; \
+             $G -c diff.noprefix=false -c diff.mnemonicPrefix=false diff --cached --binary --no-color --no-ext-diff --no-textconv {}; \
              rm -f \"$GIT_INDEX_FILE\"",
             self.base
         );

@@ -65,6 +65,18 @@ pub fn grade(exec: &DockerExecutor, task: &TaskInstance, patch: &str, label: &st
         Ok(Graded { report, instance_log: log, eval_script: eval_script.clone(), test_output })
     };
 
+    if let Some(why) = crate::tasks::instance::unsafe_patch_path(patch) {
+        log += &format!("{APPLY_PATCH_FAIL}:\n{why}\n");
+        report.error = Some(format!("{APPLY_PATCH_FAIL}: {why}"));
+        report.harness = Some(InstanceReport { patch_exists: true, ..Default::default() });
+        return done(report, log, String::new());
+    }
+    // What of .git a patch could change (its config runs programs in every git command).
+    let git_state = |c: &super::container::Container| -> Result<String> {
+        let out = c.shell("tar -C .git -cf - config HEAD hooks info 2>/dev/null | sha256sum", 60.0, 1 << 12)?;
+        Ok(out.stdout.finish().0)
+    };
+    let git_before = git_state(&c)?;
     // No patch (validation's "before" run, the harness's --no-patch mode): tests only.
     let mut applied = patch.trim().is_empty();
     if !applied {
@@ -100,24 +112,52 @@ pub fn grade(exec: &DockerExecutor, task: &TaskInstance, patch: &str, label: &st
         report.harness = Some(InstanceReport { patch_exists: true, ..Default::default() });
         return done(report, log, String::new());
     }
+    if git_state(&c)? != git_before {
+        let why = "the patch changed the repository's .git (config, hooks or info)";
+        log += &format!("{APPLY_PATCH_FAIL}:\n{why}\n");
+        report.error = Some(format!("{APPLY_PATCH_FAIL}: {why}"));
+        report.harness = Some(InstanceReport { patch_exists: true, ..Default::default() });
+        return done(report, log, String::new());
+    }
     report.patch_applied = true;
 
-    // Protected files go back to the base: judged on what the tree holds, not the patch text.
-    for (path, added, removed) in c.changes()? {
-        if let Some(rule) = exec.cfg.protection.rule_for(task, &path) {
-            c.restore(&path)?;
-            log += &format!("protected file restored: {path} ({rule})\n");
-            report.tampering.push(Tampering {
-                path,
-                rule,
-                lines_added: added.unwrap_or(0) as usize,
-                lines_removed: removed.unwrap_or(0) as usize,
-            });
+    // Protected files go back to the base: judged on what the tree holds, not the patch text;
+    // again after an ignore file goes back (what it hid is a change too).
+    for _ in 0..3 {
+        let mut rescan = false;
+        for (path, added, removed) in c.changes()? {
+            if let Some(rule) = exec.cfg.protection.rule_for(task, &path) {
+                c.restore(&path)?;
+                rescan |= crate::tasks::grade::hides_changes(&path);
+                log += &format!("protected file restored: {path} ({rule})\n");
+                report.tampering.push(Tampering {
+                    path,
+                    rule,
+                    lines_added: added.unwrap_or(0) as usize,
+                    lines_removed: removed.unwrap_or(0) as usize,
+                });
+            }
+        }
+        if !rescan {
+            break;
         }
     }
 
+    // pytest's own report of each test, marked with a nonce and loaded by a module written
+    // after the patch under a random name: code under test can print `PASSED` lines and a
+    // fake exit code into the log (the harness believes them), not into this report.
+    let nonce = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    let module = crate::tasks::grade::random_name("protege_grader_");
+    let plugin_dir = format!("/tmp/{}", crate::tasks::grade::random_name("p"));
+    c.put(&format!("{plugin_dir}/{module}.py"), crate::tasks::grade::REPORTER.replace("{nonce}", &nonce).as_bytes())?;
+    let addopts = c.env_var("PYTEST_ADDOPTS").map(|v| format!("{v} ")).unwrap_or_default();
+    let pythonpath = c.env_var("PYTHONPATH").map(|v| format!(":{v}")).unwrap_or_default();
+    let extra_env =
+        vec![format!("PYTEST_ADDOPTS={addopts}-p {module}"), format!("PYTHONPATH={plugin_dir}{pythonpath}")];
+
     c.put("/eval.sh", eval_script.as_bytes())?;
-    let out = c.exec_raw(&["/bin/bash", "-c", "/bin/bash /eval.sh 2>&1"], None, exec.cfg.grade_timeout_s, LOG_BYTES)?;
+    let out =
+        c.exec_env(&["/bin/bash", "-c", "/bin/bash /eval.sh 2>&1"], &extra_env, exec.cfg.grade_timeout_s, LOG_BYTES)?;
     let (mut test_output, _) = out.stdout.finish();
     if out.timed_out {
         test_output += &format!("\n\nTimeout error: {} seconds exceeded.", exec.cfg.grade_timeout_s);
@@ -129,8 +169,29 @@ pub fn grade(exec: &DockerExecutor, task: &TaskInstance, patch: &str, label: &st
         anyhow::bail!("interrupted");
     }
     report.log_tail = tail(&test_output);
-    let harness = grading::eval_report(&parser, &test_output, &task.fail_to_pass, &task.pass_to_pass, eval_type)?;
-    if let Some(sm) = grading::logs_eval(&parser, &test_output)? {
+    // A log the harness's parser cannot read is the patch's doing: an error, as the harness.
+    let (harness, sm) = match (
+        grading::eval_report(&parser, &test_output, &task.fail_to_pass, &task.pass_to_pass, eval_type),
+        grading::logs_eval(&parser, &test_output),
+    ) {
+        (Ok(h), Ok(sm)) => (h, sm),
+        (Err(e), _) | (_, Err(e)) => {
+            report.error = Some(format!("the test log cannot be graded: {e:#}"));
+            report.status = GradeStatus::Error;
+            return done(report, log, test_output);
+        }
+    };
+    let forged = forged_log(&test_output, &nonce, sm.as_ref(), task);
+    if let Some(why) = &forged {
+        log += &format!("tampering: {why}\n");
+        report.tampering.push(Tampering {
+            path: "(test log)".into(),
+            rule: why.clone(),
+            lines_added: 0,
+            lines_removed: 0,
+        });
+    }
+    if let Some(sm) = sm {
         let fill = |tests: &mut BTreeMap<String, TestStatus>| {
             for (id, s) in tests.iter_mut() {
                 *s = status_of(sm.get(id.as_str()));
@@ -141,10 +202,32 @@ pub fn grade(exec: &DockerExecutor, task: &TaskInstance, patch: &str, label: &st
     } else {
         report.error = Some("invalid test log: no valid test results between the markers (see log_tail)".into());
     }
-    report.resolved = harness.resolved;
-    report.status = if harness.resolved { GradeStatus::Resolved } else { GradeStatus::Unresolved };
+    report.resolved = harness.resolved && forged.is_none();
+    report.status = if report.resolved { GradeStatus::Resolved } else { GradeStatus::Unresolved };
     report.harness = Some(harness);
     done(report, log, test_output)
+}
+
+/// Where the log and pytest's own report (lines marked with `nonce`) disagree: a FAIL_TO_PASS
+/// or PASS_TO_PASS test the log shows passing that pytest failed, or a zero exit code in the
+/// log against pytest's non-zero one. `None` when they agree or pytest wrote no report (not a
+/// pytest run, or one that never finished a session).
+fn forged_log(log: &str, nonce: &str, sm: Option<&crate::swebench::StatusMap>, task: &TaskInstance) -> Option<String> {
+    let reported = crate::tasks::grade::parse_reporter(log, nonce);
+    let exit =
+        log.lines().rev().find_map(|l| l.strip_prefix(nonce)?.strip_prefix(" exit ")?.trim().parse::<i64>().ok());
+    let sm = sm?;
+    for t in task.fail_to_pass.iter().chain(&task.pass_to_pass) {
+        let shown = sm.get(t.as_str()).is_some_and(|s| s == parsers::PASSED || s == parsers::XFAIL);
+        let failed = matches!(reported.get(t), Some(TestStatus::Failed) | Some(TestStatus::Error));
+        if shown && failed {
+            return Some(format!("the test log shows {t} passing; pytest's own report says it failed"));
+        }
+    }
+    match (grading::test_exit_code(log), exit) {
+        (Some(0), Some(e)) if e != 0 => Some(format!("the test log records exit code 0; pytest exited with {e}")),
+        _ => None,
+    }
 }
 
 fn tail(s: &str) -> String {

@@ -47,7 +47,8 @@ pub struct DockerConfig {
     pub hosts: Vec<String>,
     /// Network for the agent's containers (off: `--network none`).
     pub network: bool,
-    /// Network while grading (on, as the harness).
+    /// Network while grading: off (the patch's code runs as root for up to `grade_timeout_s`);
+    /// `protege grade` turns it on, as the harness grades.
     pub grade_network: bool,
     /// Memory of one container, MiB (0: no limit).
     pub memory_mib: u64,
@@ -75,7 +76,7 @@ impl Default for DockerConfig {
         Self {
             hosts: vec![],
             network: false,
-            grade_network: true,
+            grade_network: false,
             memory_mib: 8192,
             cpus: 2.0,
             pids: 4096,
@@ -175,7 +176,11 @@ impl DockerExecutor {
                 let labels = c.labels.unwrap_or_default();
                 let owner = labels.get(Labels::OWNER).cloned().unwrap_or_default();
                 let alive = match owner.rsplit_once(':') {
-                    Some((h, pid)) if h == here => pid.parse::<i32>().is_ok_and(|p| unsafe { libc::kill(p, 0) } == 0),
+                    // EPERM: the process exists (another user's).
+                    Some((h, pid)) if h == here => pid.parse::<i32>().is_ok_and(|p| {
+                        let r = unsafe { libc::kill(p, 0) };
+                        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+                    }),
                     // Another machine's run: only `all` touches it.
                     _ => true,
                 };
