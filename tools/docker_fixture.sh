@@ -62,7 +62,11 @@ instance() {
         && git -c user.name=fixture -c user.email=f@x commit -q --allow-empty -m SWE-bench \
         && git rev-parse HEAD~1'
     docker stop -t 0 "$c" >/dev/null
+    local old
+    old="$(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null || true)"
     docker commit "$c" "$name" >/dev/null
+    # The image this name held before is no one's now: do not let reruns fill the disk.
+    if [ -n "$old" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi
 }
 
 case "${1:-}" in

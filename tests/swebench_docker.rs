@@ -1,4 +1,5 @@
-//! The Docker executor end to end, on images built here (`tools/docker_fixture.sh`: a
+//! SWE-bench in Docker: the Docker executor end to end (named to run after the RL learning test,
+//! which the daemon's disk work would slow and perturb), on images built here (`tools/docker_fixture.sh`: a
 //! debootstrapped Debian with a stand-in conda, `/testbed` a git repository with the official
 //! images' extra empty commit). Needs a Docker daemon (`.ci/run` installs and starts one as
 //! root); skips with a loud message where none answers.
