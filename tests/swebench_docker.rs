@@ -234,25 +234,20 @@ fn the_agents_container_holds_an_attacker() {
     assert!(protege_containers().is_empty());
 }
 
-#[test]
-fn a_killed_run_leaves_nothing_after_the_next_start() {
-    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if !docker_ready() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let suite = geometry_suite(tmp.path(), &["acme__geometry-7"]);
+/// A docker eval whose one episode runs `sleep 600`, once its container is up.
+fn sleeping_eval(tmp: &Path, id: &str) -> (std::process::Child, std::time::Instant) {
+    let suite = geometry_suite(tmp, &[id]);
     let call = r#"<tool_call>{"name": "bash", "arguments": {"command": "sleep 600"}}</tool_call>"#;
-    std::fs::write(tmp.path().join("replay.json"), serde_json::json!({"acme__geometry-7": [call]}).to_string())
-        .unwrap();
-    let mut child = protege()
+    std::fs::write(tmp.join("replay.json"), serde_json::json!({ id: [call] }).to_string()).unwrap();
+    let child = protege()
         .args(["eval", "--policy", "replay", "--executor", "docker", "--command-timeout", "900"])
         .arg("--replay")
-        .arg(tmp.path().join("replay.json"))
+        .arg(tmp.join("replay.json"))
         .arg("--suite")
         .arg(&suite)
         .arg("--out")
-        .arg(tmp.path().join("eval"))
+        .arg(tmp.join("eval"))
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
@@ -261,6 +256,17 @@ fn a_killed_run_leaves_nothing_after_the_next_start() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     std::thread::sleep(std::time::Duration::from_secs(2));
+    (child, started)
+}
+
+#[test]
+fn a_killed_run_leaves_nothing_after_the_next_start() {
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !docker_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, _) = sleeping_eval(tmp.path(), "acme__geometry-7");
     child.kill().unwrap(); // SIGKILL: nothing of protege's runs after it
     child.wait().unwrap();
     assert!(!protege_containers().is_empty(), "the container should outlive a SIGKILLed run");
@@ -397,27 +403,7 @@ fn a_terminated_run_removes_its_containers() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let suite = geometry_suite(tmp.path(), &["acme__geometry-8"]);
-    let call = r#"<tool_call>{"name": "bash", "arguments": {"command": "sleep 600"}}</tool_call>"#;
-    std::fs::write(tmp.path().join("replay.json"), serde_json::json!({"acme__geometry-8": [call]}).to_string())
-        .unwrap();
-    let mut child = protege()
-        .args(["eval", "--policy", "replay", "--executor", "docker", "--command-timeout", "900"])
-        .arg("--replay")
-        .arg(tmp.path().join("replay.json"))
-        .arg("--suite")
-        .arg(&suite)
-        .arg("--out")
-        .arg(tmp.path().join("eval"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while protege_containers().is_empty() {
-        assert!(started.elapsed().as_secs() < 60, "no container appeared");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (mut child, started) = sleeping_eval(tmp.path(), "acme__geometry-8");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");

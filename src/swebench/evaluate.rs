@@ -5,7 +5,7 @@
 //! harness's keys and counts.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -164,7 +164,7 @@ pub fn grade_predictions(
 }
 
 /// Grades one prediction into `dir`; `None` for an empty patch (not run, as the harness).
-fn grade_one(task: &TaskInstance, p: &Prediction, exec: &Executors, dir: &PathBuf) -> Result<Option<GradeReport>> {
+fn grade_one(task: &TaskInstance, p: &Prediction, exec: &Executors, dir: &Path) -> Result<Option<GradeReport>> {
     let patch = p.model_patch.clone().unwrap_or_default();
     if patch.is_empty() {
         return Ok(None);

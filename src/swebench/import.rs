@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use super::{docker_id, script, EvalType};
+use super::{docker_id, grading, script, EvalType};
 use crate::tasks::instance::{LocalEnv, TaskInstance};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -303,8 +303,6 @@ pub fn row_to_task(row: &Map<String, Value>, o: &ImportOptions) -> Result<TaskIn
         extra,
     })
 }
-
-use super::grading;
 
 /// Imports `files` into the suite `out/tasks.jsonl`; returns how many tasks were written.
 pub fn import(files: &[PathBuf], out: &Path, o: &ImportOptions) -> Result<usize> {

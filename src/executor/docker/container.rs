@@ -270,8 +270,7 @@ impl<'p> Container<'p> {
                 interrupted: false,
                 seconds: 0.0,
             };
-            let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout_s.max(0.001));
-            let mut killed = false;
+            let mut watch = Watch::new(timeout_s);
             loop {
                 let tick = tokio::time::sleep(Duration::from_millis(200));
                 tokio::select! {
@@ -282,16 +281,7 @@ impl<'p> Container<'p> {
                         Some(Err(e)) => return Err(e.into()),
                         None => break,
                     },
-                    _ = tick => {
-                        let over = tokio::time::Instant::now() >= deadline;
-                        let stop = crate::interrupt::requested();
-                        if (over || stop) && !killed {
-                            out.timed_out = over;
-                            out.interrupted = stop && !over;
-                            killed = true;
-                            kill_all(&docker, &id, 0).await;
-                        }
-                    }
+                    _ = tick => watch.check(&mut out, &docker, &id, 0).await,
                 }
             }
             let info = docker.inspect_exec(&exec.id).await?;
@@ -376,8 +366,7 @@ impl<'p> Container<'p> {
                 seconds: 0.0,
             };
             let mut pend: Vec<u8> = Vec::new();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout_s.max(0.001));
-            let mut killed = false;
+            let mut watch = Watch::new(timeout_s);
             loop {
                 let tick = tokio::time::sleep(Duration::from_millis(200));
                 tokio::select! {
@@ -411,16 +400,7 @@ impl<'p> Container<'p> {
                             break;
                         }
                     },
-                    _ = tick => {
-                        let over = tokio::time::Instant::now() >= deadline;
-                        let stop = crate::interrupt::requested();
-                        if (over || stop) && !killed {
-                            out.timed_out = over;
-                            out.interrupted = stop && !over;
-                            killed = true;
-                            kill_all(&docker, &id, r.pid).await;
-                        }
-                    }
+                    _ = tick => watch.check(&mut out, &docker, &id, r.pid).await,
                 }
             }
             out.seconds = started.elapsed().as_secs_f64();
@@ -515,6 +495,30 @@ impl<'p> Container<'p> {
             bail!("cannot restore {rel}: {}", out.stderr.finish().0.trim());
         }
         Ok(())
+    }
+}
+
+/// A command's deadline and the run's stop request: on either, the command's processes are
+/// killed once (sparing `spare`) and the output says why.
+struct Watch {
+    deadline: tokio::time::Instant,
+    killed: bool,
+}
+
+impl Watch {
+    fn new(timeout_s: f64) -> Self {
+        Self { deadline: tokio::time::Instant::now() + Duration::from_secs_f64(timeout_s.max(0.001)), killed: false }
+    }
+
+    async fn check(&mut self, out: &mut ExecOut, docker: &bollard::Docker, id: &str, spare: u32) {
+        let over = tokio::time::Instant::now() >= self.deadline;
+        let stop = crate::interrupt::requested();
+        if (over || stop) && !self.killed {
+            out.timed_out = over;
+            out.interrupted = stop && !over;
+            self.killed = true;
+            kill_all(docker, id, spare).await;
+        }
     }
 }
 

@@ -89,8 +89,6 @@ pub fn host_failure(e: &bollard::errors::Error) -> bool {
 pub struct Host {
     pub spec: HostSpec,
     pub docker: Docker,
-    /// Also the `protege.host` label value of its containers' creator.
-    pub name: String,
 }
 
 /// The hosts and their loads.
@@ -190,7 +188,6 @@ mod tests {
         let mk = |url: &str, slots| Host {
             spec: HostSpec { url: url.into(), slots },
             docker: Docker::connect_with_http("tcp://127.0.0.1:1", 1, bollard::API_DEFAULT_VERSION).unwrap(),
-            name: url.into(),
         };
         let pool = Pool::new(vec![mk("tcp://a:1", 1), mk("tcp://b:1", 3)]);
         let l1 = pool.acquire().unwrap();

@@ -139,8 +139,7 @@ impl DockerExecutor {
             };
             match rt.block_on(async { docker.negotiate_version().await }) {
                 Ok(docker) => {
-                    let name = spec.url.clone();
-                    hosts.push(Host { spec, docker, name });
+                    hosts.push(Host { spec, docker });
                 }
                 Err(e) => errors.push(format!("{}: {e}", spec.url)),
             }
