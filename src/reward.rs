@@ -12,7 +12,10 @@
 //!   call, `max_format_errors` times in a row), else `format_penalty` per malformed reply:
 //!   protege's addition. The paper's formula has no such term, and without it an episode that
 //!   ends early on malformed replies scores above one that loops, so RL on a weak policy learns
-//!   to break its format; set both to 0 for the paper's reward.
+//!   to break its format; set both to 0 for the paper's reward. Plus `noncanonical_penalty` per
+//!   call the harness accepted in a form other than the `<tool_call>` block (bare JSON, a
+//!   fence, `<function=…>`; [`crate::agent::toolcall`]): the tolerant parser keeps small
+//!   models' episodes going, and this term still teaches the canonical form.
 //! - `R_tamper`: `tampering_penalty` when the patch changed protected files (the task's tests,
 //!   `conftest.py`, test configuration; [`crate::tasks::protect`]). Those changes are dropped
 //!   before grading, so they cannot earn `R_correct`; the penalty keeps RL from learning to
@@ -173,6 +176,9 @@ pub struct RewardConfig {
     /// R_format of an episode that ended on malformed replies (≤ 0; as bad as the worst loop
     /// by default, so that breaking the format is no escape from the loop penalty).
     pub format_exit: f64,
+    /// Per call accepted in a non-canonical form (≤ 0): small, so that an accepted call
+    /// still beats a refused one (`format_penalty`), but the `<tool_call>` block beats both.
+    pub noncanonical_penalty: f64,
     /// R_tamper (≤ 0): added when the patch changed protected files.
     pub tampering_penalty: f64,
     pub warrant: WarrantConfig,
@@ -194,6 +200,7 @@ impl Default for RewardConfig {
             b2b_lambda: -0.5,
             format_penalty: -0.5,
             format_exit: -10.0,
+            noncanonical_penalty: -0.05,
             tampering_penalty: -1.0,
             warrant: WarrantConfig::default(),
             quota: QuotaConfig::default(),
@@ -215,6 +222,7 @@ impl RewardConfig {
             self.b2b_lambda,
             self.format_penalty,
             self.format_exit,
+            self.noncanonical_penalty,
             self.tampering_penalty,
             self.warrant.threshold,
             self.warrant.p_low,
@@ -233,13 +241,14 @@ impl RewardConfig {
         if self.b2b_lambda > 0.0
             || self.format_penalty > 0.0
             || self.format_exit > 0.0
+            || self.noncanonical_penalty > 0.0
             || self.tampering_penalty > 0.0
             || self.warrant.p_low > 0.0
             || self.follow.p_low > 0.0
             || self.quota.no_call_penalty > 0.0
             || self.quota.over_penalty > 0.0
         {
-            bail!("reward: b2b_lambda, format_penalty, format_exit, tampering_penalty, warrant.p_low, follow.p_low, quota.no_call_penalty and quota.over_penalty are penalties and must be <= 0");
+            bail!("reward: b2b_lambda, format_penalty, format_exit, noncanonical_penalty, tampering_penalty, warrant.p_low, follow.p_low, quota.no_call_penalty and quota.over_penalty are penalties and must be <= 0");
         }
         if self.loops.floor > 0.0 || self.loops.lambda < 0.0 {
             bail!("reward.loops: floor must be <= 0 and lambda >= 0");
@@ -639,6 +648,8 @@ pub struct Outcome<'a> {
     pub format_errors: usize,
     /// The episode ended on them.
     pub format_exit: bool,
+    /// Calls accepted in a form other than the canonical `<tool_call>` block.
+    pub noncanonical_calls: usize,
     /// Protected files the patch changed (dropped before grading).
     pub tampered: usize,
 }
@@ -652,6 +663,7 @@ impl<'a> Outcome<'a> {
             resolved,
             format_errors: ep.format_errors,
             format_exit: ep.exit_status == crate::agent::episode::ExitStatus::FormatErrors,
+            noncanonical_calls: ep.noncanonical_calls(),
             tampered: 0,
         }
     }
@@ -697,7 +709,11 @@ pub fn reward(cfg: &RewardConfig, o: &Outcome, calls: &[CallScore]) -> RewardBre
         _ => 1.0,
     };
     let r_other = r_correct + cfg.w_sim * r_sim + cfg.w_expert * r_expert;
-    let r_format = if o.format_exit { cfg.format_exit } else { cfg.format_penalty * o.format_errors as f64 };
+    let r_format = if o.format_exit {
+        cfg.format_exit
+    } else {
+        cfg.format_penalty * o.format_errors as f64 + cfg.noncanonical_penalty * o.noncanonical_calls as f64
+    };
     let r_tamper = if o.tampered > 0 { cfg.tampering_penalty } else { 0.0 };
     RewardBreakdown {
         total: loops.penalty + r_format + r_tamper + cfg.w_follow * r_follow + g_loop * g_follow * r_other,
@@ -747,7 +763,16 @@ mod tests {
 
     /// An episode with these actions and patch against GOLD, with no format errors.
     fn outcome<'a>(actions: &'a [Action], patch: &'a str, resolved: bool) -> Outcome<'a> {
-        Outcome { actions, patch, gold_patch: GOLD, resolved, format_errors: 0, format_exit: false, tampered: 0 }
+        Outcome {
+            actions,
+            patch,
+            gold_patch: GOLD,
+            resolved,
+            format_errors: 0,
+            format_exit: false,
+            noncanonical_calls: 0,
+            tampered: 0,
+        }
     }
 
     fn stage2() -> RewardConfig {
@@ -967,6 +992,7 @@ mod tests {
             resolved: false,
             format_errors: n,
             format_exit: exit,
+            noncanonical_calls: 0,
             tampered: 0,
         };
         let cfg = RewardConfig { w_sim: 0.0, ..Default::default() };
@@ -976,6 +1002,26 @@ mod tests {
         assert_eq!(reward(&cfg, &o(3, true), &[]).r_format, -10.0);
         let paper = RewardConfig { format_penalty: 0.0, format_exit: 0.0, ..cfg };
         assert_eq!(reward(&paper, &o(3, true), &[]).total, 0.0);
+    }
+
+    #[test]
+    fn calls_outside_the_canonical_form_cost_a_little() {
+        let acts = [bash("ls"), bash("cat a.py"), Action::Submit];
+        let canonical = reward(&RewardConfig::default(), &outcome(&acts, GOLD, true), &[]);
+        let bare = Outcome { noncanonical_calls: 2, ..outcome(&acts, GOLD, true) };
+        let r = reward(&RewardConfig::default(), &bare, &[]);
+        assert!(close(r.r_format, -0.1) && close(r.total, canonical.total - 0.1), "{r:?}");
+        // An accepted call still beats a refused one; ending on refusals is not made worse.
+        let cfg = RewardConfig::default();
+        assert!(cfg.noncanonical_penalty > cfg.format_penalty);
+        let ended = Outcome { format_errors: 3, format_exit: true, ..bare };
+        assert_eq!(reward(&cfg, &ended, &[]).r_format, cfg.format_exit);
+        let off = RewardConfig { noncanonical_penalty: 0.0, ..Default::default() };
+        assert_eq!(reward(&off, &bare, &[]).total, canonical.total);
+        assert!(RewardConfig { noncanonical_penalty: 0.1, ..Default::default() }.validate().is_err());
+        // Configurations written before the term existed still load, with the default.
+        let old: RewardConfig = toml::from_str("format_penalty = -0.5\nformat_exit = -10.0").unwrap();
+        assert_eq!(old.noncanonical_penalty, -0.05);
     }
 
     #[test]

@@ -339,6 +339,39 @@ fn limits_end_episodes_with_named_statuses() {
 }
 
 #[test]
+fn an_agent_writing_bare_json_calls_works_its_task_and_the_forms_are_recorded() {
+    let t = task("calc__clamp-above");
+    let dir = tempfile::tempdir().unwrap();
+    let sb = sandbox(dir.path(), Isolation::Plain, 10.0).unwrap();
+    // What Qwen2.5-Coder-0.5B writes: the call object alone or after a thought, no tags.
+    let look = r#"{"name": "bash", "arguments": {"command": "cat calc/ops.py"}}"#;
+    let replies = vec![
+        format!("{look}\n{}", r#"{"name": "submit", "arguments": {}}"#),
+        look.to_string(),
+        r#"The upper branch returns lo. {"name": "str_replace_editor", "arguments": {"command": "str_replace",
+            "path": "calc/ops.py", "old_str": "    if x > hi:\n        return lo",
+            "new_str": "    if x > hi:\n        return hi"}}"#
+            .to_string(),
+        "<function=bash>\n<parameter=command>\nls calc\n</parameter>\n</function>".into(),
+        Replay::call("Done.", "submit", json!({})),
+    ];
+    let ep = run_episode(&t, &sb, &mut Replay::new(replies), None, &EpisodeConfig::default());
+    assert_eq!((ep.exit_status, ep.format_errors), (ExitStatus::Submitted, 1), "{:?}", ep.error);
+    // Two different calls in one reply are refused, and the model is told why.
+    assert!(ep.messages[3].text().contains("not clear what to run"), "{}", ep.messages[3].text());
+    assert!(ep.messages.iter().any(|m| m.text().contains("return lo")), "cat ran");
+    assert_eq!(ep.messages[6].text(), "The upper branch returns lo.");
+    assert!(ep.patch.contains("+        return hi"), "{}", ep.patch);
+    use protege::agent::toolcall::CallForm::{BareJson, FunctionTag, Tagged};
+    assert_eq!(ep.reply_forms, vec![None, Some(BareJson), Some(BareJson), Some(FunctionTag), Some(Tagged)]);
+    let meta = ep.to_trajectory(Some(true), Default::default()).meta;
+    assert_eq!(meta["call_forms"], json!({"tagged": 1, "bare_json": 2, "function_tag": 1}));
+    assert_eq!(meta["reply_forms"][1], "bare_json");
+    // The reward still teaches the canonical form.
+    assert_eq!(protege::reward::Outcome::of(&ep, &t, true).noncanonical_calls, 3);
+}
+
+#[test]
 fn protege_eval_runs_a_suite_and_writes_trajectories_and_a_summary() {
     if !has_pytest() {
         return;

@@ -1,5 +1,6 @@
 //! One episode: the agent works a task in its sandbox until it submits or a limit ends it.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,7 @@ use super::loops::Action;
 use super::policy::{ContextFull, Policy, EXPERT_TOOL};
 use super::sandbox::output::cap_text;
 use super::sandbox::Workspace;
+use super::toolcall::CallForm;
 use super::tools::{compact_tool_specs, parse_tool_call, tool_specs, Editor, Request};
 use super::trajectory::{TokenRecord, Trajectory};
 use crate::chat::Message;
@@ -150,6 +152,10 @@ pub struct Episode {
     /// Replies of the policy (steps plus replies without a valid tool call).
     pub turns: usize,
     pub format_errors: usize,
+    /// Per reply, the form its tool call was written in (`None`: no valid call, or a structured
+    /// call from an API policy): small models often leave the canonical `<tool_call>` form.
+    #[serde(default)]
+    pub reply_forms: Vec<Option<CallForm>>,
     pub timing: Timing,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenRecord>,
@@ -215,6 +221,7 @@ pub fn run_episode<'p, 'e>(
         policy_tokens: 0,
         turns: 0,
         format_errors: 0,
+        reply_forms: vec![],
         timing: Timing::default(),
         tokens: None,
     };
@@ -247,11 +254,13 @@ pub fn run_episode<'p, 'e>(
         ep.turns += 1;
         ep.policy_tokens += turn.tokens_out;
         let parsed = match turn.tool_call.clone() {
-            Some(call) => Ok((turn.text.clone(), call)),
-            None => parse_tool_call(&turn.text),
+            Some(call) => Ok((turn.text.clone(), call, None)),
+            None => parse_tool_call(&turn.text, &ep.tools).map(|(t, c, form)| (t, c, Some(form))),
         };
-        let (thought, call, request) = match parsed.and_then(|(t, c)| Request::from_call(&c).map(|r| (t, c, r))) {
-            Ok(x) => x,
+        let checked = parsed.and_then(|(t, c, form)| Request::from_call(&c).map(|r| (t, c, r, form)));
+        ep.reply_forms.push(checked.as_ref().ok().and_then(|x| x.3));
+        let (thought, call, request) = match checked {
+            Ok((t, c, r, _)) => (t, c, r),
             Err(message) => {
                 ep.format_errors += 1;
                 consecutive_errors += 1;
@@ -385,6 +394,20 @@ pub fn run_episode<'p, 'e>(
 }
 
 impl Episode {
+    /// How many calls were written in each form.
+    pub fn call_form_counts(&self) -> BTreeMap<CallForm, usize> {
+        let mut counts = BTreeMap::new();
+        for form in self.reply_forms.iter().flatten() {
+            *counts.entry(*form).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Calls accepted in a form other than the canonical `<tool_call>` block.
+    pub fn noncanonical_calls(&self) -> usize {
+        self.reply_forms.iter().flatten().filter(|f| !f.is_canonical()).count()
+    }
+
     /// The shared trajectory record; `extra` goes into `meta` (grading, rewards).
     pub fn to_trajectory(&self, resolved: Option<bool>, extra: serde_json::Map<String, Value>) -> Trajectory {
         let mut meta = serde_json::Map::new();
@@ -399,6 +422,8 @@ impl Episode {
         meta.insert("policy_tokens".into(), json!(self.policy_tokens));
         meta.insert("turns".into(), json!(self.turns));
         meta.insert("format_errors".into(), json!(self.format_errors));
+        meta.insert("call_forms".into(), json!(self.call_form_counts()));
+        meta.insert("reply_forms".into(), json!(self.reply_forms));
         meta.insert("timing".into(), json!(self.timing));
         meta.extend(extra);
         Trajectory {

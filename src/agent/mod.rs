@@ -9,5 +9,6 @@ pub mod policy;
 pub mod remote;
 pub mod sandbox;
 pub mod teacher;
+pub mod toolcall;
 pub mod tools;
 pub mod trajectory;

@@ -1,4 +1,5 @@
-//! The agent's tools (SWE-agent conventions) and the Qwen2.5 `<tool_call>` format.
+//! The agent's tools (SWE-agent conventions) and the one tool call each reply must make (read
+//! by [`super::toolcall`]).
 //!
 //! `bash` runs a stateless command in the repository root; `str_replace_editor` views, creates
 //! and edits files (paths confined to the work tree, with undo); `ask_expert` sends a free-text
@@ -12,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::loops::Action;
 use super::sandbox::{agent_path, PathKind, Workspace};
+use super::toolcall::{coerce_arguments, parse_reply, CallForm, CANONICAL};
 use crate::chat::ToolCall;
 
 /// The same four tools with one-line descriptions and bare parameters: for small models with
@@ -87,62 +89,24 @@ pub fn tool_specs(workdir: &str) -> Vec<Value> {
     ]
 }
 
-/// The tool call of a model reply written in the Qwen2.5 format: free text, then
-/// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. Small models often write the same
-/// object in a fenced ```json block instead; that is accepted too, when it is the reply's only
-/// such block and has a `name`. Returns the text before the call and the call, or a message for
-/// the model saying what is wrong with the format.
-pub fn parse_tool_call(text: &str) -> std::result::Result<(String, ToolCall), String> {
-    const OPEN: &str = "<tool_call>";
-    const CLOSE: &str = "</tool_call>";
-    let (start, body) = match text.find(OPEN) {
-        Some(start) => {
-            let body = &text[start + OPEN.len()..];
-            (start, body.find(CLOSE).map_or(body, |end| &body[..end]))
-        }
-        None => match fenced_call(text) {
-            Some(x) => x,
-            None => {
-                return Err(format!(
-                    "Your reply has no tool call. Every reply must end with exactly one call: {OPEN}\n{{\"name\": \
-                     <tool name>, \"arguments\": <arguments object>}}\n{CLOSE}"
-                ))
-            }
-        },
+/// The one tool call of a model reply, in any form [`super::toolcall`] accepts (the Qwen2.5
+/// `<tool_call>` block is the canonical one), with the text before it and the form it was
+/// written in. String arguments take the types `tools` declare for them. An error is the
+/// message for the model: a malformed or ambiguous call, no call, or more than one.
+pub fn parse_tool_call(text: &str, tools: &[Value]) -> std::result::Result<(String, ToolCall, CallForm), String> {
+    let reply = parse_reply(text)?;
+    let (Some(form), [call]) = (reply.form, reply.calls.as_slice()) else {
+        return Err(match reply.calls.len() {
+            0 => format!("Your reply has no tool call. Every reply must end with exactly one call:\n{CANONICAL}"),
+            n => format!(
+                "Your reply has {n} tool calls. Make exactly one call per reply; you will see its result before \
+                 the next:\n{CANONICAL}"
+            ),
+        });
     };
-    let v: Value = serde_json::from_str(body.trim()).map_err(|e| format!("The tool call is not valid JSON: {e}."))?;
-    let name = v.get("name").and_then(Value::as_str).ok_or("The tool call has no \"name\" string.")?;
-    let args = v.get("arguments").cloned().unwrap_or_else(|| json!({}));
-    let args = match args {
-        Value::String(s) => serde_json::from_str(&s).map_err(|_| "\"arguments\" must be a JSON object.".to_string())?,
-        a => a,
-    };
-    if !args.is_object() {
-        return Err("\"arguments\" must be a JSON object.".into());
-    }
-    Ok((text[..start].trim_end().to_string(), ToolCall::new(name, args)))
-}
-
-/// The one fenced block (```json or ```) of `text` holding an object with a "name" key:
-/// (where the fence starts, its body).
-fn fenced_call(text: &str) -> Option<(usize, &str)> {
-    let mut found = None;
-    let mut rest = 0;
-    while let Some(open) = text[rest..].find("```") {
-        let fence = rest + open;
-        let after = &text[fence + 3..];
-        let Some(body_start) = after.find('\n').map(|i| i + 1) else { break };
-        let Some(close) = after[body_start..].find("```") else { break };
-        let body = &after[body_start..body_start + close];
-        if serde_json::from_str::<Value>(body.trim()).is_ok_and(|v| v.get("name").is_some()) {
-            if found.is_some() {
-                return None;
-            }
-            found = Some((fence, body));
-        }
-        rest = fence + 3 + body_start + close + 3;
-    }
-    found
+    let mut call = call.clone();
+    coerce_arguments(&mut call, tools);
+    Ok((reply.content, ToolCall::new(&call.name, call.arguments), form))
 }
 
 /// What a tool call asks the harness to do.
@@ -197,27 +161,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tool_calls_parse_from_tags_and_from_one_fenced_json_block() {
-        let (thought, call) = parse_tool_call(
-            "Look.\n<tool_call>\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}\n</tool_call>",
-        )
-        .unwrap();
-        assert_eq!((thought.as_str(), call.function.name.as_str()), ("Look.", "bash"));
+    fn a_reply_must_hold_exactly_one_tool_call_in_any_accepted_form() {
+        let tools = tool_specs("/repo");
+        let parse = |text: &str| parse_tool_call(text, &tools);
+        let (thought, call, form) =
+            parse("Look.\n<tool_call>\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}\n</tool_call>")
+                .unwrap();
+        assert_eq!((thought.as_str(), call.function.name.as_str(), form), ("Look.", "bash", CallForm::Tagged));
         assert_eq!(call.arguments()["command"], "ls");
-        let fenced = "I will list.\n```json\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}\n```";
-        let (thought, call) = parse_tool_call(fenced).unwrap();
-        assert_eq!((thought.as_str(), call.arguments()["command"].as_str()), ("I will list.", Some("ls")));
-        // Arguments as a JSON string (the OpenAI wire form).
-        let (_, call) = parse_tool_call(
-            "<tool_call>{\"name\": \"bash\", \"arguments\": \"{\\\"command\\\": \\\"ls\\\"}\"}</tool_call>",
-        )
-        .unwrap();
-        assert_eq!(call.arguments()["command"], "ls");
-        // Two fenced calls are ambiguous; code that is not a call is not one.
-        assert!(parse_tool_call(&format!("{fenced}\n{fenced}")).is_err());
-        assert!(parse_tool_call("```python\nprint(1)\n```").unwrap_err().contains("no tool call"));
-        assert!(parse_tool_call("<tool_call>{\"arguments\": {}}</tool_call>").unwrap_err().contains("name"));
-        assert!(parse_tool_call("<tool_call>{\"name\": \"bash\", \"arguments\": [1]}</tool_call>").is_err());
+        let bare = "I will list. {\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}";
+        let (thought, call, form) = parse(bare).unwrap();
+        assert_eq!(
+            (thought.as_str(), call.arguments()["command"].as_str(), form),
+            ("I will list.", Some("ls"), CallForm::BareJson)
+        );
+        // Text values of the function form take the editor's types.
+        let insert =
+            "<function=str_replace_editor><parameter=command>insert</parameter><parameter=path>a.py</parameter>\
+                      <parameter=insert_line>2</parameter><parameter=new_str>x = 1</parameter></function>";
+        let (_, call, form) = parse(insert).unwrap();
+        assert_eq!((call.arguments()["insert_line"].clone(), form), (json!(2), CallForm::FunctionTag));
+        assert!(parse("```python\nprint(1)\n```").unwrap_err().contains("no tool call"));
+        let ls = "<tool_call>{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"}}</tool_call>";
+        assert!(parse(&format!("{ls}\n{ls}")).unwrap_err().contains("2 tool calls"));
+        assert!(parse("<tool_call>{\"arguments\": {}}</tool_call>").unwrap_err().contains("name"));
     }
 }
 

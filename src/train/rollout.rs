@@ -337,6 +337,7 @@ fn run_one(env: &RolloutEnv, job: RolloutJob, index: usize, handle: EngineHandle
         policy_tokens: 0,
         turns: 0,
         format_errors: 0,
+        reply_forms: vec![],
         timing: Default::default(),
         tokens: None,
     };
