@@ -110,7 +110,14 @@ pub fn bench_sft_step<B: TrainBackend>(
     repeats: usize,
 ) -> Result<SftBenchResult> {
     if let Some(rank) = lora_rank {
-        let cfg = LoraConfig { rank, alpha: 2.0 * rank as f32, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 0 };
+        let cfg = LoraConfig {
+            rank,
+            alpha: 2.0 * rank as f32,
+            dropout: 0.0,
+            targets: Target::ALL.to_vec(),
+            seed: 0,
+            trainable_tokens: None,
+        };
         model.lora = Some(Lora::init(be, &model.cfg, &cfg)?);
     }
     let batch = TrainBatch::pack(&[(prompt.to_vec(), vec![true; prompt.len()])])?;

@@ -791,7 +791,14 @@ fn bench_sft_step(
     let _r = be.range("bench sft_step");
     let cfg = model.cfg.clone();
     let (t, rank) = (8192usize, 16usize);
-    let lcfg = LoraConfig { rank, alpha: 2.0 * rank as f32, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 0 };
+    let lcfg = LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f32,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        seed: 0,
+        trainable_tokens: None,
+    };
     model.lora = Some(Lora::init(be, &cfg, &lcfg)?);
     let ids: Vec<u32> = (0..t as u32).map(|i| i.wrapping_mul(7919) % cfg.vocab_size as u32).collect();
 

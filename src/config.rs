@@ -231,6 +231,7 @@ impl ExpertSection {
             },
             ExpertKind::Local => ExpertSpec::Local {
                 model: self.path.clone().context("expert.kind = \"local\" needs expert.path (a model directory)")?,
+                adapter: None,
                 max_tokens: self.max_tokens,
             },
         })

@@ -69,9 +69,10 @@ pub enum ExpertSpec {
         endpoint: Endpoint,
         max_tokens: usize,
     },
-    /// A second model in-process.
+    /// A second model in-process (with a PEFT adapter merged in when given).
     Local {
         model: PathBuf,
+        adapter: Option<PathBuf>,
         max_tokens: usize,
     },
 }
@@ -298,9 +299,9 @@ pub struct ExpertModel {
 /// expert's key, so that a bad setting fails before any episode.
 pub fn prepare_expert(spec: &ExpertSpec) -> Result<Option<ExpertModel>> {
     match spec {
-        ExpertSpec::Local { model, max_tokens } => {
+        ExpertSpec::Local { model, adapter, max_tokens } => {
             let be = CpuBackend::new();
-            let m = Qwen2::load(&be, model)?;
+            let m = Qwen2::load_merged(&be, model, adapter.as_deref(), None)?;
             Ok(Some(ExpertModel { be, model: m, tok: Tokenizer::from_dir(model)?, max_tokens: *max_tokens }))
         }
         ExpertSpec::Remote { endpoint, max_tokens } => {
@@ -350,7 +351,8 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             let m = load_on(*device, model, adapter.as_deref(), *context)?;
             let tok = Tokenizer::from_dir(model)?;
             let engine = Engine::Local { model: m, tok, sampling: sampling.clone(), max_new_tokens: *max_new_tokens };
-            (engine, format!("local:{}", model.display()))
+            let with_adapter = adapter.as_ref().map(|a| format!(" + adapter {}", a.display())).unwrap_or_default();
+            (engine, format!("local:{}{with_adapter}", model.display()))
         }
         PolicySpec::Replay(file) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;

@@ -42,6 +42,9 @@ enum Command {
     Bench(BenchArgs),
     /// Supervised fine-tuning on trajectory files (loss on the agent's tokens only).
     Sft(SftArgs),
+    /// Write a model as an HF directory like transformers' save_pretrained (sharded, the
+    /// source's dtype by default, tokenizer files), with a PEFT LoRA adapter merged in (--merge).
+    Export(ExportArgs),
     /// Run agent episodes on a task suite in the sandbox, grade them, write trajectories and a summary.
     Eval(Box<EvalArgs>),
     /// Task suites: validate, import, build, list, show, stats.
@@ -356,6 +359,9 @@ struct EvalArgs {
     /// HF model directory of the local policy.
     #[arg(long, required_if_eq("policy", "local"))]
     model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory merged into the local policy's --model at load.
+    #[arg(long, requires = "model")]
+    adapter: Option<PathBuf>,
     /// Context length of the local policy in tokens, overriding config.json's
     /// max_position_embeddings.
     #[arg(long)]
@@ -377,6 +383,9 @@ struct EvalArgs {
     expert_url: Option<String>,
     #[arg(long)]
     expert_model: Option<String>,
+    /// With --expert local: a PEFT LoRA adapter merged into the expert's model.
+    #[arg(long, requires = "expert_model")]
+    expert_adapter: Option<PathBuf>,
     /// Environment variable holding the expert API's key (keys are never passed on the command line).
     #[arg(long)]
     expert_key_env: Option<String>,
@@ -445,10 +454,38 @@ struct SftArgs {
 }
 
 #[derive(Args)]
+struct ExportArgs {
+    /// HF model directory (config.json, safetensors, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to merge.
+    #[arg(long, requires = "merge")]
+    adapter: Option<PathBuf>,
+    /// Merge --adapter into the weights (W + scale·BA), as peft's merge_and_unload.
+    #[arg(long, requires = "adapter")]
+    merge: bool,
+    /// Output directory; refused when it is not empty, unless --overwrite.
+    #[arg(long)]
+    out: PathBuf,
+    /// Element type of the weights: source (the model's checkpoint's), f32, bf16 or f16.
+    #[arg(long, default_value = "source", value_parser = ["source", "f32", "bf16", "f16"])]
+    dtype: String,
+    /// Largest safetensors shard (transformers' max_shard_size): bytes, or KB/MB/GB, KiB/MiB/GiB.
+    #[arg(long, default_value = protege::model::hf_dir::DEFAULT_MAX_SHARD_SIZE)]
+    max_shard_size: String,
+    /// Replace a non-empty --out.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// HF model directory: prefill/decode tokens/s of this model (required on the CPU).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A PEFT LoRA adapter merged into --model.
+    #[arg(long, requires = "model")]
+    adapter: Option<PathBuf>,
     /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
     #[arg(long)]
     device: Option<Device>,
@@ -492,6 +529,9 @@ struct GenerateArgs {
     /// HF model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory, merged into --model at load.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
     #[arg(long)]
     device: Option<Device>,
@@ -532,6 +572,9 @@ struct GenerateArgs {
 struct CheckLogitsArgs {
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory, merged into --model at load.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
     #[arg(long)]
     device: Option<Device>,
@@ -563,13 +606,16 @@ macro_rules! with_backend {
     }};
 }
 
-fn load_model<B: Backend>(be: &B, dir: &std::path::Path) -> Result<Qwen2<B>> {
+/// Loads `dir`, with the PEFT `adapter` merged in when given.
+fn load_model<B: Backend>(be: &B, dir: &std::path::Path, adapter: Option<&std::path::Path>) -> Result<Qwen2<B>> {
     let t = Instant::now();
-    let model = Qwen2::load(be, dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let model =
+        Qwen2::load_merged(be, dir, adapter, None).with_context(|| format!("loading model from {}", dir.display()))?;
     let c = &model.cfg;
     eprintln!(
-        "loaded {} ({:.1}M params, {} layers, hidden {}, heads {}/{}) on {} in {:.1}s",
+        "loaded {}{} ({:.1}M params, {} layers, hidden {}, heads {}/{}) on {} in {:.1}s",
         dir.display(),
+        adapter.map(|a| format!(" + adapter {}", a.display())).unwrap_or_default(),
         c.num_params() as f64 / 1e6,
         c.num_layers,
         c.hidden_size,
@@ -609,7 +655,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(be: &B, a: &GenerateArgs, tok: &Tokenizer, prompt: Vec<u32>) -> Result<()> {
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, a.adapter.as_deref())?;
     let req = Request {
         prompt,
         max_new_tokens: a.max_new_tokens,
@@ -707,7 +753,7 @@ fn run_check_logits(a: CheckLogitsArgs) -> Result<bool> {
     };
     let c = with_backend!(Some(device), |be| {
         println!("backend           {}", be.name());
-        let model = load_model(&be, &a.model)?;
+        let model = load_model(&be, &a.model, a.adapter.as_deref())?;
         check_logits(&be, &model, &reference, atol, rtol)?
     });
     println!("input tokens      {}", reference.input_ids.len());
@@ -743,7 +789,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         if let Some(dir) = &a.model {
             let tok = Tokenizer::from_dir(dir)?;
             let prompt = protege::bench::bench_prompt(&tok, a.prefill_tokens)?;
-            let model = load_model(&be, dir)?;
+            let model = load_model(&be, dir, a.adapter.as_deref())?;
             let m = protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?;
             println!(
                 "model {}: prefill {} tokens {:.0} tok/s, decode {:.1} tok/s",
@@ -765,7 +811,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let json = if let Some(mode) = &a.sft {
         let rank = (mode == "lora").then_some(a.lora_rank);
         let r = with_backend!(Some(device), |be| {
-            let mut model = load_model(&be, model_dir)?;
+            let mut model = load_model(&be, model_dir, a.adapter.as_deref())?;
             protege::bench::bench_sft_step(&be, &mut model, &prompt, rank, a.recompute, a.repeats)?
         });
         println!("backend  {}", r.backend);
@@ -781,7 +827,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         serde_json::to_string_pretty(&r)?
     } else {
         let r = with_backend!(Some(device), |be| {
-            let model = load_model(&be, model_dir)?;
+            let model = load_model(&be, model_dir, a.adapter.as_deref())?;
             protege::bench::bench_model(&be, &model, &prompt, a.decode_tokens, a.repeats)?
         });
         println!("backend  {}", r.backend);
@@ -962,6 +1008,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         "oracle" => ExpertSpec::Oracle,
         "local" => ExpertSpec::Local {
             model: a.expert_model.context("--expert local needs --expert-model DIR")?.into(),
+            adapter: a.expert_adapter,
             max_tokens: a.expert_max_tokens,
         },
         api => ExpertSpec::Remote {
@@ -991,7 +1038,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         },
         "local" => PolicySpec::Local {
             model: a.model.context("--policy local needs --model")?,
-            adapter: None,
+            adapter: a.adapter,
             sampling: SamplingParams { temperature: a.temperature, ..Default::default() },
             max_new_tokens: a.max_new_tokens,
             context: a.context,
@@ -1054,6 +1101,25 @@ fn run_sft(a: SftArgs) -> Result<()> {
         );
     }
     eprintln!("sft: run directory {}", out.run_dir.display());
+    Ok(())
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    use protege::model::export::{export_checkpoint, HfExportOptions};
+    let opts = HfExportOptions {
+        // `None`: the checkpoint's own dtype.
+        dtype: if a.dtype == "source" { None } else { Some(a.dtype.parse()?) },
+        max_shard_bytes: protege::model::hf_dir::parse_size(&a.max_shard_size).context("--max-shard-size")?,
+        overwrite: a.overwrite,
+    };
+    protege::model::hf_dir::check_destination(&a.out, a.overwrite)?;
+    export_checkpoint(&a.model, a.adapter.as_deref(), &a.out, &opts)?;
+    let files = std::fs::read_dir(&a.out)?.count();
+    eprintln!(
+        "export: wrote {} ({files} files{})",
+        a.out.display(),
+        if a.adapter.is_some() { ", adapter merged" } else { "" }
+    );
     Ok(())
 }
 
@@ -1183,6 +1249,7 @@ fn main() -> ExitCode {
         Command::CheckLogits(a) => run_check_logits(a),
         Command::Bench(a) => run_bench(a).map(|_| true),
         Command::Sft(a) => run_sft(a).map(|_| true),
+        Command::Export(a) => run_export(a).map(|_| true),
         Command::Eval(a) => run_eval(*a).map(|_| true),
         Command::Tasks(c) => run_tasks(c),
         Command::Grade(a) => run_grade(a),

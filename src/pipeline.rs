@@ -271,7 +271,9 @@ impl Pipeline {
     }
 }
 
-/// The model SFT produces: (directory, adapter to merge).
+/// The model SFT produces: (directory, adapter to merge). With LoRA, the base and the adapter
+/// (merged at load) rather than the merged `model/`: the same weights, and the f32 adapter is
+/// exact where `model/` is in the base's dtype.
 fn sft_output(base: &Path, sft: Option<&SftConfig>) -> (PathBuf, Option<PathBuf>) {
     match sft {
         Some(s) if s.lora.is_some() => (base.to_path_buf(), Some(s.output.run_dir.join("adapter"))),
@@ -361,7 +363,8 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
     }
     if let Some(s) = &p.sft {
         let dir = &s.output.run_dir;
-        if dir.join("adapter/adapter_config.json").exists() || dir.join("model/config.json").exists() {
+        // model/ is written last (after adapter/ with LoRA).
+        if dir.join("model/config.json").exists() {
             stage_line("sft", "done (skipped)");
         } else {
             stage_line("sft", "supervised fine-tuning on the accepted trajectories");

@@ -70,6 +70,19 @@ impl ChatEncoding {
     }
 }
 
+/// Markup the template writes that a tokenizer may hold as single (added) tokens: what a model
+/// must have trained rows for to read and write conversations.
+pub const TEMPLATE_TOKENS: [&str; 8] = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<tools>",
+    "</tools>",
+];
+
 /// Renders `messages` with the Qwen2.5 template.
 pub fn render_qwen25(messages: &[Message], tools: &[Value], add_generation_prompt: bool) -> Result<Rendered> {
     use TokenRole::{Body, Template};
@@ -186,8 +199,48 @@ impl Tokenizer {
         self.inner.encode(text, false).map_err(|e| anyhow!("tokenisation failed: {e}"))
     }
 
+    /// The id of `token` when it is exactly one token (an added token such as `<tool_call>`, or a
+    /// vocabulary entry).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The token whose id is `id`, as the tokenizer writes it (`<tool_call>`, `Ġthe`).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Every id some tokenizer entry (vocabulary or added token) uses.
+    pub fn used_ids(&self) -> std::collections::BTreeSet<u32> {
+        self.inner.get_vocab(true).into_values().collect()
+    }
+
+    /// The added tokens (special or not) with their ids, in id order.
+    pub fn added_tokens(&self) -> Vec<(u32, String)> {
+        let mut v: Vec<(u32, String)> =
+            self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.content)).collect();
+        v.sort();
+        v
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| anyhow!("decoding failed: {e}"))
+    }
+
+    /// Tokens the tokenizer knows, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The bytes token `id` stands for: a byte-level BPE piece mapped back through GPT-2's
+    /// byte-to-character table, an added token as written. Used for `logprobs` (a token may be
+    /// part of a UTF-8 character, which decoding it alone would hide).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else { return vec![] };
+        if self.inner.get_added_tokens_decoder().contains_key(&id) {
+            return piece.into_bytes();
+        }
+        piece.chars().map(|c| byte_of_bpe_char(c).unwrap_or(b'?')).collect()
     }
 
     /// Renders and tokenises a conversation, attributing every token.
@@ -202,4 +255,17 @@ impl Tokenizer {
         let roles = enc.get_offsets().iter().map(|&(start, _)| rendered.role_at(start)).collect();
         Ok(ChatEncoding { ids: enc.get_ids().to_vec(), roles, text: rendered.text })
     }
+}
+
+/// The byte GPT-2's byte-level BPE writes as `c`: printable Latin-1 bytes stand for
+/// themselves, the rest (controls, space, 0x7f-0xa0, 0xad) were shifted to U+0100 onwards in
+/// byte order.
+fn byte_of_bpe_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let u = c as u32;
+    if printable(u) {
+        return Some(u as u8);
+    }
+    let shifted = u.checked_sub(256)?;
+    (0u32..256).filter(|&b| !printable(b)).nth(shifted as usize).map(|b| b as u8)
 }

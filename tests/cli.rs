@@ -15,7 +15,7 @@ fn protege(args: &[&str]) -> (bool, String, String) {
 fn help_lists_the_working_commands() {
     let (ok, out, _) = protege(&["--help"]);
     assert!(ok);
-    for cmd in ["generate", "check-logits"] {
+    for cmd in ["generate", "check-logits", "export"] {
         assert!(out.contains(cmd), "{out}");
     }
 }
@@ -122,4 +122,126 @@ fn generate_streams_text_and_reports_speed() {
     assert!(!ok && err.contains("conv.json"), "{err}");
     let (ok, _, err) = protege(&["generate", "--model", m, "--prompt", "x", "--max-new-tokens", "600"]);
     assert!(!ok && err.contains("max_position_embeddings"), "{err}");
+}
+
+/// The logits of `model` on the tiny reference's input ids, as a check-logits reference file.
+fn reference_of(model: &std::path::Path, out: &std::path::Path) {
+    let be = protege::backend::cpu::CpuBackend::new();
+    let m = protege::model::Qwen2::load(&be, model).unwrap();
+    let ids = common::Tensors::open(&fixture("tiny/reference.safetensors")).i64s("input_ids");
+    let tokens: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    let logits = protege::generate::prompt_logits(&be, &m, &tokens, None).unwrap();
+    let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let logit_bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = |d, s: Vec<usize>, b| safetensors::tensor::TensorView::new(d, s, b).unwrap();
+    let views = vec![
+        ("input_ids", view(safetensors::Dtype::I64, vec![ids.len()], &id_bytes)),
+        ("logits", view(safetensors::Dtype::F32, vec![ids.len(), m.cfg.vocab_size], &logit_bytes)),
+    ];
+    safetensors::serialize_to_file(views, None, out).unwrap();
+}
+
+#[test]
+fn adapter_flag_gives_the_merged_exports_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let tiny = fixture("tiny");
+    let tiny = tiny.to_str().unwrap();
+    common::write_random_adapter("tiny", &dir.path().join("adapter"));
+    let adapter = p("adapter");
+
+    // export --merge: sharded as asked, refusing to write over a non-empty directory.
+    let (ok, _, err) = protege(&["export", "--model", tiny, "--adapter", &adapter, "--out", &p("merged")]);
+    assert!(!ok && err.contains("--merge"), "{err}");
+    let export = ["export", "--model", tiny, "--adapter", &adapter, "--merge", "--max-shard-size", "100KB"];
+    let (ok, _, err) = protege(&[&export[..], &["--out", &p("merged")]].concat());
+    assert!(ok, "{err}");
+    let index = std::fs::read_to_string(dir.path().join("merged/model.safetensors.index.json")).unwrap();
+    assert!(index.contains("model-00001-of-") && index.contains("total_size"), "{index}");
+    let (ok, _, err) = protege(&[&export[..], &["--out", &p("merged")]].concat());
+    assert!(!ok && err.contains("not empty") && err.contains("--overwrite"), "{err}");
+    let (ok, _, err) = protege(&[&export[..], &["--out", &p("merged"), "--overwrite", "--dtype", "bf16"]].concat());
+    assert!(ok, "{err}");
+    let config = std::fs::read_to_string(dir.path().join("merged/config.json")).unwrap();
+    assert!(config.contains("\"dtype\": \"bfloat16\""), "{config}");
+    let (ok, _, err) = protege(&[&export[..], &["--out", &p("merged"), "--overwrite"]].concat());
+    assert!(ok, "{err}");
+    let merged = p("merged");
+
+    // generate: the same greedy text, which the adapter changed.
+    let generate = |extra: &[&str]| {
+        let args =
+            ["generate", "--device", "cpu", "--prompt", "def add(a, b):", "--max-new-tokens", "16", "--ignore-eos"];
+        let (ok, out, err) = protege(&[&args[..], extra].concat());
+        assert!(ok, "{err}");
+        out
+    };
+    let with_adapter = generate(&["--model", tiny, "--adapter", &adapter]);
+    assert_eq!(with_adapter, generate(&["--model", &merged]));
+    assert_ne!(with_adapter, generate(&["--model", tiny]));
+
+    // check-logits: the merged model's logits are the adapter's, not the base's.
+    reference_of(&dir.path().join("merged"), &dir.path().join("ref.safetensors"));
+    let check = |extra: &[&str]| {
+        let args = ["check-logits", "--device", "cpu", "--reference", &p("ref.safetensors"), "--atol", "1e-5"];
+        protege(&[&args[..], extra].concat())
+    };
+    let (ok, out, err) = check(&["--model", tiny, "--adapter", &adapter]);
+    assert!(ok && out.contains("PASS"), "{out}{err}");
+    let (ok, out, _) = check(&["--model", tiny]);
+    assert!(!ok && out.contains("FAIL"), "{out}");
+    // An adapter that is not one: a clear error naming the file.
+    let (ok, _, err) = check(&["--model", tiny, "--adapter", tiny]);
+    assert!(!ok && err.contains("adapter_config.json"), "{err}");
+
+    // eval with the local policy: every token the policy chose is the merged model's greedy
+    // choice (the prompts of two runs differ, in their work-tree paths, so their episodes cannot
+    // be compared directly).
+    let suite = fixture("tasks");
+    let args = [
+        "eval",
+        "--suite",
+        suite.to_str().unwrap(),
+        "--policy",
+        "local",
+        "--device",
+        "cpu",
+        "--expert",
+        "none",
+        "--tasks",
+        "calc__clamp-above",
+        "--max-steps",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--context",
+        "4096",
+        "--no-sandbox",
+        "--model",
+        tiny,
+        "--adapter",
+        &adapter,
+        "--out",
+    ];
+    let (ok, _, err) = protege(&[&args[..], &[&p("eval-adapter")]].concat());
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(dir.path().join("eval-adapter/trajectories.jsonl")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"]["ids"].clone()).unwrap();
+    let source: Vec<char> = v["tokens"]["source"].as_str().unwrap().chars().collect();
+    let greedy_agreement = |model: &str| {
+        let be = protege::backend::cpu::CpuBackend::new();
+        let m = protege::model::Qwen2::load_merged(&be, std::path::Path::new(model), None, Some(4096)).unwrap();
+        let logits = protege::generate::prompt_logits(&be, &m, &ids, None).unwrap();
+        let vocab = m.cfg.vocab_size;
+        let argmax = |row: &[f32]| (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
+        let chosen: Vec<usize> = (1..ids.len()).filter(|&i| source[i] == 'a').collect();
+        assert!(chosen.len() >= 24, "the policy replied: {source:?}");
+        chosen.iter().filter(|&&i| argmax(&logits[(i - 1) * vocab..i * vocab]) == ids[i]).count() as f64
+            / chosen.len() as f64
+    };
+    assert_eq!(greedy_agreement(&merged), 1.0);
+    assert!(greedy_agreement(tiny) < 0.9, "the adapter changes the policy's choices");
+    let summary = std::fs::read_to_string(dir.path().join("eval-adapter/summary.json")).unwrap();
+    assert!(summary.contains("adapter"), "the policy's name says an adapter was merged: {summary}");
 }

@@ -149,6 +149,15 @@ fn a_killed_rl_run_resumes_without_duplicated_or_lost_steps() {
     assert_eq!(stages, ["I", "I", "I", "II", "II", "II"]);
     assert!(run.join("model/config.json").exists() && run.join("model/model.safetensors").exists());
     assert!(run.join("adapter/adapter_config.json").exists(), "the LoRA adapter is exported too");
+    // model/ is the start model with adapter/ merged in.
+    let be = protege::backend::cpu::CpuBackend::new();
+    let ids: Vec<u32> = (0..20).map(|i| (i * 31 + 7) % 450).collect();
+    let logits = |dir: &Path, adapter: Option<&Path>| {
+        let m = protege::model::Qwen2::load_merged(&be, dir, adapter, None).unwrap();
+        protege::generate::prompt_logits(&be, &m, &ids, None).unwrap()
+    };
+    let start = root().join("tests/fixtures/loopy");
+    assert_eq!(logits(&run.join("model"), None), logits(&start, Some(&run.join("adapter"))));
     let kept = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("step-"));

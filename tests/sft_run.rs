@@ -90,7 +90,20 @@ fn resumed_run_matches_an_uninterrupted_one() {
         for f in ["config.toml", "metrics.jsonl", "checkpoints/latest", "checkpoints/step-6/state.json"] {
             assert!(run.join(f).exists(), "{f} missing");
         }
-        assert!(run.join(if lora { "adapter/adapter_config.json" } else { "model/model.safetensors" }).exists());
+        assert!(run.join("model/model.safetensors").exists() && run.join("model/tokenizer.json").exists());
+        assert_eq!(run.join("adapter/adapter_config.json").exists(), lora);
+        if lora {
+            // The merged model/ is the base with adapter/ merged in (the tiny model is f32, so exactly).
+            let be = protege::backend::cpu::CpuBackend::new();
+            let ids: Vec<u32> = (0..20).map(|i| (i * 31 + 7) % 450).collect();
+            let logits = |dir: &Path, adapter: Option<&Path>| {
+                let m = protege::model::Qwen2::load_merged(&be, dir, adapter, None).unwrap();
+                protege::generate::prompt_logits(&be, &m, &ids, None).unwrap()
+            };
+            let merged = logits(&run.join("model"), None);
+            assert_eq!(merged, logits(&fixture("tiny"), Some(&run.join("adapter"))));
+            assert_ne!(merged, logits(&fixture("tiny"), None));
+        }
 
         // Interrupted after 3 steps (the newest checkpoint is step 2), then resumed.
         let b = tempfile::tempdir().unwrap();

@@ -130,7 +130,14 @@ fn lora_gradients_match_peft() {
         let (be, mut model) = load(name);
         let t = Tensors::open(&fixture(&format!("{name}/lora_grads.safetensors")));
         // tools/make_grad_fixtures.py: r 4, alpha 8, all seven modules, no dropout.
-        let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 0 };
+        let cfg = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: Target::ALL.to_vec(),
+            seed: 0,
+            trainable_tokens: None,
+        };
         let lora = Lora::try_from_fn(&model.cfg, &cfg, |n, shape| {
             let (data, got) = t.f32s(&format!("lora.{n}"));
             assert_eq!(got, shape, "{n}");
@@ -165,7 +172,14 @@ fn lora_init_is_identity_and_merge_unmerge_round_trips() {
     let (be, mut model) = load("odd");
     let ids: Vec<u32> = (3..40).collect();
     let base = prompt_logits(&be, &model, &ids, None).unwrap();
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 3 };
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        seed: 3,
+        trainable_tokens: None,
+    };
     model.lora = Some(Lora::init(&be, &model.cfg, &cfg).unwrap());
     // PEFT initialisation: B = 0, so the adapted model equals the base.
     assert_eq!(prompt_logits(&be, &model, &ids, None).unwrap(), base);
@@ -203,7 +217,14 @@ fn lora_dropout_gradients_match_finite_differences() {
     use protege::model::lora::{Lora, LoraConfig, Target};
     let (be, mut model) = load("odd");
     let t = Tensors::open(&fixture("odd/lora_grads.safetensors"));
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.3, targets: Target::ALL.to_vec(), seed: 0 };
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.3,
+        targets: Target::ALL.to_vec(),
+        seed: 0,
+        trainable_tokens: None,
+    };
     model.lora =
         Some(Lora::try_from_fn(&model.cfg, &cfg, |n, _| Ok(be.upload_f32(&t.f32s(&format!("lora.{n}")).0))).unwrap());
     let mut batch = batch_from(&Tensors::open(&fixture("odd/grads.safetensors")));

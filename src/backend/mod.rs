@@ -256,6 +256,18 @@ pub trait Backend: Send + Sync {
     fn scale(&self, x: &mut Self::Buf, s: f32, n: usize);
     /// `dst[..n] = src[..n]`.
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, n: usize);
+    /// `dst[dst_rows[i]] = src[src_rows[i]]` for rows of `dim` values, both buffers in one
+    /// precision: gathers or scatters a few rows of a large matrix (trained token rows of the
+    /// embedding). The default goes through host memory; backends copy on the device.
+    fn copy_rows(&self, src: &Self::Buf, src_rows: &[u32], dst: &mut Self::Buf, dst_rows: &[u32], dim: usize) {
+        assert_eq!(src_rows.len(), dst_rows.len(), "copy_rows: as many source rows as destination rows");
+        let (from, mut to) = (self.to_f32(src), self.to_f32(dst));
+        for (&s, &d) in src_rows.iter().zip(dst_rows) {
+            let (s, d) = (s as usize * dim, d as usize * dim);
+            to[d..d + dim].copy_from_slice(&from[s..s + dim]);
+        }
+        self.write_f32(dst, &to);
+    }
     /// Inverted dropout: `out[i] = x[i] / (1 - p)` where [`dropout_keeps`]`(seed, i, p)`, else 0.
     /// The mask is a pure function of `(seed, i)`, so the backward is this same op on the
     /// gradient and no mask is stored.

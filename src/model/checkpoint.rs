@@ -83,6 +83,21 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_path_buf(), shards, index })
     }
 
+    /// Every tensor name in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The element type of tensor `name` (without checking its shape).
+    pub fn dtype_of(&self, name: &str) -> Result<DType> {
+        let &i = self.index.get(name).ok_or_else(|| anyhow!("no tensor {name} in {}", self.dir.display()))?;
+        let shard = &self.shards[i];
+        let view = parse(shard)?
+            .tensor(name)
+            .with_context(|| format!("{}: cannot read tensor {name}", shard.path.display()))?;
+        float_dtype(view.dtype(), &shard.path, name)
+    }
+
     /// The tensor `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>> {
         let &i = self.index.get(name).ok_or_else(|| {
@@ -95,12 +110,16 @@ impl Checkpoint {
         if view.shape() != shape {
             bail!("{file}: tensor {name} has shape {:?}, expected {shape:?} (from config.json)", view.shape());
         }
-        let dtype = match view.dtype() {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            other => bail!("{file}: tensor {name} has dtype {other:?}; expected BF16, F16 or F32"),
-        };
+        let dtype = float_dtype(view.dtype(), &shard.path, name)?;
         Ok(HostTensor { dtype, shape: shape.to_vec(), bytes: view.data() })
     }
+}
+
+fn float_dtype(d: Dtype, file: &Path, name: &str) -> Result<DType> {
+    Ok(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        other => bail!("{}: tensor {name} has dtype {other:?}; expected BF16, F16 or F32", file.display()),
+    })
 }

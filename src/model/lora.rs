@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::token_rows::{TokenRows, TrainableTokens};
 use super::Qwen2Config;
 use crate::backend::Backend;
 
@@ -72,6 +73,12 @@ pub struct LoraConfig {
     /// Seed of the A initialisation.
     #[serde(default)]
     pub seed: u64,
+    /// Tokens whose embedding rows (and LM-head rows, when untied) are trained with the adapters
+    /// (PEFT's `trainable_token_indices`): `"auto"` (the chat template's tokens whose rows the
+    /// base never trained) or a list of token strings and ids. Resolved when training starts
+    /// (`train::untrained::attach_training_adapters`); [`Lora::init`] leaves it to that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_tokens: Option<TrainableTokens>,
 }
 
 impl LoraConfig {
@@ -100,10 +107,13 @@ pub struct LoraPair<B: Backend> {
     pub b: B::Buf,
 }
 
-/// The adapters of a model: per layer, one optional pair per [`Target`].
+/// The adapters of a model: per layer, one optional pair per [`Target`], and the trained
+/// token rows if any.
 pub struct Lora<B: Backend> {
     pub cfg: LoraConfig,
     pub layers: Vec<[Option<LoraPair<B>>; 7]>,
+    /// Embedding / LM-head rows trained with the adapters (see [`super::token_rows`]).
+    pub tokens: Option<TokenRows<B>>,
 }
 
 impl<B: Backend> Lora<B> {
@@ -126,7 +136,14 @@ impl<B: Backend> Lora<B> {
             }
             layers.push(slots);
         }
-        Ok(Self { cfg: cfg.clone(), layers })
+        Ok(Self { cfg: cfg.clone(), layers, tokens: None })
+    }
+
+    /// Adapters on some modules only (`layers[l][t.index()]`), e.g. a PEFT adapter with
+    /// `layers_to_transform`.
+    pub fn from_layers(cfg: LoraConfig, layers: Vec<[Option<LoraPair<B>>; 7]>) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self { cfg, layers, tokens: None })
     }
 
     /// PEFT's initialisation: `A ~ U(-1/sqrt(in), 1/sqrt(in))` (Kaiming-uniform with a = sqrt(5)),
@@ -146,14 +163,17 @@ impl<B: Backend> Lora<B> {
 
     /// Zero-filled f32 adapters of the same shape (gradients).
     pub fn zeros_like(&self, be: &B, model: &Qwen2Config) -> Self {
-        Self::try_from_fn(model, &self.cfg, |_, shape| Ok(be.zeros_f32(shape.iter().product()))).expect("allocation")
+        let mut z = Self::try_from_fn(model, &self.cfg, |_, shape| Ok(be.zeros_f32(shape.iter().product())))
+            .expect("allocation");
+        z.tokens = self.tokens.as_ref().map(|t| t.zeros_like(be, model.hidden_size));
+        z
     }
 
     pub fn pair(&self, layer: usize, t: Target) -> Option<&LoraPair<B>> {
         self.layers[layer][t.index()].as_ref()
     }
 
-    /// Every tensor with its PEFT name and shape.
+    /// Every tensor with its PEFT name and shape: the layers' adapters, then the token rows.
     pub fn tensors(&self, model: &Qwen2Config) -> Vec<(String, Vec<usize>, &B::Buf)> {
         let mut out = vec![];
         for (l, slots) in self.layers.iter().enumerate() {
@@ -165,6 +185,9 @@ impl<B: Backend> Lora<B> {
                     out.push((nb, vec![o, self.cfg.rank], &p.b));
                 }
             }
+        }
+        if let Some(t) = &self.tokens {
+            out.extend(t.tensors(model.hidden_size));
         }
         out
     }
@@ -183,6 +206,9 @@ impl<B: Backend> Lora<B> {
                 }
             }
         }
+        if let Some(t) = &mut self.tokens {
+            out.extend(t.tensors_mut(model.hidden_size));
+        }
         out
     }
 }
@@ -196,4 +222,11 @@ pub fn module_dropout_seed(step_seed: u64, l: usize, t: Target) -> u64 {
 pub fn peft_names(l: usize, t: Target) -> (String, String) {
     let base = format!("base_model.model.model.layers.{l}.{}", t.module());
     (format!("{base}.lora_A.weight"), format!("{base}.lora_B.weight"))
+}
+
+/// `w += scale * b a`, the merge of one adapter into its weight, on the host in f32:
+/// `w: [out, in]`, `a: [rank, in]`, `b: [out, rank]`.
+pub fn add_delta(w: &mut [f32], a: &[f32], b: &[f32], (inp, out, rank): (usize, usize, usize), scale: f32) {
+    use crate::backend::cpu::{as_is, mm};
+    mm(w, as_is(b), as_is(a), out, inp, rank, true, scale, true);
 }

@@ -236,7 +236,8 @@ impl<B: Backend> Qwen2<B> {
         if let Some(a) = adapter {
             let lora = super::export::load_peft(backend, &model, a)
                 .with_context(|| format!("cannot load the adapter {} for {}", a.display(), dir.display()))?;
-            model.lora = Some(lora);
+            // Attaching writes the adapter's trained token rows (if any) into the weights.
+            model.attach_lora(backend, lora);
             model.merge_lora(backend)?;
         }
         if let Some(n) = context {
@@ -269,9 +270,25 @@ impl<B: Backend> Qwen2<B> {
         rows: usize,
         dropout_seed: Option<u64>,
     ) -> Option<B::Buf> {
+        self.linear_with(be, l, t, x, out, rows, dropout_seed, self.lora.as_ref())
+    }
+
+    /// [`Qwen2::linear_fwd`] with the adapters `lora` (not necessarily the model's own).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_with(
+        &self,
+        be: &B,
+        l: usize,
+        t: Target,
+        x: &B::Buf,
+        out: &mut B::Buf,
+        rows: usize,
+        dropout_seed: Option<u64>,
+        lora: Option<&Lora<B>>,
+    ) -> Option<B::Buf> {
         let (k, n) = t.dims(&self.cfg);
         let (w, b) = self.w.layers[l].linear(t);
-        let Some((lora, pair)) = self.lora.as_ref().and_then(|lo| Some((lo, lo.pair(l, t)?))) else {
+        let Some((lora, pair)) = lora.and_then(|lo| Some((lo, lo.pair(l, t)?))) else {
             be.linear(x, w, b, out, rows, k, n);
             return None;
         };
@@ -304,6 +321,18 @@ impl<B: Backend> Qwen2<B> {
     /// Runs one step: stores the new tokens' keys/values in `cache` and returns the logits of
     /// `meta.logit_rows`, `[logit_rows.len(), vocab]`.
     pub fn forward(&self, be: &B, meta: &StepMeta, cache: &mut KvCache<B>) -> Result<B::Buf> {
+        self.forward_with(be, meta, cache, self.lora.as_ref())
+    }
+
+    /// [`Qwen2::forward`] with the adapters `lora` applied unmerged (the model's own are not
+    /// used): how one base serves several adapters.
+    pub fn forward_with(
+        &self,
+        be: &B,
+        meta: &StepMeta,
+        cache: &mut KvCache<B>,
+        lora: Option<&Lora<B>>,
+    ) -> Result<B::Buf> {
         let c = &self.cfg;
         let rows = meta.rows();
         if meta.positions.len() != rows || meta.slots.len() != rows {
@@ -338,23 +367,23 @@ impl<B: Backend> Qwen2<B> {
         be.embedding(&self.w.embed, &dev, &mut x, h);
         for (l, w) in self.w.layers.iter().enumerate() {
             be.rmsnorm(&x, &w.input_norm, &mut normed, rows, h, c.rms_norm_eps);
-            self.linear_fwd(be, l, Target::Q, &normed, &mut q, rows, None);
-            self.linear_fwd(be, l, Target::K, &normed, &mut k, rows, None);
-            self.linear_fwd(be, l, Target::V, &normed, &mut v, rows, None);
+            self.linear_with(be, l, Target::Q, &normed, &mut q, rows, None, lora);
+            self.linear_with(be, l, Target::K, &normed, &mut k, rows, None, lora);
+            self.linear_with(be, l, Target::V, &normed, &mut v, rows, None, lora);
             be.rope(&mut q, &dev, c.num_heads, c.head_dim, c.rope_theta);
             be.rope(&mut k, &dev, c.num_kv_heads, c.head_dim, c.rope_theta);
             let (k_cache, v_cache) = cache.layer_mut(l);
             be.kv_store(&k, &v, k_cache, v_cache, &dev, kvd);
             let (k_cache, v_cache) = cache.layer(l);
             be.attention(&q, k_cache, v_cache, &mut attn, &dev, c.num_heads, c.num_kv_heads, c.head_dim);
-            self.linear_fwd(be, l, Target::O, &attn, &mut proj, rows, None);
+            self.linear_with(be, l, Target::O, &attn, &mut proj, rows, None, lora);
             be.add_assign(&mut x, &proj, rows * h);
 
             be.rmsnorm(&x, &w.post_norm, &mut normed, rows, h, c.rms_norm_eps);
-            self.linear_fwd(be, l, Target::Gate, &normed, &mut gate, rows, None);
-            self.linear_fwd(be, l, Target::Up, &normed, &mut up, rows, None);
+            self.linear_with(be, l, Target::Gate, &normed, &mut gate, rows, None, lora);
+            self.linear_with(be, l, Target::Up, &normed, &mut up, rows, None, lora);
             be.swiglu(&gate, &up, &mut act, rows * inter);
-            self.linear_fwd(be, l, Target::Down, &act, &mut proj, rows, None);
+            self.linear_with(be, l, Target::Down, &act, &mut proj, rows, None, lora);
             be.add_assign(&mut x, &proj, rows * h);
         }
         let n_out = meta.logit_rows.len();
@@ -448,17 +477,7 @@ impl<B: Backend> Qwen2<B> {
                 let (w, _) = self.w.layers[l].linear_mut(t);
                 let mut host = be.to_f32(w);
                 let (a, b) = (be.to_f32(&pair.a), be.to_f32(&pair.b));
-                crate::backend::cpu::mm(
-                    &mut host,
-                    crate::backend::cpu::as_is(&b),
-                    crate::backend::cpu::as_is(&a),
-                    n,
-                    k,
-                    r,
-                    true,
-                    scale,
-                    true,
-                );
+                super::lora::add_delta(&mut host, &a, &b, (k, n, r), scale);
                 *w = be.upload_f32(&host);
             }
         }

@@ -79,8 +79,8 @@ impl TrainBatch {
     }
 }
 
-/// Where gradients go: every parameter (full fine-tuning), or only the adapters (LoRA, base
-/// frozen).
+/// Where gradients go: every parameter (full fine-tuning), or only the adapters and their
+/// trained token rows (LoRA, base frozen).
 pub enum Grads<B: TrainBackend> {
     Full(Weights<B>),
     Lora(Lora<B>),
@@ -315,6 +315,7 @@ impl<B: TrainBackend> Qwen2<B> {
         if dlogp.len() != rows {
             bail!("dlogp has {} rows, the batch {rows}", dlogp.len());
         }
+        let dlogp_host = dlogp;
         let meta = be.prepare(&batch.meta);
         let (h, inter, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         let Trace { layers, x_final, hidden, lse } = trace;
@@ -338,6 +339,9 @@ impl<B: TrainBackend> Qwen2<B> {
             h,
             c.vocab_size,
         );
+        if let Grads::Lora(g) = grads {
+            self.head_rows_backward(be, batch, &hidden, &lse, dlogp_host, g);
+        }
         if batch.temperature != 1.0 {
             be.scale(&mut dhidden, 1.0 / batch.temperature, rows * h);
         }
@@ -424,10 +428,66 @@ impl<B: TrainBackend> Qwen2<B> {
             be.add_assign(&mut dx, &dmid, rows * h);
             on_layer(l, grads)?;
         }
-        if let Grads::Full(g) = grads {
-            be.embedding_bwd(&dx, &meta, &mut g.embed, h);
+        match grads {
+            Grads::Full(g) => be.embedding_bwd(&dx, &meta, &mut g.embed, h),
+            Grads::Lora(g) => self.embed_rows_backward(be, batch, &dx, g),
         }
         Ok(())
+    }
+
+    /// The gradient of the trained LM-head rows (tied: the embedding's), accumulated into
+    /// `grads`' token rows. For the row of token `j`: `sum_r dlogp_r (1[target_r = j] - p_r(j)) h_r`,
+    /// from `p_r(j) = exp(h_r . w_j - lse_r)`, for these few rows only (the whole head's
+    /// gradient would cost a vocabulary-wide product).
+    fn head_rows_backward(
+        &self,
+        be: &B,
+        batch: &TrainBatch,
+        hidden: &B::Buf,
+        lse: &B::Buf,
+        dlogp: &[f32],
+        grads: &mut Lora<B>,
+    ) {
+        let tied = self.cfg.tie_word_embeddings;
+        let trained = self.lora.as_ref().and_then(|l| l.tokens.as_ref()).and_then(|t| t.head_rows(tied));
+        let (Some(set), Some(g)) = (trained, grads.tokens.as_mut().and_then(|t| t.head_rows_mut(tied))) else {
+            return;
+        };
+        let (rows, h, n) = (batch.rows(), self.cfg.hidden_size, set.ids.len());
+        let mut logits = be.zeros(rows * n);
+        be.linear(hidden, &set.rows, None, &mut logits, rows, h, n);
+        let (logits, lse) = (be.to_f32(&logits), be.to_f32(lse));
+        let mut coef = vec![0f32; rows * n];
+        for r in (0..rows).filter(|&r| dlogp[r] != 0.0) {
+            for (j, &id) in set.ids.iter().enumerate() {
+                let p = (logits[r * n + j] - lse[r]).exp();
+                let hit = if batch.targets[r] == id { 1.0 } else { 0.0 };
+                coef[r * n + j] = dlogp[r] * (hit - p);
+            }
+        }
+        be.linear_bwd(&be.upload_f32(&coef), hidden, &set.rows, None, Some(&mut g.rows), None, rows, h, n);
+    }
+
+    /// The gradient of the trained embedding rows: the input gradient `dx` of the rows whose
+    /// token is one of them, accumulated into `grads`' token rows.
+    fn embed_rows_backward(&self, be: &B, batch: &TrainBatch, dx: &B::Buf, grads: &mut Lora<B>) {
+        let trained = self.lora.as_ref().and_then(|l| l.tokens.as_ref());
+        let (Some(t), Some(g)) = (trained, grads.tokens.as_mut()) else { return };
+        let (mut picked_rows, mut slots) = (vec![], vec![]);
+        for (r, tok) in batch.meta.tokens.iter().enumerate() {
+            if let Some(j) = t.embed.ids.iter().position(|id| id == tok) {
+                picked_rows.push(r as u32);
+                slots.push(j as u32);
+            }
+        }
+        if picked_rows.is_empty() {
+            return;
+        }
+        let h = self.cfg.hidden_size;
+        let mut picked = be.zeros(picked_rows.len() * h);
+        be.copy_rows(dx, &picked_rows, &mut picked, &(0..picked_rows.len() as u32).collect::<Vec<_>>(), h);
+        let meta = be.prepare(&StepMeta { positions: vec![0; slots.len()], tokens: slots, ..Default::default() });
+        be.embedding_bwd(&picked, &meta, &mut g.embed.rows, h);
     }
 
     /// Backward of [`Qwen2::linear_fwd`]: `dx` (overwritten) and the gradients of what is

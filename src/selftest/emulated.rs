@@ -814,6 +814,7 @@ mod tests {
         }
         let cfg = model.cfg.clone();
         let report = opt.step(be, model.trainable_mut(), grads.tensors(&cfg))?;
+        model.sync_token_rows(be);
         assert!(report.grad_norm.is_finite() && report.grad_norm > 0.0);
         Ok(loss)
     }
@@ -831,7 +832,14 @@ mod tests {
     fn lora_sft_with_checkpoint_and_resume_keeps_the_precision_contract() -> Result<()> {
         let be = Bf16Emu::new();
         let dir = fixtures().join("tiny");
-        let lcfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: Target::ALL.to_vec(), seed: 3 };
+        let lcfg = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: Target::ALL.to_vec(),
+            seed: 3,
+            trainable_tokens: None,
+        };
         let ocfg = OptimConfig {
             schedule: Schedule { lr: 2e-3, warmup_steps: 1, total_steps: 4, decay: Decay::Cosine, min_lr_ratio: 0.1 },
             beta1: 0.9,
@@ -842,7 +850,10 @@ mod tests {
         };
         let start = || -> Result<(Qwen2<Bf16Emu>, Optimizer<Bf16Emu>, Grads<Bf16Emu>)> {
             let mut model = Qwen2::load(&be, &dir)?;
-            model.lora = Some(Lora::init(&be, &model.cfg, &lcfg)?);
+            // With trained token rows (as `lora.trainable_tokens` makes them).
+            let mut lora = Lora::init(&be, &model.cfg, &lcfg)?;
+            lora.tokens = Some(crate::model::token_rows::TokenRows::from_model(&be, &model, &[453, 454, 7]));
+            model.attach_lora(&be, lora);
             let opt = Optimizer::new(&be, model.trainable(), ocfg);
             let grads = Grads::zeros_for(&be, &model);
             Ok((model, opt, grads))

@@ -159,6 +159,22 @@ pub fn check_ops<B: Backend>(dev: &B, cpu: &CpuBackend, rep: &mut Report) {
         let mut want = b.clone();
         want[..n / 2].iter_mut().for_each(|x| *x = 0.0);
         rep.add("elementwise", format!("copy+zero n={n}"), norm_err(&dev.to_f32(&da), &want, n), 0.0, String::new());
+        // Rows of 1 and 7 values (trained token rows): the last row of `b` into the first of `a`
+        // and the first into the last.
+        for dim in [1, 7].into_iter().filter(|&d| n >= 2 * d) {
+            let last = (n / dim - 1) as u32;
+            dev.copy_rows(&db, &[last, 0], &mut da, &[0, last], dim);
+            let l = last as usize * dim;
+            want[..dim].copy_from_slice(&b[l..l + dim]);
+            want[l..l + dim].copy_from_slice(&b[..dim]);
+            rep.add(
+                "elementwise",
+                format!("copy_rows n={n} dim={dim}"),
+                norm_err(&dev.to_f32(&da), &want, n),
+                0.0,
+                String::new(),
+            );
+        }
     }
     for &(rows, dim) in &[(1usize, 10usize), (5, 64), (33, 90), (3, 896), (2, 3584)] {
         let x = random(&mut rng, rows * dim, 3.0);

@@ -444,7 +444,14 @@ pub fn check_training_steps<B: TrainBackend>(
     );
 
     // LoRA: one AdamW update, then a 20-step loss curve.
-    let lcfg = LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 5 };
+    let lcfg = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        seed: 5,
+        trainable_tokens: None,
+    };
     let (mut dl, mut cl) = (dmodel, cmodel);
     dl.lora = Some(Lora::init(dev, &dl.cfg, &lcfg)?);
     cl.lora = Some(Lora::init(cpu, &cl.cfg, &lcfg)?);

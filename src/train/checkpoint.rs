@@ -184,6 +184,8 @@ pub fn load<B: TrainBackend, S: DeserializeOwned>(
             opt.v[i] = be.upload_f32_full(&host.upload(&moments.get(&format!("v.{n}"), s)?)?);
         }
     }
+    // Trained token rows live in the base weights too.
+    model.sync_token_rows(be);
     Ok(state)
 }
 

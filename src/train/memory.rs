@@ -134,7 +134,14 @@ mod tests {
         assert_eq!(full.optimizer, 8 * full.trained_params, "the CPU keeps no master copy");
         let recomputed = MemoryPlan::new(&be, &model, 512, true);
         assert!(recomputed.activations < full.activations);
-        let l = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: Target::ALL.to_vec(), seed: 0 };
+        let l = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: Target::ALL.to_vec(),
+            seed: 0,
+            trainable_tokens: None,
+        };
         model.lora = Some(Lora::init(&be, &model.cfg, &l).unwrap());
         let lora = MemoryPlan::new(&be, &model, 512, true);
         assert!(lora.trained_params < full.trained_params / 4);

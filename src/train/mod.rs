@@ -10,6 +10,7 @@ pub mod rl;
 pub mod rollout;
 pub mod schedule;
 pub mod sft;
+pub mod untrained;
 
 pub use optim::{OptimConfig, Optimizer, Shard, StepReport};
 pub use schedule::{Decay, Schedule};

@@ -27,6 +27,7 @@ use serde_json::json;
 use super::checkpoint;
 use super::grpo::{advantages, policy_loss, token_weights, PgConfig, PgRows, PgStats};
 use super::rollout::{run_rollouts, Rollout, RolloutEnv, RolloutJob};
+use super::untrained::attach_training_adapters;
 use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::sandbox::best_isolation;
 use crate::agent::trajectory::Source;
@@ -35,8 +36,7 @@ use crate::backend::cuda::{CudaBackend, Device};
 use crate::backend::{Backend, TrainBackend};
 use crate::config::{ExpertKind, RlConfig};
 use crate::eval::{make_expert, prepare_expert};
-use crate::model::export::{export_hf, export_peft, write_atomic, ExportDtype};
-use crate::model::lora::Lora;
+use crate::model::export::{export_hf, export_peft, write_atomic, HfExportOptions};
 use crate::model::training::{Grads, TrainBatch};
 use crate::model::Qwen2;
 use crate::reward::{ExpertJudge, HeuristicJudge, Judge, JudgeKind};
@@ -280,13 +280,12 @@ fn rollout_line(
 }
 
 /// Loads the policy: the model RL starts from (with an SFT adapter merged) and, when the
-/// config asks, a fresh LoRA on top.
-pub fn load_policy<B: Backend>(be: &B, cfg: &RlConfig) -> Result<Qwen2<B>> {
+/// config asks, a fresh LoRA on top (with the token rows it trains); says which token rows are
+/// untrained.
+pub fn load_policy<B: Backend>(be: &B, cfg: &RlConfig, tok: &Tokenizer) -> Result<Qwen2<B>> {
     let m = &cfg.model;
     let mut model = Qwen2::load_merged(be, &m.path, m.adapter.as_deref(), m.context)?;
-    if let Some(l) = &cfg.lora {
-        model.lora = Some(Lora::init(be, &model.cfg, l)?);
-    }
+    attach_training_adapters(be, &mut model, tok, cfg.lora.as_ref(), "rl", true)?;
     Ok(model)
 }
 
@@ -335,7 +334,7 @@ fn rl_with<B: TrainBackend>(
 
     eprintln!("rl: on {}", be.name());
     let tok = Tokenizer::from_dir(&cfg.model.path)?;
-    let mut model = load_policy(&be, cfg)?;
+    let mut model = load_policy(&be, cfg, &tok)?;
     // The reference for the KL term: the starting model. With LoRA it is the same weights
     // with the adapters off; for full fine-tuning a second copy.
     let ref_model = if cfg.grpo.kl_beta > 0.0 && cfg.lora.is_none() {
@@ -554,9 +553,12 @@ fn rl_with<B: TrainBackend>(
             let reference = match &ref_model {
                 Some(m) => score(&be, m, &all, cfg.grpo.batch_tokens, temperature)?,
                 None => {
-                    let adapters = model.lora.take();
+                    // The adapters off, and the base's own token rows back in.
+                    let adapters = model.detach_lora(&be);
                     let r = score(&be, &model, &all, cfg.grpo.batch_tokens, temperature);
-                    model.lora = adapters;
+                    if let Some(a) = adapters {
+                        model.attach_lora(&be, a);
+                    }
                     r?
                 }
             };
@@ -607,6 +609,7 @@ fn rl_with<B: TrainBackend>(
                 trained_tokens += act.iter().map(|s| s.ids.len()).sum::<usize>();
                 let model_cfg = model.cfg.clone();
                 let report = opt.step(&be, model.trainable_mut(), grads.tensors(&model_cfg))?;
+                model.sync_token_rows(&be);
                 grad_norm = report.grad_norm as f64;
                 lr = report.lr as f64;
                 opt_steps += 1;
@@ -711,41 +714,23 @@ fn rl_with<B: TrainBackend>(
         }
     }
     if state.step == total {
-        // On a bf16 device the exports write the optimiser's f32 masters; the merged model is
-        // made from the bf16 adapters (merging runs device ops, which read bf16).
+        // On a bf16 device the exports write the optimiser's f32 masters (the merge is done
+        // on the host, in f32).
         let mut masters = std::mem::take(&mut opt.master);
-        if model.lora.is_some() {
-            let base = cfg.model.path.display().to_string();
-            super::sft::with_masters(&mut model, &mut masters, |m| export_peft(&be, m, &base, &run.join("adapter")))?;
-            export_final(&be, &mut model, &cfg.model.path, &run.join("model"))?;
-        } else {
-            super::sft::with_masters(&mut model, &mut masters, |m| {
-                export_final(&be, m, &cfg.model.path, &run.join("model"))
-            })?;
-        }
+        let base = cfg.model.path.display().to_string();
+        super::sft::with_masters(&mut model, &mut masters, |m| {
+            if m.lora.is_some() {
+                export_peft(&be, m, &base, &run.join("adapter"))?;
+            }
+            export_final(&be, m, &cfg.model.path, &run.join("model"))
+        })?;
     }
     Ok(RlOutcome { run_dir: run, last_step: state.step, metrics })
 }
 
-/// Writes the trained policy as a plain HF directory (adapters merged), atomically.
-pub fn export_final<B: Backend>(be: &B, model: &mut Qwen2<B>, source: &Path, out: &Path) -> Result<()> {
-    let tmp = out.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    let adapters = if model.lora.is_some() { Some(model.merge_lora_keep(be)?) } else { None };
-    let r = export_hf(be, model, source, &tmp, ExportDtype::F32);
-    if let Some(a) = adapters {
-        model.unmerge_lora(be, a)?;
-    }
-    r?;
-    // The context override is part of the policy that was trained.
-    let cfg_path = tmp.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
-    v["max_position_embeddings"] = json!(model.cfg.max_position_embeddings);
-    write_atomic(&cfg_path, serde_json::to_string_pretty(&v)?.as_bytes())?;
-    if out.exists() {
-        std::fs::remove_dir_all(out)?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot move {} into place", tmp.display()))
+/// Writes the trained model as an HF directory like `save_pretrained` (its LoRA adapters merged,
+/// the source's dtype, sharded, with the tokenizer files of `source`), replacing `out` at once.
+pub fn export_final<B: Backend>(be: &B, model: &Qwen2<B>, source: &Path, out: &Path) -> Result<()> {
+    let opts = HfExportOptions { overwrite: true, ..Default::default() };
+    export_hf(be, model, model.lora.as_ref(), source, out, &opts)
 }

@@ -4,7 +4,8 @@
 //! step, loss, eval_loss when evaluated, lr, grad_norm, tokens, tokens_per_s, elapsed_s),
 //! `checkpoints/step-N/` (trained tensors, optimiser moments, `state.json` with the step and
 //! data cursor; each written under a temporary name, then renamed) with `checkpoints/latest`
-//! naming the newest, and the result: `adapter/` (PEFT) or `model/` (HF directory).
+//! naming the newest, and the result: `model/` (HF directory, as `save_pretrained` writes it: the
+//! base's dtype, sharded, tokenizer files; LoRA adapters merged) and, with LoRA, `adapter/` (PEFT).
 //! Resuming restores the newest checkpoint and cuts `metrics.jsonl` back to it, so the loss
 //! curve continues exactly as an uninterrupted run's.
 
@@ -22,6 +23,7 @@ use super::data::{build_examples, pack_batches, DataStats, Example};
 use super::dist::nccl::NcclCollective;
 use super::dist::{Collective, HostCollective, Star, World};
 use super::memory::MemoryPlan;
+use super::untrained::attach_training_adapters;
 use super::{OptimConfig, Optimizer, Schedule};
 use crate::agent::trajectory::read_jsonl;
 use crate::backend::cpu::CpuBackend;
@@ -29,7 +31,6 @@ use crate::backend::cuda::{libs, CudaBackend, Device};
 use crate::backend::TrainBackend;
 use crate::config::SftConfig;
 use crate::model::export::{export_peft, write_atomic};
-use crate::model::lora::Lora;
 use crate::model::training::{Grads, TrainBatch};
 use crate::model::Qwen2;
 use crate::tokenizer::Tokenizer;
@@ -173,9 +174,7 @@ fn sft_with<B: TrainBackend>(
     }
     let tok = Tokenizer::from_dir(&cfg.model.path)?;
     let mut model = Qwen2::load_merged(&be, &cfg.model.path, None, cfg.model.context)?;
-    if let Some(l) = &cfg.lora {
-        model.lora = Some(Lora::init(&be, &model.cfg, l)?);
-    }
+    attach_training_adapters(&be, &mut model, &tok, cfg.lora.as_ref(), "sft", main)?;
     let mut trajectories = vec![];
     for f in &cfg.data.train {
         trajectories.extend(read_jsonl(f)?);
@@ -332,6 +331,7 @@ fn sft_with<B: TrainBackend>(
             }
             coll.wait(&be)?;
         }
+        model.sync_token_rows(&be);
         state.step = report.step;
         let eval_due = main
             && !eval.is_empty()
@@ -366,10 +366,13 @@ fn sft_with<B: TrainBackend>(
         // their bf16 rounding: rank 0 collects each from its owner and lends it to the model.
         let mut masters = collect_masters(&be, coll, &opt)?;
         if main {
-            with_masters(&mut model, &mut masters, |model| match &model.lora {
-                Some(_) => export_peft(&be, model, &cfg.model.path.display().to_string(), &run.join("adapter")),
-                // With the context override recorded in its config.json.
-                None => super::rl::export_final(&be, model, &cfg.model.path, &run.join("model")),
+            // The adapter (what later stages load cheaply), then the merged model for users; its
+            // config.json records the context override.
+            with_masters(&mut model, &mut masters, |model| {
+                if model.lora.is_some() {
+                    export_peft(&be, model, &cfg.model.path.display().to_string(), &run.join("adapter"))?;
+                }
+                super::rl::export_final(&be, model, &cfg.model.path, &run.join("model"))
             })?;
         }
     }

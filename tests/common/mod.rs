@@ -56,3 +56,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
 }
+
+/// A random, non-zero rank-4 LoRA adapter on every module of the fixture model `name`, written
+/// in PEFT's format to `dir`.
+pub fn write_random_adapter(name: &str, dir: &Path) {
+    use protege::backend::Backend;
+    use protege::model::lora::{Lora, LoraConfig, Target};
+    use rand::{Rng, SeedableRng};
+    let (be, mut model) = load(name);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let cfg: LoraConfig =
+        serde_json::from_value(serde_json::json!({"rank": 4, "alpha": 8.0, "targets": Target::ALL})).unwrap();
+    let lora = Lora::try_from_fn(&model.cfg, &cfg, |_, shape| {
+        Ok(be.upload_f32(&(0..shape.iter().product()).map(|_| rng.gen_range(-0.2..0.2)).collect::<Vec<f32>>()))
+    })
+    .unwrap();
+    model.lora = Some(lora);
+    protege::model::export::export_peft(&be, &model, name, dir).unwrap();
+}

@@ -273,6 +273,14 @@ impl Backend for CpuBackend {
         dst[..n].copy_from_slice(&src[..n]);
     }
 
+    fn copy_rows(&self, src: &Vec<f32>, src_rows: &[u32], dst: &mut Vec<f32>, dst_rows: &[u32], dim: usize) {
+        assert_eq!(src_rows.len(), dst_rows.len(), "copy_rows: as many source rows as destination rows");
+        for (&s, &d) in src_rows.iter().zip(dst_rows) {
+            let (s, d) = (s as usize * dim, d as usize * dim);
+            dst[d..d + dim].copy_from_slice(&src[s..s + dim]);
+        }
+    }
+
     fn dropout(&self, x: &Vec<f32>, out: &mut Vec<f32>, n: usize, p: f32, seed: u64) {
         let s = 1.0 / (1.0 - p);
         out[..n].par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {

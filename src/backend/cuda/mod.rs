@@ -851,6 +851,25 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn copy_rows(&self, src: &Self::Buf, src_rows: &[u32], dst: &mut Self::Buf, dst_rows: &[u32], dim: usize) {
+        assert_eq!(src_rows.len(), dst_rows.len(), "copy_rows: as many source rows as destination rows");
+        // A few rows (trained token rows): one device copy each.
+        for (&s, &d) in src_rows.iter().zip(dst_rows) {
+            let (s, d) = (s as usize * dim, d as usize * dim);
+            match (src, &mut *dst) {
+                (CudaBuf::Bf16(a), CudaBuf::Bf16(b)) => check(
+                    "device row copy",
+                    self.stream.memcpy_dtod(&a.slice(s..s + dim), &mut b.slice_mut(d..d + dim)),
+                ),
+                (CudaBuf::F32(a), CudaBuf::F32(b)) => check(
+                    "device row copy",
+                    self.stream.memcpy_dtod(&a.slice(s..s + dim), &mut b.slice_mut(d..d + dim)),
+                ),
+                _ => panic!("copy_rows: both buffers must have one precision"),
+            }
+        }
+    }
+
     fn dropout(&self, x: &Self::Buf, out: &mut Self::Buf, n: usize, p: f32, seed: u64) {
         if n == 0 {
             return;
