@@ -337,6 +337,30 @@ struct ServeArgs {
     /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
     #[arg(long)]
     device: Option<Device>,
+    /// A PEFT LoRA adapter served unmerged under --name.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// More adapters on the same base, each under its own model name: NAME=DIR (repeatable),
+    /// as vLLM's --lora-modules.
+    #[arg(long = "lora-modules", value_parser = parse_lora_module, num_args = 1..)]
+    lora_modules: Vec<(String, PathBuf)>,
+    /// Tokens the KV cache holds for all requests in flight (default: the context, at least 32768).
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
+    /// Require this key (`Authorization: Bearer KEY` or `x-api-key: KEY`); default: the
+    /// PROTEGE_API_KEY environment variable when set.
+    #[arg(long, env = "PROTEGE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, default_value_t = protege::serve::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+}
+
+fn parse_lora_module(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.to_string(), PathBuf::from(dir))),
+        _ => Err(format!("expected NAME=DIR, got {s:?}")),
+    }
 }
 
 #[derive(Args)]
@@ -663,6 +687,7 @@ fn generate_on<B: Backend>(be: &B, a: &GenerateArgs, tok: &Tokenizer, prompt: Ve
         seed: a.seed,
         stop_tokens: if a.ignore_eos { vec![] } else { tok.stop_ids.clone() },
         stop_strings: a.stop.clone(),
+        ..Request::greedy(vec![], 0)
     };
     let mut stream = TextStream::new(tok.clone());
     let stop_tokens = req.stop_tokens.clone();
@@ -1264,8 +1289,13 @@ fn main() -> ExitCode {
             model: a.model,
             addr: a.addr,
             name: a.name,
+            adapter: a.adapter,
+            lora_modules: a.lora_modules,
             context: a.context,
             device: a.device,
+            kv_cache_tokens: a.kv_cache_tokens,
+            api_key: a.api_key,
+            max_request_bytes: a.max_request_bytes,
         })
         .map(|_| true),
         Command::Synth(a) => run_synth(a).map(|_| true),

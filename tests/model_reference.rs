@@ -223,7 +223,7 @@ fn multi_turn_sessions_reuse_their_cache_and_generate_the_same() {
     let run = |b: &mut Batcher<'_, _>, r: Request, session: Option<u64>| {
         let id = b.admit_session(r, session).unwrap();
         loop {
-            if let Some((_, c)) = b.step(|_, _| {}).unwrap().into_iter().find(|(i, _)| *i == id) {
+            if let Some((_, c)) = b.step(|_, _, _| {}).unwrap().into_iter().find(|(i, _)| *i == id) {
                 return c.tokens;
             }
         }

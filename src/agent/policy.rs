@@ -237,7 +237,7 @@ impl Policy for LocalPolicy<'_> {
             sampling: self.sampling.clone(),
             seed: self.seed.wrapping_add(self.turns),
             stop_tokens: self.tok.stop_ids.clone(),
-            stop_strings: vec![],
+            ..Request::greedy(vec![], 0)
         };
         let completion = self.generator.generate(req)?;
         let tokens_in = self.ids.len();
@@ -264,5 +264,15 @@ impl Policy for LocalPolicy<'_> {
 
     fn token_record(&self) -> Option<TokenRecord> {
         Some(TokenRecord::new(self.ids.clone(), &self.sources))
+    }
+}
+/// Episodes that share the colocated engine generate through their session's handle.
+impl TokenGenerator for crate::generate::engine::EngineHandle {
+    fn generate(&mut self, req: Request) -> Result<Completion> {
+        crate::generate::engine::EngineHandle::generate(self, req)
+    }
+
+    fn max_context(&self) -> usize {
+        crate::generate::engine::EngineHandle::max_context(self)
     }
 }

@@ -3,13 +3,13 @@
 
 use anyhow::{Context, Result};
 
+use super::engine::{serve_while, EngineClient, EngineMetrics, EngineStats, Msg, OnError};
 use super::{generate, Completion, GenOptions, GenStats, Request};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{default_device, CudaBackend, Device};
 use crate::backend::Backend;
-use crate::model::{Qwen2, Qwen2Config};
+use crate::model::{Lora, Qwen2, Qwen2Config};
 use crate::tokenizer::Tokenizer;
-use crate::train::rollout::{serve_while, EngineClient, EngineStats};
 
 pub trait LoadedModel: Send + Sync {
     fn cfg(&self) -> &Qwen2Config;
@@ -32,11 +32,26 @@ pub trait LoadedModel: Send + Sync {
         max_context: usize,
         work: Box<dyn FnOnce(EngineClient) + Send + '_>,
     ) -> Result<EngineStats>;
+    /// Loads a PEFT adapter to be applied unmerged by requests that name its index (returned).
+    /// An adapter with trained token rows (`trainable_token_indices`) changes the base's
+    /// embedding, so it is only accepted as the `sole` adapter of this model.
+    fn load_adapter(&mut self, dir: &std::path::Path, sole: bool) -> Result<usize>;
+    /// [`super::engine::run`] on this model and its loaded adapters, until `jobs` closes.
+    fn run_engine(
+        &self,
+        tokenizer: &Tokenizer,
+        capacity_tokens: usize,
+        opts: &GenOptions,
+        jobs: std::sync::mpsc::Receiver<Msg>,
+        metrics: &EngineMetrics,
+    ) -> Result<()>;
 }
 
 pub struct Loaded<B: Backend> {
     pub be: B,
     pub model: Qwen2<B>,
+    /// Adapters served unmerged beside the base ([`LoadedModel::load_adapter`]).
+    pub adapters: Vec<Lora<B>>,
 }
 
 impl<B: Backend> LoadedModel for Loaded<B> {
@@ -67,6 +82,51 @@ impl<B: Backend> LoadedModel for Loaded<B> {
     ) -> Result<EngineStats> {
         serve_while(&self.be, &self.model, capacity_tokens, opts, max_context, |_| {}, work).map(|(_, stats)| stats)
     }
+
+    fn load_adapter(&mut self, dir: &std::path::Path, sole: bool) -> Result<usize> {
+        let mut lora = crate::model::export::load_peft(&self.be, &self.model, dir)
+            .with_context(|| format!("cannot load the adapter {}", dir.display()))?;
+        if lora.tokens.is_some() {
+            if !sole || !self.adapters.is_empty() {
+                anyhow::bail!(
+                    "the adapter {} trains token rows (trainable_token_indices), which live in the shared \
+                     embedding and would change every model served beside it: serve it alone (--adapter) or \
+                     merge it (protege export --merge)",
+                    dir.display()
+                );
+            }
+            // Its rows go into the base weights (which nothing else uses now); the LoRA
+            // matrices stay unmerged.
+            self.model.attach_lora(&self.be, lora);
+            lora = self.model.lora.take().expect("just attached");
+        }
+        self.adapters.push(lora);
+        Ok(self.adapters.len() - 1)
+    }
+
+    fn run_engine(
+        &self,
+        tokenizer: &Tokenizer,
+        capacity_tokens: usize,
+        opts: &GenOptions,
+        jobs: std::sync::mpsc::Receiver<Msg>,
+        metrics: &EngineMetrics,
+    ) -> Result<()> {
+        let (be, model, adapters) = (&self.be, &self.model, &self.adapters);
+        super::engine::run(
+            be,
+            model,
+            Some(tokenizer),
+            adapters,
+            capacity_tokens,
+            opts,
+            jobs,
+            metrics,
+            OnError::Continue,
+            |_| {},
+        )
+        .map(|_| ())
+    }
 }
 
 /// Loads `dir` (plus an optional PEFT adapter merged in, and a context override) on `device`
@@ -82,12 +142,12 @@ pub fn load_on(
         Device::Cpu => {
             let be = CpuBackend::new();
             let model = Qwen2::load_merged(&be, dir, adapter, context).with_context(|| load("the CPU"))?;
-            Box::new(Loaded { be, model })
+            Box::new(Loaded { be, model, adapters: vec![] })
         }
         Device::Cuda(n) => {
             let be = CudaBackend::new(n)?;
             let model = Qwen2::load_merged(&be, dir, adapter, context).with_context(|| load(&be.name()))?;
-            Box::new(Loaded { be, model })
+            Box::new(Loaded { be, model, adapters: vec![] })
         }
     })
 }

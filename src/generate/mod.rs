@@ -5,6 +5,7 @@
 //! different lengths all run through one [`Qwen2::forward`]. A sequence samples once its
 //! prompt is fully in the cache.
 
+pub mod engine;
 pub mod loaded;
 pub mod sampling;
 pub mod stream;
@@ -14,9 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::backend::{cache_slot, Backend, SamplingParams, SeqSlice, StepMeta};
-use crate::model::{KvCache, Qwen2};
+use crate::model::{KvCache, Lora, Qwen2};
 use crate::tokenizer::Tokenizer;
 use sampling::Rng;
+pub use sampling::{Penalties, TokenLogprob};
 pub use stream::TextStream;
 
 /// Tokens per KV-cache block.
@@ -32,6 +34,12 @@ pub struct Request {
     pub stop_tokens: Vec<u32>,
     /// Generation ends once the decoded completion contains any of these strings.
     pub stop_strings: Vec<String>,
+    /// Report each sampled token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    pub penalties: Penalties,
+    /// Which of the batcher's adapters applies ([`Batcher::with_adapters`]); `None`: the
+    /// model's own (`model.lora`, if any).
+    pub adapter: Option<usize>,
 }
 
 impl Request {
@@ -43,7 +51,15 @@ impl Request {
             seed: 0,
             stop_tokens: vec![],
             stop_strings: vec![],
+            logprobs: None,
+            penalties: Penalties::default(),
+            adapter: None,
         }
+    }
+
+    /// Whether sampling needs the logits on the host (log-probabilities, penalties).
+    fn needs_host_logits(&self) -> bool {
+        self.logprobs.is_some() || !self.penalties.is_none()
     }
 }
 
@@ -58,6 +74,8 @@ pub enum Finish {
 pub struct Completion {
     pub tokens: Vec<u32>,
     pub finish: Finish,
+    /// One per token when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Time and tokens spent in prompt processing versus decoding.
@@ -104,6 +122,7 @@ struct Seq {
     rng: Rng,
     finish: Option<Finish>,
     text: Option<TextStream>,
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Seq {
@@ -140,6 +159,8 @@ pub struct Batcher<'a, B: Backend> {
     parked: std::collections::HashMap<u64, Parked>,
     clock: u64,
     budget: usize,
+    /// Adapters requests may name ([`Request::adapter`]), applied unmerged.
+    adapters: &'a [Lora<B>],
     pub stats: GenStats,
 }
 
@@ -162,8 +183,16 @@ impl<'a, B: Backend> Batcher<'a, B> {
             parked: Default::default(),
             clock: 0,
             budget: opts.max_step_tokens.max(1),
+            adapters: &[],
             stats: GenStats::default(),
         }
+    }
+
+    /// Lets requests choose one of `adapters` (several LoRA adapters on one base, unmerged:
+    /// each step runs one forward per adapter in use).
+    pub fn with_adapters(mut self, adapters: &'a [Lora<B>]) -> Self {
+        self.adapters = adapters;
+        self
     }
 
     /// Blocks of `session`'s parked cache that `r` can reuse (its prompt extends their tokens).
@@ -219,6 +248,9 @@ impl<'a, B: Backend> Batcher<'a, B> {
         }
         if !r.stop_strings.is_empty() && self.tokenizer.is_none() {
             bail!("stop strings need a tokenizer");
+        }
+        if let Some(a) = r.adapter.filter(|&a| a >= self.adapters.len()) {
+            bail!("adapter {a} does not exist ({} loaded)", self.adapters.len());
         }
         if Self::blocks_needed(r) > self.cache.capacity_blocks() {
             bail!(
@@ -278,6 +310,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
             rng: sampling::seeded(r.seed),
             finish: (r.max_new_tokens == 0).then_some(Finish::Length),
             text: (!r.stop_strings.is_empty()).then(|| TextStream::new(self.tokenizer.expect("checked").clone())),
+            logprobs: vec![],
             req: r,
         };
         let id = match self.seqs.iter().position(Option::is_none) {
@@ -309,14 +342,38 @@ impl<'a, B: Backend> Batcher<'a, B> {
         }
     }
 
+    /// KV-cache blocks in all, and free now (parked caches count as used).
+    pub fn capacity_blocks(&self) -> usize {
+        self.cache.capacity_blocks()
+    }
+    pub fn free_blocks(&self) -> usize {
+        self.cache.free_blocks()
+    }
+
     /// Sequences admitted and not yet returned.
     pub fn live(&self) -> usize {
         self.seqs.iter().flatten().count()
     }
 
-    /// One forward over the live sequences. `on_token(id, token)` sees every sampled token;
+    /// Stops sequence `id` now (its client went away); its cache is freed, not parked.
+    /// Returns whether it was live.
+    pub fn cancel(&mut self, id: usize) -> bool {
+        match self.seqs.get_mut(id).and_then(Option::take) {
+            Some(s) => {
+                self.cache.release(&s.blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One step over the live sequences: one forward per adapter in use. `on_token(id, token,
+    /// logprob)` sees every sampled token (with its log-probability when the request asked);
     /// the sequences that finished are returned (and leave the batcher).
-    pub fn step(&mut self, mut on_token: impl FnMut(usize, u32)) -> Result<Vec<(usize, Completion)>> {
+    pub fn step(
+        &mut self,
+        mut on_token: impl FnMut(usize, u32, Option<&TokenLogprob>),
+    ) -> Result<Vec<(usize, Completion)>> {
         let mut done = vec![];
         // Requests with nothing to generate finish without a forward.
         for (i, slot) in self.seqs.iter_mut().enumerate() {
@@ -329,24 +386,30 @@ impl<'a, B: Backend> Batcher<'a, B> {
             .into_iter()
             .map(|(i, s)| {
                 self.retire(&s);
-                (i, Completion { tokens: s.generated, finish: s.finish.expect("checked") })
+                (i, Completion { tokens: s.generated, finish: s.finish.expect("checked"), logprobs: s.logprobs })
             })
             .collect();
         // Decoding sequences go first so that a long prompt never stalls them.
         let mut order: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].is_some()).collect();
-        if order.is_empty() {
-            return Ok(done);
-        }
         order.sort_by_key(|&i| self.seqs[i].as_ref().expect("live").pending.len() > 1);
-        let mut meta = StepMeta { block_size: BLOCK_SIZE, ..Default::default() };
-        let mut samplers: Vec<usize> = vec![];
-        let mut prompt_rows = 0;
+        // One step plan per adapter (the step's token budget is shared).
+        let mut plans: Vec<(Option<usize>, StepMeta, Vec<usize>, usize)> = vec![];
+        let mut rows = 0;
         for i in order {
-            let left = self.budget - meta.rows();
+            let left = self.budget - rows;
             if left == 0 {
                 break;
             }
             let s = self.seqs[i].as_mut().expect("live");
+            let adapter = s.req.adapter;
+            let p = match plans.iter().position(|p| p.0 == adapter) {
+                Some(p) => p,
+                None => {
+                    plans.push((adapter, StepMeta { block_size: BLOCK_SIZE, ..Default::default() }, vec![], 0));
+                    plans.len() - 1
+                }
+            };
+            let (_, meta, samplers, prompt_rows) = &mut plans[p];
             let take = s.pending.len().min(left);
             while s.blocks.len() * BLOCK_SIZE < s.cached + take {
                 s.blocks.push(self.cache.alloc_block()?);
@@ -359,7 +422,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
                 meta.slots.push(cache_slot(&s.blocks, pos, BLOCK_SIZE));
             }
             if s.generated.is_empty() {
-                prompt_rows += take;
+                *prompt_rows += take;
             }
             meta.seqs.push(SeqSlice { row_start, n_new: take, n_ctx: s.cached + take, block_table: s.blocks.clone() });
             s.cached += take;
@@ -368,46 +431,84 @@ impl<'a, B: Backend> Batcher<'a, B> {
                 meta.logit_rows.push((row_start + take - 1) as u32);
                 samplers.push(i);
             }
+            rows += take;
         }
-        let started = Instant::now();
-        let logits = self.model.forward(self.be, &meta, &mut self.cache)?;
-        let live = |i: usize| self.seqs[i].as_ref().expect("live");
-        let params: Vec<SamplingParams> = samplers.iter().map(|&i| live(i).req.sampling.clone()).collect();
-        let mut rngs: Vec<Rng> = samplers.iter().map(|&i| live(i).rng.clone()).collect();
-        let next = self.be.sample(&logits, self.model.cfg.vocab_size, &params, &mut rngs);
-        let elapsed = started.elapsed();
-        if prompt_rows > 0 {
-            self.stats.prefill_tokens += prompt_rows;
-            self.stats.prefill_time += elapsed;
-        } else {
-            self.stats.decode_tokens += meta.rows();
-            self.stats.decode_time += elapsed;
-        }
-        for ((&i, tok), rng) in samplers.iter().zip(next).zip(rngs) {
-            let s = self.seqs[i].as_mut().expect("live");
-            s.rng = rng;
-            s.generated.push(tok);
-            on_token(i, tok);
-            if s.req.stop_tokens.contains(&tok) {
-                s.finish = Some(Finish::StopToken(tok));
-            } else if let Some(stream) = s.text.as_mut() {
-                stream.push(tok)?;
-                if let Some(stop) = s.req.stop_strings.iter().find(|st| stream.text().contains(st.as_str())) {
-                    s.finish = Some(Finish::StopString(stop.clone()));
-                }
-            }
-            if s.finish.is_none() && s.generated.len() >= s.req.max_new_tokens {
-                s.finish = Some(Finish::Length);
-            }
-            if s.finish.is_some() {
-                let s = self.seqs[i].take().expect("live");
-                self.retire(&s);
-                done.push((i, Completion { tokens: s.generated, finish: s.finish.expect("set") }));
+        for (adapter, meta, samplers, prompt_rows) in plans {
+            let started = Instant::now();
+            let lora = match adapter {
+                Some(a) => Some(&self.adapters[a]),
+                None => self.model.lora.as_ref(),
+            };
+            let logits = self.model.forward_with(self.be, &meta, &mut self.cache, lora)?;
+            let sampled = self.sample(&logits, &samplers);
+            let elapsed = started.elapsed();
+            if prompt_rows > 0 {
+                self.stats.prefill_tokens += prompt_rows;
+                self.stats.prefill_time += elapsed;
             } else {
-                s.pending.push(tok);
+                self.stats.decode_tokens += meta.rows();
+                self.stats.decode_time += elapsed;
+            }
+            for (&i, (tok, rng, logprob)) in samplers.iter().zip(sampled) {
+                let s = self.seqs[i].as_mut().expect("live");
+                s.rng = rng;
+                s.generated.push(tok);
+                on_token(i, tok, logprob.as_ref());
+                s.logprobs.extend(logprob);
+                if s.req.stop_tokens.contains(&tok) {
+                    s.finish = Some(Finish::StopToken(tok));
+                } else if let Some(stream) = s.text.as_mut() {
+                    stream.push(tok)?;
+                    if let Some(stop) = s.req.stop_strings.iter().find(|st| stream.text().contains(st.as_str())) {
+                        s.finish = Some(Finish::StopString(stop.clone()));
+                    }
+                }
+                if s.finish.is_none() && s.generated.len() >= s.req.max_new_tokens {
+                    s.finish = Some(Finish::Length);
+                }
+                if s.finish.is_some() {
+                    let s = self.seqs[i].take().expect("live");
+                    self.retire(&s);
+                    let c = Completion { tokens: s.generated, finish: s.finish.expect("set"), logprobs: s.logprobs };
+                    done.push((i, c));
+                } else {
+                    s.pending.push(tok);
+                }
             }
         }
         Ok(done)
+    }
+
+    /// Samples the next token of each of `samplers` from its row of `logits`: on the device,
+    /// unless one of them needs the logits on the host (log-probabilities, penalties).
+    fn sample(&self, logits: &B::Buf, samplers: &[usize]) -> Vec<(u32, Rng, Option<TokenLogprob>)> {
+        let vocab = self.model.cfg.vocab_size;
+        let live = |i: usize| self.seqs[i].as_ref().expect("live");
+        let mut rngs: Vec<Rng> = samplers.iter().map(|&i| live(i).rng.clone()).collect();
+        if !samplers.iter().any(|&i| live(i).req.needs_host_logits()) {
+            let params: Vec<SamplingParams> = samplers.iter().map(|&i| live(i).req.sampling.clone()).collect();
+            let next = self.be.sample(logits, vocab, &params, &mut rngs);
+            return next.into_iter().zip(rngs).map(|(t, rng)| (t, rng, None)).collect();
+        }
+        let host = self.be.to_f32(logits);
+        samplers
+            .iter()
+            .zip(rngs)
+            .enumerate()
+            .map(|(r, (&i, mut rng))| {
+                let s = live(i);
+                let raw = &host[r * vocab..(r + 1) * vocab];
+                let tok = if s.req.penalties.is_none() {
+                    sampling::sample_row(raw, &s.req.sampling, &mut rng)
+                } else {
+                    let mut row = raw.to_vec();
+                    s.req.penalties.apply(&mut row, &s.generated);
+                    sampling::sample_row(&row, &s.req.sampling, &mut rng)
+                };
+                let lp = s.req.logprobs.map(|n| sampling::token_logprob(raw, tok, n));
+                (tok, rng, lp)
+            })
+            .collect()
     }
 }
 
@@ -431,7 +532,7 @@ pub fn generate<B: Backend>(
     debug_assert!(ids.iter().enumerate().all(|(i, &id)| i == id));
     let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
     while batcher.live() > 0 {
-        for (i, c) in batcher.step(&mut on_token)? {
+        for (i, c) in batcher.step(|i, t, _| on_token(i, t))? {
             out[i] = Some(c);
         }
     }

@@ -2,218 +2,30 @@
 //! training updates.
 //!
 //! Each episode runs on a worker thread (sandbox, tools, expert, grading, judging), and asks a
-//! shared [`EngineHandle`] for its next reply. The engine, on the calling thread, keeps a
-//! continuous batch ([`Batcher`]): every forward step decodes for all episodes that are waiting
-//! on the model, and a new request joins as soon as the KV cache has room, so one episode's
-//! tool calls overlap the others' generation.
+//! shared [`EngineHandle`] for its next reply. The engine ([`crate::generate::engine`]), on the
+//! calling thread, keeps a continuous batch: every forward step decodes for all episodes that
+//! are waiting on the model, and a new request joins as soon as the KV cache has room, so one
+//! episode's tool calls overlap the others' generation.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::episode::{Episode, EpisodeConfig, ExitStatus};
 use crate::agent::expert::Expert;
-use crate::agent::policy::{LocalPolicy, TokenGenerator};
+use crate::agent::policy::LocalPolicy;
 use crate::agent::sandbox::Limits;
 use crate::backend::{Backend, SamplingParams};
 use crate::executor::run_graded_episode;
-use crate::generate::{Batcher, Completion, GenOptions, Request};
+pub use crate::generate::engine::{serve_while, EngineClient, EngineHandle, EngineStats};
+use crate::generate::GenOptions;
 use crate::model::Qwen2;
 use crate::reward::{reward, Judge, JudgeOutput, Outcome, RewardBreakdown, RewardConfig};
 use crate::tasks::TaskInstance;
 use crate::tokenizer::Tokenizer;
-
-struct Job {
-    req: Request,
-    session: u64,
-    reply: mpsc::Sender<Result<Completion>>,
-}
-
-enum Msg {
-    Generate(Job),
-    /// The session ended: its parked cache can go.
-    Release(u64),
-}
-
-/// An episode's line to the shared engine: one session, whose KV cache is kept between turns.
-pub struct EngineHandle {
-    tx: mpsc::Sender<Msg>,
-    max_context: usize,
-    session: u64,
-}
-
-impl TokenGenerator for EngineHandle {
-    fn generate(&mut self, req: Request) -> Result<Completion> {
-        let (reply, rx) = mpsc::channel();
-        let job = Job { req, session: self.session, reply };
-        self.tx.send(Msg::Generate(job)).map_err(|_| anyhow!("the generation engine has stopped"))?;
-        rx.recv().map_err(|_| anyhow!("the generation engine stopped before replying"))?
-    }
-
-    fn max_context(&self) -> usize {
-        self.max_context
-    }
-}
-
-impl Drop for EngineHandle {
-    fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Release(self.session));
-    }
-}
-
-/// Hands out [`EngineHandle`]s; the engine stops once the client and every handle are gone.
-#[derive(Clone)]
-pub struct EngineClient {
-    tx: mpsc::Sender<Msg>,
-    max_context: usize,
-    sessions: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl EngineClient {
-    pub fn handle(&self) -> EngineHandle {
-        let session = self.sessions.fetch_add(1, Ordering::SeqCst);
-        EngineHandle { tx: self.tx.clone(), max_context: self.max_context, session }
-    }
-}
-
-/// Runs `work` on another thread with a client of a batching engine that serves on this
-/// thread until `work` returns and drops every handle.
-pub fn serve_while<B: Backend, R: Send>(
-    be: &B,
-    model: &Qwen2<B>,
-    capacity_tokens: usize,
-    opts: &GenOptions,
-    max_context: usize,
-    on_step: impl FnMut(&EngineStats),
-    work: impl FnOnce(EngineClient) -> R + Send,
-) -> Result<(R, EngineStats)> {
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let client = EngineClient { tx, max_context, sessions: Default::default() };
-    std::thread::scope(|s| {
-        let h = s.spawn(move || work(client));
-        let stats = serve(be, model, rx, capacity_tokens, opts, on_step);
-        let r = h.join().map_err(|_| anyhow!("a rollout worker panicked"))?;
-        Ok((r, stats?))
-    })
-}
-
-/// What the engine did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct EngineStats {
-    /// Seconds in forward passes and sampling.
-    pub busy_s: f64,
-    pub forward_steps: usize,
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    /// Prompt tokens not recomputed because the session's earlier turn had them cached.
-    pub reused_tokens: usize,
-    /// Most sequences in one batch.
-    pub max_batch: usize,
-}
-
-/// Serves generation requests until every handle is dropped. A request that can never fit is
-/// answered with an error; a failing forward pass fails every waiting request and the engine.
-fn serve<B: Backend>(
-    be: &B,
-    model: &Qwen2<B>,
-    rx: mpsc::Receiver<Msg>,
-    capacity_tokens: usize,
-    opts: &GenOptions,
-    mut on_step: impl FnMut(&EngineStats),
-) -> Result<EngineStats> {
-    let mut batcher = Batcher::new(be, model, None, capacity_tokens, opts);
-    let mut queue: VecDeque<Job> = VecDeque::new();
-    let mut waiting: HashMap<usize, mpsc::Sender<Result<Completion>>> = HashMap::new();
-    let mut stats = EngineStats::default();
-    let mut open = true;
-    loop {
-        // Block only when there is nothing to do.
-        if batcher.live() == 0 && queue.is_empty() {
-            if !open {
-                break;
-            }
-            match rx.recv() {
-                Ok(Msg::Generate(j)) => queue.push_back(j),
-                Ok(Msg::Release(s)) => batcher.release_session(s),
-                Err(_) => break,
-            }
-        }
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Generate(j)) => queue.push_back(j),
-                Ok(Msg::Release(s)) => batcher.release_session(s),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        // Admit in arrival order while there is room.
-        while let Some(j) = queue.front() {
-            if batcher.has_room_session(&j.req, Some(j.session)) {
-                let j = queue.pop_front().expect("front");
-                match batcher.admit_session(j.req, Some(j.session)) {
-                    Ok(id) => {
-                        waiting.insert(id, j.reply);
-                    }
-                    Err(e) => {
-                        let _ = j.reply.send(Err(e));
-                    }
-                }
-            } else if batcher.live() == 0 {
-                // Never fits, even alone.
-                let j = queue.pop_front().expect("front");
-                match batcher.admit_session(j.req, Some(j.session)) {
-                    Ok(id) => {
-                        waiting.insert(id, j.reply);
-                    }
-                    Err(e) => {
-                        let _ = j.reply.send(Err(e));
-                    }
-                }
-            } else {
-                break;
-            }
-        }
-        if batcher.live() == 0 {
-            continue;
-        }
-        stats.max_batch = stats.max_batch.max(batcher.live());
-        let started = Instant::now();
-        let mut sampled = 0;
-        match batcher.step(|_, _| sampled += 1) {
-            Ok(done) => {
-                for (id, c) in done {
-                    if let Some(reply) = waiting.remove(&id) {
-                        let _ = reply.send(Ok(c));
-                    }
-                }
-            }
-            Err(e) => {
-                for (_, reply) in waiting.drain() {
-                    let _ = reply.send(Err(anyhow!("generation failed: {e:#}")));
-                }
-                for j in queue.drain(..) {
-                    let _ = j.reply.send(Err(anyhow!("generation failed: {e:#}")));
-                }
-                return Err(e.context("generation engine"));
-            }
-        }
-        stats.busy_s += started.elapsed().as_secs_f64();
-        stats.forward_steps += 1;
-        stats.prompt_tokens = batcher.stats.prefill_tokens;
-        stats.generated_tokens += sampled;
-        stats.reused_tokens = batcher.stats.reused_tokens;
-        on_step(&stats);
-    }
-    Ok(stats)
-}
 
 /// How rollouts run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
