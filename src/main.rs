@@ -354,6 +354,10 @@ struct ServeArgs {
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, default_value_t = protege::serve::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
+    /// Tokens a reply may have when a request gives no max_tokens (the KV cache is reserved
+    /// for a request's whole length when it joins the batch).
+    #[arg(long, default_value_t = protege::serve::DEFAULT_MAX_TOKENS)]
+    default_max_tokens: usize,
 }
 
 fn parse_lora_module(s: &str) -> Result<(String, PathBuf), String> {
@@ -1296,6 +1300,7 @@ fn main() -> ExitCode {
             kv_cache_tokens: a.kv_cache_tokens,
             api_key: a.api_key,
             max_request_bytes: a.max_request_bytes,
+            default_max_tokens: a.default_max_tokens,
         })
         .map(|_| true),
         Command::Synth(a) => run_synth(a).map(|_| true),

@@ -189,10 +189,15 @@ fn metric(url: &str, name: &str) -> f64 {
 }
 
 /// Posts a chat request on a raw socket and hangs up after reading the first bytes of the reply.
-fn hang_up(addr: &str, stream: bool) {
-    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Write a long story."}],
-                      "max_tokens": 3000, "temperature": 1.0, "stream": stream})
-    .to_string();
+fn hang_up(addr: &str, stream: bool, held: bool) {
+    let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Write a long story."}],
+                          "max_tokens": 3000, "temperature": 1.0, "stream": stream});
+    if held {
+        // A forced tool call: the whole reply is held back until it ends, nothing is written.
+        body["tools"] = serde_json::from_str(TOOLS).unwrap();
+        body["tool_choice"] = json!("required");
+    }
+    let body = body.to_string();
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
         s,
@@ -218,7 +223,7 @@ fn clients_that_hang_up_stop_their_generation_and_the_rest_are_served() {
     let quitters: Vec<_> = (0..24)
         .map(|i| {
             let addr = addr.clone();
-            std::thread::spawn(move || hang_up(&addr, i % 2 == 0))
+            std::thread::spawn(move || hang_up(&addr, i % 2 == 0, i % 4 == 0))
         })
         .collect();
     let stayers: Vec<_> = (0..24)

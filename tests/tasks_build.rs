@@ -77,6 +77,8 @@ fn builds_valid_tasks_from_a_pypi_package_and_resumes() {
             "127.0.0.1:0",
             "--context",
             "8192",
+            "--name",
+            "tiny",
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()

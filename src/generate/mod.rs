@@ -458,8 +458,8 @@ impl<'a, B: Backend> Batcher<'a, B> {
                 if s.req.stop_tokens.contains(&tok) {
                     s.finish = Some(Finish::StopToken(tok));
                 } else if let Some(stream) = s.text.as_mut() {
-                    stream.push(tok)?;
-                    if let Some(stop) = s.req.stop_strings.iter().find(|st| stream.text().contains(st.as_str())) {
+                    let delta = stream.push(tok)?;
+                    if let Some(stop) = new_stop(stream.text(), delta.len(), &s.req.stop_strings) {
                         s.finish = Some(Finish::StopString(stop.clone()));
                     }
                 }
@@ -479,37 +479,57 @@ impl<'a, B: Backend> Batcher<'a, B> {
         Ok(done)
     }
 
-    /// Samples the next token of each of `samplers` from its row of `logits`: on the device,
-    /// unless one of them needs the logits on the host (log-probabilities, penalties).
+    /// Samples the next token of each of `samplers` from its row of `logits` on the device; the
+    /// rows that need the logits on the host (log-probabilities, penalties) are then sampled
+    /// there, so one such request does not move the whole batch to the host sampler.
     fn sample(&self, logits: &B::Buf, samplers: &[usize]) -> Vec<(u32, Rng, Option<TokenLogprob>)> {
         let vocab = self.model.cfg.vocab_size;
         let live = |i: usize| self.seqs[i].as_ref().expect("live");
-        let mut rngs: Vec<Rng> = samplers.iter().map(|&i| live(i).rng.clone()).collect();
+        let before: Vec<Rng> = samplers.iter().map(|&i| live(i).rng.clone()).collect();
+        let mut rngs = before.clone();
+        let params: Vec<SamplingParams> = samplers.iter().map(|&i| live(i).req.sampling.clone()).collect();
+        let next = self.be.sample(logits, vocab, &params, &mut rngs);
+        let mut out: Vec<(u32, Rng, Option<TokenLogprob>)> =
+            next.into_iter().zip(rngs).map(|(t, rng)| (t, rng, None)).collect();
         if !samplers.iter().any(|&i| live(i).req.needs_host_logits()) {
-            let params: Vec<SamplingParams> = samplers.iter().map(|&i| live(i).req.sampling.clone()).collect();
-            let next = self.be.sample(logits, vocab, &params, &mut rngs);
-            return next.into_iter().zip(rngs).map(|(t, rng)| (t, rng, None)).collect();
+            return out;
         }
         let host = self.be.to_f32(logits);
-        samplers
-            .iter()
-            .zip(rngs)
-            .enumerate()
-            .map(|(r, (&i, mut rng))| {
-                let s = live(i);
-                let raw = &host[r * vocab..(r + 1) * vocab];
-                let tok = if s.req.penalties.is_none() {
-                    sampling::sample_row(raw, &s.req.sampling, &mut rng)
-                } else {
-                    let mut row = raw.to_vec();
-                    s.req.penalties.apply(&mut row, &s.generated);
-                    sampling::sample_row(&row, &s.req.sampling, &mut rng)
-                };
-                let lp = s.req.logprobs.map(|n| sampling::token_logprob(raw, tok, n));
-                (tok, rng, lp)
-            })
-            .collect()
+        for (r, (&i, rng)) in samplers.iter().zip(before).enumerate() {
+            let s = live(i);
+            if !s.req.needs_host_logits() {
+                continue;
+            }
+            let mut rng = rng;
+            let raw = &host[r * vocab..(r + 1) * vocab];
+            let tok = if s.req.penalties.is_none() {
+                sampling::sample_row(raw, &s.req.sampling, &mut rng)
+            } else {
+                let mut row = raw.to_vec();
+                s.req.penalties.apply(&mut row, &s.generated);
+                sampling::sample_row(&row, &s.req.sampling, &mut rng)
+            };
+            let lp = s.req.logprobs.map(|n| sampling::token_logprob(raw, tok, n));
+            out[r] = (tok, rng, lp);
+        }
+        out
     }
+}
+
+/// The stop string that ends `text` now that its last `added` bytes arrived: only matches that
+/// reach into the new bytes are looked for (earlier text was checked before), and of those the
+/// one that starts first.
+fn new_stop<'s>(text: &str, added: usize, stops: &'s [String]) -> Option<&'s String> {
+    if added == 0 {
+        return None;
+    }
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    let mut from = text.len().saturating_sub(added + longest);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let tail = &text[from..];
+    stops.iter().filter_map(|st| tail.find(st.as_str()).map(|at| (at, st))).min_by_key(|(at, _)| *at).map(|(_, st)| st)
 }
 
 /// Generates completions for `requests` together. `on_token(request, token)` is called for
@@ -566,4 +586,20 @@ pub fn prompt_logits<B: Backend>(be: &B, model: &Qwen2<B>, tokens: &[u32], rows:
         logit_rows,
     };
     Ok(be.to_f32(&model.forward(be, &meta, &mut cache)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_is_looked_for_where_the_new_text_reaches() {
+        let stops = vec!["\n\n".to_string(), ".".to_string()];
+        // ".\n\n" arrived at once: "." starts first.
+        assert_eq!(new_stop("ab.\n\n", 3, &stops).map(String::as_str), Some("."));
+        // A stop completed by the new byte, begun before it.
+        assert_eq!(new_stop("ab\n\n", 1, &stops).map(String::as_str), Some("\n\n"));
+        assert_eq!(new_stop("ab\n\nc", 0, &stops), None);
+        assert_eq!(new_stop("éé", 2, &["x".to_string()]), None);
+    }
 }

@@ -301,9 +301,7 @@ async fn whole(app: Arc<App>, ask: Ask, mut rx: UnboundedReceiver<(usize, Event)
     let mut text = ChoiceText::new(&app.tok, &ask.gen);
     let r = loop {
         match rx.recv().await {
-            Some((_, Event::Token(t, _))) => {
-                text.push(t, None);
-            }
+            Some((_, Event::Token(t, _))) => text.feed(t),
             Some((_, Event::Done(Ok(c)))) => break text.finish(&c),
             Some((_, Event::Done(Err(e)))) => return ApiError::server(API, &e).into_response(),
             None => {
@@ -348,8 +346,20 @@ fn streamed(app: Arc<App>, ask: Ask, mut rx: UnboundedReceiver<(usize, Event)>) 
         };
         let open_text =
             json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
+        let mut ping = tokio::time::interval(super::PING_EVERY);
         let r = loop {
-            match rx.recv().await {
+            let next = tokio::select! {
+                biased;
+                _ = tx.closed() => return,
+                _ = ping.tick() => {
+                    if tx.send(event("ping", json!({"type": "ping"}))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                next = rx.recv() => next,
+            };
+            match next {
                 Some((_, Event::Token(t, _))) => {
                     let d = text.push(t, None);
                     if d.is_empty() {
@@ -370,7 +380,11 @@ fn streamed(app: Arc<App>, ask: Ask, mut rx: UnboundedReceiver<(usize, Event)>) 
                     let _ = tx.send(event("error", ApiError::server(API, &e).body())).await;
                     return;
                 }
-                None => return,
+                None => {
+                    let e = anyhow::anyhow!("the generation engine stopped");
+                    let _ = tx.send(event("error", ApiError::server(API, &e).body())).await;
+                    return;
+                }
             }
         };
         let mut events = vec![];

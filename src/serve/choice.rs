@@ -54,8 +54,8 @@ impl Gen {
 }
 
 /// The prompt of `messages` (with `tools` and the reply's forced `prefix`), and how many tokens
-/// the reply may have: `max_tokens` when given (an error when it does not fit the context), else
-/// what the context leaves.
+/// the reply may have: `max_tokens` when given (an error when it does not fit the context or the
+/// KV cache), else the server's default within what the context leaves.
 pub fn encode(
     app: &App,
     api: Api,
@@ -80,6 +80,18 @@ pub fn encode(
             format!("the prompt has {} tokens; the model's context is {} tokens", prompt.len(), app.context),
         ));
     }
+    if let Some(m) = max_tokens.filter(|&m| m > 0 && prompt.len() + m > app.kv_capacity) {
+        return Err(ApiError::bad(
+            api,
+            "max_tokens",
+            format!(
+                "the prompt ({} tokens) plus max_tokens ({m}) exceeds the server's KV cache of {} tokens \
+                 (--kv-cache-tokens)",
+                prompt.len(),
+                app.kv_capacity
+            ),
+        ));
+    }
     match max_tokens {
         Some(0) => Err(ApiError::bad(api, "max_tokens", "max_tokens must be at least 1")),
         Some(m) if m > room => Err(ApiError::bad(
@@ -92,7 +104,17 @@ pub fn encode(
             ),
         )),
         Some(m) => Ok((prompt, m)),
-        None => Ok((prompt, room)),
+        None => {
+            let m = room.min(app.default_max_tokens).min(app.kv_capacity.saturating_sub(prompt.len()));
+            if m == 0 {
+                return Err(ApiError::bad(
+                    api,
+                    "messages",
+                    "the prompt fills the server's KV cache (--kv-cache-tokens)",
+                ));
+            }
+            Ok((prompt, m))
+        }
     }
 }
 
@@ -126,8 +148,8 @@ pub fn stop_strings(api: Api, body: &Value, key: &str) -> Result<Vec<String>, Ap
         Some(v) => serde_json::from_value(v.clone())
             .map_err(|_| ApiError::bad(api, key, format!("{key} must be a string or a list of strings")))?,
     };
-    if stops.len() > 16 || stops.iter().any(String::is_empty) {
-        return Err(ApiError::bad(api, key, format!("{key}: at most 16 non-empty strings")));
+    if stops.len() > 16 || stops.iter().any(|s| s.is_empty() || s.len() > 1000) {
+        return Err(ApiError::bad(api, key, format!("{key}: at most 16 non-empty strings of at most 1000 bytes")));
     }
     Ok(stops)
 }
@@ -171,23 +193,35 @@ pub struct Reply {
 /// One choice's text as its tokens arrive.
 pub struct ChoiceText {
     stream: TextStream,
-    prefix: String,
+    /// The reply so far: the forced prefix, then the generated text.
+    text: String,
+    prefix_len: usize,
     stop: Vec<String>,
     tools: bool,
     tool_specs: Vec<Value>,
     single_call: bool,
     stop_ids: Vec<u32>,
-    /// Bytes of the reply's text already sent.
+    /// Bytes of `text` already sent.
     sent: usize,
     /// Log-probabilities not yet sent with a chunk.
     pub logprobs: Vec<TokenLogprob>,
+}
+
+/// Where the earliest of `stops` starts in `text` at or after `from`.
+fn earliest_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
+    let mut from = from.min(text.len());
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops.iter().filter_map(|s| text[from..].find(s.as_str())).min().map(|at| from + at)
 }
 
 impl ChoiceText {
     pub fn new(tok: &Tokenizer, g: &Gen) -> Self {
         Self {
             stream: TextStream::new(tok.clone()),
-            prefix: g.prefix.clone(),
+            text: g.prefix.clone(),
+            prefix_len: g.prefix.len(),
             stop: g.stop.clone(),
             tools: g.tools,
             tool_specs: g.tool_specs.clone(),
@@ -198,28 +232,36 @@ impl ChoiceText {
         }
     }
 
-    fn text(&self) -> String {
-        format!("{}{}", self.prefix, self.stream.text())
+    /// Takes a sampled token (a whole reply is read at the end: nothing to release).
+    pub fn feed(&mut self, token: u32) {
+        if !self.stop_ids.contains(&token) {
+            if let Ok(delta) = self.stream.push(token) {
+                self.text.push_str(&delta);
+            }
+        }
     }
 
-    /// Takes a sampled token; returns the text that can be sent now.
+    /// Takes a sampled token; returns the text that can be sent now. Only text after what was
+    /// sent is searched: a stop string or a call never starts in text already released.
     pub fn push(&mut self, token: u32, logprob: Option<TokenLogprob>) -> String {
         self.logprobs.extend(logprob);
-        if self.stop_ids.contains(&token) || self.stream.push(token).is_err() {
+        let before = self.text.len();
+        self.feed(token);
+        if self.text.len() == before {
             return String::new();
         }
-        let text = self.text();
+        let text = &self.text;
         let mut cut = text.len();
         if let Some(longest) = self.stop.iter().map(String::len).max() {
-            cut = match self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            cut = match earliest_stop(text, self.sent.max(self.prefix_len), &self.stop) {
                 Some(at) => at,
                 // A stop string may be forming in the last bytes.
-                None => text.len().saturating_sub(longest - 1),
+                None => text.len().saturating_sub(longest - 1).max(self.sent),
             };
         }
         if self.tools {
-            if let Some(at) = hold_from(&text) {
-                cut = cut.min(at);
+            if let Some(at) = hold_from(&text[self.sent..]) {
+                cut = cut.min(self.sent + at);
             }
         }
         while !text.is_char_boundary(cut) {
@@ -235,10 +277,13 @@ impl ChoiceText {
 
     /// The choice is complete: its text without a stop string, split into content and tool calls.
     pub fn finish(&mut self, c: &Completion) -> Reply {
-        let _ = self.stream.flush();
-        let mut text = self.text();
-        if let Finish::StopString(s) = &c.finish {
-            if let Some(at) = text.find(s.as_str()) {
+        if let Ok(rest) = self.stream.flush() {
+            self.text.push_str(&rest);
+        }
+        let mut text = std::mem::take(&mut self.text);
+        if let Finish::StopString(_) = &c.finish {
+            // The earliest stop in the generated text (never in the forced prefix).
+            if let Some(at) = earliest_stop(&text, self.prefix_len, &self.stop) {
                 text.truncate(at);
             }
         }
@@ -275,6 +320,15 @@ pub fn tool_names(tools: &[Value]) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_earliest_stop_after_a_point_wins() {
+        let stops = vec!["\n\n".to_string(), ".".to_string()];
+        assert_eq!(earliest_stop("a.\n\nb", 0, &stops), Some(1));
+        // The forced prefix (here 3 bytes holding a stop) is not searched.
+        assert_eq!(earliest_stop(".\n\nabc", 3, &stops), None);
+        assert_eq!(earliest_stop("é.", 1, &stops), Some(2));
+    }
 
     #[test]
     fn forced_prefixes_open_a_call() {

@@ -235,10 +235,16 @@ pub async fn prepare<T: Send + 'static>(
     parse: impl FnOnce(&App, Value) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let body = body.map_err(|r| ApiError::from_rejection(api, r))?;
-    let _permit =
-        app.preparing.acquire().await.map_err(|_| ApiError::server(api, &anyhow::anyhow!("shutting down")))?;
+    // Held by the blocking task itself: a client that hangs up does not free the slot early.
+    let permit = app
+        .preparing
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::server(api, &anyhow::anyhow!("shutting down")))?;
     let app = app.clone();
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(api, StatusCode::BAD_REQUEST, format!("the body is not valid JSON: {e}")))?;
         if !v.is_object() {

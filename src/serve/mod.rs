@@ -49,7 +49,17 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Largest request body accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Tokens a reply may have when the request does not say (the KV cache is reserved for a
+    /// request's whole length when it joins the batch, so "the rest of the context" would let
+    /// one request hold the cache alone).
+    pub default_max_tokens: usize,
 }
+
+pub const DEFAULT_MAX_TOKENS: usize = 4096;
+
+/// How often a stream that has nothing to send writes a keep-alive (an SSE comment, Anthropic's
+/// `ping`), so that a client that went away is noticed.
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 << 20;
 
@@ -69,11 +79,14 @@ pub(crate) struct App {
     pub models: Vec<ServedModel>,
     /// Tokens of prompt plus completion one request may use.
     pub context: usize,
+    /// Tokens the KV cache holds (a request beyond it can never run).
+    pub kv_capacity: usize,
+    pub default_max_tokens: usize,
     pub api_key: Option<String>,
     pub metrics: Arc<EngineMetrics>,
     pub http: http::Counters,
     /// Bounds how many requests are parsed and tokenised at once (each holds its text).
-    pub preparing: tokio::sync::Semaphore,
+    pub preparing: Arc<tokio::sync::Semaphore>,
     pub engine_alive: Arc<AtomicBool>,
     pub created: u64,
 }
@@ -180,10 +193,14 @@ pub fn run_serve(o: &ServeOptions) -> Result<()> {
         tok: tok.clone(),
         models,
         context,
+        kv_capacity: capacity,
+        default_max_tokens: o.default_max_tokens.max(1),
         api_key: o.api_key.clone(),
         metrics: metrics.clone(),
         http: Default::default(),
-        preparing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)),
+        preparing: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+        )),
         engine_alive: engine_alive.clone(),
         created: unix_now(),
     });
@@ -191,7 +208,7 @@ pub fn run_serve(o: &ServeOptions) -> Result<()> {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages_api))
         .route("/v1/models", get(http::models))
-        .route("/v1/models/{id}", get(http::model))
+        .route("/v1/models/{*id}", get(http::model))
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .fallback(http::not_found)
@@ -201,10 +218,17 @@ pub fn run_serve(o: &ServeOptions) -> Result<()> {
         .with_state(app.clone());
     std::thread::scope(|s| {
         let engine = s.spawn(|| {
+            // Marks the engine stopped however it ends, a panic included (/health then says 503).
+            struct Stopped<'a>(&'a AtomicBool);
+            impl Drop for Stopped<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _stopped = Stopped(&engine_alive);
             if let Err(e) = model.run_engine(&tok, capacity, &GenOptions::default(), rx, &metrics) {
                 eprintln!("protege serve: the generation engine stopped: {e:#}");
             }
-            engine_alive.store(false, std::sync::atomic::Ordering::SeqCst);
         });
         let served = (|| -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

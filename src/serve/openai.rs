@@ -344,9 +344,7 @@ async fn whole(app: Arc<App>, chat: Chat, mut rx: UnboundedReceiver<(usize, Even
                 .into_response();
         };
         match ev {
-            Event::Token(t, lp) => {
-                texts[i].push(t, lp);
-            }
+            Event::Token(t, _) => texts[i].feed(t),
             Event::Done(Ok(c)) => replies[i] = Some((texts[i].finish(&c), c.logprobs)),
             Event::Done(Err(e)) => return ApiError::server(API, &e).into_response(),
         }
@@ -408,8 +406,26 @@ fn streamed(app: Arc<App>, chat: Chat, mut rx: UnboundedReceiver<(usize, Event)>
             }
         }
         let (mut left, mut completion) = (g.n, 0);
+        let mut ping = tokio::time::interval(super::PING_EVERY);
         while left > 0 {
-            let Some((i, ev)) = rx.recv().await else { break };
+            // A client that hangs up while nothing is being sent (held text, a queued job) is
+            // noticed through the closed body (pings make the server write now and then).
+            let next = tokio::select! {
+                biased;
+                _ = tx.closed() => return,
+                _ = ping.tick() => {
+                    if tx.send(Ok(": ping\n\n".into())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                next = rx.recv() => next,
+            };
+            let Some((i, ev)) = next else {
+                let e = anyhow::anyhow!("the generation engine stopped");
+                let _ = tx.send(Ok(format!("data: {}\n\n", ApiError::server(API, &e).body()))).await;
+                return;
+            };
             let sent = match ev {
                 Event::Token(t, l) => {
                     let d = texts[i].push(t, l);
