@@ -286,9 +286,9 @@ pub async fn messages_api(State(app): State<Arc<App>>, body: Result<Bytes, Bytes
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
-    let rx = match app.submit(ask.gen.requests(&app.tok)) {
+    let rx = match app.submit(API, ask.gen.requests(&app.tok)) {
         Ok(rx) => rx,
-        Err(e) => return ApiError::new(API, StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")).into_response(),
+        Err(e) => return e.into_response(),
     };
     if ask.stream {
         streamed(app, ask, rx)
@@ -347,18 +347,9 @@ fn streamed(app: Arc<App>, ask: Ask, mut rx: UnboundedReceiver<(usize, Event)>) 
         let open_text =
             json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
         let mut ping = tokio::time::interval(super::PING_EVERY);
+        let keepalive = event("ping", json!({"type": "ping"})).expect("infallible");
         let r = loop {
-            let next = tokio::select! {
-                biased;
-                _ = tx.closed() => return,
-                _ = ping.tick() => {
-                    if tx.send(event("ping", json!({"type": "ping"}))).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                next = rx.recv() => next,
-            };
+            let Some(next) = super::next_event(&tx, &mut rx, &mut ping, &keepalive).await else { return };
             match next {
                 Some((_, Event::Token(t, _))) => {
                     let d = text.push(t, None);

@@ -101,14 +101,14 @@ impl App {
     }
 
     /// Sends one job per request to the engine; events arrive tagged with the request's index.
-    pub fn submit(&self, reqs: Vec<Request>) -> Result<UnboundedReceiver<(usize, Event)>> {
+    pub fn submit(&self, api: Api, reqs: Vec<Request>) -> Result<UnboundedReceiver<(usize, Event)>, http::ApiError> {
         let (tx, rx) = unbounded_channel();
         for (choice, req) in reqs.into_iter().enumerate() {
             let sink = Box::new(ChannelSink { choice, tx: tx.clone() });
-            self.jobs
-                .send(Msg::Run(Job { req, session: None, sink }))
-                .ok()
-                .context("the generation engine has stopped")?;
+            if self.jobs.send(Msg::Run(Job { req, session: None, sink })).is_err() {
+                let status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                return Err(http::ApiError::new(api, status, "the generation engine has stopped"));
+            }
         }
         Ok(rx)
     }
@@ -118,6 +118,31 @@ impl App {
 pub(crate) enum Event {
     Token(u32, Option<TokenLogprob>),
     Done(Result<Completion>),
+}
+
+type StreamTx = tokio::sync::mpsc::Sender<Result<String, std::convert::Infallible>>;
+
+/// The next engine event for a stream (`Some(None)`: the engine is gone), or `None` once the
+/// client has hung up. While waiting it writes `keepalive` every [`PING_EVERY`]: a client that
+/// leaves while nothing is sent (held text, a queued job) is only noticed by writing.
+pub(crate) async fn next_event(
+    tx: &StreamTx,
+    rx: &mut UnboundedReceiver<(usize, Event)>,
+    ping: &mut tokio::time::Interval,
+    keepalive: &str,
+) -> Option<Option<(usize, Event)>> {
+    loop {
+        tokio::select! {
+            biased;
+            _ = tx.closed() => return None,
+            _ = ping.tick() => {
+                if tx.send(Ok(keepalive.to_string())).await.is_err() {
+                    return None;
+                }
+            }
+            next = rx.recv() => return Some(next),
+        }
+    }
 }
 
 /// A job's line back to its handler; the handler dropping its receiver (the client went away)

@@ -323,9 +323,9 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, B
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let rx = match app.submit(chat.gen.requests(&app.tok)) {
+    let rx = match app.submit(API, chat.gen.requests(&app.tok)) {
         Ok(rx) => rx,
-        Err(e) => return ApiError::new(API, StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")).into_response(),
+        Err(e) => return e.into_response(),
     };
     if chat.stream {
         streamed(app, chat, rx)
@@ -408,19 +408,7 @@ fn streamed(app: Arc<App>, chat: Chat, mut rx: UnboundedReceiver<(usize, Event)>
         let (mut left, mut completion) = (g.n, 0);
         let mut ping = tokio::time::interval(super::PING_EVERY);
         while left > 0 {
-            // A client that hangs up while nothing is being sent (held text, a queued job) is
-            // noticed through the closed body (pings make the server write now and then).
-            let next = tokio::select! {
-                biased;
-                _ = tx.closed() => return,
-                _ = ping.tick() => {
-                    if tx.send(Ok(": ping\n\n".into())).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                next = rx.recv() => next,
-            };
+            let Some(next) = super::next_event(&tx, &mut rx, &mut ping, ": ping\n\n").await else { return };
             let Some((i, ev)) = next else {
                 let e = anyhow::anyhow!("the generation engine stopped");
                 let _ = tx.send(Ok(format!("data: {}\n\n", ApiError::server(API, &e).body()))).await;
