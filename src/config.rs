@@ -99,6 +99,41 @@ pub struct OptimSection {
     pub max_grad_norm: f32,
 }
 
+impl OptimSection {
+    /// Every field in its range, for a run of `steps` optimiser steps; errors name the field.
+    pub fn validate(&self, steps: u64) -> Result<()> {
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        let at_least_zero = |x: f32| x.is_finite() && x >= 0.0;
+        if !positive(self.lr) {
+            bail!("optim.lr must be a positive number, got {}", self.lr);
+        }
+        if !positive(self.eps) {
+            bail!("optim.eps must be a positive number, got {}", self.eps);
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("optim.{name} must be in [0, 1), got {b}");
+            }
+        }
+        if !at_least_zero(self.weight_decay) {
+            bail!("optim.weight_decay must be 0 or more, got {}", self.weight_decay);
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            bail!("optim.min_lr_ratio is a fraction of lr and must be in [0, 1], got {}", self.min_lr_ratio);
+        }
+        if !at_least_zero(self.max_grad_norm) {
+            bail!("optim.max_grad_norm must be 0 (no clipping) or more, got {}", self.max_grad_norm);
+        }
+        if self.warmup_steps > steps {
+            bail!(
+                "optim.warmup_steps ({}) exceeds the run's {steps} steps: lr would never reach optim.lr",
+                self.warmup_steps
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for OptimSection {
     fn default() -> Self {
         Self {
@@ -149,11 +184,7 @@ impl SftConfig {
         if self.train.steps == 0 || self.train.grad_accum == 0 {
             bail!("train.steps and train.grad_accum must be positive");
         }
-        let o = &self.optim;
-        let positive = |x: f32| x.is_finite() && x > 0.0;
-        if !positive(o.lr) || !positive(o.eps) || !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            bail!("optim: lr and eps must be positive, beta1 and beta2 in [0, 1)");
-        }
+        self.optim.validate(self.train.steps)?;
         if let Some(l) = &self.lora {
             l.validate()?;
         }
@@ -423,11 +454,7 @@ impl RlConfig {
         if self.rollout.concurrency == 0 || self.rollout.max_new_tokens == 0 {
             bail!("rollout.concurrency and rollout.max_new_tokens must be positive");
         }
-        let o = &self.optim;
-        let positive = |x: f32| x.is_finite() && x > 0.0;
-        if !positive(o.lr) || !positive(o.eps) || !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            bail!("optim: lr and eps must be positive, beta1 and beta2 in [0, 1)");
-        }
+        self.optim.validate(self.total_steps())?;
         let kv = self.rollout.kv_cache_tokens;
         let one_episode = self.rollout.episode.context_tokens.min(self.model.context.unwrap_or(usize::MAX));
         if kv > 0 && kv < one_episode + crate::generate::BLOCK_SIZE {
@@ -589,5 +616,28 @@ impl SynthConfig {
         }
         self.expert.spec()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optimiser_numbers_out_of_range_are_errors_naming_the_field() {
+        let ok = OptimSection { warmup_steps: 10, ..Default::default() };
+        ok.validate(10).unwrap();
+        let bad = [
+            (OptimSection { weight_decay: -5.0, ..ok.clone() }, "weight_decay"),
+            (OptimSection { min_lr_ratio: 2.0, ..ok.clone() }, "min_lr_ratio"),
+            (OptimSection { warmup_steps: 11, ..ok.clone() }, "warmup_steps"),
+            (OptimSection { lr: f32::NAN, ..ok.clone() }, "optim.lr"),
+            (OptimSection { beta2: 1.0, ..ok.clone() }, "beta2"),
+            (OptimSection { max_grad_norm: -1.0, ..ok.clone() }, "max_grad_norm"),
+        ];
+        for (o, field) in bad {
+            let e = o.validate(10).unwrap_err();
+            assert!(format!("{e:#}").contains(field), "{e:#}");
+        }
     }
 }

@@ -113,3 +113,14 @@ fn broken_config_and_shards() {
     std::fs::write(dir.path().join("model.safetensors.index.json"), "{\"weights\": 1}").unwrap();
     assert_mentions(&load_err(dir.path()), &["model.safetensors.index.json", "weight_map"]);
 }
+
+#[test]
+fn non_finite_weights() {
+    // NaN in one element of a layer's weight (f32 fixture): refused at load, naming the tensor,
+    // instead of a model that prints `!!!` and exits 0.
+    let dir = tiny_with(|ts| {
+        let t = ts.iter_mut().find(|t| t.0 == "model.layers.1.mlp.up_proj.weight").unwrap();
+        t.3[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    assert_mentions(&load_err(dir.path()), &["model.layers.1.mlp.up_proj.weight", "non-finite", "element 10"]);
+}

@@ -273,6 +273,7 @@ fn protege_train_runs_every_stage_and_skips_finished_ones() {
         .replace("\"../data/tasks/train.jsonl\"", &format!("\"{}\"", fixtures.join("tasks").display()))
         .replace("\"../data/tasks/test.jsonl\"", &format!("\"{}\"", fixtures.join("tasks").display()))
         .replace("\nsteps = 20\n", "\nsteps = 2\n")
+        .replace("\nwarmup_steps = 3\n", "\nwarmup_steps = 1\n")
         .replace("\nsteps = 8\n", "\nsteps = 1\n")
         .replace("\nsteps = 4\n", "\nsteps = 1\n")
         .replace("max_steps = 12", "max_steps = 3")

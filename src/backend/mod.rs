@@ -40,6 +40,26 @@ impl HostTensor<'_> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The index of the first NaN or ±inf element, if any (all exponent bits set, read from
+    /// the raw bytes in whichever float format).
+    pub fn first_non_finite(&self) -> Option<usize> {
+        use rayon::prelude::*;
+        let (width, exponent): (usize, u32) = match self.dtype {
+            DType::F32 => (4, 0x7f80_0000),
+            DType::BF16 => (2, 0x7f80),
+            DType::F16 => (2, 0x7c00),
+        };
+        let bad = |c: &[u8]| {
+            let bits = if width == 4 {
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            } else {
+                u16::from_le_bytes([c[0], c[1]]) as u32
+            };
+            bits & exponent == exponent
+        };
+        self.bytes.par_chunks_exact(width).position_first(bad)
+    }
 }
 
 /// One sequence's share of a forward step.

@@ -111,7 +111,13 @@ impl Checkpoint {
             bail!("{file}: tensor {name} has shape {:?}, expected {shape:?} (from config.json)", view.shape());
         }
         let dtype = float_dtype(view.dtype(), &shard.path, name)?;
-        Ok(HostTensor { dtype, shape: shape.to_vec(), bytes: view.data() })
+        let t = HostTensor { dtype, shape: shape.to_vec(), bytes: view.data() };
+        if let Some(i) = t.first_non_finite() {
+            bail!(
+                "{file}: tensor {name} holds a non-finite value (NaN or ±inf) at element {i}: the weights are corrupt"
+            );
+        }
+        Ok(t)
     }
 }
 

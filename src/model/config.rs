@@ -141,8 +141,20 @@ impl Qwen2Config {
         }
         let mut eos_token_ids = token_ids(&raw.eos_token_id, "eos_token_id")?;
         eos_token_ids.dedup();
+        let bos_token_id = token_ids(&raw.bos_token_id, "bos_token_id")?.first().copied();
+        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        if let Some(id) = eos_token_ids.iter().chain(&bos_token_id).find(|&&id| id as usize >= vocab_size) {
+            bail!("token id {id} (bos_token_id / eos_token_id) is outside the vocabulary (vocab_size = {vocab_size})");
+        }
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            bail!("rms_norm_eps must be a positive number, got {rms_norm_eps}");
+        }
+        if let Some(t) = rope_theta.filter(|t| !(t.is_finite() && *t > 0.0)) {
+            bail!("rope_theta must be a positive number, got {t}");
+        }
         Ok(Self {
-            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            vocab_size,
             hidden_size,
             intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
             num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
@@ -150,12 +162,12 @@ impl Qwen2Config {
             num_kv_heads,
             head_dim,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(32768),
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
+            rms_norm_eps: rms_norm_eps as f32,
             rope_theta: rope_theta.unwrap_or(10000.0) as f32,
             // Qwen2Config defaults to untied embeddings.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             dtype: raw.dtype.or(raw.torch_dtype),
-            bos_token_id: token_ids(&raw.bos_token_id, "bos_token_id")?.first().copied(),
+            bos_token_id,
             eos_token_ids,
         })
     }
@@ -222,5 +234,11 @@ mod tests {
         let e = Qwen2Config::from_json(&V4.replace("\"qwen2\"", "\"llama\"")).unwrap_err();
         assert!(format!("{e:#}").contains("model_type"), "{e:#}");
         assert!(Qwen2Config::from_json("{not json").is_err());
+        // Numbers that would run and print garbage.
+        let e = Qwen2Config::from_json(&V4.replace(r#""rms_norm_eps":1e-06"#, r#""rms_norm_eps":-1"#)).unwrap_err();
+        assert!(format!("{e:#}").contains("rms_norm_eps"), "{e:#}");
+        let e =
+            Qwen2Config::from_json(&V4.replace(r#""eos_token_id":151645"#, r#""eos_token_id":999999"#)).unwrap_err();
+        assert!(format!("{e:#}").contains("outside the vocabulary"), "{e:#}");
     }
 }
