@@ -110,7 +110,13 @@ fn two_ranks_train_exactly_as_one_process_with_twice_the_accumulation() {
     for lora in [true, false] {
         let single = tempfile::tempdir().unwrap();
         let cfg = write_config(single.path(), 2, 4, lora);
-        ok(&protege(single.path(), &["sft", "--config", cfg.to_str().unwrap(), "--device", "cpu"]), "single sft");
+        let out = protege(single.path(), &["sft", "--config", cfg.to_str().unwrap(), "--device", "cpu"]);
+        ok(&out, "single sft");
+        // Not on a terminal (a batch job's log): one plain line per step.
+        let err = String::from_utf8_lossy(&out.stderr);
+        for step in 1..=4 {
+            assert!(err.contains(&format!("sft: step {step}/4: loss ")), "{err}");
+        }
 
         let dp = tempfile::tempdir().unwrap();
         let cfg = write_config(dp.path(), 1, 4, lora);

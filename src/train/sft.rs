@@ -242,6 +242,8 @@ fn sft_with<B: TrainBackend>(
             .expect("valid template"),
     );
     bar.set_position(state.step);
+    // Without a terminal (a batch job's log) the bar draws nothing: a plain line per step instead.
+    let plain_log = main && !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let mut batches = epoch_batches(&train, cfg.data.batch_tokens, cfg.train.seed, state.cursor.epoch);
     let first = state.step;
@@ -353,6 +355,13 @@ fn sft_with<B: TrainBackend>(
         }
         bar.set_message(format!("loss {:.4}, {:.0} tok/s", m.loss, m.tokens_per_s));
         bar.set_position(state.step);
+        if plain_log {
+            let eval = m.eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default();
+            eprintln!(
+                "sft: step {}/{}: loss {:.4}{eval}, lr {:.3e}, grad norm {:.3}, {:.0} tok/s, {:.0}s",
+                m.step, cfg.train.steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.elapsed_s
+            );
+        }
         metrics.push(m);
         let ckpt_due = (cfg.train.checkpoint_every > 0 && state.step.is_multiple_of(cfg.train.checkpoint_every))
             || state.step == cfg.train.steps;
