@@ -245,3 +245,28 @@ fn adapter_flag_gives_the_merged_exports_outputs() {
     let summary = std::fs::read_to_string(dir.path().join("eval-adapter/summary.json")).unwrap();
     assert!(summary.contains("adapter"), "the policy's name says an adapter was merged: {summary}");
 }
+
+/// A suite whose test command cannot run at all (its interpreter does not exist) is one clear
+/// error from `tasks validate`, not every task invalid with every test "Missing".
+#[test]
+fn validate_says_once_that_the_test_command_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("cp").arg("-r").arg(fixture("tasks")).arg(dir.path().join("suite")).status().unwrap();
+    assert!(status.success());
+    let path = dir.path().join("suite/tasks.jsonl");
+    let rows: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut t: serde_json::Value = serde_json::from_str(l).unwrap();
+            t["env"]["test_cmd"] = serde_json::json!("pyhton3 -m pytest -q");
+            t.to_string()
+        })
+        .collect();
+    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+    let (ok, _, err) = protege(&["tasks", "validate", dir.path().join("suite").to_str().unwrap(), "--runs", "1"]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("the test command cannot run: its program was not found"), "{err}");
+    assert!(err.contains("pyhton3"), "{err}");
+    assert!(!err.contains("Missing"), "{err}");
+}

@@ -369,7 +369,10 @@ impl Grader {
             report.log_tail = tail(&out.output);
             let results = parse_reporter(&out.output, &reporter.nonce);
             if results.is_empty() {
-                report.error = Some("the test run reported no results (see log_tail)".into());
+                report.error = Some(
+                    cannot_run(&out.output, out.exit_code, &task.env.test_cmd)
+                        .unwrap_or_else(|| "the test run reported no results (see log_tail)".into()),
+                );
             }
             let suffix = format!("::{canary_fn}");
             if let Some((_, s)) = results.iter().find(|(id, _)| id.ends_with(&suffix)) {
@@ -389,7 +392,11 @@ impl Grader {
             sandbox.give_tree()?;
             let out = sandbox.run(&test_command(task, &ids))?;
             report.log_tail = tail(&out.output);
-            parse_pytest(&out.output)
+            let results = parse_pytest(&out.output);
+            if results.is_empty() {
+                report.error = cannot_run(&out.output, out.exit_code, &task.env.test_cmd);
+            }
+            results
         };
         for (id, status) in report.fail_to_pass.iter_mut().chain(report.pass_to_pass.iter_mut()) {
             if let Some(s) = results.get(id) {
@@ -400,6 +407,26 @@ impl Grader {
             report.fail_to_pass.values().chain(report.pass_to_pass.values()).all(|s| *s == TestStatus::Passed);
         Ok(report)
     }
+}
+
+/// How an error that says the test command could not run at all begins (not a test's failure:
+/// every task of a suite will say the same).
+pub const CANNOT_RUN: &str = "the test command cannot run";
+
+/// Why a test run that reported nothing could not run at all, if its output says: pytest not
+/// installed for the interpreter, or the program not found.
+pub fn cannot_run(output: &str, exit_code: Option<i32>, test_cmd: &str) -> Option<String> {
+    if output.contains("No module named pytest") || output.contains("No module named 'pytest'") {
+        return Some(format!(
+            "{CANNOT_RUN}: pytest is not installed for the interpreter of `{test_cmd}` (install it there, e.g. \
+             `python3 -m pip install pytest`, or point env.test_cmd at an environment that has it)"
+        ));
+    }
+    let not_found = exit_code == Some(127) || output.contains("command not found");
+    not_found.then(|| {
+        let said = output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        format!("{CANNOT_RUN}: its program was not found (`{test_cmd}`: {said})")
+    })
 }
 
 /// The reporter plugin of one grading run: its module name and the marker of its lines.
@@ -467,5 +494,14 @@ PASSED tests/test_a.py::test_after";
         let r = parse_reporter(log, "n0nce");
         assert_eq!(r.len(), 1);
         assert_eq!(r.get("t.py::z[a b]"), Some(&TestStatus::Failed));
+    }
+
+    #[test]
+    fn a_test_command_that_cannot_run_says_why() {
+        let e = cannot_run("/usr/bin/python3: No module named pytest\n", Some(1), "python3 -m pytest").unwrap();
+        assert!(e.starts_with(CANNOT_RUN) && e.contains("pytest is not installed"), "{e}");
+        let e = cannot_run("bash: line 1: pyhton: command not found\n", Some(127), "pyhton -m pytest").unwrap();
+        assert!(e.contains("not found") && e.contains("pyhton"), "{e}");
+        assert_eq!(cannot_run("1 failed", Some(1), "pytest"), None);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::grade::TestStatus;
+use super::grade::{TestStatus, CANNOT_RUN};
 use super::instance::{patch_files, TaskInstance};
 use crate::executor::Executor;
 
@@ -28,6 +28,11 @@ fn check_run(task: &TaskInstance, exec: &dyn Executor, run: usize) -> Vec<String
     let tag = |what: &str| format!("run {}: {what}", run + 1);
     let label = |what: &str| crate::executor::next_label(&format!("validate-{what}-"));
     match exec.grade(task, "", &label("before")) {
+        // Not the task's fault: one line, not a list of missing tests.
+        Ok(before) if before.error.as_deref().is_some_and(|e| e.starts_with(CANNOT_RUN)) => {
+            problems.push(tag(before.error.as_deref().unwrap_or_default()));
+            return problems;
+        }
         // The harness's verdict (docker tasks): the empty patch must not resolve.
         Ok(before) if before.harness.is_some() => {
             if before.resolved {
@@ -49,6 +54,10 @@ fn check_run(task: &TaskInstance, exec: &dyn Executor, run: usize) -> Vec<String
         Err(e) => problems.push(tag(&format!("before the fix: {e:#}"))),
     }
     match exec.grade(task, &task.patch, &label("after")) {
+        // Not the task's fault: one line, not a list of missing tests.
+        Ok(after) if after.error.as_deref().is_some_and(|e| e.starts_with(CANNOT_RUN)) => {
+            problems.push(tag(after.error.as_deref().unwrap_or_default()))
+        }
         Ok(after) if !after.tampering.is_empty() => {
             let files: Vec<String> = after.tampering.iter().map(|t| format!("{} ({})", t.path, t.rule)).collect();
             problems.push(tag(&format!(
@@ -135,7 +144,15 @@ pub fn validate_suite(
     });
     bar.finish_and_clear();
     crate::interrupt::check()?;
-    Ok(out.into_inner().expect("lock").into_values().collect())
+    let vals: Vec<Validation> = out.into_inner().expect("lock").into_values().collect();
+    // Every task failing because the tests cannot run at all is one problem of the machine.
+    let cannot_run = |v: &Validation| v.problems.iter().find_map(|p| p.find(CANNOT_RUN).map(|i| p[i..].to_string()));
+    if let (false, Some(first)) = (vals.is_empty(), vals.first().and_then(cannot_run)) {
+        if vals.iter().all(|v| cannot_run(v).is_some()) {
+            anyhow::bail!("{first}");
+        }
+    }
+    Ok(vals)
 }
 
 /// Lines and files a patch changes.
