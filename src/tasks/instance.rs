@@ -95,9 +95,9 @@ pub struct TaskInstance {
     pub patch: String,
     /// The hidden tests, applied only when grading.
     pub test_patch: String,
-    #[serde(rename = "FAIL_TO_PASS", deserialize_with = "list_or_json_string")]
+    #[serde(rename = "FAIL_TO_PASS", deserialize_with = "fail_to_pass")]
     pub fail_to_pass: Vec<String>,
-    #[serde(rename = "PASS_TO_PASS", deserialize_with = "list_or_json_string", default)]
+    #[serde(rename = "PASS_TO_PASS", deserialize_with = "pass_to_pass", default)]
     pub pass_to_pass: Vec<String>,
     pub env: LocalEnv,
     /// Other fields of the instance, kept as they are.
@@ -105,17 +105,31 @@ pub struct TaskInstance {
     pub extra: serde_json::Map<String, Value>,
 }
 
-fn list_or_json_string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        List(Vec<String>),
-        Text(String),
-    }
-    match Either::deserialize(d)? {
-        Either::List(l) => Ok(l),
-        Either::Text(t) => serde_json::from_str(&t)
-            .map_err(|e| serde::de::Error::custom(format!("expected a list of test ids or a JSON string of one: {e}"))),
+fn fail_to_pass<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    list_or_json_string(d, "FAIL_TO_PASS")
+}
+
+fn pass_to_pass<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    list_or_json_string(d, "PASS_TO_PASS")
+}
+
+/// A list of test ids as SWE-bench rows give them: a list, or a JSON string of one; an error
+/// names `field` and what it holds.
+fn list_or_json_string<'de, D: Deserializer<'de>>(d: D, field: &str) -> std::result::Result<Vec<String>, D::Error> {
+    use serde::de::Error;
+    let expected = format!("{field}: expected a list of test ids, or a JSON string holding one");
+    match Value::deserialize(d)? {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(D::Error::custom(format!("expected {expected}; the list holds {other}, not a string"))),
+            })
+            .collect(),
+        Value::String(t) => {
+            serde_json::from_str(&t).map_err(|e| D::Error::custom(format!("expected {expected}: the string {e}")))
+        }
+        other => Err(D::Error::custom(format!("expected {expected}, got {other}"))),
     }
 }
 
@@ -266,4 +280,19 @@ pub fn load_suite(path: &Path) -> Result<Vec<TaskInstance>> {
         bail!("task suite {} holds no tasks", file.display());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_lists_in_the_wrong_shape_name_the_field() {
+        let row = |f2p: &str| format!(r#"{{"instance_id": "a", "patch": "", "FAIL_TO_PASS": {f2p}, "env": {{}}}}"#);
+        let err = |f2p: &str| serde_json::from_str::<TaskInstance>(&row(f2p)).unwrap_err().to_string();
+        let e = err("5");
+        assert!(e.contains("FAIL_TO_PASS: expected a list of test ids") && e.contains("got 5"), "{e}");
+        assert!(err("[1]").contains("holds 1, not a string"), "{}", err("[1]"));
+        assert!(err(r#""not json""#).contains("FAIL_TO_PASS"), "{}", err(r#""not json""#));
+    }
 }
