@@ -173,6 +173,10 @@ struct RlArgs {
     /// Continue the run in the config's run directory from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// With --resume: continue although the config differs from the run's config.toml
+    /// (otherwise refused, naming every changed setting).
+    #[arg(long, requires = "resume")]
+    accept_config_change: bool,
     /// cpu, cuda or cuda:N for rollouts and updates (default: cuda when a usable GPU is present).
     #[arg(long)]
     device: Option<Device>,
@@ -476,6 +480,10 @@ struct SftArgs {
     /// Continue the run in the config's output.run_dir from its newest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// With --resume: continue although the config differs from the run's config.toml
+    /// (otherwise refused, naming every changed setting).
+    #[arg(long, requires = "resume")]
+    accept_config_change: bool,
     /// cpu, cuda or cuda:N (default: cuda when a usable GPU is present, else cpu).
     #[arg(long)]
     device: Option<Device>,
@@ -1117,6 +1125,9 @@ fn run_sft(a: SftArgs) -> Result<()> {
         Device::Cuda(_) => Device::Cuda(world.local_rank % protege::backend::cuda::device_count().max(1)),
         d => d,
     });
+    if a.resume {
+        protege::train::checkpoint::check_resume_config(&cfg.output.run_dir, &text, a.accept_config_change)?;
+    }
     let out = protege::train::sft::run_sft_on(device, &world, &cfg, &text, a.resume, None)?;
     if !world.is_main() {
         return Ok(());
@@ -1233,6 +1244,9 @@ fn run_rl(a: RlArgs) -> Result<()> {
     cfg.rollout.executor = a.exec.executor.or(cfg.rollout.executor);
     cfg.rollout.docker = a.exec.docker(cfg.rollout.docker.clone());
     let device = a.device.unwrap_or_else(protege::backend::cuda::default_device);
+    if a.resume {
+        protege::train::checkpoint::check_resume_config(&cfg.output.run_dir, &text, a.accept_config_change)?;
+    }
     let out = protege::train::rl::run_rl_on(device, &cfg, &text, a.resume, None)?;
     eprintln!("rl: {} steps; run directory {}", out.last_step, out.run_dir.display());
     Ok(())

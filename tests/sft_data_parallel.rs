@@ -166,7 +166,13 @@ fn a_sharded_run_resumes_as_an_unsharded_one_and_refuses_other_rank_counts() {
     let c2 = write_config(single.path(), 2, 2, true);
     ok(&protege(single.path(), &["sft", "--config", c2.to_str().unwrap()]), "single, first half");
     let c4 = write_config(single.path(), 2, 4, true);
-    ok(&protege(single.path(), &["sft", "--config", c4.to_str().unwrap(), "--resume"]), "single, resumed");
+    // Resuming with another step count is refused, naming it, unless accepted.
+    let refused = protege(single.path(), &["sft", "--config", c4.to_str().unwrap(), "--resume"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("train.steps: 2 -> 4") && err.contains("--accept-config-change"), "{err}");
+    let extend = ["--resume", "--accept-config-change"];
+    ok(&protege(single.path(), &[&["sft", "--config", c4.to_str().unwrap()][..], &extend].concat()), "single, resumed");
 
     let dp = tempfile::tempdir().unwrap();
     let c2 = write_config(dp.path(), 1, 2, true);
@@ -175,12 +181,15 @@ fn a_sharded_run_resumes_as_an_unsharded_one_and_refuses_other_rank_counts() {
         "two ranks, first half",
     );
     let c4 = write_config(dp.path(), 1, 4, true);
-    let one = protege(dp.path(), &["sft", "--config", c4.to_str().unwrap(), "--resume"]);
+    let one = protege(dp.path(), &[&["sft", "--config", c4.to_str().unwrap()][..], &extend].concat());
     assert!(!one.status.success(), "a one-rank resume of a two-rank checkpoint must fail");
     let err = String::from_utf8_lossy(&one.stderr);
     assert!(err.contains("different number of data-parallel ranks"), "{err}");
     ok(
-        &protege(dp.path(), &["launch", "--gpus", "2", "--", "sft", "--config", c4.to_str().unwrap(), "--resume"]),
+        &protege(
+            dp.path(),
+            &[&["launch", "--gpus", "2", "--", "sft", "--config", c4.to_str().unwrap()][..], &extend].concat(),
+        ),
         "two ranks, resumed",
     );
     let (a, b) = (curve(&single.path().join("run")), curve(&dp.path().join("run")));

@@ -219,3 +219,70 @@ pub fn cut_metrics<M: DeserializeOwned + Serialize>(path: &Path, step: u64) -> R
     write_atomic(path, out.as_bytes())?;
     Ok(kept)
 }
+
+/// The settings that differ between a run's `config.toml` and `new_text`, as dotted keys with
+/// their old and new values (`(absent)` for a key on one side only).
+pub fn config_changes(old_text: &str, new_text: &str) -> Result<Vec<String>> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let parse = |text: &str, what: &str| -> Result<std::collections::BTreeMap<String, String>> {
+        let v: toml::Value = toml::from_str(text).with_context(|| format!("cannot parse the {what} config"))?;
+        let mut out = Default::default();
+        flatten("", &v, &mut out);
+        Ok(out)
+    };
+    let (old, new) = (parse(old_text, "run's")?, parse(new_text, "new")?);
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let absent = "(absent)".to_string();
+    Ok(keys
+        .into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| format!("{k}: {} -> {}", old.get(k).unwrap_or(&absent), new.get(k).unwrap_or(&absent)))
+        .collect())
+}
+
+/// Before resuming the run in `run_dir`: refuses a config that differs from the one the run
+/// started with (a changed learning rate or step count would silently make another run),
+/// naming every changed setting, unless `accept` says to continue with the new one.
+pub fn check_resume_config(run_dir: &Path, new_text: &str, accept: bool) -> Result<()> {
+    let path = run_dir.join("config.toml");
+    let Ok(old) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let changes = config_changes(&old, new_text)?;
+    if changes.is_empty() || accept {
+        if !changes.is_empty() {
+            eprintln!("resuming with a changed config (accepted): {}", changes.join("; "));
+        }
+        return Ok(());
+    }
+    bail!(
+        "{} holds the config this run started with, and the new one differs:\n  {}\npass --accept-config-change to \
+         continue with the new settings, or restore them",
+        path.display(),
+        changes.join("\n  ")
+    )
+}
+
+#[cfg(test)]
+mod config_change_tests {
+    use super::*;
+
+    #[test]
+    fn changed_settings_are_named_with_both_values() {
+        let old = "[optim]\nlr = 0.01\n[train]\nsteps = 6\n";
+        let new = "[optim]\nlr = 0.02\n[train]\nsteps = 6\nseed = 1\n";
+        assert_eq!(config_changes(old, new).unwrap(), vec!["optim.lr: 0.01 -> 0.02", "train.seed: (absent) -> 1"]);
+        // Comments, spacing and order are not changes.
+        assert!(config_changes("[train]\nsteps = 6 # six\n", "[train]\n\nsteps=6\n").unwrap().is_empty());
+    }
+}
