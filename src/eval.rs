@@ -30,6 +30,7 @@ use crate::backend::cuda::Device;
 use crate::backend::SamplingParams;
 use crate::executor::docker::DockerConfig;
 use crate::executor::{run_graded_episode, ExecutorKind, Executors, LocalExecutor};
+use crate::generate::engine::EngineClient;
 use crate::generate::loaded::{load_on, LoadedModel};
 use crate::generate::GenOptions;
 use crate::model::export::write_atomic;
@@ -38,7 +39,6 @@ use crate::tasks::grade::{GradeReport, Grader};
 use crate::tasks::protect::Protection;
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
-use crate::train::rollout::EngineClient;
 
 /// Which policy plays the agent.
 #[derive(Debug, Clone)]

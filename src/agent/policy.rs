@@ -16,7 +16,7 @@ use crate::model::Qwen2;
 use crate::tokenizer::{render_qwen25, Tokenizer};
 
 /// Where a local policy's tokens come from: the model directly, or a shared batching engine
-/// that generates for many episodes at once ([`crate::train::rollout::EngineHandle`]).
+/// that generates for many episodes at once ([`crate::generate::engine::EngineHandle`]).
 pub trait TokenGenerator: Send {
     fn generate(&mut self, req: Request) -> Result<Completion>;
     /// The model's context length.

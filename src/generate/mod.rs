@@ -485,13 +485,15 @@ impl<'a, B: Backend> Batcher<'a, B> {
     fn sample(&self, logits: &B::Buf, samplers: &[usize]) -> Vec<(u32, Rng, Option<TokenLogprob>)> {
         let vocab = self.model.cfg.vocab_size;
         let live = |i: usize| self.seqs[i].as_ref().expect("live");
-        let before: Vec<Rng> = samplers.iter().map(|&i| live(i).rng.clone()).collect();
-        let mut rngs = before.clone();
+        let mut rngs: Vec<Rng> = samplers.iter().map(|&i| live(i).rng.clone()).collect();
+        let on_host = samplers.iter().any(|&i| live(i).req.needs_host_logits());
+        // The host rows sample from their streams as they were before the device draw.
+        let before = if on_host { rngs.clone() } else { vec![] };
         let params: Vec<SamplingParams> = samplers.iter().map(|&i| live(i).req.sampling.clone()).collect();
         let next = self.be.sample(logits, vocab, &params, &mut rngs);
         let mut out: Vec<(u32, Rng, Option<TokenLogprob>)> =
             next.into_iter().zip(rngs).map(|(t, rng)| (t, rng, None)).collect();
-        if !samplers.iter().any(|&i| live(i).req.needs_host_logits()) {
+        if !on_host {
             return out;
         }
         let host = self.be.to_f32(logits);

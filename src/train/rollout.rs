@@ -20,7 +20,7 @@ use crate::agent::policy::LocalPolicy;
 use crate::agent::sandbox::Limits;
 use crate::backend::{Backend, SamplingParams};
 use crate::executor::run_graded_episode;
-pub use crate::generate::engine::{serve_while, EngineClient, EngineHandle, EngineStats};
+use crate::generate::engine::{serve_while, EngineClient, EngineHandle, EngineStats};
 use crate::generate::GenOptions;
 use crate::model::Qwen2;
 use crate::reward::{reward, Judge, JudgeOutput, Outcome, RewardBreakdown, RewardConfig};
