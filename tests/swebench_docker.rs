@@ -390,6 +390,23 @@ fn the_bundled_suite_runs_in_docker_as_locally() {
         assert_eq!(preds.lines().count(), picked.len(), "{preds}");
         verdicts.push(v);
     }
+    if verdicts[0] != verdicts[1] {
+        // What each executor's grading said about the episodes they disagree on.
+        let differ: Vec<&String> =
+            verdicts[0].iter().zip(&verdicts[1]).filter(|(a, b)| a != b).map(|(a, _)| &a.0).collect();
+        for exec in ["local", "docker"] {
+            let trajectories = std::fs::read_to_string(tmp.path().join(format!("eval-{exec}/trajectories.jsonl")));
+            for line in trajectories.unwrap_or_default().lines() {
+                let t: serde_json::Value = serde_json::from_str(line).unwrap();
+                if differ.iter().any(|id| t["task_id"] == id.as_str()) {
+                    eprintln!(
+                        "{exec} {}: exit {} grade {}",
+                        t["task_id"], t["meta"]["exit_status"], t["meta"]["grade"]
+                    );
+                }
+            }
+        }
+    }
     assert_eq!(verdicts[0], verdicts[1], "local and docker grade the same episodes differently");
     let resolved = verdicts[0].iter().filter(|(_, r)| *r).count();
     assert_eq!(resolved, picked.iter().enumerate().filter(|(i, _)| i % 3 == 0).count(), "{:?}", verdicts[0]);
