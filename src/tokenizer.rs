@@ -1,23 +1,21 @@
-//! The tokenizer (`tokenizer.json` through the `tokenizers` crate) and the Qwen2.5 ChatML
-//! chat template with tools, rendered natively so that every character is attributed to the
-//! message (and role) it came from.
+//! The tokenizer (`tokenizer.json` through the `tokenizers` crate) and the model's chat
+//! template ([`crate::chat_template`]: the model directory's own Jinja template, or Qwen2.5's
+//! when it has none), with every token of a rendered conversation attributed to the message
+//! (and role) it came from.
 //!
-//! The rendering reproduces transformers' `apply_chat_template` with the Qwen2.5 template
-//! byte for byte (checked against a fixture made by transformers). The per-token role mask
-//! marks what the assistant produced: after `<|im_start|>assistant\n`, its content, its tool
-//! calls and the closing `<|im_end|>`.
+//! The per-token role mask marks what the assistant produced: after its generation prompt
+//! (`<|im_start|>assistant\n`), its content, its tool calls and the closing end-of-turn token
+//! (`<|im_end|>`); the newline the template writes after that is the template's.
 
+use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 
-use crate::chat::{python_json, Message, Role};
-
-pub const DEFAULT_SYSTEM: &str = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
-const TOOLS_HEADER: &str = "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>";
-const TOOLS_FOOTER: &str = "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n";
+use crate::chat::{Message, Role};
+use crate::chat_template::{ChatTemplate, MessageSpan, QWEN25};
 
 /// Who a piece of the rendered conversation belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,24 +32,44 @@ pub struct Rendered {
     pub text: String,
     /// Consecutive, covering `text`: (end byte, owner).
     spans: Vec<(usize, TokenRole)>,
+    /// Where each message lies in `text`.
+    pub messages: Vec<MessageSpan>,
 }
 
 impl Rendered {
-    fn push(&mut self, s: &str, role: TokenRole) {
-        if s.is_empty() {
-            return;
+    /// `text` whose message bodies (`messages[i].body`, in order) belong to their messages'
+    /// roles and the rest to the template.
+    fn new(text: String, messages: Vec<MessageSpan>, roles: impl Iterator<Item = Role>) -> Self {
+        let mut spans: Vec<(usize, TokenRole)> = vec![];
+        let mut push = |end: usize, role: TokenRole| {
+            if end <= spans.last().map_or(0, |s| s.0) {
+                return;
+            }
+            match spans.last_mut() {
+                Some((e, r)) if *r == role => *e = end,
+                _ => spans.push((end, role)),
+            }
+        };
+        for (m, role) in messages.iter().zip(roles) {
+            if !m.body.is_empty() {
+                push(m.body.start, TokenRole::Template);
+                push(m.body.end, TokenRole::Body(role));
+            }
         }
-        self.text.push_str(s);
-        match self.spans.last_mut() {
-            Some((end, r)) if *r == role => *end = self.text.len(),
-            _ => self.spans.push((self.text.len(), role)),
-        }
+        push(text.len(), TokenRole::Template);
+        Self { text, spans, messages }
     }
 
     /// Owner of the byte at `offset`.
     pub fn role_at(&self, offset: usize) -> TokenRole {
         let i = self.spans.partition_point(|(end, _)| *end <= offset);
         self.spans.get(i).or(self.spans.last()).map(|s| s.1).unwrap_or(TokenRole::Template)
+    }
+
+    /// The byte ranges of `text` and their owners, in order.
+    pub fn spans(&self) -> impl Iterator<Item = (Range<usize>, TokenRole)> + '_ {
+        let starts = std::iter::once(0).chain(self.spans.iter().map(|s| s.0));
+        starts.zip(&self.spans).map(|(start, &(end, role))| (start..end, role))
     }
 }
 
@@ -83,116 +101,123 @@ pub const TEMPLATE_TOKENS: [&str; 8] = [
     "</tools>",
 ];
 
-/// Renders `messages` with the Qwen2.5 template.
-pub fn render_qwen25(messages: &[Message], tools: &[Value], add_generation_prompt: bool) -> Result<Rendered> {
-    use TokenRole::{Body, Template};
-    let mut r = Rendered { text: String::new(), spans: vec![] };
-    for (i, m) in messages.iter().enumerate() {
-        m.validate(i)?;
-    }
-    let first_is_system = messages.first().map(|m| m.role == Role::System).unwrap_or(false);
-    let system_text = if first_is_system { messages[0].text() } else { DEFAULT_SYSTEM };
-    let system_role = if first_is_system { Body(Role::System) } else { Template };
-    r.push("<|im_start|>system\n", Template);
-    r.push(system_text, system_role);
-    if tools.is_empty() {
-        r.push("<|im_end|>\n", Template);
-    } else {
-        r.push(TOOLS_HEADER, Template);
-        for t in tools {
-            r.push("\n", Template);
-            r.push(&python_json(t), Template);
-        }
-        r.push(TOOLS_FOOTER, Template);
-    }
-    for (i, m) in messages.iter().enumerate() {
-        let a = Body(Role::Assistant);
-        match m.role {
-            Role::System if i == 0 => {}
-            Role::User | Role::System => {
-                r.push(&format!("<|im_start|>{}\n", m.role.as_str()), Template);
-                r.push(m.text(), Body(m.role));
-                r.push("<|im_end|>\n", Template);
-            }
-            Role::Assistant if m.tool_calls.is_empty() => {
-                r.push("<|im_start|>assistant\n", Template);
-                r.push(m.text(), a);
-                r.push("<|im_end|>", a);
-                r.push("\n", Template);
-            }
-            Role::Assistant => {
-                // The template writes "\n" before the content (when non-empty) and before each
-                // call; the first of those is what a generation prompt ends with.
-                r.push("<|im_start|>assistant\n", Template);
-                let mut first = true;
-                let mut sep = |r: &mut Rendered| {
-                    if !std::mem::take(&mut first) {
-                        r.push("\n", a);
-                    }
-                };
-                if !m.text().is_empty() {
-                    sep(&mut r);
-                    r.push(m.text(), a);
-                }
-                for c in &m.tool_calls {
-                    sep(&mut r);
-                    let call = format!(
-                        "<tool_call>\n{{\"name\": \"{}\", \"arguments\": {}}}\n</tool_call>",
-                        c.function.name,
-                        python_json(&c.arguments())
-                    );
-                    r.push(&call, a);
-                }
-                r.push("<|im_end|>", a);
-                r.push("\n", Template);
-            }
-            Role::Tool => {
-                if i == 0 || messages[i - 1].role != Role::Tool {
-                    r.push("<|im_start|>user", Template);
-                }
-                r.push("\n<tool_response>\n", Template);
-                r.push(m.text(), Body(Role::Tool));
-                r.push("\n</tool_response>", Template);
-                if i + 1 == messages.len() || messages[i + 1].role != Role::Tool {
-                    r.push("<|im_end|>\n", Template);
-                }
-            }
-        }
-    }
-    if add_generation_prompt {
-        r.push("<|im_start|>assistant\n", Template);
-    }
-    Ok(r)
-}
+/// Qwen2.5's template, compiled once: the template of tokenizers whose directory has none.
+static BUILT_IN: LazyLock<Arc<ChatTemplate>> = LazyLock::new(|| {
+    Arc::new(ChatTemplate::new(QWEN25, "the built-in Qwen2.5 chat template").expect("the built-in template compiles"))
+});
 
-/// `tokenizer.json` plus the special tokens generation needs.
+/// `tokenizer.json`, the chat template and the special tokens generation needs.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
-    /// Tokens that end an assistant turn (`<|im_end|>`, `<|endoftext|>` when present).
+    /// Tokens that end an assistant turn (`<|im_end|>`, `<|endoftext|>` and the
+    /// `eos_token` of `tokenizer_config.json`, when the tokenizer has them).
     pub stop_ids: Vec<u32>,
+    template: Arc<ChatTemplate>,
 }
 
 impl Tokenizer {
+    /// `tokenizer.json` at `path`, with the chat template of its directory
+    /// ([`ChatTemplate::from_dir`]: `chat_template.jinja`, else `tokenizer_config.json`'s
+    /// `chat_template`). A directory without a template keeps the built-in Qwen2.5 template
+    /// (noted once on stderr).
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
             bail!("tokenizer file {} does not exist", path.display());
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
-        let stop_ids = ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| inner.token_to_id(t)).collect();
-        Ok(Self { inner: Arc::new(inner), stop_ids })
+        let tok = Self::from_tokenizers(inner);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        match ChatTemplate::from_dir(dir)? {
+            Some(template) => Ok(tok.with_template(template)),
+            None => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    eprintln!(
+                        "note: {} has no chat template (chat_template.jinja or tokenizer_config.json's \
+                         chat_template); using Qwen2.5's",
+                        dir.display()
+                    )
+                });
+                Ok(tok)
+            }
+        }
     }
 
-    /// The tokenizer of an HF model directory.
+    /// Wraps a built `tokenizers` tokenizer, with Qwen2.5's chat template.
+    pub fn from_tokenizers(inner: tokenizers::Tokenizer) -> Self {
+        let stop_ids = ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| inner.token_to_id(t)).collect();
+        Self { inner: Arc::new(inner), stop_ids, template: BUILT_IN.clone() }
+    }
+
+    /// This tokenizer with the chat template `source` (Jinja, as a model's `chat_template`):
+    /// an error names the template's line when it does not compile. The special tokens the
+    /// template sees stay those of the current template.
+    pub fn with_chat_template(self, source: &str) -> Result<Self> {
+        let special = self.template.special_tokens().to_vec();
+        Ok(self.with_template(ChatTemplate::new(source, "the model's chat template")?.with_special_tokens(special)))
+    }
+
+    fn with_template(mut self, template: ChatTemplate) -> Self {
+        let eos = template.special_tokens().iter().find(|(k, _)| k == "eos_token");
+        if let Some(id) = eos.and_then(|(_, t)| self.inner.token_to_id(t)) {
+            if !self.stop_ids.contains(&id) {
+                self.stop_ids.push(id);
+            }
+        }
+        self.template = Arc::new(template);
+        self
+    }
+
+    /// The chat template in use.
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The tokenizer of an HF model directory, or of a GGUF file ([`Tokenizer::from_gguf`]).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::model::gguf::is_gguf(dir) {
+            return Self::from_gguf(dir);
+        }
         Self::from_file(&dir.join("tokenizer.json"))
+    }
+
+    /// The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let g = crate::model::gguf::Gguf::open(path)?;
+        let tok = Self::from_tokenizers(crate::model::gguf_tokenizer::tokenizer(&g)?);
+        let Some(source) = g.chat_template() else { return Ok(tok) };
+        // The template's special tokens, as tokenizer_config.json would name them.
+        let mut special = vec![];
+        for (key, name) in [
+            ("tokenizer.ggml.bos_token_id", "bos_token"),
+            ("tokenizer.ggml.eos_token_id", "eos_token"),
+            ("tokenizer.ggml.padding_token_id", "pad_token"),
+        ] {
+            if g.get(key).is_some() {
+                let id = g.get_u64(key)?;
+                let token = u32::try_from(id)
+                    .ok()
+                    .and_then(|id| tok.id_to_token(id))
+                    .ok_or_else(|| anyhow!("{}: `{key}` is {id}, not a token of its vocabulary", path.display()))?;
+                special.push((name.to_string(), token));
+            }
+        }
+        let origin = format!("{} (tokenizer.chat_template)", path.display());
+        Ok(tok.with_template(ChatTemplate::new(&source, &origin)?.with_special_tokens(special)))
     }
 
     /// Token ids of `text` as it stands (special tokens in the text are recognised; nothing
     /// is added around it).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.encode_raw(text)?.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with the byte offset each token starts at.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, usize)>> {
+        let enc = self.encode_raw(text)?;
+        Ok(enc.get_ids().iter().zip(enc.get_offsets()).map(|(&id, &(start, _))| (id, start)).collect())
     }
 
     fn encode_raw(&self, text: &str) -> Result<tokenizers::Encoding> {
@@ -243,6 +268,55 @@ impl Tokenizer {
         piece.chars().map(|c| byte_of_bpe_char(c).unwrap_or(b'?')).collect()
     }
 
+    /// The chat template's rendering of a conversation (one rendering, no attribution: for
+    /// prompts).
+    pub fn chat_text(&self, messages: &[Message], tools: &[Value], add_generation_prompt: bool) -> Result<String> {
+        for (i, m) in messages.iter().enumerate() {
+            m.validate(i)?;
+        }
+        self.template.render(messages, tools, add_generation_prompt)
+    }
+
+    /// The token ids of a conversation's prompt: its rendering with the generation prompt.
+    pub fn chat_prompt(&self, messages: &[Message], tools: &[Value]) -> Result<Vec<u32>> {
+        self.encode(&self.chat_text(messages, tools, true)?)
+    }
+
+    /// Renders a conversation and attributes every byte to the template or a message's body
+    /// (see [`crate::chat_template`]).
+    pub fn render_chat(&self, messages: &[Message], tools: &[Value], add_generation_prompt: bool) -> Result<Rendered> {
+        self.render_chat_from(messages, tools, add_generation_prompt, 0)
+    }
+
+    /// [`Tokenizer::render_chat`] that attributes only `messages[first..]` (the text of earlier
+    /// messages is the template's): a few renderings instead of one per message.
+    pub fn render_chat_from(
+        &self,
+        messages: &[Message],
+        tools: &[Value],
+        add_generation_prompt: bool,
+        first: usize,
+    ) -> Result<Rendered> {
+        for (i, m) in messages.iter().enumerate() {
+            m.validate(i)?;
+        }
+        let added: Vec<String> = self.added_tokens().into_iter().map(|(_, t)| t).collect();
+        let (text, spans) = self.template.render_attributed(
+            messages,
+            tools,
+            add_generation_prompt,
+            first,
+            &self.end_of_turn_tokens(),
+            &added,
+        )?;
+        Ok(Rendered::new(text, spans, messages.iter().map(|m| m.role)))
+    }
+
+    /// The text of the tokens that end an assistant turn ([`Tokenizer::stop_ids`]).
+    pub fn end_of_turn_tokens(&self) -> Vec<String> {
+        self.stop_ids.iter().filter_map(|&id| self.inner.id_to_token(id)).collect()
+    }
+
     /// Renders and tokenises a conversation, attributing every token.
     pub fn apply_chat_template(
         &self,
@@ -250,7 +324,7 @@ impl Tokenizer {
         tools: &[Value],
         add_generation_prompt: bool,
     ) -> Result<ChatEncoding> {
-        let rendered = render_qwen25(messages, tools, add_generation_prompt).context("rendering the chat template")?;
+        let rendered = self.render_chat(messages, tools, add_generation_prompt)?;
         let enc = self.encode_raw(&rendered.text)?;
         let roles = enc.get_offsets().iter().map(|&(start, _)| rendered.role_at(start)).collect();
         Ok(ChatEncoding { ids: enc.get_ids().to_vec(), roles, text: rendered.text })

@@ -13,7 +13,7 @@ use crate::backend::{Backend, SamplingParams};
 use crate::chat::{Message, Role, ToolCall};
 use crate::generate::{generate, Completion, GenOptions, Request};
 use crate::model::Qwen2;
-use crate::tokenizer::{render_qwen25, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
 /// Where a local policy's tokens come from: the model directly, or a shared batching engine
 /// that generates for many episodes at once ([`crate::generate::engine::EngineHandle`]).
@@ -180,35 +180,46 @@ impl<'a> LocalPolicy<'a> {
 
     /// Appends the messages that arrived since the last reply: tool results (`o`, or `e` for
     /// the expert's), closing the last assistant turn and opening the next, exactly as the
-    /// chat template renders them.
-    fn append_new_messages(&mut self, messages: &[Message]) -> Result<()> {
-        let im_end = self.tok.encode("<|im_end|>")?;
-        let new = &messages[self.consumed..];
-        if new.is_empty() {
+    /// chat template renders them (the text after the reply's body in the rendering of the
+    /// whole conversation with its generation prompt).
+    fn append_new_messages(&mut self, messages: &[Message], tools: &[Value]) -> Result<()> {
+        let reply = self.consumed - 1;
+        if messages.len() <= self.consumed {
             bail!("no new message since the last reply");
         }
-        // A reply cut by the token limit did not close its turn.
-        if !self.ids.ends_with(&im_end) {
-            self.append("<|im_end|>", Source::Observation)?;
+        for (i, m) in messages.iter().enumerate().skip(self.consumed) {
+            if !matches!(m.role, Role::Tool | Role::User) {
+                bail!("message {i} has role {}: only tool and user messages may follow a reply", m.role.as_str());
+            }
         }
-        for (i, m) in new.iter().enumerate() {
-            let source = if m.name.as_deref() == Some(EXPERT_TOOL) { Source::Expert } else { Source::Observation };
-            let text = match m.role {
-                Role::Tool => {
-                    let open = if i == 0 { "\n<|im_start|>user" } else { "" };
-                    let close = if i + 1 == new.len() || new[i + 1].role != Role::Tool { "<|im_end|>" } else { "" };
-                    format!("{open}\n<tool_response>\n{}\n</tool_response>{close}", m.text())
-                }
-                Role::User => format!("\n<|im_start|>user\n{}<|im_end|>", m.text()),
-                r => bail!(
-                    "message {} has role {}: only tool and user messages may follow a reply",
-                    self.consumed + i,
-                    r.as_str()
-                ),
-            };
-            self.append(&text, source)?;
+        let r = self.tok.render_chat_from(messages, tools, true, reply)?;
+        let at = r.messages[reply].body.end;
+        // A reply cut by the token limit did not close its turn: close it as the template does.
+        if !self.ids.last().is_some_and(|id| self.tok.stop_ids.contains(id)) {
+            let written = &r.text[..at];
+            if let Some(end) = self.tok.end_of_turn_tokens().into_iter().find(|t| written.ends_with(t.as_str())) {
+                self.append(&end, Source::Observation)?;
+            }
         }
-        self.append("\n<|im_start|>assistant\n", Source::Observation)
+        // One tokenisation of the rest (it starts after a special token, so its ids are those of
+        // the whole rendering), each token sourced by the message whose part it starts in.
+        let rest = &r.text[at..];
+        let ends: Vec<(usize, Source)> = r.messages[reply..]
+            .iter()
+            .zip(&messages[reply..])
+            .enumerate()
+            .map(|(i, (span, m))| {
+                let expert = i > 0 && m.name.as_deref() == Some(EXPERT_TOOL);
+                (span.part.end.saturating_sub(at), if expert { Source::Expert } else { Source::Observation })
+            })
+            .collect();
+        for (id, start) in self.tok.encode_with_offsets(rest)? {
+            // Past the last message: the generation prompt.
+            let source = ends.iter().find(|(end, _)| start < *end).map_or(Source::Observation, |e| e.1);
+            self.ids.push(id);
+            self.sources.push(source);
+        }
+        Ok(())
     }
 }
 
@@ -219,11 +230,11 @@ impl Policy for LocalPolicy<'_> {
 
     fn act(&mut self, messages: &[Message], tools: &[Value]) -> Result<PolicyTurn> {
         if self.ids.is_empty() {
-            let r = render_qwen25(messages, tools, true)?;
-            self.append(&r.text, Source::Prompt)?;
+            let text = self.tok.chat_text(messages, tools, true)?;
+            self.append(&text, Source::Prompt)?;
         } else {
             // The last consumed message is our own reply: skip it.
-            self.append_new_messages(messages)?;
+            self.append_new_messages(messages, tools)?;
         }
         let started = Instant::now();
         let max = self.generator.max_context();

@@ -264,7 +264,7 @@ where
 
     fn advise(&mut self, task: &TaskInstance, query: &str, recent: &[Message]) -> Result<ExpertReply> {
         let msgs = [Message::system(EXPERT_SYSTEM), Message::user(expert_prompt(task, query, recent))];
-        let prompt = self.tok.apply_chat_template(&msgs, &[], true)?.ids;
+        let prompt = self.tok.chat_prompt(&msgs, &[])?;
         let room = self.model.cfg.max_position_embeddings.saturating_sub(prompt.len());
         if room == 0 {
             bail!("the expert prompt ({} tokens) does not fit the local expert's context", prompt.len());

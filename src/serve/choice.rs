@@ -64,11 +64,8 @@ pub fn encode(
     prefix: &str,
     max_tokens: Option<usize>,
 ) -> Result<(Vec<u32>, usize), ApiError> {
-    let enc = app
-        .tok
-        .apply_chat_template(messages, tools, true)
-        .map_err(|e| ApiError::bad(api, "messages", format!("{e:#}")))?;
-    let mut prompt = enc.ids;
+    let mut prompt =
+        app.tok.chat_prompt(messages, tools).map_err(|e| ApiError::bad(api, "messages", format!("{e:#}")))?;
     if !prefix.is_empty() {
         prompt.extend(app.tok.encode(prefix).map_err(|e| ApiError::server(api, &e))?);
     }
