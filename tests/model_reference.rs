@@ -2,6 +2,9 @@
 //! `tools/make_fixtures.py`), and the KV-cache paths against full recomputation.
 
 mod common;
+/// GGUF files loaded directly (a module here: one test binary less to link).
+#[path = "model_reference/gguf.rs"]
+mod gguf;
 
 use common::{fixture, load, max_abs_diff, Tensors, MODELS};
 use protege::backend::{cache_slot, Backend, SeqSlice, StepMeta};

@@ -1,13 +1,16 @@
 //! Opt-in: the real Qwen2.5-Coder-0.5B-Instruct against transformers (float32).
 //!
 //! ```sh
-//! tools/fetch_qwen25_coder_05b                 # the model, into ~/.cache/protege/models/...
+//! tools/fetch_qwen25_coder_05b --convert       # the model, into ~/.cache/protege/models/...
 //! tools/make_real_reference                    # transformers' logits and greedy tokens next to it
 //! PROTEGE_QWEN05B=~/.cache/protege/models/qwen2.5-coder-0.5b-instruct \
 //!     cargo test --release --test real_model -- --ignored --nocapture
 //! ```
 
 mod common;
+/// The real GGUF against its converted directory (ignored by default) (a module here: one test binary less to link).
+#[path = "real_model/gguf_real.rs"]
+mod gguf_real;
 
 use std::path::PathBuf;
 
@@ -30,7 +33,7 @@ const RTOL: f32 = 1e-5;
 
 fn model_dir() -> PathBuf {
     let dir = std::env::var("PROTEGE_QWEN05B")
-        .expect("set PROTEGE_QWEN05B to the model directory (tools/fetch_qwen25_coder_05b)");
+        .expect("set PROTEGE_QWEN05B to the model directory (tools/fetch_qwen25_coder_05b --convert)");
     PathBuf::from(dir)
 }
 

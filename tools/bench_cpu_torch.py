@@ -63,7 +63,7 @@ def parse_args():
 
 def load(model_dir, attn):
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        sys.exit(f"error: {model_dir} has no config.json (run tools/fetch_qwen25_coder_05b)")
+        sys.exit(f"error: {model_dir} has no config.json (run tools/fetch_qwen25_coder_05b --convert)")
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(

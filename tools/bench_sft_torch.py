@@ -46,7 +46,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if not os.path.isfile(os.path.join(a.model, "config.json")):
-        sys.exit(f"error: {a.model} has no config.json (run tools/fetch_qwen25_coder_05b)")
+        sys.exit(f"error: {a.model} has no config.json (run tools/fetch_qwen25_coder_05b --convert)")
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation=a.attn)
     if a.mode == "lora":

@@ -42,6 +42,10 @@ impl ExportDtype {
 
     /// The dtype of the checkpoint in `dir` (that of its embedding, as the model's).
     pub fn of_checkpoint(dir: &Path) -> Result<Self> {
+        // A GGUF's quantised types have no HF counterpart: bf16, as HF models are published.
+        if super::gguf::is_gguf(dir) {
+            return Ok(ExportDtype::Bf16);
+        }
         Ok(Self::of(Checkpoint::open(dir)?.dtype_of("model.embed_tokens.weight")?))
     }
 
@@ -165,6 +169,18 @@ pub fn export_hf<B: Backend>(
 /// the model is ever held in memory (`protege export`).
 pub fn export_checkpoint(source: &Path, adapter: Option<&Path>, out: &Path, opts: &HfExportOptions) -> Result<()> {
     let be = CpuBackend::new();
+    if super::gguf::is_gguf(source) {
+        // A GGUF is dequantised as it loads, so the model is held in memory (in f32) meanwhile.
+        let model = Qwen2::load(&be, source)?;
+        let lora = match adapter {
+            Some(a) => Some(
+                load_peft_for(&be, &model.cfg, a)
+                    .with_context(|| format!("cannot load the adapter {} for {}", a.display(), source.display()))?,
+            ),
+            None => None,
+        };
+        return export_hf(&be, &model, lora.as_ref(), source, out, opts);
+    }
     let cfg = Qwen2Config::from_file(&source.join("config.json"))?;
     let ckpt = Checkpoint::open(source)?;
     let shapes = param_shapes(&cfg);
@@ -234,11 +250,15 @@ fn write_merged<'a, B: Backend>(
             LazyTensor { name, shape, dtype, values: Box::new(values) }
         })
         .collect();
-    let cfg_path = source.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
-    )
-    .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let mut config: serde_json::Value = if super::gguf::is_gguf(source) {
+        super::gguf::Gguf::open(source)?.hf_config()?
+    } else {
+        let cfg_path = source.join("config.json");
+        serde_json::from_str(
+            &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?
+    };
     let mut named = false;
     for key in ["torch_dtype", "dtype"] {
         if config.get(key).is_some() {

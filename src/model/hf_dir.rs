@@ -172,6 +172,12 @@ pub fn write_hf_dir(
                 sync(&tmp.join(f))?;
             }
         }
+        // A GGUF source carries its tokenizer and template in metadata: written out as files.
+        if super::gguf::is_gguf(source) {
+            for (f, bytes) in super::gguf::Gguf::open(source)?.hf_companion_files()? {
+                write_atomic(&tmp.join(f), &bytes)?;
+            }
+        }
         Ok(())
     })
 }

@@ -4,6 +4,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod export;
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod hf_dir;
 pub mod lora;
 pub mod peft;

@@ -222,8 +222,12 @@ pub struct Qwen2<B: Backend> {
 }
 
 impl<B: Backend> Qwen2<B> {
-    /// Loads `config.json` and the safetensors weights of an HF model directory.
+    /// Loads `config.json` and the safetensors weights of an HF model directory, or a GGUF
+    /// file (its tensors dequantised to f32).
     pub fn load(backend: &B, dir: &Path) -> Result<Self> {
+        if super::gguf::is_gguf(dir) {
+            return Self::from_gguf(backend, &super::gguf::Gguf::open(dir)?);
+        }
         let cfg = Qwen2Config::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
         Self::from_checkpoint(backend, cfg, &ckpt)
@@ -247,6 +251,21 @@ impl<B: Backend> Qwen2<B> {
             model.cfg.max_position_embeddings = n;
         }
         Ok(model)
+    }
+
+    /// The Qwen2 model a GGUF file holds.
+    pub fn from_gguf(backend: &B, g: &super::gguf::Gguf) -> Result<Self> {
+        let cfg = g.qwen2_config()?;
+        let w = Weights::try_from_fn(&cfg, |name, shape| {
+            let values = g.hf_tensor(name, shape)?;
+            let t = crate::backend::HostTensor {
+                dtype: crate::backend::DType::F32,
+                shape: shape.to_vec(),
+                bytes: bytemuck::cast_slice(&values),
+            };
+            backend.upload(&t).with_context(|| format!("loading tensor {name}"))
+        })?;
+        Ok(Self { cfg, w, lora: None })
     }
 
     pub fn from_checkpoint(backend: &B, cfg: Qwen2Config, ckpt: &Checkpoint) -> Result<Self> {
