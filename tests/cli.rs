@@ -1,6 +1,9 @@
 //! The `protege` binary end to end on the fixture models.
 
 mod common;
+/// A machine without pytest (a module here: one test binary less to link).
+#[path = "cli/pytest_missing.rs"]
+mod pytest_missing;
 
 use std::process::Command;
 

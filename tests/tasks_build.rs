@@ -117,3 +117,97 @@ fn builds_valid_tasks_from_a_pypi_package_and_resumes() {
     assert!(ok, "{log}");
     assert!(log.contains(&format!("{} of {} tasks valid", ids.len(), ids.len())), "{log}");
 }
+
+/// A tiny package whose `tests/conftest.py` implements `pytest_ignore_collect(path, config)`:
+/// the `py.path` hook argument that pytest 9 removed (boltons 24.0.0 has the same conftest).
+fn old_conftest_sdist(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = dir.join("oldhooks-0.1");
+    let files = [
+        ("setup.py", "from setuptools import setup\nsetup(name='oldhooks', version='0.1', packages=['oldhooks'])\n"),
+        (
+            "oldhooks/__init__.py",
+            "def add(a, b):\n    return a + b\n\n\ndef clamp(x, lo, hi):\n    if x < lo:\n        return lo\n    \
+             if x > hi:\n        return hi\n    return x\n\n\ndef is_even(n):\n    return n % 2 == 0\n\n\n\
+             def count_words(s):\n    return len(s.split())\n\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n",
+        ),
+        (
+            "tests/conftest.py",
+            "def pytest_ignore_collect(path, config):\n    return path.basename.endswith('_py2.py')\n",
+        ),
+        (
+            "tests/test_oldhooks.py",
+            "from oldhooks import add, clamp, is_even, count_words, mean\n\n\n\
+             def test_add():\n    assert add(2, 3) == 5\n\n\ndef test_add_negative():\n    assert add(-2, 1) == -1\n\n\n\
+             def test_clamp_low():\n    assert clamp(-5, 0, 10) == 0\n\n\ndef test_clamp_high():\n    assert clamp(50, 0, 10) == 10\n\n\n\
+             def test_clamp_inside():\n    assert clamp(5, 0, 10) == 5\n\n\ndef test_is_even():\n    assert is_even(4)\n\n\n\
+             def test_is_odd():\n    assert not is_even(7)\n\n\ndef test_count_words():\n    assert count_words('a b  c') == 3\n\n\n\
+             def test_mean():\n    assert mean([1, 2, 3, 6]) == 3\n\n\ndef test_mean_one():\n    assert mean([4]) == 4\n",
+        ),
+    ];
+    for (path, text) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let sdist = dir.join("oldhooks-0.1.tar.gz");
+    let ok = Command::new("tar").arg("-czf").arg(&sdist).arg("-C").arg(dir).arg("oldhooks-0.1").status().unwrap();
+    assert!(ok.success());
+    std::fs::remove_dir_all(&root).unwrap();
+    sdist
+}
+
+/// Tests that the newest pytest cannot collect run with an older one (installed from PyPI into
+/// the suite's venvs), recorded in every task and used when the tasks are validated.
+#[test]
+fn a_package_that_needs_an_older_pytest_gets_one() {
+    if !pypi_reachable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sdist = old_conftest_sdist(dir.path());
+    let out = dir.path().join("suite");
+    let o = out.to_str().unwrap();
+    let (ok, log) = protege(&["tasks", "build", "--sdist", sdist.to_str().unwrap(), "--out", o, "--max-mutants", "10"]);
+    assert!(ok, "{log}");
+    let tasks: Vec<serde_json::Value> = std::fs::read_to_string(out.join("tasks.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!tasks.is_empty(), "no tasks: {log}");
+    let system = Command::new("python3").args(["-c", "import pytest; print(pytest.__version__)"]).output().unwrap();
+    let system_major: u32 = String::from_utf8_lossy(&system.stdout).split('.').next().unwrap().parse().unwrap();
+    for t in &tasks {
+        let version = t["provenance"]["pytest"].as_str().unwrap();
+        let major: u32 = version.split('.').next().unwrap().parse().unwrap();
+        assert!(major < 9, "pytest {version} recorded: {t}");
+        assert!(log.contains(&format!("| {} | {version}", sdist.display())), "the report names it: {log}");
+        if system_major >= 9 {
+            // The system's pytest could not collect the tests: a venv of pytest 8 ran them.
+            assert!(log.contains("trying pytest 8.x"), "{log}");
+            assert_eq!(t["env"]["venv"], "venvs/oldhooks-0.1-pytest8", "{t}");
+            assert_eq!(t["provenance"]["venv"], "venvs/oldhooks-0.1-pytest8", "{t}");
+            assert!(t["env"]["test_cmd"].as_str().unwrap().contains("{venv}/bin/python -m pytest"), "{t}");
+        }
+    }
+    let (ok, log) = protege(&["tasks", "validate", o, "--runs", "1"]);
+    assert!(ok, "{log}");
+    assert!(log.contains(&format!("{} of {} tasks valid", tasks.len(), tasks.len())), "{log}");
+    // The agent's own `python3 -m pytest` in an episode is the task's pytest too (its venv is
+    // first on PATH, read-only).
+    use protege::agent::sandbox::{best_isolation, Limits, LocalSandbox, Workspace};
+    let suite = protege::tasks::load_suite(&out).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let sb = LocalSandbox::for_task(&suite[0], &scratch.path().join("ep"), best_isolation(), Limits::default(), vec![])
+        .unwrap();
+    let v = sb.run("python3 -m pytest --version").unwrap();
+    let recorded = tasks[0]["provenance"]["pytest"].as_str().unwrap();
+    assert!(v.output.contains(&format!("pytest {recorded}")), "{} (recorded {recorded})", v.output);
+    let w = sb.run("touch \"$VIRTUAL_ENV/bin/planted\" && echo wrote").unwrap();
+    assert!(
+        !w.output.contains("wrote") || best_isolation() == protege::agent::sandbox::Isolation::Plain,
+        "the venv is writable: {}",
+        w.output
+    );
+    sb.discard();
+}

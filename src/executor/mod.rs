@@ -131,9 +131,11 @@ impl Executors {
         }
     }
 
-    /// Connects what `tasks` need before any episode, so that a missing daemon or image is
-    /// one clear error at the start.
+    /// Connects what `tasks` need before any episode, so that a missing daemon, image or
+    /// pytest is one clear error at the start.
     pub fn prepare(&self, tasks: &[TaskInstance]) -> Result<()> {
+        let local: Vec<&TaskInstance> = tasks.iter().filter(|t| self.kind_for(t) == ExecutorKind::Local).collect();
+        crate::tasks::pytest::ensure(&local)?;
         let docker: Vec<&TaskInstance> = tasks.iter().filter(|t| self.kind_for(t) == ExecutorKind::Docker).collect();
         if docker.is_empty() {
             return Ok(());

@@ -5,9 +5,19 @@
 //! way (flaky ones are dropped). FAIL_TO_PASS and PASS_TO_PASS come from the two runs; the gold
 //! patch is the reverse of the mutation; the problem statement comes from the observed failure.
 //!
+//! Packages come from PyPI (`--pypi NAME==VERSION`) or from a local source distribution or
+//! directory (`--sdist PATH`).
+//!
+//! The tests run with a pytest the package supports: the one its declared test requirements
+//! give (the system's when they name none); when that pytest cannot collect or run them at
+//! all (a conftest hook it no longer accepts, an internal error — not failing tests), each
+//! older major in turn, in a venv of its own. Each task records the pytest and venv used in
+//! its provenance, and its `env.test_cmd` runs that pytest wherever the task is graded.
+//!
 //! Output directory: `tasks.jsonl` (every valid task of every package), `repos/<pkg>-<ver>/`
 //! (one clean snapshot per package; each task's bug is its `env.base_patch`), `venvs/<pkg>-<ver>/`
-//! (when its tests need more than pytest: its dependencies and test extras) and `.work/` (the
+//! (when its tests need more than the system's pytest: its dependencies and test extras) or
+//! `venvs/<pkg>-<ver>-pytest<major>/` (an older pytest, with them), and `.work/` (the
 //! downloads and `results.jsonl` per package: one line per tried mutant, so an interrupted build
 //! resumes where it stopped and never duplicates a task).
 
@@ -27,6 +37,7 @@ use serde_json::json;
 use super::grade::{parse_pytest, TestStatus};
 use super::instance::{LocalEnv, TaskInstance};
 use super::mutate::{mutants, Mutant};
+use super::pytest::{self, Probe};
 use crate::agent::sandbox::{copy_tree, discard, git, Isolation, Limits, LocalSandbox, Workspace};
 use crate::model::export::write_atomic;
 
@@ -34,6 +45,8 @@ use crate::model::export::write_atomic;
 pub struct BuildOptions {
     /// `NAME==VERSION` specs.
     pub packages: Vec<String>,
+    /// Local source distributions (`.tar.gz`, `.zip`) or source directories.
+    pub sdists: Vec<PathBuf>,
     pub out: PathBuf,
     /// A mutant that fails more than this share of the passing tests is dropped.
     pub max_fail_share: f64,
@@ -91,6 +104,9 @@ struct Baseline {
     test_cmd: String,
     #[serde(default)]
     venv: Option<PathBuf>,
+    /// The version of the pytest the tests run with.
+    #[serde(default)]
+    pytest: String,
     seconds: f64,
 }
 
@@ -99,6 +115,20 @@ impl Baseline {
         match &self.venv {
             Some(v) => self.test_cmd.replace("{venv}", &v.display().to_string()),
             None => self.test_cmd.clone(),
+        }
+    }
+
+    /// The venv as the suite names it (`venvs/<name>`).
+    fn suite_venv(&self) -> Option<PathBuf> {
+        let name = self.venv.as_ref()?.file_name()?;
+        Some(PathBuf::from("venvs").join(name))
+    }
+
+    /// `8.4.2` or `8.4.2 (venvs/x-pytest8)`.
+    fn pytest_label(&self) -> String {
+        match self.suite_venv() {
+            Some(v) => format!("{} ({})", self.pytest, v.display()),
+            None => self.pytest.clone(),
         }
     }
 }
@@ -119,6 +149,8 @@ pub struct PackageReport {
     pub package: String,
     pub error: Option<String>,
     pub passing_tests: usize,
+    /// The pytest the tests ran with: its version, and its venv when not the system's.
+    pub pytest: String,
     pub tried: usize,
     pub valid: usize,
     pub by_status: BTreeMap<String, usize>,
@@ -247,15 +279,16 @@ skip = ("tox", "flake8", "mypy", "black", "ruff", "pylint", "sphinx")
 print("\n".join(sorted({r.split(";")[0].strip() for r in reqs if r.strip() and not r.lower().startswith(skip)})))
 "##;
 
-/// A venv for the package's test requirements (system site packages give it pytest), or
-/// `None` when the system `python3` with pytest is enough.
-fn test_venv(src: &Path, venv: &Path) -> Result<Option<PathBuf>> {
+/// The package's test requirements ([`FIND_REQUIREMENTS`]); empty when the system `python3`
+/// with pytest is enough.
+fn test_requirements(src: &Path) -> Result<Vec<String>> {
     let out = Command::new("python3").arg("-c").arg(FIND_REQUIREMENTS).arg(src).output()?;
-    let reqs: Vec<String> =
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
-    if reqs.is_empty() {
-        return Ok(None);
-    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect())
+}
+
+/// A venv with `reqs` installed (system site packages give it the system's pytest unless
+/// `reqs` name another; pip's cache keeps downloads for the next build).
+fn make_venv(venv: &Path, reqs: &[String]) -> Result<PathBuf> {
     let python = venv.join("bin/python");
     if !python.exists() {
         let ok = Command::new("python3").args(["-m", "venv", "--system-site-packages"]).arg(venv).status()?.success();
@@ -263,11 +296,11 @@ fn test_venv(src: &Path, venv: &Path) -> Result<Option<PathBuf>> {
             bail!("cannot create a venv at {} for its test requirements {reqs:?}", venv.display());
         }
     }
-    let out = Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(&reqs).output()?;
+    let out = Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(reqs).output()?;
     if !out.status.success() {
-        bail!("cannot install its test requirements {reqs:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("cannot install {reqs:?} into {}: {}", venv.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(Some(venv.canonicalize()?))
+    Ok(venv.canonicalize()?)
 }
 
 fn excerpt(log: &str, test: &str) -> String {
@@ -286,12 +319,15 @@ fn run_suite(sb: &LocalSandbox, cmd: &str) -> Result<(BTreeMap<String, TestStatu
 pub fn build(o: &BuildOptions) -> Result<(Vec<PackageReport>, usize)> {
     std::fs::create_dir_all(o.out.join("repos"))?;
     let mut reports = vec![];
-    for spec in &o.packages {
-        let report = match build_package(o, spec) {
+    let sources =
+        o.packages.iter().map(|p| Source::Pypi(p.clone())).chain(o.sdists.iter().map(|p| Source::Local(p.clone())));
+    for source in sources {
+        let label = source.label();
+        let report = match build_package(o, &source) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("tasks build: {spec}: {e:#} (skipped; the build goes on)");
-                PackageReport { package: spec.clone(), error: Some(format!("{e:#}")), ..Default::default() }
+                eprintln!("tasks build: {label}: {e:#} (skipped; the build goes on)");
+                PackageReport { package: label, error: Some(format!("{e:#}")), ..Default::default() }
             }
         };
         reports.push(report);
@@ -308,34 +344,121 @@ fn slug(spec: &str) -> Result<(String, String)> {
     Ok((name.to_lowercase().replace('_', "-"), version.to_string()))
 }
 
-fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
-    let (name, version) = slug(spec)?;
-    let id = format!("{name}-{version}");
-    let work = o.out.join(".work").join(&id);
-    let snapshot = o.out.join("repos").join(&id);
-    let baseline_path = work.join("baseline.json");
-    std::fs::create_dir_all(&work)?;
-    let mut report = PackageReport { package: spec.into(), ..Default::default() };
+/// Where a package's source comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// `NAME==VERSION`, downloaded with pip.
+    Pypi(String),
+    /// A source distribution (`.tar.gz`, `.tar.bz2`, `.zip`) or a source directory.
+    Local(PathBuf),
+}
 
-    if !baseline_path.exists() {
-        let archive = pip_download(spec, &work.join("download"))?;
-        let src = unpack(&archive, &work.join("unpacked"))?;
-        if snapshot.exists() {
-            std::fs::remove_dir_all(&snapshot)?;
+impl Source {
+    fn label(&self) -> String {
+        match self {
+            Source::Pypi(spec) => spec.clone(),
+            Source::Local(p) => p.display().to_string(),
         }
-        copy_tree(&src, &snapshot)?;
-        let venv = test_venv(&snapshot, &o.out.join("venvs").join(&id))?;
-        let cmd = test_cmd(&snapshot, if venv.is_some() { "{venv}/bin/python" } else { "python3" });
-        let b = Baseline { passing: vec![], test_cmd: cmd, venv, seconds: 0.0 };
+    }
+
+    /// The package's id (`name-version`): names its snapshot, venv and tasks.
+    fn id(&self) -> Result<String> {
+        match self {
+            Source::Pypi(spec) => slug(spec).map(|(name, version)| format!("{name}-{version}")),
+            Source::Local(p) => {
+                let file = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+                let stem =
+                    [".tar.gz", ".tgz", ".tar.bz2", ".zip"].iter().fold(file.as_str(), |f, e| f.trim_end_matches(e));
+                if stem.is_empty()
+                    || stem.starts_with('.')
+                    || !stem.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    bail!(
+                        "--sdist {}: expected a source distribution or directory named like NAME-VERSION.tar.gz \
+                         (letters, digits, `.`, `_`, `-`)",
+                        p.display()
+                    );
+                }
+                Ok(stem.replace('_', "-"))
+            }
+        }
+    }
+
+    /// The unpacked source, under `work`.
+    fn fetch(&self, work: &Path) -> Result<PathBuf> {
+        match self {
+            Source::Pypi(spec) => unpack(&pip_download(spec, &work.join("download"))?, &work.join("unpacked")),
+            Source::Local(p) if p.is_dir() => Ok(p.clone()),
+            Source::Local(p) if p.is_file() => unpack(p, &work.join("unpacked")),
+            Source::Local(p) => bail!("--sdist {}: no such file or directory", p.display()),
+        }
+    }
+}
+
+/// The oldest pytest major tried when newer ones cannot collect a package's tests.
+const OLDEST_PYTEST: u32 = 6;
+
+/// Runs the package's tests once, clean, with a pytest that can collect them: the one its
+/// declared test requirements give (the system's when they name none); when that one cannot
+/// collect or run them at all, each older major in turn (`venvs/<id>-pytest<major>`, with
+/// its requirements and `pytest<major+1>`; a pin of theirs that excludes it ends the search).
+fn run_baseline(o: &BuildOptions, id: &str, snapshot: &Path, work: &Path) -> Result<Baseline> {
+    let reqs = test_requirements(snapshot)?;
+    let venvs = o.out.join("venvs");
+    let mut venv = if reqs.is_empty() { None } else { Some(make_venv(&venvs.join(id), &reqs)?) };
+    let mut rejected: Vec<String> = vec![];
+    let mut tried_major: Option<u32> = None;
+    loop {
+        let python = venv.as_ref().map_or("python3".to_string(), |v| v.join("bin/python").display().to_string());
+        let version = match pytest::probe(&python) {
+            Probe::Installed(v) => v,
+            // A venv has the system's site packages: pytest for the user's python3 serves both.
+            Probe::Missing => {
+                bail!("pytest is not installed for `{python}`; install it (`python3 -m pip install --user pytest`)")
+            }
+            Probe::NoInterpreter(why) | Probe::Broken(why) => bail!("`{python}` cannot import pytest: {why}"),
+        };
+        // Each try must be an older pytest than the last, or the search would never end (a
+        // PYTHONPATH that shadows the venv's pytest, say).
+        if let (Some(tried), Some(now)) = (tried_major, pytest::major(&version)) {
+            if now >= tried {
+                bail!(
+                    "{}; the venv made for an older pytest still runs pytest {version} (is PYTHONPATH shadowing it?)",
+                    rejected.join("; ")
+                );
+            }
+        }
+        tried_major = pytest::major(&version);
+        let cmd = test_cmd(snapshot, if venv.is_some() { "{venv}/bin/python" } else { "python3" });
+        let b = Baseline { passing: vec![], test_cmd: cmd, venv: venv.clone(), pytest: version.clone(), seconds: 0.0 };
         let visible: Vec<PathBuf> = b.venv.iter().cloned().collect();
         let run_dir = work.join("baseline-run");
         discard(&run_dir);
-        let sb = LocalSandbox::create_with(&snapshot, None, &run_dir, o.isolation, o.limits, vec![], &[], visible)?;
+        let sb = LocalSandbox::create_with(snapshot, None, &run_dir, o.isolation, o.limits, vec![], &[], visible)?;
         let started = std::time::Instant::now();
-        let (results, log, timed_out) = run_suite(&sb, &b.command())?;
+        let out = sb.run(&b.command());
         sb.discard();
+        let out = out?;
+        let seconds = started.elapsed().as_secs_f64();
+        let (log, timed_out) = (out.output, out.timed_out);
         let passing: Vec<String> =
-            results.iter().filter(|(_, s)| **s == TestStatus::Passed).map(|(t, _)| t.clone()).collect();
+            parse_pytest(&log).into_iter().filter(|(_, s)| *s == TestStatus::Passed).map(|(t, _)| t).collect();
+        if passing.is_empty() && !timed_out && pytest::cannot_collect(out.exit_code, &log) {
+            rejected.push(format!("pytest {version} cannot collect them ({})", pytest::collect_error(&log)));
+            let older = pytest::major(&version).and_then(|m| m.checked_sub(1)).filter(|m| *m >= OLDEST_PYTEST);
+            let Some(older) = older else { bail!("{}", rejected.join("; ")) };
+            eprintln!("tasks build: {id}: {}; trying pytest {older}.x", rejected.last().map_or("", |r| r.as_str()));
+            let with_pytest = [reqs.clone(), vec![format!("pytest<{}", older + 1)]].concat();
+            // A venv of a pytest that could not collect them is of no further use.
+            if let Some(v) = venv.as_ref().filter(|v| v.file_name().is_some_and(|n| n != id)) {
+                discard(v);
+            }
+            match make_venv(&venvs.join(format!("{id}-pytest{older}")), &with_pytest) {
+                Ok(v) => venv = Some(v),
+                Err(e) => bail!("{}; no pytest {older}.x to try instead: {e:#}", rejected.join("; ")),
+            }
+            continue;
+        }
         if passing.is_empty() && !timed_out && (log.contains("no tests ran") || log.contains("collected 0 items")) {
             bail!("pytest found no tests in its source distribution");
         }
@@ -343,17 +466,36 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
             let tail: String =
                 log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
             bail!(
-                "its tests cannot run here ({} passing{}):\n{tail}",
+                "its tests cannot run here with pytest {version} ({} passing{}):\n{tail}",
                 passing.len(),
                 if timed_out { ", timed out" } else { "" }
             );
         }
-        let b = Baseline { passing, seconds: started.elapsed().as_secs_f64(), ..b };
+        return Ok(Baseline { passing, seconds, ..b });
+    }
+}
+
+fn build_package(o: &BuildOptions, source: &Source) -> Result<PackageReport> {
+    let id = source.id()?;
+    let work = o.out.join(".work").join(&id);
+    let snapshot = o.out.join("repos").join(&id);
+    let baseline_path = work.join("baseline.json");
+    std::fs::create_dir_all(&work)?;
+    let mut report = PackageReport { package: source.label(), ..Default::default() };
+
+    if !baseline_path.exists() {
+        let src = source.fetch(&work)?;
+        if snapshot.exists() {
+            std::fs::remove_dir_all(&snapshot)?;
+        }
+        copy_tree(&src, &snapshot)?;
+        let b = run_baseline(o, &id, &snapshot, &work)?;
         write_atomic(&baseline_path, serde_json::to_string(&b)?.as_bytes())?;
     }
     let baseline: Baseline = serde_json::from_str(&std::fs::read_to_string(&baseline_path)?)
         .with_context(|| format!("{} is corrupt", baseline_path.display()))?;
     report.passing_tests = baseline.passing.len();
+    report.pytest = baseline.pytest_label();
     // A mutant that loops forever should not hold a worker for the full limit: ten times the
     // baseline run, at least 20 s.
     let limits = Limits { timeout_s: o.limits.timeout_s.min((baseline.seconds * 10.0).max(20.0)), ..o.limits };
@@ -431,7 +573,7 @@ fn build_package(o: &BuildOptions, spec: &str) -> Result<PackageReport> {
     });
     bar.finish_and_clear();
     if let Some(e) = errors.into_inner().expect("lock").first() {
-        eprintln!("tasks build: {spec}: some mutants could not be tried, e.g. {e}");
+        eprintln!("tasks build: {id}: some mutants could not be tried, e.g. {e}");
     }
     for line in std::fs::read_to_string(&results_path)?.lines() {
         if let Ok(t) = serde_json::from_str::<Tried>(line) {
@@ -541,7 +683,7 @@ fn write_tasks(o: &BuildOptions) -> Result<usize> {
             extra.insert(
                 "provenance".into(),
                 json!({"package": id, "operator": m.operator, "file": m.file, "line": m.line, "function": m.function,
-                       "test_seconds": baseline.seconds}),
+                       "test_seconds": baseline.seconds, "pytest": baseline.pytest, "venv": baseline.suite_venv()}),
             );
             tasks.insert(
                 instance_id.clone(),
@@ -559,7 +701,7 @@ fn write_tasks(o: &BuildOptions) -> Result<usize> {
                         setup: vec![],
                         test_cmd: baseline.test_cmd.clone(),
                         base_patch: Some(file_diff(&m.file, &correct, &buggy)?),
-                        venv: baseline.venv.as_ref().map(|_| PathBuf::from("venvs").join(&id)),
+                        venv: baseline.suite_venv(),
                         ..Default::default()
                     },
                     extra,

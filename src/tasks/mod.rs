@@ -5,6 +5,7 @@ pub mod grade;
 pub mod instance;
 pub mod mutate;
 pub mod protect;
+pub mod pytest;
 pub mod validate;
 
 pub use instance::{load_suite, TaskInstance};

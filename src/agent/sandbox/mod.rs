@@ -242,6 +242,9 @@ pub struct LocalSandbox {
     owner: Option<launch::HostUid>,
     /// Bytes, and files and directories, in the work tree at the base (after setup).
     base_size: TreeSize,
+    /// The task's venv (read-only): first on commands' PATH, so that the agent's `python3 -m
+    /// pytest` is the pytest the task's tests were built with, as the grader's is.
+    venv: Option<PathBuf>,
 }
 
 impl Drop for LocalSandbox {
@@ -285,7 +288,18 @@ impl LocalSandbox {
     ) -> Result<Self> {
         let e = &task.env;
         let visible = e.venv.iter().cloned().collect();
-        Self::create_with(&e.repo_path, e.base_patch.as_deref(), root, isolation, limits, hidden, &e.setup, visible)
+        let mut sandbox = Self::create_with(
+            &e.repo_path,
+            e.base_patch.as_deref(),
+            root,
+            isolation,
+            limits,
+            hidden,
+            &e.setup,
+            visible,
+        )?;
+        sandbox.venv = e.venv.clone();
+        Ok(sandbox)
     }
 
     /// [`LocalSandbox::create`] with a base patch and host directories shown read-only.
@@ -321,6 +335,7 @@ impl LocalSandbox {
             cgroup: None,
             owner: None,
             base_size: TreeSize::default(),
+            venv: None,
         };
         sandbox.cgroup = cgroup::Cgroup::create(limits.total_memory_mib << 20, limits.max_processes)
             .context("cannot create the sandbox's cgroup")?;
@@ -499,6 +514,13 @@ impl LocalSandbox {
             cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))).collect();
         cmd.env_clear();
         cmd.envs(keep).envs(set);
+        if let Some(venv) = &self.venv {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let dirs = std::iter::once(venv.join("bin")).chain(std::env::split_paths(&path));
+            if let Ok(path) = std::env::join_paths(dirs) {
+                cmd.env("PATH", path).env("VIRTUAL_ENV", venv);
+            }
+        }
         cmd.env("PAGER", "cat").env("GIT_PAGER", "cat").env("TERM", "dumb").env("PYTHONDONTWRITEBYTECODE", "1");
         cmd
     }
