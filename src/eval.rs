@@ -3,10 +3,13 @@
 //! Writes to the output directory: `predictions.jsonl` (the SWE-bench harness's format, for
 //! `protege grade` or the official harness), `trajectories.jsonl` (the shared schema; `meta` holds the
 //! exit status, actions, expert calls, patch, timing, loop report and grade), `summary.json` and
-//! `summary.md`. Metrics: Pass@1 (resolved / tasks), expert calls per task, expert share of
+//! `summary.md`. Metrics: Pass@1 (resolved / tasks), the share of the policy's replies that were
+//! valid tool calls and the episodes with at least one, expert calls per task, expert share of
 //! tokens (expert reply tokens / (expert reply + policy tokens)), steps per task, looping rate
 //! (a run of one base command longer than 10), cost per task, exit statuses, and the harness
-//! overhead per policy turn (episode time outside the model, commands and expert).
+//! overhead per policy turn (episode time outside the model, commands and expert). A policy that
+//! never made a valid tool call gets a warning, and "n/a" for its rates of behaviour (looping,
+//! expert use, steps, tampering), which would describe nothing.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -39,6 +42,10 @@ use crate::tasks::grade::{GradeReport, Grader};
 use crate::tasks::protect::Protection;
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
+
+mod outdir;
+pub use outdir::ExistingOut;
+use outdir::Identity;
 
 /// Which policy plays the agent.
 #[derive(Debug, Clone)]
@@ -110,6 +117,11 @@ pub struct EvalOptions {
     pub executor: Option<ExecutorKind>,
     /// Settings of the Docker executor (hosts, limits, network).
     pub docker: DockerConfig,
+    /// How to name the evaluated model to people (default: from the policy; `protege train`
+    /// names a trained model by its run directory and base).
+    pub label: Option<String>,
+    /// What to do when `out` already holds results.
+    pub existing_out: ExistingOut,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +176,9 @@ impl TaskResult {
 pub struct Summary {
     pub suite: String,
     pub policy: String,
+    /// The evaluated model as people should read it (empty in older files: the policy).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
     pub expert: String,
     pub isolation: Isolation,
     pub tasks: usize,
@@ -188,6 +203,9 @@ pub struct Summary {
     pub results: Vec<TaskResult>,
 }
 
+/// Shown instead of a behaviour rate of a policy that never made a valid tool call.
+pub const NO_ACTION: &str = "n/a (no valid action)";
+
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
     if n == 0 {
@@ -198,7 +216,7 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
 }
 
 impl Summary {
-    fn new(
+    pub(crate) fn new(
         suite: &Path,
         policy: String,
         expert: String,
@@ -218,6 +236,7 @@ impl Summary {
         Summary {
             suite: suite.display().to_string(),
             policy,
+            label: String::new(),
             expert,
             isolation,
             tasks: n,
@@ -237,27 +256,123 @@ impl Summary {
         }
     }
 
+    /// The evaluated model as people should read it.
+    pub fn model_label(&self) -> &str {
+        if self.label.is_empty() {
+            &self.policy
+        } else {
+            &self.label
+        }
+    }
+
+    /// (replies that were a valid tool call, all replies of the policy). Every valid call is
+    /// an action (a step); a reply without one is a format error.
+    pub fn valid_calls(&self) -> (usize, usize) {
+        (self.results.iter().map(|r| r.steps).sum(), self.results.iter().map(|r| r.turns).sum())
+    }
+
+    /// Episodes with at least one valid tool call.
+    pub fn acting_episodes(&self) -> usize {
+        self.results.iter().filter(|r| r.steps > 0).count()
+    }
+
+    /// The policy never made a valid tool call: its behaviour rates (looping, expert use,
+    /// steps) measure nothing.
+    pub fn never_acted(&self) -> bool {
+        self.valid_calls().0 == 0
+    }
+
+    /// The exit statuses in a line: "12 format_errors, 2 step_limit".
+    pub fn exit_line(&self) -> String {
+        let mut v: Vec<(&String, &usize)> = self.exit_statuses.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        v.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// What a reader must know before reading the rates: the policy never acted, or acted in
+    /// fewer than half of its episodes.
+    pub fn warning(&self) -> Option<String> {
+        let (valid, replies) = self.valid_calls();
+        let acting = self.acting_episodes();
+        if !self.never_acted() {
+            return (acting * 2 < self.tasks).then(|| {
+                format!(
+                    "NOTE: only {acting} of {} episodes of `{}` made a valid tool call ({valid} of {replies} replies; {}); \
+                     its rates of behaviour rest on those few.",
+                    self.tasks,
+                    self.model_label(),
+                    self.exit_line()
+                )
+            });
+        }
+        let what = if self.tasks == 0 {
+            "finished no episode".to_string()
+        } else if replies == 0 {
+            format!("never replied in its {} episodes ({})", self.tasks, self.exit_line())
+        } else {
+            format!(
+                "never made a valid tool call: none of its {replies} replies in {} episodes was one ({})",
+                self.tasks,
+                self.exit_line()
+            )
+        };
+        Some(format!(
+            "WARNING: `{}` {what}. Its looping, expert-use, step and tampering rates measure nothing and are shown \
+             as {NO_ACTION}; they are not an improvement.",
+            self.model_label()
+        ))
+    }
+
+    /// The rows that say how the policy behaved, each beside the share of valid tool calls; a
+    /// policy that never acted gets [`NO_ACTION`] instead of rates.
+    pub fn behaviour_rows(&self) -> Vec<(&'static str, String)> {
+        let (valid, replies) = self.valid_calls();
+        let na = self.never_acted();
+        let rate = |x: f64| if na { NO_ACTION.to_string() } else { format!("{:.1}%", 100.0 * x) };
+        let num = |x: f64, digits: usize| if na { NO_ACTION.to_string() } else { format!("{x:.digits$}") };
+        let valid_share = if replies == 0 {
+            "none (no replies)".to_string()
+        } else {
+            format!("{:.1}% ({valid} of {replies} replies)", 100.0 * valid as f64 / replies as f64)
+        };
+        vec![
+            ("valid tool calls", valid_share),
+            ("episodes with a valid call", format!("{} of {}", self.acting_episodes(), self.tasks)),
+            ("expert calls / task", num(self.expert_calls_per_task, 2)),
+            ("expert share of tokens", rate(self.expert_token_share)),
+            ("steps / task", num(self.steps_per_task, 1)),
+            ("looping trajectories", rate(self.looping_rate)),
+            ("patches touching protected files", rate(self.tampering_rate)),
+        ]
+    }
+
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "# protege eval\n\nsuite `{}`, policy `{}`, expert `{}`, sandbox {:?}\n\n",
-            self.suite, self.policy, self.expert, self.isolation
+            "# protege eval\n\nmodel `{}`\n\nsuite `{}`, policy `{}`, expert `{}`, sandbox {:?}\n\n",
+            self.model_label(),
+            self.suite,
+            self.policy,
+            self.expert,
+            self.isolation
         );
         if self.interrupted {
             s += "**Interrupted**: these are the episodes that finished before the run was stopped.\n\n";
         }
+        if let Some(w) = self.warning() {
+            s += &format!("**{w}**\n\n");
+        }
         s += "| metric | value |\n|---|---|\n";
-        let rows = [
+        let mut rows = vec![
             ("tasks", format!("{}", self.tasks)),
             ("resolved (Pass@1)", format!("{} ({:.1}%)", self.resolved, 100.0 * self.pass_at_1)),
-            ("expert calls / task", format!("{:.2}", self.expert_calls_per_task)),
-            ("expert share of tokens", format!("{:.1}%", 100.0 * self.expert_token_share)),
-            ("steps / task", format!("{:.1}", self.steps_per_task)),
-            ("looping trajectories", format!("{:.1}%", 100.0 * self.looping_rate)),
-            ("patches touching protected files", format!("{:.1}%", 100.0 * self.tampering_rate)),
+        ];
+        rows.extend(self.behaviour_rows());
+        rows.extend([
+            ("exit statuses", self.exit_line()),
             ("cost / task", format!("${:.4}", self.cost_per_task_usd)),
             ("harness overhead / turn", format!("{:.1} ms", self.harness_ms_per_turn)),
             ("wall time", format!("{:.1} s", self.wall_s)),
-        ];
+        ]);
         for (k, v) in rows {
             s += &format!("| {k} | {v} |\n");
         }
@@ -265,14 +380,15 @@ impl Summary {
         for (k, v) in &self.exit_statuses {
             s += &format!("| {k} | {v} |\n");
         }
-        s += "\n| task | resolved | exit | steps | expert calls | longest run |\n|---|---|---|---|---|---|\n";
+        s += "\n| task | resolved | exit | valid calls / replies | expert calls | longest run |\n|---|---|---|---|---|---|\n";
         for r in &self.results {
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} / {} | {} | {} |\n",
                 r.task_id,
                 if r.resolved { "yes" } else { "no" },
                 r.exit_status.as_str(),
                 r.steps,
+                r.turns,
                 r.expert_calls,
                 r.longest_run
             );
@@ -337,6 +453,7 @@ pub fn make_expert<'m>(
 /// Runs the evaluation and writes its files; returns the summary.
 pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     let started = std::time::Instant::now();
+    outdir::check(&o.out, o.existing_out)?;
     let mut tasks = load_suite(&o.suite)?;
     if !o.only.is_empty() {
         for id in &o.only {
@@ -356,9 +473,8 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
         }
         PolicySpec::Replay(file) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let map: BTreeMap<String, Vec<String>> = serde_json::from_str(&text).with_context(|| {
-                format!("{}: expected a JSON object mapping instance ids to lists of replies", file.display())
-            })?;
+            let map: BTreeMap<String, Vec<String>> = crate::inputs::json_file(&text, &file.display().to_string())
+                .context("expected a JSON object mapping instance ids to lists of replies")?;
             (Engine::Replay(map), format!("replay:{}", file.display()))
         }
         PolicySpec::Openai { endpoint, sampling, max_new_tokens } => {
@@ -378,7 +494,31 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     let expert_model = prepare_expert(&o.expert)?;
     let isolation = o.isolation.unwrap_or_else(best_isolation);
     o.protection.validate()?;
-    std::fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
+    let model_paths: Vec<&Path> = match &o.policy {
+        PolicySpec::Local { model, adapter, .. } => {
+            std::iter::once(model.as_path()).chain(adapter.as_deref()).collect()
+        }
+        _ => vec![],
+    };
+    let identity = Identity {
+        suite: std::fs::canonicalize(&o.suite).unwrap_or_else(|_| o.suite.clone()),
+        policy: policy_name.clone(),
+        expert: o.expert.name(),
+        seed: o.seed,
+        settings: format!(
+            "{:?}",
+            (&o.policy, &o.episode, &o.limits, &o.grade_limits, &o.protection, &o.loops, &o.executor)
+        ),
+        model_files: outdir::fingerprint(&model_paths),
+    };
+    let mut files = outdir::open(&o.out, o.existing_out, &identity)?;
+    // Results of tasks outside this run's selection (`--tasks`) stay on disk but out of its summary.
+    files.done.retain(|r| tasks.iter().any(|t| t.instance_id == r.task_id));
+    if !files.done.is_empty() {
+        eprintln!("eval: resuming {}: {} of {} tasks already done", o.out.display(), files.done.len(), tasks.len());
+    }
+    let tasks: Vec<TaskInstance> =
+        tasks.into_iter().filter(|t| !files.done.iter().any(|r| r.task_id == t.instance_id)).collect();
     // A signal stops the run cleanly: work trees removed, finished episodes summarised.
     let _signals = crate::interrupt::watch();
     let scratch = Scratch::new("eval")?;
@@ -396,17 +536,12 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     let executors = Executors::new(Some(local), Some(docker), o.executor);
     executors.prepare(&tasks)?;
 
-    let traj_path = o.out.join("trajectories.jsonl");
-    // The harness's predictions format, for `protege grade` or the official harness.
-    let pred_path = o.out.join("predictions.jsonl");
-    let pred_file = Mutex::new(
-        std::fs::File::create(&pred_path).with_context(|| format!("cannot create {}", pred_path.display()))?,
-    );
-    let traj_file = Mutex::new(
-        std::fs::File::create(&traj_path).with_context(|| format!("cannot create {}", traj_path.display()))?,
-    );
+    // Trajectories, the harness's predictions (for `protege grade` or the official harness) and
+    // the finished tasks' results, in that order per task (see `outdir`).
+    let outdir::OutFiles { trajectories, predictions, results: results_file, done } = files;
+    let out_files = Mutex::new((trajectories, predictions, results_file));
     let next = AtomicUsize::new(0);
-    let results = Mutex::new(vec![]);
+    let results = Mutex::new(done);
     let bar = indicatif::ProgressBar::new(tasks.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} tasks, ETA {eta} | {msg}").expect("template"),
@@ -420,12 +555,14 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
             let Some(task) = tasks.get(i) else { return Ok(()) };
             let result = match run_one(o, task, i, &engine, client, expert_model.as_ref(), &executors, &policy_name) {
                 Ok(Some((result, line, prediction))) => {
-                    let mut f = traj_file.lock().expect("lock");
-                    f.write_all(line.as_bytes())?;
-                    f.flush()?;
-                    let mut p = pred_file.lock().expect("lock");
-                    p.write_all(prediction.as_bytes())?;
-                    p.flush()?;
+                    let mut files = out_files.lock().expect("lock");
+                    let (traj, pred, res) = &mut *files;
+                    traj.write_all(line.as_bytes())?;
+                    traj.flush()?;
+                    pred.write_all(prediction.as_bytes())?;
+                    pred.flush()?;
+                    res.write_all(format!("{}\n", serde_json::to_string(&result)?).as_bytes())?;
+                    res.flush()?;
                     result
                 }
                 // Stopped by a signal: not a result.
@@ -472,11 +609,24 @@ pub fn run_eval(o: &EvalOptions) -> Result<Summary> {
     results.sort_by(|a, b| a.task_id.cmp(&b.task_id));
     let mut summary =
         Summary::new(&o.suite, policy_name, o.expert.name(), isolation, results, started.elapsed().as_secs_f64());
+    summary.label = o.label.clone().unwrap_or_else(|| policy_label(&o.policy));
     summary.interrupted = crate::interrupt::requested();
     write_atomic(&o.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     write_atomic(&o.out.join("summary.md"), summary.markdown().as_bytes())?;
     crate::interrupt::check()?;
     Ok(summary)
+}
+
+/// How people should read the policy's name: an adapter by its own path, with its base named.
+fn policy_label(p: &PolicySpec) -> String {
+    match p {
+        PolicySpec::Local { model, adapter: Some(a), .. } => {
+            format!("adapter {} on base {}", a.display(), model.display())
+        }
+        PolicySpec::Local { model, adapter: None, .. } => model.display().to_string(),
+        PolicySpec::Replay(f) => format!("replay of {}", f.display()),
+        PolicySpec::Openai { endpoint, .. } => format!("{} at {}", endpoint.model, endpoint.base_url),
+    }
 }
 
 /// Puts a grade in a trajectory's `meta`: `grade` (the report, or its error) and `tampering`

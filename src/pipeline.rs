@@ -18,7 +18,7 @@ use crate::agent::episode::EpisodeConfig;
 use crate::agent::sandbox::Limits;
 use crate::backend::SamplingParams;
 use crate::config::{ExpertSection, RlConfig, SftConfig, SynthConfig};
-use crate::eval::{run_eval, EvalOptions, PolicySpec, Summary};
+use crate::eval::{run_eval, EvalOptions, ExistingOut, PolicySpec, Summary};
 
 /// The embedded default: `protege train` with no arguments.
 pub const DEMO_CONFIG: &str = include_str!("../configs/demo.toml");
@@ -150,7 +150,8 @@ impl Pipeline {
     /// Parses `text` as if it were the file `origin` (relative paths resolve against its
     /// directory).
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
-        let cfg: TrainConfig = toml::from_str(text).with_context(|| format!("invalid config {}", origin.display()))?;
+        let cfg: TrainConfig =
+            crate::inputs::toml_file(text, &origin.display().to_string()).context("invalid config")?;
         // Absolute, so that stage configs can resolve their own relative paths again safely.
         let base = std::env::current_dir()?.join(origin.parent().unwrap_or(Path::new(".")));
         let mut run = cfg.run.clone();
@@ -286,30 +287,6 @@ fn stage_line(name: &str, what: &str) {
     eprintln!("\n== {name}: {what}");
 }
 
-fn has_pytest() -> bool {
-    std::process::Command::new("python3").args(["-m", "pytest", "--version"]).output().is_ok_and(|o| o.status.success())
-}
-
-/// Grading runs the tasks' tests with pytest: install it for the user when it is missing
-/// (announced; the same fallbacks as `.ci/run`), or say exactly what to do.
-fn ensure_pytest() -> Result<()> {
-    if has_pytest() {
-        return Ok(());
-    }
-    eprintln!("grading needs pytest, which is not installed: running `python3 -m pip install --user pytest`");
-    for extra in [&[][..], &["--break-system-packages"][..]] {
-        let ok = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--user", "pytest"])
-            .args(extra)
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok && has_pytest() {
-            return Ok(());
-        }
-    }
-    bail!("grading needs pytest and it could not be installed; install it (python3 -m pip install --user pytest) and run again")
-}
-
 /// Runs the pipeline; returns the eval summaries by model name.
 pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
     let device: Device = match &p.run.device {
@@ -317,7 +294,8 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
         None => Device::Cpu,
     };
     if p.synth.is_some() || p.rl.is_some() || p.eval.is_some() {
-        ensure_pytest()?;
+        // Grading runs the tasks' tests with pytest (each stage checks its suite's interpreters).
+        crate::tasks::pytest::ensure_system()?;
     }
     std::fs::create_dir_all(&p.dir).with_context(|| format!("cannot create {}", p.dir.display()))?;
     crate::model::export::write_atomic(&p.dir.join("config.toml"), p.text.as_bytes())?;
@@ -405,13 +383,18 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
             let out = p.dir.join("eval").join(name);
             let summary_path = out.join("summary.json");
             if summary_path.exists() {
-                stage_line(&format!("eval {name}"), "done (skipped)");
-                let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path)?)
-                    .with_context(|| format!("{} is corrupt", summary_path.display()))?;
-                summaries.push((name.clone(), s));
-                continue;
+                let text = std::fs::read_to_string(&summary_path)?;
+                let s: Summary = crate::inputs::json_file(&text, &summary_path.display().to_string())
+                    .context("the eval summary is corrupt")?;
+                // An interrupted eval wrote a partial summary: resume it (below) instead.
+                if !s.interrupted {
+                    stage_line(&format!("eval {name}"), "done (skipped)");
+                    summaries.push((name.clone(), s));
+                    continue;
+                }
             }
-            stage_line(&format!("eval {name}"), &format!("{} on {}", model.display(), e.suite.display()));
+            let label = model_label(p, name);
+            stage_line(&format!("eval {name}"), &format!("{label} on {}", e.suite.display()));
             let opts = EvalOptions {
                 suite: e.suite.clone(),
                 policy: PolicySpec::Local {
@@ -435,6 +418,9 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
                 isolation: None,
                 executor: p.run.executor,
                 docker: p.run.docker.clone().unwrap_or_default(),
+                label: Some(label),
+                // An interrupted stage picks up where it stopped.
+                existing_out: ExistingOut::Resume,
             };
             summaries.push((name.clone(), run_eval(&opts)?));
         }
@@ -449,31 +435,194 @@ pub fn run_pipeline(p: &Pipeline) -> Result<Vec<(String, Summary)>> {
     Ok(summaries)
 }
 
-/// The eval metrics side by side.
+/// The eval metrics side by side: which model each column is, every rate beside the share of
+/// valid tool calls and the exit statuses, and a warning under the table for a model that never
+/// acted (its rates of behaviour shown as n/a rather than as, say, 0% looping).
 pub fn comparison(s: &[(String, Summary)]) -> String {
-    let mut t = String::from("| metric |");
+    let mut t = String::from("models:\n");
+    for (n, x) in s {
+        t += &format!("- {n}: {}\n", x.model_label());
+    }
+    t += "\n| metric |";
     for (n, _) in s {
         t += &format!(" {n} |");
     }
     t += "\n|---|";
     t += &"---|".repeat(s.len());
     t += "\n";
-    type Row<'a> = (&'a str, &'a dyn Fn(&Summary) -> String);
-    let rows: [Row; 7] = [
-        ("tasks", &|x| x.tasks.to_string()),
-        ("Pass@1", &|x| format!("{:.1}%", 100.0 * x.pass_at_1)),
-        ("expert calls / task", &|x| format!("{:.2}", x.expert_calls_per_task)),
-        ("expert share of tokens", &|x| format!("{:.1}%", 100.0 * x.expert_token_share)),
-        ("steps / task", &|x| format!("{:.1}", x.steps_per_task)),
-        ("looping trajectories", &|x| format!("{:.1}%", 100.0 * x.looping_rate)),
-        ("cost / task", &|x| format!("${:.4}", x.cost_per_task_usd)),
+    let mut rows: Vec<(String, Vec<String>)> = vec![
+        ("tasks".into(), s.iter().map(|(_, x)| x.tasks.to_string()).collect()),
+        ("Pass@1".into(), s.iter().map(|(_, x)| format!("{:.1}%", 100.0 * x.pass_at_1)).collect()),
     ];
-    for (name, f) in rows {
+    let behaviour: Vec<_> = s.iter().map(|(_, x)| x.behaviour_rows()).collect();
+    for (i, (name, _)) in behaviour[0].iter().enumerate() {
+        rows.push((name.to_string(), behaviour.iter().map(|b| b[i].1.clone()).collect()));
+    }
+    rows.push(("cost / task".into(), s.iter().map(|(_, x)| format!("${:.4}", x.cost_per_task_usd)).collect()));
+    let mut statuses: Vec<&String> = s.iter().flat_map(|(_, x)| x.exit_statuses.keys()).collect();
+    statuses.sort();
+    statuses.dedup();
+    for st in statuses {
+        let counts = s.iter().map(|(_, x)| x.exit_statuses.get(st).copied().unwrap_or(0).to_string()).collect();
+        rows.push((format!("exit: {st}"), counts));
+    }
+    for (name, cells) in rows {
         t += &format!("| {name} |");
-        for (_, x) in s {
-            t += &format!(" {} |", f(x));
+        for c in cells {
+            t += &format!(" {c} |");
         }
         t += "\n";
     }
+    for (_, x) in s {
+        if let Some(w) = x.warning() {
+            t += &format!("\n**{w}**\n");
+        }
+    }
     t
+}
+
+/// How a model of the eval is named to people: a trained one by what the run made (paths in the
+/// run directory) and what it was trained from, with the base named.
+fn model_label(p: &Pipeline, name: &str) -> String {
+    let here = |path: PathBuf| path.strip_prefix(&p.dir).map(Path::to_path_buf).unwrap_or(path).display().to_string();
+    let base = p.run.model.display();
+    let sft = |s: &SftConfig| match s.lora {
+        Some(_) => format!("SFT adapter {} on base {base}", here(s.output.run_dir.join("adapter"))),
+        None => format!("SFT model {} (from base {base})", here(s.output.run_dir.join("model"))),
+    };
+    match (name, &p.sft, &p.rl) {
+        ("base", ..) => format!("base {base}"),
+        ("sft", Some(s), _) => sft(s),
+        (_, _, Some(r)) if name != "sft" => format!(
+            "RL model {} (from {})",
+            here(r.output.run_dir.join("model")),
+            p.sft.as_ref().map_or_else(|| format!("base {base}"), sft)
+        ),
+        (_, Some(s), _) => sft(s),
+        _ => format!("base {base} (no training stage ran)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::episode::ExitStatus;
+    use crate::agent::sandbox::Isolation;
+    use crate::eval::TaskResult;
+
+    fn result(i: usize, steps: usize, turns: usize, exit_status: ExitStatus, looping: bool) -> TaskResult {
+        TaskResult {
+            task_id: format!("task-{i:02}"),
+            resolved: false,
+            exit_status,
+            steps,
+            turns,
+            expert_calls: if steps > 0 { 1 } else { 0 },
+            expert_tokens: if steps > 0 { 40 } else { 0 },
+            policy_tokens: 30 * turns,
+            cost_usd: 0.0,
+            looping,
+            longest_run: if looping { 12 } else { 2 },
+            episode_s: 1.0,
+            harness_s: 0.1,
+            tampered: 0,
+            error: None,
+        }
+    }
+
+    fn summary(label: &str, results: Vec<TaskResult>) -> Summary {
+        let mut s = Summary::new(
+            Path::new("suite"),
+            "local:/models/base".into(),
+            "oracle".into(),
+            Isolation::Plain,
+            results,
+            1.0,
+        );
+        s.label = label.into();
+        s
+    }
+
+    fn row<'a>(table: &'a str, name: &str) -> &'a str {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no {name} row: {table}"))
+    }
+
+    /// The real 0.5B run's case: the base loops in 5 of 14 episodes; the trained model ends all
+    /// 14 on format errors without one valid call. Its 0% looping must not read as a gain.
+    #[test]
+    fn a_model_that_never_acted_gets_a_warning_not_an_improvement() {
+        let base = summary(
+            "base /models/base",
+            (0..14)
+                .map(|i| result(i, 8, 9, if i < 5 { ExitStatus::StepLimit } else { ExitStatus::Submitted }, i < 5))
+                .collect(),
+        );
+        let fin = summary(
+            "RL model rl/model (from SFT adapter sft/adapter on base /models/base)",
+            (0..14).map(|i| result(i, 0, 3, ExitStatus::FormatErrors, false)).collect(),
+        );
+        let t = comparison(&[("base".into(), base.clone()), ("final".into(), fin.clone())]);
+        assert!(t.contains("- base: base /models/base\n"), "{t}");
+        assert!(t.contains("- final: RL model rl/model (from SFT adapter sft/adapter on base /models/base)\n"), "{t}");
+        assert_eq!(row(&t, "looping trajectories"), "| looping trajectories | 35.7% | n/a (no valid action) |");
+        assert_eq!(
+            row(&t, "valid tool calls"),
+            "| valid tool calls | 88.9% (112 of 126 replies) | 0.0% (0 of 42 replies) |"
+        );
+        assert_eq!(row(&t, "episodes with a valid call"), "| episodes with a valid call | 14 of 14 | 0 of 14 |");
+        for r in ["expert calls / task", "expert share of tokens", "steps / task", "patches touching protected files"] {
+            assert!(row(&t, r).ends_with("| n/a (no valid action) |"), "{r}: {t}");
+        }
+        assert_eq!(row(&t, "exit: format_errors"), "| exit: format_errors | 0 | 14 |");
+        assert_eq!(row(&t, "exit: submitted"), "| exit: submitted | 9 | 0 |");
+        assert_eq!(row(&t, "exit: step_limit"), "| exit: step_limit | 5 | 0 |");
+        assert_eq!(t.matches("WARNING").count(), 1, "only the model that never acted is flagged: {t}");
+        let w = fin.warning().unwrap();
+        assert!(w.contains("RL model rl/model") && w.contains("never made a valid tool call"), "{w}");
+        assert!(w.contains("none of its 42 replies in 14 episodes") && w.contains("(14 format_errors)"), "{w}");
+        assert!(t.contains(&w));
+        assert!(base.warning().is_none());
+        // The eval's own summary says the same.
+        let md = fin.markdown();
+        assert!(md.contains("model `RL model rl/model") && md.contains(&w), "{md}");
+        assert!(md.contains("| looping trajectories | n/a (no valid action) |"), "{md}");
+        assert!(md.contains("| exit statuses | 14 format_errors |"), "{md}");
+        assert!(md.contains("| task-00 | no | format_errors | 0 / 3 | 0 | 2 |"), "{md}");
+        // A model that acted in a few episodes only gets a note beside its rates.
+        let mut few = fin.clone();
+        few.results[0] = result(0, 2, 4, ExitStatus::Submitted, false);
+        let few = summary("few", few.results);
+        let w = few.warning().unwrap();
+        assert!(
+            w.starts_with("NOTE: only 1 of 14 episodes of `few`")
+                && w.contains("2 of 43 replies; 13 format_errors, 1 submitted"),
+            "{w}"
+        );
+        assert_eq!(few.behaviour_rows()[4], ("steps / task", "0.1".to_string()));
+        // A summary written before labels existed reads as its policy.
+        let mut old = base;
+        old.label.clear();
+        assert_eq!(old.model_label(), "local:/models/base");
+    }
+
+    #[test]
+    fn each_model_is_labelled_by_what_made_it() {
+        let p = Pipeline::parse(DEMO_CONFIG, &Path::new("configs").join("demo.toml")).unwrap();
+        let base = p.run.model.display().to_string();
+        assert_eq!(model_label(&p, "base"), format!("base {base}"));
+        assert_eq!(model_label(&p, "sft"), format!("SFT adapter sft/adapter on base {base}"));
+        assert_eq!(
+            model_label(&p, "final"),
+            format!("RL model rl/model (from SFT adapter sft/adapter on base {base})")
+        );
+        // Without RL the final model is SFT's adapter, named as such rather than by the base's path.
+        let no_rl =
+            DEMO_CONFIG.replace(r#"stages = ["synth", "sft", "rl", "eval"]"#, r#"stages = ["synth", "sft", "eval"]"#);
+        let p = Pipeline::parse(&no_rl, &Path::new("configs").join("demo.toml")).unwrap();
+        assert!(p.rl.is_none());
+        assert_eq!(model_label(&p, "final"), format!("SFT adapter sft/adapter on base {base}"));
+    }
 }

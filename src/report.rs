@@ -235,10 +235,18 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
             md += &format!("![{title}](report/{file})\n\n");
             plots.push(png);
         }
-        md += "| step | stage | reward | R_loop | R_follow | R_other | resolved | looping | expert calls | steps | KL | clip | entropy |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+        md += "| step | stage | reward | R_loop | R_follow | R_other | resolved | valid calls | looping | expert calls | steps | KL | clip | entropy |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
         for r in &rl {
+            // A step whose policy never made a valid call has no behaviour to rate: its 0%
+            // looping is not an achievement.
+            let valid = r.get("valid_call_rate").and_then(|v| v.as_f64());
+            let (valid_cell, looping_cell) = match valid {
+                Some(0.0) => ("0%".to_string(), crate::eval::NO_ACTION.to_string()),
+                Some(v) => (format!("{:.0}%", 100.0 * v), format!("{:.0}%", 100.0 * f(r, "looping_rate"))),
+                None => ("—".to_string(), format!("{:.0}%", 100.0 * f(r, "looping_rate"))),
+            };
             md += &format!(
-                "| {} | {} | {:+.3} | {:+.2} | {:+.2} | {:+.2} | {:.0}% | {:.0}% | {:.2} | {:.1} | {:.4} | {:.3} | {:.3} |\n",
+                "| {} | {} | {:+.3} | {:+.2} | {:+.2} | {:+.2} | {:.0}% | {valid_cell} | {looping_cell} | {:.2} | {:.1} | {:.4} | {:.3} | {:.3} |\n",
                 r["step"],
                 r["stage"].as_str().unwrap_or(""),
                 f(r, "reward"),
@@ -246,7 +254,6 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
                 f(r, "r_follow"),
                 f(r, "r_other"),
                 100.0 * f(r, "resolve_rate"),
-                100.0 * f(r, "looping_rate"),
                 f(r, "expert_calls"),
                 f(r, "steps_per_episode"),
                 f(r, "kl"),

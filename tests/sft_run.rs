@@ -2,6 +2,9 @@
 //! export; an interrupted run resumed gives the same metrics as an uninterrupted one.
 
 mod common;
+/// TensorBoard event files of sft and rl runs (a module here: one test binary less to link).
+#[path = "sft_run/tensorboard.rs"]
+mod tensorboard;
 
 use std::path::Path;
 
@@ -149,6 +152,7 @@ fn a_killed_process_resumes_with_identical_metrics() {
     child.kill().unwrap();
     child.wait().unwrap();
     let killed_at = lines();
+    let before = std::fs::read_to_string(&metrics).unwrap();
     assert!(killed_at < steps as usize, "killed mid-way (at {killed_at} steps)");
 
     let out = Command::new(env!("CARGO_BIN_EXE_protege"))
@@ -162,8 +166,45 @@ fn a_killed_process_resumes_with_identical_metrics() {
         m.iter().map(|m| (m.step, m.loss, m.eval_loss, m.lr, m.grad_norm, m.tokens)).collect::<Vec<_>>()
     };
     assert_eq!(strip(&resumed), strip(&full.metrics), "killed after {killed_at} steps");
+    // The lines before the checkpoint it resumed from are kept byte for byte.
+    let kept = (killed_at / every as usize).saturating_sub(1) * every as usize;
+    let after = std::fs::read_to_string(&metrics).unwrap();
+    let head = |t: &str| t.lines().take(kept).map(|l| format!("{l}\n")).collect::<String>();
+    assert_eq!(head(&after), head(&before), "metrics lines before the checkpoint were rewritten");
     let adapter = |d: &Path| std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(a.path()), adapter(b.path()), "the same final adapter");
+}
+
+#[test]
+fn trl_rows_and_peft_names_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, text) = config_with_steps(dir.path(), true, 2, 2);
+    let rows: Vec<String> = (0..6)
+        .map(|i| match i % 3 {
+            0 => json!({"messages": [{"role": "user", "content": format!("Fix bug {i}.")},
+                                     {"role": "assistant", "content": format!("Fixed {i}.")}],
+                        "source": "hub"})
+            .to_string(),
+            1 => json!({"prompt": [{"role": "user", "content": format!("Say {i}.")}],
+                        "completion": [{"role": "assistant", "content": format!("{i}")}]})
+            .to_string(),
+            _ => json!({"prompt": format!("Count to {i}:"), "completion": " 1 2 3"}).to_string(),
+        })
+        .collect();
+    std::fs::write(dir.path().join("train.jsonl"), rows.join("\n")).unwrap();
+    let text = text.replace("targets = [\"q\", \"v\", \"down\"]", "target_modules = \"all-linear\"");
+    let text = text.replace("rank = 4\nalpha = 8.0", "r = 4\nlora_alpha = 8.0");
+    let path = dir.path().join("sft.toml");
+    std::fs::write(&path, &text).unwrap();
+    let cfg = SftConfig::from_file(&path).unwrap();
+    assert_eq!(cfg.lora.as_ref().unwrap().targets.len(), 7, "all-linear is every linear module of a layer");
+    let out = run_sft(&cfg, &text, false, None).unwrap();
+    assert_eq!(out.metrics.len(), 2);
+    assert!(out.metrics.iter().all(|m| m.loss.is_finite() && m.tokens > 0));
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/adapter/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter["target_modules"].as_array().map(|a| a.len()), Some(7), "{adapter}");
 }
 
 #[test]

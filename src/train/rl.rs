@@ -9,7 +9,8 @@
 //! policy's own tokens, from the ids recorded at generation (never re-tokenised).
 //!
 //! The run directory holds `config.toml`, `metrics.jsonl` (one line per step, every reward
-//! component), `rollouts/step-N.jsonl` (the step's trajectories with their rewards),
+//! component; the same scalars in a TensorBoard event file, [`crate::tensorboard`]),
+//! `rollouts/step-N.jsonl` (the step's trajectories with their rewards),
 //! `checkpoints/` (exact resume: trained tensors, AdamW moments, the step) and at the end
 //! `model/` (HF directory, adapters merged) and, with LoRA, `adapter/`.
 
@@ -85,6 +86,10 @@ pub struct RlMetrics {
     pub expert_token_share: f64,
     pub steps_per_episode: f64,
     pub format_errors: f64,
+    /// Share of the policy's replies that were a valid tool call (0 when it never acted: its
+    /// looping and expert rates then say nothing).
+    #[serde(default)]
+    pub valid_call_rate: f64,
     pub exit: BTreeMap<String, usize>,
     /// The objective, averaged over the step's optimiser steps.
     pub loss: f64,
@@ -391,6 +396,8 @@ fn rl_with<B: TrainBackend>(
         std::fs::remove_file(&metrics_path)?;
     }
     let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+    // The same scalars for TensorBoard, cut back like metrics.jsonl on a resume.
+    let mut events = crate::tensorboard::EventWriter::for_run(&run, resume.then_some(state.step))?;
 
     let expert_spec = cfg.expert.spec()?;
     let expert_model = prepare_expert(&expert_spec)?;
@@ -657,6 +664,8 @@ fn rl_with<B: TrainBackend>(
             expert_token_share: expert_tokens as f64 / (expert_tokens + policy_tokens).max(1) as f64,
             steps_per_episode: comp(&|r| r.episode.actions.len() as f64),
             format_errors: comp(&|r| r.episode.format_errors as f64),
+            valid_call_rate: good.iter().map(|r| r.episode.actions.len()).sum::<usize>() as f64
+                / good.iter().map(|r| r.episode.turns).sum::<usize>().max(1) as f64,
             exit,
             loss: stats.loss / opt_steps.max(1) as f64,
             kl: stats.kl(),
@@ -679,7 +688,7 @@ fn rl_with<B: TrainBackend>(
             elapsed_s: started.elapsed().as_secs_f64(),
         };
         eprintln!(
-            "rl step {step}/{total} [{}]: reward {:+.3} (loop {:+.2}, format {:+.2}, follow {:+.2}, other {:+.2}), resolved {:.0}%, looping {:.0}%, expert calls {:.2}, kl {:.4}, clip {:.3}, {}/{} groups with a signal, {:.0}s gen / {:.0}s tools / {:.0}s train",
+            "rl step {step}/{total} [{}]: reward {:+.3} (loop {:+.2}, format {:+.2}, follow {:+.2}, other {:+.2}), resolved {:.0}%, valid calls {:.0}%, looping {:.0}%, expert calls {:.2}, kl {:.4}, clip {:.3}, {}/{} groups with a signal, {:.0}s gen / {:.0}s tools / {:.0}s train",
             m.stage,
             m.reward,
             m.r_loop,
@@ -687,6 +696,7 @@ fn rl_with<B: TrainBackend>(
             m.r_follow,
             m.r_other,
             100.0 * m.resolve_rate,
+            100.0 * m.valid_call_rate,
             100.0 * m.looping_rate,
             m.expert_calls,
             m.kl,
@@ -705,6 +715,14 @@ fn rl_with<B: TrainBackend>(
         }
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
         metrics_file.flush()?;
+        let mut tb = serde_json::to_value(&m)?;
+        // Every exit status at every step (0 when none ended so): charts without gaps.
+        if let Some(exit) = tb["exit"].as_object_mut() {
+            for s in crate::agent::episode::ExitStatus::ALL {
+                exit.entry(s.as_str()).or_insert(json!(0));
+            }
+        }
+        events.scalars(step, &crate::tensorboard::scalars_of("rl", &tb))?;
         metrics.push(m);
         state = RlState { step, opt_step: opt.step };
         let due = (cfg.grpo.checkpoint_every > 0 && step.is_multiple_of(cfg.grpo.checkpoint_every)) || step == total;

@@ -7,7 +7,8 @@
 //! naming the newest, and the result: `model/` (HF directory, as `save_pretrained` writes it: the
 //! base's dtype, sharded, tokenizer files; LoRA adapters merged) and, with LoRA, `adapter/` (PEFT).
 //! Resuming restores the newest checkpoint and cuts `metrics.jsonl` back to it, so the loss
-//! curve continues exactly as an uninterrupted run's.
+//! curve continues exactly as an uninterrupted run's. The same scalars go to a TensorBoard
+//! event file in the run directory ([`crate::tensorboard`]), cut back the same way.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,13 +20,12 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
-use super::data::{build_examples, pack_batches, DataStats, Example};
+use super::data::{build_examples, pack_batches, read_rows, DataStats, Example};
 use super::dist::nccl::NcclCollective;
 use super::dist::{Collective, HostCollective, Star, World};
 use super::memory::MemoryPlan;
 use super::untrained::attach_training_adapters;
 use super::{OptimConfig, Optimizer, Schedule};
-use crate::agent::trajectory::read_jsonl;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{libs, CudaBackend, Device};
 use crate::backend::TrainBackend;
@@ -177,7 +177,7 @@ fn sft_with<B: TrainBackend>(
     attach_training_adapters(&be, &mut model, &tok, cfg.lora.as_ref(), "sft", main)?;
     let mut trajectories = vec![];
     for f in &cfg.data.train {
-        trajectories.extend(read_jsonl(f)?);
+        trajectories.extend(read_rows(f, model.cfg.vocab_size)?);
     }
     trajectories.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.train.seed));
     let n_eval = (trajectories.len() as f32 * cfg.data.eval_fraction).floor() as usize;
@@ -235,6 +235,9 @@ fn sft_with<B: TrainBackend>(
     coll.barrier()?;
     let mut metrics_file =
         if main { Some(std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?) } else { None };
+    // The same scalars for TensorBoard, cut back like metrics.jsonl on a resume.
+    let mut events =
+        if main { Some(crate::tensorboard::EventWriter::for_run(&run, resume.then_some(state.step))?) } else { None };
 
     let bar = if main { indicatif::ProgressBar::new(cfg.train.steps) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -353,6 +356,9 @@ fn sft_with<B: TrainBackend>(
             writeln!(f, "{}", serde_json::to_string(&m)?)?;
             f.flush()?;
         }
+        if let Some(w) = events.as_mut() {
+            w.scalars(m.step, &crate::tensorboard::scalars_of("sft", &serde_json::to_value(&m)?))?;
+        }
         bar.set_message(format!("loss {:.4}, {:.0} tok/s", m.loss, m.tokens_per_s));
         bar.set_position(state.step);
         if plain_log {
@@ -455,5 +461,14 @@ mod tests {
         std::fs::write(&path, format!("{}\ngarbage\n{}\n", line(1), line(2))).unwrap();
         let e = format!("{:#}", checkpoint::cut_metrics::<StepMetrics>(&path, 2).unwrap_err());
         assert!(e.contains("metrics.jsonl:2"), "{e}");
+        // Kept lines stay byte for byte, even where a float would print differently again.
+        let exact = r#"{"step": 1, "loss": 0.12345678901234, "eval_loss": null, "lr": 1e-5, "grad_norm": 1, "tokens": 4, "tokens_per_s": 1.0, "elapsed_s": 1.0}"#;
+        let text = format!("{exact}\n{}\n{}\n", line(2), line(3));
+        std::fs::write(&path, &text).unwrap();
+        let kept: Vec<StepMetrics> = checkpoint::cut_metrics(&path, 3).unwrap();
+        assert_eq!(kept.len(), 3);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        checkpoint::cut_metrics::<StepMetrics>(&path, 2).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{exact}\n{}\n", line(2)));
     }
 }
