@@ -118,14 +118,19 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn from_json(text: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text).context("not valid JSON")?;
+        Self::parse(text, "the conversation")
+    }
+
+    /// Parses the conversation file `origin`.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let v: Value = crate::inputs::json_file(text, origin)?;
         let conv: Conversation = if v.is_array() {
             Conversation {
-                messages: serde_json::from_value(v).context("expected an array of messages")?,
+                messages: crate::inputs::json_value(v, origin).context("expected an array of messages")?,
                 tools: vec![],
             }
         } else {
-            serde_json::from_value(v)
+            crate::inputs::json_value(v, origin)
                 .context("expected {\"messages\": [...], \"tools\": [...]} or an array of messages")?
         };
         for (i, m) in conv.messages.iter().enumerate() {

@@ -160,7 +160,8 @@ pub struct OutputSection {
 impl SftConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut cfg: SftConfig = toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        let mut cfg: SftConfig =
+            crate::inputs::toml_file(&text, &path.display().to_string()).context("invalid config")?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         cfg.model.path = resolve(&cfg.model.path);
@@ -279,7 +280,7 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 }
 
 fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
-    toml::from_str(text).with_context(|| format!("invalid config {origin}"))
+    crate::inputs::toml_file(text, origin).context("invalid config")
 }
 
 // ---------------------------------------------------------------------------------------------

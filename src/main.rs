@@ -281,8 +281,11 @@ enum TasksCommand {
     /// mutation operators, keep those that the tests catch (SWE-smith style). Resumable.
     Build {
         /// Packages as NAME==VERSION (repeatable).
-        #[arg(long = "pypi", required = true, num_args = 1..)]
+        #[arg(long = "pypi", required_unless_present = "sdists", num_args = 1..)]
         packages: Vec<String>,
+        /// Local source distributions (NAME-VERSION.tar.gz, .zip) or source directories.
+        #[arg(long = "sdist", num_args = 1..)]
+        sdists: Vec<PathBuf>,
         /// Output suite directory (tasks.jsonl, repos/, .work/); keep it out of git.
         #[arg(long)]
         out: PathBuf,
@@ -436,9 +439,17 @@ struct EvalArgs {
     /// Episodes run at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
-    /// Output directory (trajectories.jsonl, summary.json, summary.md).
+    /// Output directory (trajectories.jsonl, predictions.jsonl, results.jsonl, summary.json,
+    /// summary.md). One that already holds files is refused without --resume or --overwrite.
     #[arg(long)]
     out: PathBuf,
+    /// Finish the evaluation in --out: its finished tasks are kept, the others run (it must be
+    /// the same suite, policy, expert and seed).
+    #[arg(long, conflicts_with = "overwrite")]
+    resume: bool,
+    /// Replace the evaluation in --out.
+    #[arg(long)]
+    overwrite: bool,
     /// Only these instance ids (comma-separated).
     #[arg(long, value_delimiter = ',')]
     tasks: Vec<String>,
@@ -677,13 +688,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
                 msgs.push(Message::system(s.clone()));
             }
             msgs.push(Message::user(p.clone()));
-            tok.apply_chat_template(&msgs, &[], true)?.ids
+            tok.chat_prompt(&msgs, &[])?
         }
         (None, Some(file)) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let conv = Conversation::from_json(&text)
-                .with_context(|| format!("invalid conversation file {}", file.display()))?;
-            tok.apply_chat_template(&conv.messages, &conv.tools, true)?.ids
+            let conv = Conversation::parse(&text, &file.display().to_string()).context("invalid conversation file")?;
+            tok.chat_prompt(&conv.messages, &conv.tools)?
         }
         (None, None) => bail!("give --prompt or --messages"),
     };
@@ -943,6 +953,7 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
         }
         TasksCommand::Build {
             packages,
+            sdists,
             out,
             max_fail_share,
             max_mutants,
@@ -971,6 +982,7 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
             };
             let opts = protege::tasks::build::BuildOptions {
                 packages,
+                sdists,
                 out: out.clone(),
                 max_fail_share,
                 max_mutants,
@@ -990,12 +1002,13 @@ fn run_tasks(c: TasksCommand) -> Result<bool> {
             let started = Instant::now();
             let (reports, n) = protege::tasks::build::build(&opts)?;
             println!(
-                "| package | passing tests | mutants tried | valid | outcomes | error |\n|---|---|---|---|---|---|"
+                "| package | pytest | passing tests | mutants tried | valid | outcomes | error |\n|---|---|---|---|---|---|---|"
             );
             for r in &reports {
                 println!(
-                    "| {} | {} | {} | {} | {:?} | {} |",
+                    "| {} | {} | {} | {} | {} | {:?} | {} |",
                     r.package,
+                    r.pytest,
                     r.passing_tests,
                     r.tried,
                     r.valid,
@@ -1109,6 +1122,12 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         isolation: a.no_sandbox.then_some(Isolation::Plain),
         executor: a.exec.executor,
         docker: a.exec.docker(Default::default()),
+        label: None,
+        existing_out: match (a.resume, a.overwrite) {
+            (true, _) => protege::eval::ExistingOut::Resume,
+            (false, true) => protege::eval::ExistingOut::Overwrite,
+            (false, false) => protege::eval::ExistingOut::Refuse,
+        },
     };
     let summary = protege::eval::run_eval(&opts)?;
     print!("{}", summary.markdown());

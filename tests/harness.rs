@@ -425,6 +425,46 @@ fn protege_eval_runs_a_suite_and_writes_trajectories_and_a_summary() {
     for t in &lines {
         t.validate().unwrap();
     }
+
+    // A second eval into the same --out is refused; --resume keeps the finished tasks and
+    // runs only the missing one; another policy cannot resume it; --overwrite starts again.
+    let eval = |extra: &[&str], replay: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_protege"))
+            .args(["eval", "--suite", fixture("tasks").to_str().unwrap(), "--policy", "replay", "--replay"])
+            .arg(replay)
+            .args(["--expert", "oracle", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let before = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    let again = eval(&[], &replay);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("is not empty") && err.contains("--resume"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("summary.json")).unwrap(), before, "the first results were touched");
+    // Forget the unsolved task as if the run had been killed before it finished (its result
+    // line gone; its trajectory line stays and must be dropped).
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let kept: String = results.lines().filter(|l| l.contains("calc__clamp-above")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(out.join("results.jsonl"), kept).unwrap();
+    let resumed = eval(&["--resume"], &replay);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success() && err.contains("1 of 2 tasks already done"), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!((summary["tasks"].as_u64(), summary["resolved"].as_u64()), (Some(2), Some(1)));
+    let trajectories = std::fs::read_to_string(out.join("trajectories.jsonl")).unwrap();
+    assert_eq!(trajectories.lines().count(), 2, "one line per task after a resume");
+    assert_eq!(std::fs::read_to_string(out.join("predictions.jsonl")).unwrap().lines().count(), 2);
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, replies.to_string()).unwrap();
+    let mismatch = eval(&["--resume"], &other);
+    let err = String::from_utf8_lossy(&mismatch.stderr);
+    assert!(!mismatch.status.success() && err.contains("cannot resume") && err.contains("policy replay:"), "{err}");
+    let fresh = eval(&["--overwrite", "--tasks", "calc__clamp-above"], &other);
+    assert!(fresh.status.success(), "{}", String::from_utf8_lossy(&fresh.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("trajectories.jsonl")).unwrap().lines().count(), 1);
 }
 
 #[test]
@@ -447,9 +487,9 @@ fn a_local_model_runs_an_episode_with_consistent_tokens() {
     let sources = rec.sources().unwrap();
     assert_eq!(sources.len(), rec.ids.len());
     // The prompt is the chat template's rendering of the first two messages.
-    let prompt = protege::tokenizer::render_qwen25(&ep.messages[..2], &ep.tools, true).unwrap();
+    let prompt = tok.chat_text(&ep.messages[..2], &ep.tools, true).unwrap();
     let n_prompt = sources.iter().take_while(|s| **s == Source::Prompt).count();
-    assert_eq!(rec.ids[..n_prompt], tok.encode(&prompt.text).unwrap()[..]);
+    assert_eq!(rec.ids[..n_prompt], tok.encode(&prompt).unwrap()[..]);
     // Each run of policy tokens is exactly what became an assistant message.
     let mut spans = vec![];
     let mut i = 0;

@@ -153,7 +153,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Trajectory>> {
         if line.trim().is_empty() {
             continue;
         }
-        let t: Trajectory = serde_json::from_str(&line).map_err(|e| anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        let t: Trajectory = crate::inputs::json_line(&line, &path.display().to_string(), i + 1)?;
         t.validate().map_err(|e| anyhow!("{}:{}: {e:#}", path.display(), i + 1))?;
         out.push(t);
     }

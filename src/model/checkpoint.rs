@@ -46,12 +46,8 @@ impl Checkpoint {
         } else if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
                 .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let idx: ShardIndex = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is not a valid shard index (expected {{\"weight_map\": {{tensor: file}}}})",
-                    index_path.display()
-                )
-            })?;
+            let idx: ShardIndex = crate::inputs::json_file(&text, &index_path.display().to_string())
+                .context("not a valid shard index (expected {\"weight_map\": {tensor: file}})")?;
             let mut files: Vec<String> = idx.weight_map.values().cloned().collect();
             files.sort();
             files.dedup();

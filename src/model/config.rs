@@ -78,11 +78,16 @@ impl Qwen2Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
-        Self::from_json(&text).with_context(|| format!("invalid model config {}", path.display()))
+        Self::parse(&text, &path.display().to_string())
+            .with_context(|| format!("invalid model config {}", path.display()))
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        Self::parse(text, "config.json")
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<Self> {
+        let raw: RawConfig = crate::inputs::json_file(text, origin)?;
         if let Some(mt) = &raw.model_type {
             if mt != "qwen2" {
                 bail!("model_type is {mt:?}; protege implements \"qwen2\" only");

@@ -13,12 +13,19 @@ use crate::backend::Backend;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
+    #[serde(alias = "q_proj", alias = "self_attn.q_proj")]
     Q,
+    #[serde(alias = "k_proj", alias = "self_attn.k_proj")]
     K,
+    #[serde(alias = "v_proj", alias = "self_attn.v_proj")]
     V,
+    #[serde(alias = "o_proj", alias = "self_attn.o_proj")]
     O,
+    #[serde(alias = "gate_proj", alias = "mlp.gate_proj")]
     Gate,
+    #[serde(alias = "up_proj", alias = "mlp.up_proj")]
     Up,
+    #[serde(alias = "down_proj", alias = "mlp.down_proj")]
     Down,
 }
 
@@ -63,12 +70,18 @@ impl Target {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
+    #[serde(alias = "r")]
     pub rank: usize,
+    #[serde(alias = "lora_alpha")]
     pub alpha: f32,
     /// Dropout probability on the adapter's input during training (PEFT's `lora_dropout`);
     /// never applied at evaluation or generation.
-    #[serde(default)]
+    #[serde(default, alias = "lora_dropout")]
     pub dropout: f32,
+    /// The adapted modules: our short names (`q`, `gate`), PEFT's (`q_proj`, `gate_proj`,
+    /// also as `self_attn.q_proj`), or PEFT's `"all-linear"` (every linear module of a layer;
+    /// the LM head is never adapted).
+    #[serde(alias = "target_modules", deserialize_with = "deserialize_targets")]
     pub targets: Vec<Target>,
     /// Seed of the A initialisation.
     #[serde(default)]
@@ -79,6 +92,38 @@ pub struct LoraConfig {
     /// (`train::untrained::attach_training_adapters`); [`Lora::init`] leaves it to that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainable_tokens: Option<TrainableTokens>,
+}
+
+/// A list of module names, or PEFT's `"all-linear"` (a lone name is accepted as a list of one).
+fn deserialize_targets<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<Target>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Targets {
+        One(String),
+        Many(Vec<String>),
+    }
+    let names = match Targets::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected a list of module names or \"all-linear\""))?
+    {
+        Targets::One(s) if s == "all-linear" => return Ok(Target::ALL.to_vec()),
+        Targets::One(s) => vec![s],
+        Targets::Many(v) => v,
+    };
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let t = Target::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&name)).map_err(
+            |_| {
+                serde::de::Error::custom(format!(
+                    "unknown module {name:?}: expected \"all-linear\" or names among q, k, v, o, gate, up, down \
+                     (PEFT's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj also work)"
+                ))
+            },
+        )?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
 }
 
 impl LoraConfig {
@@ -229,4 +274,34 @@ pub fn peft_names(l: usize, t: Target) -> (String, String) {
 pub fn add_delta(w: &mut [f32], a: &[f32], b: &[f32], (inp, out, rank): (usize, usize, usize), scale: f32) {
     use crate::backend::cpu::{as_is, mm};
     mm(w, as_is(b), as_is(a), out, inp, rank, true, scale, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(targets: &str) -> Result<LoraConfig, toml::de::Error> {
+        toml::from_str(&format!("rank = 4\nalpha = 8\n{targets}"))
+    }
+
+    #[test]
+    fn peft_module_names_and_all_linear_are_accepted() {
+        let short = parse(r#"targets = ["q", "v"]"#).unwrap();
+        assert_eq!(short.targets, vec![Target::Q, Target::V]);
+        let peft = parse(r#"target_modules = ["q_proj", "self_attn.v_proj", "down_proj"]"#).unwrap();
+        assert_eq!(peft.targets, vec![Target::Q, Target::V, Target::Down]);
+        assert_eq!(parse(r#"targets = "all-linear""#).unwrap().targets, Target::ALL.to_vec());
+        assert_eq!(parse(r#"targets = "o_proj""#).unwrap().targets, vec![Target::O]);
+        let aliases: LoraConfig =
+            toml::from_str("r = 8\nlora_alpha = 16\nlora_dropout = 0.05\ntarget_modules = \"all-linear\"").unwrap();
+        assert_eq!((aliases.rank, aliases.alpha, aliases.dropout), (8, 16.0, 0.05));
+    }
+
+    #[test]
+    fn unknown_module_names_are_named() {
+        let e = parse(r#"targets = ["q_proj", "lm_head"]"#).unwrap_err().to_string();
+        assert!(e.contains("\"lm_head\"") && e.contains("all-linear") && e.contains("q_proj"), "{e}");
+        let e = parse("targets = 3").unwrap_err().to_string();
+        assert!(e.contains("list of module names"), "{e}");
+    }
 }

@@ -37,7 +37,7 @@ impl PeftLoraConfig {
     /// Reads `path` (an `adapter_config.json`) for a model of `num_layers` layers.
     pub fn from_file(path: &Path, num_layers: usize) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let v: Value = crate::inputs::json_file(&text, &path.display().to_string())?;
         Self::from_json(&v, num_layers).map_err(|e| anyhow!("{}: {e:#}", path.display()))
     }
 

@@ -30,19 +30,15 @@ pub struct Prediction {
 pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     if text.trim_start().starts_with('[') {
-        return serde_json::from_str(&text).with_context(|| {
-            format!("{}: expected a list of {{instance_id, model_name_or_path, model_patch}}", path.display())
-        });
+        return crate::inputs::json_file(&text, &path.display().to_string())
+            .context("expected a list of {instance_id, model_name_or_path, model_patch}");
     }
     let mut out = vec![];
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        out.push(serde_json::from_str(line).with_context(|| {
-            format!(
-                "{}:{}: expected {{\"instance_id\", \"model_name_or_path\", \"model_patch\"}}",
-                path.display(),
-                i + 1
-            )
-        })?);
+        out.push(
+            crate::inputs::json_line(line, &path.display().to_string(), i + 1)
+                .context("expected {\"instance_id\", \"model_name_or_path\", \"model_patch\"}")?,
+        );
     }
     Ok(out)
 }

@@ -260,7 +260,7 @@ pub fn load_suite(path: &Path) -> Result<Vec<TaskInstance>> {
         }
         let at = || format!("{}:{}", file.display(), i + 1);
         let mut t: TaskInstance =
-            serde_json::from_str(line).with_context(|| format!("{}: not a task instance", at()))?;
+            crate::inputs::json_line(line, &file.display().to_string(), i + 1).context("not a task instance")?;
         if t.env.repo_path.is_relative() && !t.env.repo_path.as_os_str().is_empty() {
             t.env.repo_path = base.join(&t.env.repo_path);
         }

@@ -190,33 +190,37 @@ pub fn load<B: TrainBackend, S: DeserializeOwned>(
 }
 
 /// Keeps the metrics lines whose `step` is at most `step` (dropping what a killed run wrote after
-/// its last checkpoint, including a half-written last line) and returns them. Any other
-/// unreadable line is an error rather than silently lost history.
-pub fn cut_metrics<M: DeserializeOwned + Serialize>(path: &Path, step: u64) -> Result<Vec<M>> {
+/// its last checkpoint, including a half-written last line) and returns them. The kept lines stay
+/// byte for byte as written (re-serialising could change a float's last digit); the file is
+/// rewritten only when something is dropped. Any other unreadable line is an error rather than
+/// silently lost history.
+pub fn cut_metrics<M: DeserializeOwned>(path: &Path, step: u64) -> Result<Vec<M>> {
     if !path.exists() {
         return Ok(vec![]);
     }
     let text = std::fs::read_to_string(path)?;
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let mut kept = vec![];
+    let mut kept_text = String::with_capacity(text.len());
     for (i, line) in lines.iter().enumerate() {
+        let complete = line.ends_with('\n');
         let parsed = serde_json::from_str::<Value>(line).map_err(anyhow::Error::from).and_then(|v| {
             let s = v.get("step").and_then(Value::as_u64).context("no step field")?;
             Ok((s, serde_json::from_value::<M>(v)?))
         });
         match parsed {
-            Ok((s, m)) if s <= step => kept.push(m),
+            Ok((s, m)) if s <= step && complete => {
+                kept.push(m);
+                kept_text.push_str(line);
+            }
             Ok(_) => {}
             Err(_) if i + 1 == lines.len() => {}
             Err(e) => bail!("{}:{}: unreadable metrics line: {e}", path.display(), i + 1),
         }
     }
-    let mut out = String::new();
-    for m in &kept {
-        out.push_str(&serde_json::to_string(m)?);
-        out.push('\n');
+    if kept_text.len() != text.len() {
+        write_atomic(path, kept_text.as_bytes())?;
     }
-    write_atomic(path, out.as_bytes())?;
     Ok(kept)
 }
 

@@ -1,18 +1,180 @@
-//! SFT examples from trajectories: token ids plus which tokens are learned, the policy for
-//! sequences over `max_seq_len`, and packed batches.
+//! SFT examples from rows: token ids plus which tokens are learned, the policy for sequences
+//! over `max_seq_len`, and packed batches.
 //!
-//! A trajectory with recorded `tokens` (a local-policy episode) is used as recorded and only its
-//! policy tokens (`a`) are learned. Otherwise its messages are rendered with the chat template
-//! and only the assistant's tokens are learned (prompts, tool outputs and expert replies, which
-//! arrive as tool messages, are masked).
+//! A row is one of:
+//! - a trajectory (protege's schema, with `task_id`). With recorded `tokens` (a local-policy
+//!   episode) it is used as recorded and only its policy tokens (`a`) are learned; otherwise
+//!   its messages are rendered with the chat template and only the assistant's tokens are
+//!   learned (prompts, tool outputs and expert replies, which arrive as tool messages, are
+//!   masked);
+//! - TRL's conversational rows: `{"messages": [...], "tools": [...]}` (as a trajectory without
+//!   tokens: the assistant's turns learned, as TRL's `assistant_only_loss=True`; TRL's default
+//!   learns every token), and `{"prompt": [...], "completion": [...]}` (the completion's
+//!   assistant turns learned; TRL's `completion_only_loss` would learn tool messages in a
+//!   completion too, which are not the model's words);
+//! - TRL's standard rows: `{"prompt": "...", "completion": "..."}` (no template; as TRL, the
+//!   end-of-sequence token appended to the completion, the prompt and the whole tokenised, the
+//!   tokens after the prompt's learned) and `{"text": "..."}` (every token learned).
+//!
+//! TRL ignores a dataset's other columns, and so do these rows; a trajectory is strict.
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::agent::trajectory::{Source, Trajectory};
+use crate::chat::{Message, Role};
 use crate::tokenizer::Tokenizer;
+
+/// One SFT row (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SftRow {
+    Trajectory(Trajectory),
+    /// TRL's conversational prompt/completion.
+    ChatCompletion {
+        id: String,
+        prompt: Vec<Message>,
+        completion: Vec<Message>,
+        tools: Vec<Value>,
+    },
+    /// TRL's standard prompt/completion; `{"text"}` rows have an empty prompt. An end-of-sequence
+    /// token follows the completion (as TRL appends `eos_token`).
+    TextCompletion {
+        id: String,
+        prompt: String,
+        completion: String,
+    },
+}
+
+impl From<Trajectory> for SftRow {
+    fn from(t: Trajectory) -> Self {
+        SftRow::Trajectory(t)
+    }
+}
+
+impl SftRow {
+    /// The task id, or `file:line` for rows that have none.
+    pub fn id(&self) -> &str {
+        match self {
+            SftRow::Trajectory(t) => &t.task_id,
+            SftRow::ChatCompletion { id, .. } | SftRow::TextCompletion { id, .. } => id,
+        }
+    }
+}
+
+/// Reads an SFT data file: JSONL of any row kind (a file may mix them). Every problem names
+/// the file and line; recorded token ids must be below `vocab_size` (the model's).
+pub fn read_rows(path: &Path, vocab_size: usize) -> Result<Vec<SftRow>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read SFT data {}", path.display()))?;
+    let origin = path.display().to_string();
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{origin}:{}", i + 1);
+        let v: Value = crate::inputs::json_line(line, &origin, i + 1)?;
+        let row = parse_row(v, at.clone()).with_context(|| at.clone())?;
+        if let SftRow::Trajectory(t) = &row {
+            if let Some(rec) = &t.tokens {
+                if let Some((j, id)) = rec.ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab_size) {
+                    bail!("{at}: tokens.ids[{j}] is {id}, outside the model's vocabulary of {vocab_size} tokens (was this trajectory recorded with another model?)");
+                }
+            }
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// TRL's conversational row; other columns are ignored, as TRL does.
+#[derive(Deserialize)]
+struct TrlConversation {
+    messages: Vec<Message>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+}
+
+/// TRL's conversational prompt/completion row.
+#[derive(Deserialize)]
+struct TrlChatCompletion {
+    prompt: Vec<Message>,
+    completion: Vec<Message>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+}
+
+/// One row; errors leave the location to the caller.
+fn parse_row(v: Value, id: String) -> Result<SftRow> {
+    let Value::Object(obj) = &v else {
+        bail!("expected a JSON object (a trajectory, or a TRL row with \"messages\", \"prompt\"/\"completion\" or \"text\")")
+    };
+    let has = |k: &str| obj.contains_key(k);
+    let check = |key: &str, messages: &[Message]| -> Result<()> {
+        for (i, m) in messages.iter().enumerate() {
+            m.validate(i).with_context(|| format!("field `{key}`"))?;
+        }
+        Ok(())
+    };
+    if has("task_id") || has("tokens") {
+        let t: Trajectory = crate::inputs::json_value(v, "")?;
+        t.validate()?;
+        return Ok(SftRow::Trajectory(t));
+    }
+    if has("messages") {
+        let row: TrlConversation = crate::inputs::json_value(v, "")?;
+        check("messages", &row.messages)?;
+        if row.messages.is_empty() {
+            bail!("messages is empty");
+        }
+        let t = Trajectory {
+            task_id: id,
+            resolved: None,
+            expert_calls: 0,
+            messages: row.messages,
+            tools: row.tools.unwrap_or_default(),
+            tokens: None,
+            meta: Default::default(),
+        };
+        return Ok(SftRow::Trajectory(t));
+    }
+    match (obj.get("prompt"), obj.get("completion")) {
+        (Some(Value::String(p)), Some(Value::String(c))) => {
+            Ok(SftRow::TextCompletion { id, prompt: p.clone(), completion: c.clone() })
+        }
+        (Some(Value::Array(_)), Some(Value::Array(_))) => {
+            let row: TrlChatCompletion = crate::inputs::json_value(v, "")?;
+            check("prompt", &row.prompt)?;
+            check("completion", &row.completion)?;
+            if !row.completion.iter().any(|m| m.role == Role::Assistant) {
+                bail!("field `completion` has no assistant message: there is nothing to learn");
+            }
+            Ok(SftRow::ChatCompletion {
+                id,
+                prompt: row.prompt,
+                completion: row.completion,
+                tools: row.tools.unwrap_or_default(),
+            })
+        }
+        (Some(_), Some(_)) => bail!(
+            "`prompt` and `completion` must both be strings (standard) or both lists of messages (conversational)"
+        ),
+        (Some(_), None) => bail!("a `prompt` without a `completion` (prompt-only rows are for RL, not SFT)"),
+        (None, Some(_)) => bail!("a `completion` without a `prompt`"),
+        (None, None) => match obj.get("text") {
+            Some(Value::String(t)) => Ok(SftRow::TextCompletion { id, prompt: String::new(), completion: t.clone() }),
+            Some(_) => bail!("field `text` must be a string"),
+            None => bail!(
+                "not an SFT row: expected a trajectory (`task_id`, `messages`), a TRL conversational row (`messages`, optional `tools`), a prompt/completion row, or a `text` row; found the keys {}",
+                obj.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    }
+}
 
 /// What to do with a sequence longer than `max_seq_len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -52,6 +214,44 @@ pub fn tokenize(t: &Trajectory, tok: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>)
     Ok((enc.ids, mask))
 }
 
+/// Token ids and learned-token mask of one row.
+pub fn tokenize_row(row: &SftRow, tok: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>)> {
+    match row {
+        SftRow::Trajectory(t) => tokenize(t, tok),
+        SftRow::ChatCompletion { prompt, completion, tools, .. } => {
+            // As TRL: the prompt as a generation prompt, then the whole conversation; what the
+            // completion adds is learned where the assistant wrote it.
+            let head = tok.apply_chat_template(prompt, tools, true)?;
+            let all: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
+            let enc = tok.apply_chat_template(&all, tools, false)?;
+            if !enc.ids.starts_with(&head.ids) {
+                bail!("the chat template renders the prompt differently once the completion follows; cannot tell the completion's tokens apart");
+            }
+            let mut mask = enc.assistant_mask();
+            mask[..head.ids.len()].iter_mut().for_each(|m| *m = false);
+            Ok((enc.ids, mask))
+        }
+        SftRow::TextCompletion { prompt, completion, .. } => {
+            // As TRL: the end-of-sequence token appended to the completion's text, then the
+            // prompt and prompt + completion tokenised; what follows the prompt's tokens is
+            // learned (TRL warns where the two tokenisations disagree at the seam).
+            let eos = tok
+                .chat_template()
+                .special_tokens()
+                .iter()
+                .find(|(k, _)| k == "eos_token")
+                .map(|(_, t)| t.clone())
+                .or_else(|| tok.stop_ids.first().and_then(|&id| tok.id_to_token(id)))
+                .context("the tokenizer has no end-of-sequence token to end the completion with")?;
+            let completion = if completion.ends_with(&eos) { completion.clone() } else { format!("{completion}{eos}") };
+            let n_prompt = tok.encode(prompt)?.len();
+            let ids = tok.encode(&format!("{prompt}{completion}"))?;
+            let mask = (0..ids.len()).map(|i| i >= n_prompt).collect();
+            Ok((ids, mask))
+        }
+    }
+}
+
 /// Applies the length policy; `None` when the example is dropped.
 fn fit(ids: Vec<u32>, trained: Vec<bool>, max_len: usize, policy: Overlong) -> Option<(Vec<u32>, Vec<bool>, bool)> {
     if ids.len() <= max_len {
@@ -65,17 +265,17 @@ fn fit(ids: Vec<u32>, trained: Vec<bool>, max_len: usize, policy: Overlong) -> O
     Some((ids[..cut].to_vec(), trained[..cut].to_vec(), true))
 }
 
-/// Builds the examples of `trajectories`.
+/// Builds the examples of `rows`.
 pub fn build_examples(
-    trajectories: &[Trajectory],
+    rows: &[SftRow],
     tok: &Tokenizer,
     max_len: usize,
     policy: Overlong,
 ) -> Result<(Vec<Example>, DataStats)> {
     let mut stats = DataStats::default();
     let mut out = vec![];
-    for t in trajectories {
-        let (ids, trained) = tokenize(t, tok)?;
+    for row in rows {
+        let (ids, trained) = tokenize_row(row, tok).with_context(|| format!("SFT row {}", row.id()))?;
         let Some((ids, trained, cut)) = fit(ids, trained, max_len, policy) else {
             stats.dropped_too_long += 1;
             continue;
@@ -87,7 +287,7 @@ pub fn build_examples(
         }
         stats.truncated += cut as usize;
         stats.kept += 1;
-        out.push(Example { task_id: t.task_id.clone(), ids, trained });
+        out.push(Example { task_id: row.id().to_string(), ids, trained });
     }
     Ok((out, stats))
 }
