@@ -210,10 +210,12 @@ run_dir = "{run}/rl"
         xs.iter().map(f).sum::<f64>() / xs.len() as f64
     };
     let (first, last) = (&m[..3], &m[m.len() - 3..]);
-    let (loop0, loop1) = (avg(first, |x| x.looping_rate), avg(last, |x| x.looping_rate));
+    // Step 1's episodes are the SFT model's own (no update yet); by step 2 the policy has
+    // already learned (it loops at 8-17% there in most runs).
+    let (loop0, loop1) = (m[0].looping_rate, avg(last, |x| x.looping_rate));
     let (r0, r1) = (avg(first, |x| x.reward), avg(last, |x| x.reward));
     println!(
-        "looping rate {:.0}% -> {:.0}%, mean reward {r0:+.3} -> {r1:+.3} (first three vs last three steps)",
+        "looping rate {:.0}% (step 1) -> {:.0}% (last three steps), mean reward {r0:+.3} -> {r1:+.3} (first three vs last three steps)",
         100.0 * loop0,
         100.0 * loop1
     );

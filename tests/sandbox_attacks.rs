@@ -707,3 +707,44 @@ fn a_stopped_eval_cleans_up_and_a_killed_one_is_cleaned_up_by_the_next() {
     assert!(work_dirs(&tmp).is_empty(), "stale work trees not removed: {:?}", work_dirs(&tmp));
     assert!(cgroups_of(pid).is_empty(), "stale cgroups not removed: {:?}", cgroups_of(pid));
 }
+
+/// A task's venv is on the agent's PATH (its pytest is the task's), read-only: the agent can
+/// neither plant a file in it nor replace its interpreter to fake the grading run.
+#[test]
+fn the_tasks_venv_is_read_only_and_cannot_fake_the_grade() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let suite = suite(dir.path(), &["venv-attack"], "venv-canary");
+    let venv = suite.join("venvs/calc");
+    let made = std::process::Command::new("python3")
+        .args(["-m", "venv", "--system-site-packages", "--without-pip"])
+        .arg(&venv)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let interpreter = std::fs::read(venv.join("bin/python3")).unwrap();
+    let text = std::fs::read_to_string(suite.join("tasks.jsonl")).unwrap();
+    let mut t: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    t["env"]["venv"] = json!("venvs/calc");
+    std::fs::write(suite.join("tasks.jsonl"), t.to_string() + "\n").unwrap();
+    let fake = "#!/bin/sh\necho '2 passed'\nexit 0\n";
+    let replies = json!({"venv-attack": [
+        bash("echo \"PATH=$PATH\"; command -v python3"),
+        bash("touch \"$VIRTUAL_ENV/bin/planted\"; echo rc=$?"),
+        bash(&format!("rm -f \"$VIRTUAL_ENV/bin/python3\"; printf {fake:?} > \"$VIRTUAL_ENV/bin/python3\"; echo rc=$?")),
+        submit(),
+    ]});
+    let run = eval(dir.path(), &suite, replies, &[]);
+    let venv_bin = venv.canonicalize().unwrap().join("bin");
+    let path = run.observation("venv-attack", 0);
+    assert!(path.contains(&format!("PATH={}:", venv_bin.display())), "the venv is not first on PATH: {path}");
+    for i in [1, 2] {
+        let o = run.observation("venv-attack", i);
+        assert!(!o.contains("rc=0"), "the agent wrote into the venv: {o}");
+    }
+    assert!(!venv.join("bin/planted").exists(), "a file was planted in the host's venv");
+    assert_eq!(std::fs::read(venv.join("bin/python3")).unwrap(), interpreter, "the venv's interpreter was replaced");
+    assert_eq!(run.get("venv-attack").resolved, Some(false), "{}", run.raw);
+}
