@@ -117,19 +117,19 @@ fn pass_to_pass<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<Stri
 /// names `field` and what it holds.
 fn list_or_json_string<'de, D: Deserializer<'de>>(d: D, field: &str) -> std::result::Result<Vec<String>, D::Error> {
     use serde::de::Error;
-    let expected = format!("{field}: expected a list of test ids, or a JSON string holding one");
+    let expected = format!("{field} must be a list of test ids, or a JSON string holding one");
     match Value::deserialize(d)? {
         Value::Array(items) => items
             .into_iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s),
-                other => Err(D::Error::custom(format!("expected {expected}; the list holds {other}, not a string"))),
+                other => Err(D::Error::custom(format!("{expected}; the list holds {other}, not a string"))),
             })
             .collect(),
         Value::String(t) => {
-            serde_json::from_str(&t).map_err(|e| D::Error::custom(format!("expected {expected}: the string {e}")))
+            serde_json::from_str(&t).map_err(|e| D::Error::custom(format!("{expected}: the string {e}")))
         }
-        other => Err(D::Error::custom(format!("expected {expected}, got {other}"))),
+        other => Err(D::Error::custom(format!("{expected}, got {other}"))),
     }
 }
 
@@ -291,7 +291,10 @@ mod tests {
         let row = |f2p: &str| format!(r#"{{"instance_id": "a", "patch": "", "FAIL_TO_PASS": {f2p}, "env": {{}}}}"#);
         let err = |f2p: &str| serde_json::from_str::<TaskInstance>(&row(f2p)).unwrap_err().to_string();
         let e = err("5");
-        assert!(e.contains("FAIL_TO_PASS: expected a list of test ids") && e.contains("got 5"), "{e}");
+        assert!(e.contains("FAIL_TO_PASS must be a list of test ids") && e.contains("got 5"), "{e}");
+        // Read from a suite file, the file, line, column and field lead the message.
+        let e = crate::inputs::json_line::<TaskInstance>(&row("5"), "tasks.jsonl", 3).unwrap_err().to_string();
+        assert!(e.starts_with("tasks.jsonl:3:") && e.contains("field `FAIL_TO_PASS`: FAIL_TO_PASS must be"), "{e}");
         assert!(err("[1]").contains("holds 1, not a string"), "{}", err("[1]"));
         assert!(err(r#""not json""#).contains("FAIL_TO_PASS"), "{}", err(r#""not json""#));
     }
