@@ -19,8 +19,9 @@
 set -u
 BIN="${PROTEGE_BIN:-dist/protege}"
 OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT/logs"
+OUT="$(cd "$OUT" && pwd)"   # absolute: the SFT configs name their run directories by it
 LOGS="$OUT/logs"
-mkdir -p "$LOGS"
 export PROTEGE_CACHE="${PROTEGE_CACHE:-$LOGS/cache}"   # compiled kernels land here
 
 # name:seconds, in order; the sum is the whole run's budget.
@@ -49,7 +50,7 @@ step bench "$BIN" bench --device cuda --iters 5 --json "$OUT/bench.json"
 # configs/sft-tiny.toml for 20 steps, once per device.
 for dev in cuda cpu launch; do
     sed -e "s|^path = \"../|path = \"$PWD/|" -e "s|\"../data/|\"$PWD/data/|" -e "s|^steps = .*|steps = 20|" \
-        -e "s|^run_dir = .*|run_dir = \"$PWD/$LOGS/sft-$dev\"|" configs/sft-tiny.toml >"$LOGS/sft-$dev.toml"
+        -e "s|^run_dir = .*|run_dir = \"$LOGS/sft-$dev\"|" configs/sft-tiny.toml >"$LOGS/sft-$dev.toml"
     rm -rf "$LOGS/sft-$dev"
 done
 step sft-cuda "$BIN" sft --config "$LOGS/sft-cuda.toml" --device cuda
