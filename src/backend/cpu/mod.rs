@@ -483,7 +483,7 @@ impl TrainBackend for CpuBackend {
 #[cfg(test)]
 mod tests {
     //! Each op against a naive, obviously-correct loop (the model as a whole is checked
-    //! against transformers in tests/model_reference.rs).
+    //! against transformers in tests/it/model_reference.rs).
     use super::*;
     use crate::backend::SeqSlice;
     use rand::{Rng, SeedableRng};

@@ -1,12 +1,10 @@
 //! The agent harness end to end: the sandbox's guarantees, the editor's confinement, grading,
 //! a replay agent that follows the oracle expert, `protege eval`, and a local-model episode.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::fixture;
+use crate::common::fixture;
 use protege::agent::episode::{run_episode, EpisodeConfig, ExitStatus};
 use protege::agent::expert::{Expert, Oracle};
 use protege::agent::policy::{LocalPolicy, Replay};
@@ -470,7 +468,7 @@ fn protege_eval_runs_a_suite_and_writes_trajectories_and_a_summary() {
 #[test]
 fn a_local_model_runs_an_episode_with_consistent_tokens() {
     use protege::agent::trajectory::Source;
-    let (be, mut model) = common::load("tiny");
+    let (be, mut model) = crate::common::load("tiny");
     // The fixture declares a short context; RoPE has no such limit, and the prompt needs more.
     model.cfg.max_position_embeddings = 8192;
     let tok = protege::tokenizer::Tokenizer::from_dir(&fixture("tiny")).unwrap();

@@ -1,9 +1,7 @@
 //! The Qwen2.5 chat template against transformers' `apply_chat_template` (fixture), and the
 //! per-token role mask.
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use protege::chat::{Conversation, Message, Role, ToolCall};
 use protege::tokenizer::{TokenRole, Tokenizer};
 use serde_json::{json, Value};

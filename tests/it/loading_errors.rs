@@ -1,10 +1,8 @@
 //! Every broken checkpoint gives an error that names the file or tensor and the expectation.
 
-mod common;
-
 use std::path::Path;
 
-use common::fixture;
+use crate::common::fixture;
 use protege::backend::cpu::CpuBackend;
 use protege::model::Qwen2;
 use safetensors::tensor::TensorView;

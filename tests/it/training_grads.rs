@@ -1,9 +1,7 @@
 //! Gradients of the masked cross-entropy on a packed batch against PyTorch autograd
 //! (fixtures made by `tools/make_grad_fixtures.py`), with and without recomputation.
 
-mod common;
-
-use common::{fixture, load, Tensors};
+use crate::common::{fixture, load, Tensors};
 use protege::backend::Backend;
 use protege::model::training::Grads;
 use protege::model::training::TrainBatch;
@@ -188,19 +186,19 @@ fn lora_init_is_identity_and_merge_unmerge_round_trips() {
     model.lora =
         Some(Lora::try_from_fn(&model.cfg, &cfg, |n, _| Ok(be.upload_f32(&t.f32s(&format!("lora.{n}")).0))).unwrap());
     let adapted = prompt_logits(&be, &model, &ids, None).unwrap();
-    assert!(common::max_abs_diff(&adapted, &base) > 1e-2, "the adapters should change the logits");
+    assert!(crate::common::max_abs_diff(&adapted, &base) > 1e-2, "the adapters should change the logits");
     let lora = model.merge_lora_keep(&be).unwrap();
     let merged = prompt_logits(&be, &model, &ids, None).unwrap();
     assert!(
-        common::max_abs_diff(&merged, &adapted) < 1e-4,
+        crate::common::max_abs_diff(&merged, &adapted) < 1e-4,
         "merged differs by {}",
-        common::max_abs_diff(&merged, &adapted)
+        crate::common::max_abs_diff(&merged, &adapted)
     );
     model.unmerge_lora(&be, lora).unwrap();
-    assert!(common::max_abs_diff(&prompt_logits(&be, &model, &ids, None).unwrap(), &adapted) < 1e-4);
+    assert!(crate::common::max_abs_diff(&prompt_logits(&be, &model, &ids, None).unwrap(), &adapted) < 1e-4);
     model.lora.take();
     assert!(
-        common::max_abs_diff(&prompt_logits(&be, &model, &ids, None).unwrap(), &base) < 1e-4,
+        crate::common::max_abs_diff(&prompt_logits(&be, &model, &ids, None).unwrap(), &base) < 1e-4,
         "unmerge restores the base"
     );
     // A configuration the model cannot honour is an error, not a silent no-op.

@@ -4,12 +4,10 @@
 //! and final adapter, bit for bit (full fine-tuning: to f32 rounding); resuming from the sharded checkpoint continues exactly as an
 //! unsharded resume does; a resume with another number of ranks is refused clearly.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::fixture;
+use crate::common::fixture;
 use protege::agent::trajectory::{write_jsonl, Trajectory};
 use protege::chat::{Message, ToolCall};
 use serde_json::{json, Value};

@@ -1,13 +1,11 @@
 //! The `protege` binary end to end on the fixture models.
 
-mod common;
 /// A machine without pytest (a module here: one test binary less to link).
-#[path = "cli/pytest_missing.rs"]
 mod pytest_missing;
 
 use std::process::Command;
 
-use common::{fixture, MODELS};
+use crate::common::{fixture, MODELS};
 
 fn protege(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_protege")).args(args).output().unwrap();
@@ -131,7 +129,7 @@ fn generate_streams_text_and_reports_speed() {
 fn reference_of(model: &std::path::Path, out: &std::path::Path) {
     let be = protege::backend::cpu::CpuBackend::new();
     let m = protege::model::Qwen2::load(&be, model).unwrap();
-    let ids = common::Tensors::open(&fixture("tiny/reference.safetensors")).i64s("input_ids");
+    let ids = crate::common::Tensors::open(&fixture("tiny/reference.safetensors")).i64s("input_ids");
     let tokens: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
     let logits = protege::generate::prompt_logits(&be, &m, &tokens, None).unwrap();
     let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
@@ -150,7 +148,7 @@ fn adapter_flag_gives_the_merged_exports_outputs() {
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let tiny = fixture("tiny");
     let tiny = tiny.to_str().unwrap();
-    common::write_random_adapter("tiny", &dir.path().join("adapter"));
+    crate::common::write_random_adapter("tiny", &dir.path().join("adapter"));
     let adapter = p("adapter");
 
     // export --merge: sharded as asked, refusing to write over a non-empty directory.

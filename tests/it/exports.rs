@@ -2,16 +2,14 @@
 //! transformers with the same logits as protege's (references made from these exports by
 //! `tools/check_exports.py` and committed, so CI needs no torch).
 //!
-//! To regenerate: `PROTEGE_KEEP_EXPORTS=/tmp/exp cargo test --test exports`, then
+//! To regenerate: `PROTEGE_KEEP_EXPORTS=/tmp/exp cargo test --test it exports::`, then
 //! `python3 tools/check_exports.py --base tests/fixtures/odd --adapter /tmp/exp/adapter
 //!  --full /tmp/exp/full --ids-from tests/fixtures/odd/reference.safetensors
 //!  --out-dir tests/fixtures/odd/exports`.
 
-mod common;
-
 use std::path::Path;
 
-use common::{fixture, load, max_abs_diff, Tensors};
+use crate::common::{fixture, load, max_abs_diff, Tensors};
 use protege::backend::Backend;
 use protege::generate::prompt_logits;
 use protege::model::export::{export_checkpoint, export_hf, export_peft, load_peft, ExportDtype, HfExportOptions};
@@ -93,7 +91,7 @@ fn random_adapter(
     Qwen2<protege::backend::cpu::CpuBackend>,
     Lora<protege::backend::cpu::CpuBackend>,
 ) {
-    common::write_random_adapter(name, dir);
+    crate::common::write_random_adapter(name, dir);
     let (be, model) = load(name);
     let lora = load_peft(&be, &model, dir).unwrap();
     (be, model, lora)

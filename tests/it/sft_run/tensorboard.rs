@@ -227,7 +227,7 @@ fn tensorboard_drops_orphaned_steps_on_session_start() {
     assert_eq!(got, [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]);
 }
 
-/// An RL config on the loopy fixture policy and the small fixture suite (as tests/rl_run.rs).
+/// An RL config on the loopy fixture policy and the small fixture suite (as tests/it/rl_run.rs).
 fn rl_config(dir: &Path) -> (RlConfig, String) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = format!(

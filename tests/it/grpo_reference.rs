@@ -3,9 +3,7 @@
 //! asymmetric clipping on both sides, the KL term, and the three loss aggregations, in one
 //! micro-batch and split over several.
 
-mod common;
-
-use common::{fixture, load, Tensors};
+use crate::common::{fixture, load, Tensors};
 use protege::backend::Backend;
 use protege::model::training::Grads;
 use protege::train::grpo::{advantages, token_weights, AdvantageMode, LossAgg, PgConfig};

@@ -2,15 +2,13 @@
 //! Anthropic expert clients and the OpenAI policy. Failure paths (HTTP 500, a server that never
 //! answers) use a minimal scripted HTTP server on loopback.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::fixture;
+use crate::common::fixture;
 use protege::agent::expert::Expert;
 use protege::agent::http::HttpConfig;
 use protege::agent::policy::Policy;

@@ -1,10 +1,8 @@
 //! The tiny model memorises a handful of chat trajectories (loss on assistant tokens only).
 
-mod common;
-
 use std::time::Instant;
 
-use common::{fixture, load};
+use crate::common::{fixture, load};
 use protege::chat::{Message, ToolCall};
 use protege::model::training::Grads;
 use protege::model::training::TrainBatch;

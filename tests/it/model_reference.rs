@@ -1,12 +1,10 @@
 //! The Qwen2 forward pass against transformers' float32 logits (fixtures made by
 //! `tools/make_fixtures.py`), and the KV-cache paths against full recomputation.
 
-mod common;
 /// GGUF files loaded directly (a module here: one test binary less to link).
-#[path = "model_reference/gguf.rs"]
 mod gguf;
 
-use common::{fixture, load, max_abs_diff, Tensors, MODELS};
+use crate::common::{fixture, load, max_abs_diff, Tensors, MODELS};
 use protege::backend::{cache_slot, Backend, SeqSlice, StepMeta};
 use protege::generate::{generate, prompt_logits, GenOptions, Request, BLOCK_SIZE};
 use protege::model::KvCache;

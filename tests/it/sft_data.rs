@@ -1,9 +1,7 @@
 //! Trajectories to SFT examples: chat-template tokenisation with the assistant mask, recorded
 //! token ids used as is, and the length policy.
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use protege::agent::trajectory::{Source, TokenRecord, Trajectory};
 use protege::chat::Message;
 use protege::tokenizer::Tokenizer;

@@ -4,12 +4,10 @@
 //! tools/fetch_qwen25_coder_05b --convert       # the model, into ~/.cache/protege/models/...
 //! tools/make_real_reference                    # transformers' logits and greedy tokens next to it
 //! PROTEGE_QWEN05B=~/.cache/protege/models/qwen2.5-coder-0.5b-instruct \
-//!     cargo test --release --test real_model -- --ignored --nocapture
+//!     cargo test --release --test it real_model:: -- --ignored --nocapture
 //! ```
 
-mod common;
 /// The real GGUF against its converted directory (ignored by default) (a module here: one test binary less to link).
-#[path = "real_model/gguf_real.rs"]
 mod gguf_real;
 
 use std::path::PathBuf;

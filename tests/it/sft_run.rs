@@ -1,14 +1,12 @@
 //! `protege sft` end to end on the tiny model: a run directory with metrics, checkpoints and an
 //! export; an interrupted run resumed gives the same metrics as an uninterrupted one.
 
-mod common;
 /// TensorBoard event files of sft and rl runs (a module here: one test binary less to link).
-#[path = "sft_run/tensorboard.rs"]
 mod tensorboard;
 
 use std::path::Path;
 
-use common::fixture;
+use crate::common::fixture;
 use protege::agent::trajectory::{write_jsonl, Trajectory};
 use protege::chat::{Message, ToolCall};
 use protege::config::SftConfig;

@@ -5,7 +5,7 @@
 //! tools/fetch_qwen25_coder_05b --convert     # the GGUF, and its HF conversion
 //! PROTEGE_QWEN05B_GGUF=~/.cache/protege/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
 //! PROTEGE_QWEN05B=~/.cache/protege/models/qwen2.5-coder-0.5b-instruct \
-//!     cargo test --release --test real_model gguf_real:: -- --ignored --nocapture
+//!     cargo test --release --test it real_model::gguf_real:: -- --ignored --nocapture
 //! ```
 
 use std::path::PathBuf;

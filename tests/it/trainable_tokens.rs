@@ -4,12 +4,10 @@
 //! start of the run warns about it; the PEFT export carries the rows and loading it gives the
 //! trained model back; the rows' gradients are those of full fine-tuning.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixture, load, max_abs_diff};
+use crate::common::{fixture, load, max_abs_diff};
 use protege::agent::trajectory::{write_jsonl, Trajectory};
 use protege::backend::cpu::CpuBackend;
 use protege::chat::{Message, ToolCall};
@@ -296,7 +294,7 @@ fn trained_rows_round_trip_through_peft() {
         export_peft(&be, &model, "base", dir.path()).unwrap();
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
-        let tensors = common::Tensors::open(&dir.path().join("adapter_model.safetensors"));
+        let tensors = crate::common::Tensors::open(&dir.path().join("adapter_model.safetensors"));
         assert_eq!(tensors.f32s(EMBED_ROWS).1, vec![2, h]);
         if name == "tiny" {
             assert_eq!(config["trainable_token_indices"], json!({"embed_tokens": [453, 454]}));
@@ -376,7 +374,7 @@ fn with_rows(name: &str) -> (CpuBackend, Qwen2<CpuBackend>) {
 
 /// peft (`PeftModel.from_pretrained`) loads protege's export of trained rows with the same logits.
 /// The references are made from these exports and committed: `PROTEGE_KEEP_EXPORTS=/tmp/rows
-/// cargo test --test trainable_tokens peft`, then for NAME in tiny and tiny-untied:
+/// cargo test --test it trainable_tokens::peft`, then for NAME in tiny and tiny-untied:
 /// `python3 tools/check_exports.py --base tests/fixtures/NAME --adapter /tmp/rows/NAME
 ///  --ids-from tests/fixtures/NAME/reference.safetensors --out-dir tests/fixtures/token_rows/NAME`.
 #[test]
@@ -389,10 +387,10 @@ fn exported_rows_give_peft_s_logits() {
         export_peft(be, model, &format!("tests/fixtures/{name}"), &out).unwrap();
     }
     for (name, (be, model)) in &models {
-        let ids = common::Tensors::open(&fixture(&format!("{name}/reference.safetensors"))).u32s("input_ids");
+        let ids = crate::common::Tensors::open(&fixture(&format!("{name}/reference.safetensors"))).u32s("input_ids");
         let ours = prompt_logits(be, model, &ids, None).unwrap();
-        let (peft, _) =
-            common::Tensors::open(&fixture(&format!("token_rows/{name}/peft_logits.safetensors"))).f32s("logits");
+        let (peft, _) = crate::common::Tensors::open(&fixture(&format!("token_rows/{name}/peft_logits.safetensors")))
+            .f32s("logits");
         let err = max_abs_diff(&ours, &peft);
         println!("{name}: max |protege - peft| = {err:.2e}");
         assert!(err < 1e-4, "{name}: protege vs peft on the exported adapter with token rows: {err}");
