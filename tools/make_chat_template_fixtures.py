@@ -1,4 +1,4 @@
-"""Chat-template fixtures for models whose template is not Qwen2.5's (tests/chat_template.rs).
+"""Chat-template fixtures for models whose template is not Qwen2.5's (tests/it/chat_template.rs).
 
 Run as `python3 tools/make_chat_template_fixtures.py` (re-executes itself in the pinned
 reference venv, see refenv.py; offline). It writes, from tests/fixtures/tokenizer/:
