@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::model::export::write_atomic;
+use crate::util::write_atomic;
 
 const PREFIX: &str = "events.out.tfevents.";
 const SUFFIX: &str = ".protege";

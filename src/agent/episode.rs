@@ -9,12 +9,12 @@ use serde_json::{json, Value};
 use super::expert::{cap_reply, Expert};
 use super::loops::Action;
 use super::policy::{ContextFull, Policy, EXPERT_TOOL};
-use super::sandbox::output::cap_text;
-use super::sandbox::Workspace;
 use super::toolcall::CallForm;
 use super::tools::{compact_tool_specs, parse_tool_call, tool_specs, Editor, Request};
 use super::trajectory::{TokenRecord, Trajectory};
 use crate::chat::Message;
+use crate::sandbox::output::cap_text;
+use crate::sandbox::Workspace;
 use crate::tasks::TaskInstance;
 
 /// How an episode ended.
@@ -299,7 +299,7 @@ pub fn run_episode<'p, 'e>(
                     }
                     Message::tool(text)
                 }
-                Err(e) if e.downcast_ref::<super::sandbox::PatchTooLarge>().is_some() => {
+                Err(e) if e.downcast_ref::<crate::sandbox::PatchTooLarge>().is_some() => {
                     ep.error = Some(format!("{e:#}"));
                     break ExitStatus::PatchTooLarge;
                 }
@@ -378,7 +378,7 @@ pub fn run_episode<'p, 'e>(
     };
     match diff {
         Ok(p) => ep.patch = p,
-        Err(e) if e.downcast_ref::<super::sandbox::PatchTooLarge>().is_some() => {
+        Err(e) if e.downcast_ref::<crate::sandbox::PatchTooLarge>().is_some() => {
             ep.exit_status = ExitStatus::PatchTooLarge;
             ep.error = Some(format!("{e:#}"));
         }

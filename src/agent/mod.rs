@@ -3,11 +3,11 @@
 
 pub mod episode;
 pub mod expert;
+pub mod experts;
 pub mod http;
 pub mod loops;
 pub mod policy;
 pub mod remote;
-pub mod sandbox;
 pub mod teacher;
 pub mod toolcall;
 pub mod tools;

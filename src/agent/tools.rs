@@ -12,9 +12,9 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::loops::Action;
-use super::sandbox::{agent_path, PathKind, Workspace};
 use super::toolcall::{coerce_arguments, parse_reply, CallForm, CANONICAL};
 use crate::chat::ToolCall;
+use crate::sandbox::{agent_path, shell_quote, PathKind, Workspace};
 
 /// The same four tools with one-line descriptions and bare parameters: for small models with
 /// short contexts (the full definitions take ~2000 tokens of a byte-level test tokenizer).
@@ -368,9 +368,4 @@ fn snippet(text: &str, first_changed: usize, changed: usize) -> String {
         "Here's a snippet of the result:\n{}Review the changes and make sure they are as expected.",
         numbered(&body, start)
     )
-}
-
-/// Single-quotes a string for bash.
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }

@@ -16,33 +16,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 
 use crate::agent::episode::{run_episode, Episode, EpisodeConfig, ExitStatus};
 use crate::agent::expert::Expert;
 use crate::agent::policy::Policy;
-use crate::agent::sandbox::{Limits, LocalSandbox, Workspace};
+use crate::sandbox::{Limits, LocalSandbox, Workspace};
 use crate::tasks::grade::{GradeReport, GradeStatus, Grader};
 use crate::tasks::TaskInstance;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ExecutorKind {
-    /// The bubblewrap sandbox on the task's snapshot.
-    #[default]
-    Local,
-    /// The instance's Docker image, through the Docker Engine API.
-    Docker,
-}
-
-impl ExecutorKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ExecutorKind::Local => "local",
-            ExecutorKind::Docker => "docker",
-        }
-    }
-}
+pub use crate::tasks::instance::ExecutorKind;
 
 /// Makes episode environments and grades patches.
 pub trait Executor: Send + Sync {
@@ -59,7 +41,7 @@ pub struct LocalExecutor {
     pub grader: Grader,
     /// Limits of the agent's commands (the grader has its own).
     pub limits: Limits,
-    /// Where work trees go (a [`crate::agent::sandbox::scratch::Scratch`]).
+    /// Where work trees go (a [`crate::sandbox::scratch::Scratch`]).
     pub scratch: PathBuf,
 }
 

@@ -3,9 +3,7 @@
 //! parsers and the verdict. `../shared/notes/swebench-harness.md` sums up the harness; every
 //! rule here names the harness function it follows.
 
-pub mod evaluate;
 pub mod grading;
-pub mod import;
 pub mod parsers;
 pub mod script;
 

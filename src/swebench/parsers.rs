@@ -5,7 +5,7 @@
 //! map keeps the order in which tests were first seen (truncated ids resolve by prefix in that
 //! order). Statuses stay the raw words the log printed: a word that is no status (`PASSEDx`)
 //! counts neither as a pass nor as a failure, as in the harness.
-//! `tests/swebench_parity.rs` checks every parser against the package itself.
+//! `tests/it/swebench_parity.rs` checks every parser against the package itself.
 
 use std::sync::OnceLock;
 

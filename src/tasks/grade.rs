@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::instance::TaskInstance;
 use super::protect::{Protection, Tampering};
-use crate::agent::sandbox::{apply_patch, Isolation, Limits, LocalSandbox, Workspace};
-use crate::agent::tools::shell_quote;
+use crate::sandbox::shell_quote;
+use crate::sandbox::{apply_patch, Isolation, Limits, LocalSandbox, Workspace};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -25,6 +25,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
+use crate::sandbox::{Isolation, Limits, LocalSandbox};
+
 pub const DEFAULT_TEST_CMD: &str = "python3 -m pytest -rA -p no:cacheprovider";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -33,7 +35,7 @@ pub struct LocalEnv {
     /// Where episodes run: `local` (a snapshot in the bubblewrap sandbox, the default) or
     /// `docker` (the instance's image). `--executor` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub executor: Option<crate::executor::ExecutorKind>,
+    pub executor: Option<ExecutorKind>,
     /// The repository snapshot, relative to the suite file (absolute once loaded); local
     /// tasks only.
     #[serde(default, skip_serializing_if = "path_is_empty")]
@@ -71,8 +73,8 @@ fn path_is_empty(p: &Path) -> bool {
 
 impl LocalEnv {
     /// Where this task's episodes run when nothing overrides it.
-    pub fn executor(&self) -> crate::executor::ExecutorKind {
-        self.executor.unwrap_or(crate::executor::ExecutorKind::Local)
+    pub fn executor(&self) -> ExecutorKind {
+        self.executor.unwrap_or(ExecutorKind::Local)
     }
 
     /// The repository's directory inside a docker task's image.
@@ -181,10 +183,10 @@ impl TaskInstance {
         if let Some(k) = self.extra.keys().find(|k| !KNOWN_EXTRA.contains(&k.as_str())) {
             bail!("unknown field `{k}` (expected SWE-bench fields, `env`, or one of {KNOWN_EXTRA:?})");
         }
-        if self.env.executor() == crate::executor::ExecutorKind::Local && !self.env.repo_path.is_dir() {
+        if self.env.executor() == ExecutorKind::Local && !self.env.repo_path.is_dir() {
             bail!("`env.repo_path` {} is not a directory", self.env.repo_path.display());
         }
-        if self.env.executor() == crate::executor::ExecutorKind::Docker {
+        if self.env.executor() == ExecutorKind::Docker {
             for (name, v) in [("env.image", &self.env.image), ("env.eval_script", &self.env.eval_script)] {
                 if v.as_deref().is_none_or(|v| v.trim().is_empty()) {
                     bail!("`{name}` is missing: a docker task needs its image and eval script (`protege tasks import` writes both)");
@@ -280,6 +282,54 @@ pub fn load_suite(path: &Path) -> Result<Vec<TaskInstance>> {
         bail!("task suite {} holds no tasks", file.display());
     }
     Ok(out)
+}
+
+/// Where a task's episodes run and its patches are graded (`env.executor`); the executors
+/// themselves are [`crate::executor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// The bubblewrap sandbox on the task's snapshot.
+    #[default]
+    Local,
+    /// The instance's Docker image, through the Docker Engine API.
+    Docker,
+}
+
+impl ExecutorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ExecutorKind::Local => "local",
+            ExecutorKind::Docker => "docker",
+        }
+    }
+}
+
+/// A task's own sandbox constructor lives with the task, so the sandbox knows nothing of tasks.
+impl LocalSandbox {
+    /// The work tree of a task: its snapshot, its `base_patch` (generated tasks) and setup.
+    pub fn for_task(
+        task: &TaskInstance,
+        root: &Path,
+        isolation: Isolation,
+        limits: Limits,
+        hidden: Vec<PathBuf>,
+    ) -> Result<Self> {
+        let e = &task.env;
+        let visible = e.venv.iter().cloned().collect();
+        let mut sandbox = LocalSandbox::create_with(
+            &e.repo_path,
+            e.base_patch.as_deref(),
+            root,
+            isolation,
+            limits,
+            hidden,
+            &e.setup,
+            visible,
+        )?;
+        sandbox.venv = e.venv.clone();
+        Ok(sandbox)
+    }
 }
 
 #[cfg(test)]

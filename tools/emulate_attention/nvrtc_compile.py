@@ -21,8 +21,8 @@ def check(rc, what):
         raise RuntimeError(f'{what}: {nvrtc.nvrtcGetErrorString(rc).decode()}')
 
 def compile_file(name, arch):
-    common = open(os.path.join(ROOT, 'kernels/common.cuh')).read()
-    src = open(os.path.join(ROOT, f'kernels/{name}.cu')).read()
+    common = open(os.path.join(ROOT, 'crates/engine/kernels/common.cuh')).read()
+    src = open(os.path.join(ROOT, f'crates/engine/kernels/{name}.cu')).read()
     full = f'{common}\n#line 1 "{name}.cu"\n{src}'.encode()
     prog = ctypes.c_void_p()
     check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), full, f'{name}.cu'.encode(), 0, None, None), 'create')
@@ -38,7 +38,7 @@ def compile_file(name, arch):
     return rc, log.value.decode()
 
 def main():
-    names = sys.argv[1:] or sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'kernels/*.cu')))
+    names = sys.argv[1:] or sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'crates/engine/kernels/*.cu')))
     ok = True
     for arch in ('sm_80', 'sm_90'):
         for name in names:

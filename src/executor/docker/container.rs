@@ -30,8 +30,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::hosts::{host_failure, Lease, Pool};
 use super::Labels;
-use crate::agent::sandbox::output::HeadTail;
-use crate::agent::sandbox::{CmdOutput, PatchTooLarge, PathKind, Workspace};
+use crate::sandbox::output::HeadTail;
+use crate::sandbox::{CmdOutput, PatchTooLarge, PathKind, Workspace};
 
 /// The conda activation of the official images; harmless where it is missing.
 const ACTIVATE: &str =
@@ -70,7 +70,7 @@ while IFS= read -r nonce; do
   {kill}
   printf '\n%s %d\n' "$nonce" "$rc"
 done"#,
-        wd = crate::agent::tools::shell_quote(workdir),
+        wd = crate::sandbox::shell_quote(workdir),
         kill = killer(0)
     )
 }

@@ -21,7 +21,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::sandbox::{Limits, Workspace};
+use crate::sandbox::{Limits, Workspace};
 use crate::tasks::grade::GradeReport;
 use crate::tasks::protect::Protection;
 use crate::tasks::TaskInstance;

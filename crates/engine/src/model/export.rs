@@ -19,7 +19,8 @@ use super::peft::{AdapterTensors, PeftLoraConfig};
 use super::token_rows::TokenRows;
 use super::{param_shapes, Checkpoint, Qwen2, Qwen2Config};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, DType};
+use crate::backend::{Backend, DType, TrainBackend};
+use crate::util::write_atomic;
 
 /// Element type of exported weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -95,24 +96,8 @@ impl std::str::FromStr for ExportDtype {
     }
 }
 
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        // On disk before the rename, so that a crash leaves the old file or the new one.
-        f.sync_all().with_context(|| format!("cannot write {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
-}
-
 /// Serialises named f32 tensors as safetensors in `dtype`, atomically.
-pub(crate) fn write_safetensors(
-    path: &Path,
-    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
-    dtype: ExportDtype,
-) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: Vec<(String, Vec<usize>, Vec<f32>)>, dtype: ExportDtype) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.into_iter().map(|(n, s, v)| (n, s, dtype.encode(&v))).collect();
     let views = bytes
@@ -359,4 +344,24 @@ pub fn load_peft_for<B: Backend>(be: &B, model: &Qwen2Config, dir: &Path) -> Res
     // Token rows go into the base weights when the adapter is attached (Qwen2::attach_lora).
     lora.tokens = TokenRows::from_peft(be, model, &cfg_path, &ckpt)?;
     Ok(lora)
+}
+
+/// Runs `f` (an export) with the trained tensors replaced by their f32 `masters` where there
+/// are any (a bf16 device), so that it writes the masters rather than their bf16 rounding; the
+/// model gets its own tensors back afterwards. Only for reading the tensors: device ops
+/// expect bf16 parameters.
+pub fn with_masters<B: TrainBackend>(
+    model: &mut Qwen2<B>,
+    masters: &mut [B::Buf],
+    f: impl FnOnce(&mut Qwen2<B>) -> Result<()>,
+) -> Result<()> {
+    let swap = |model: &mut Qwen2<B>, masters: &mut [B::Buf]| {
+        for (p, m) in model.trainable_mut().into_iter().zip(masters.iter_mut()) {
+            std::mem::swap(p, m);
+        }
+    };
+    swap(model, masters);
+    let r = f(model);
+    swap(model, masters);
+    r
 }

@@ -244,7 +244,7 @@ pub struct LocalSandbox {
     base_size: TreeSize,
     /// The task's venv (read-only): first on commands' PATH, so that the agent's `python3 -m
     /// pytest` is the pytest the task's tests were built with, as the grader's is.
-    venv: Option<PathBuf>,
+    pub(crate) venv: Option<PathBuf>,
 }
 
 impl Drop for LocalSandbox {
@@ -276,30 +276,6 @@ impl LocalSandbox {
         setup: &[String],
     ) -> Result<Self> {
         Self::create_with(snapshot, None, root, isolation, limits, hidden, setup, vec![])
-    }
-
-    /// The work tree of a task: its snapshot, its `base_patch` (generated tasks) and setup.
-    pub fn for_task(
-        task: &crate::tasks::TaskInstance,
-        root: &Path,
-        isolation: Isolation,
-        limits: Limits,
-        hidden: Vec<PathBuf>,
-    ) -> Result<Self> {
-        let e = &task.env;
-        let visible = e.venv.iter().cloned().collect();
-        let mut sandbox = Self::create_with(
-            &e.repo_path,
-            e.base_patch.as_deref(),
-            root,
-            isolation,
-            limits,
-            hidden,
-            &e.setup,
-            visible,
-        )?;
-        sandbox.venv = e.venv.clone();
-        Ok(sandbox)
     }
 
     /// [`LocalSandbox::create`] with a base patch and host directories shown read-only.
@@ -912,4 +888,9 @@ pub fn agent_path(workdir: &str, given: &str) -> Result<PathBuf> {
         }
     }
     Ok(out)
+}
+
+/// Single-quotes a string for bash.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }

@@ -34,12 +34,12 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::grade::{parse_pytest, TestStatus};
-use super::instance::{LocalEnv, TaskInstance};
 use super::mutate::{mutants, Mutant};
-use super::pytest::{self, Probe};
-use crate::agent::sandbox::{copy_tree, discard, git, Isolation, Limits, LocalSandbox, Workspace};
-use crate::model::export::write_atomic;
+use crate::sandbox::{copy_tree, discard, git, Isolation, Limits, LocalSandbox, Workspace};
+use crate::tasks::grade::{parse_pytest, TestStatus};
+use crate::tasks::instance::{LocalEnv, TaskInstance};
+use crate::tasks::pytest::{self, Probe};
+use crate::util::write_atomic;
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {

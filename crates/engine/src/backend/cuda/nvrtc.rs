@@ -142,7 +142,7 @@ pub fn store_cached(name: &str, arch: &str, image: &[u8]) {
     let Ok(path) = cache_path(name, arch) else { return };
     if let Some(dir) = path.parent() {
         if std::fs::create_dir_all(dir).is_ok() {
-            let _ = crate::model::export::write_atomic(&path, image);
+            let _ = crate::util::write_atomic(&path, image);
         }
     }
 }

@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 use super::lora::Lora;
 use super::{Checkpoint, Qwen2, Qwen2Config};
 use crate::backend::Backend;
-use crate::tokenizer::Tokenizer;
 
 /// PEFT's tensor name of the trained embedding rows, `[n, hidden]` (also the head's when tied).
 pub const EMBED_ROWS: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
@@ -79,15 +78,21 @@ impl From<TrainableTokens> for RawTokens {
 
 impl TrainableTokens {
     /// The token ids, without repeats, in the order named. `untrained` is what `"auto"` means:
-    /// the template tokens whose rows were found untrained.
-    pub fn resolve(&self, tok: &Tokenizer, vocab_size: usize, untrained: &[u32]) -> Result<Vec<u32>> {
+    /// the template tokens whose rows were found untrained. `token_to_id` is the tokenizer's
+    /// lookup of one token's text (the model knows no tokenizer).
+    pub fn resolve(
+        &self,
+        token_to_id: impl Fn(&str) -> Option<u32>,
+        vocab_size: usize,
+        untrained: &[u32],
+    ) -> Result<Vec<u32>> {
         let ids: Vec<u32> = match self {
             TrainableTokens::Auto => untrained.to_vec(),
             TrainableTokens::List(refs) => refs
                 .iter()
                 .map(|r| match r {
                     TokenRef::Id(id) => Ok(*id),
-                    TokenRef::Text(t) => tok.token_to_id(t).with_context(|| {
+                    TokenRef::Text(t) => token_to_id(t).with_context(|| {
                         format!(
                             "lora.trainable_tokens: {t:?} is not a token of the tokenizer (name one token, e.g. \
                              \"<tool_call>\", or its id)"

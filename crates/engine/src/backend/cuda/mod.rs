@@ -1,11 +1,12 @@
 //! The CUDA backend: bf16 weights and activations with f32 accumulation, hand-written kernels
-//! (`kernels/*.cu`, compiled by NVRTC at run time, see [`nvrtc`]) and cuBLAS for the GEMMs.
+//! (`crates/engine/kernels/*.cu`, compiled by NVRTC at run time, see [`nvrtc`]) and cuBLAS for
+//! the GEMMs.
 //!
 //! The same binary runs with or without a GPU: [`libs::probe`] looks for the libraries before
 //! any cudarc call (cudarc panics when one is missing), and [`CudaBackend::new`] fails with a
-//! clear error where there is no driver or device. This backend serves inference (prefill,
-//! decode, sampling); it does not implement [`super::TrainBackend`], so training stays on the
-//! CPU backend until the GPU training kernels exist.
+//! clear error where there is no driver or device. It serves inference (prefill, decode,
+//! sampling; this file) and training ([`super::TrainBackend`] in `train.rs`: the backward
+//! kernels, fused log-prob and LoRA, f32 master weights and the multi-tensor AdamW).
 //!
 //! Ops are infallible in the [`Backend`] trait; a CUDA error inside one (a failed launch, an
 //! exhausted device memory) panics with the op's name and the driver's message.
@@ -27,51 +28,12 @@ use half::bf16;
 use super::cpu::CpuBackend;
 use super::{Backend, HostTensor, SamplingParams, StepMeta};
 
-/// Which device a command runs its model on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda(usize),
-}
-
-impl std::str::FromStr for Device {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(Device::Cuda(n)),
-                _ => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Device::Cpu => write!(f, "cpu"),
-            Device::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
 /// Number of CUDA devices, 0 when the driver or a device is missing.
 pub fn device_count() -> usize {
     if !libs::probe().driver.present() {
         return 0;
     }
     CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
-}
-
-/// The device used when none is named: the first GPU when the CUDA backend can run, else the CPU.
-pub fn default_device() -> Device {
-    if libs::probe().backend_ready() && device_count() > 0 {
-        Device::Cuda(0)
-    } else {
-        Device::Cpu
-    }
 }
 
 /// The kernel functions the backend launches, named once: the `Kernels` fields, the
@@ -901,7 +863,7 @@ impl Backend for CudaBackend {
         logits: &Self::Buf,
         vocab: usize,
         params: &[SamplingParams],
-        rngs: &mut [crate::generate::sampling::Rng],
+        rngs: &mut [crate::backend::sampling::Rng],
     ) -> Vec<u32> {
         let _r = self.range("sample");
         use rand::Rng as _;

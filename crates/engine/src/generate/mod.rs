@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::backend::sampling::{self as draw, Rng};
 use crate::backend::{cache_slot, Backend, SamplingParams, SeqSlice, StepMeta};
 use crate::model::{KvCache, Lora, Qwen2};
 use crate::tokenizer::Tokenizer;
-use sampling::Rng;
 pub use sampling::{Penalties, TokenLogprob};
 pub use stream::TextStream;
 
@@ -307,7 +307,7 @@ impl<'a, B: Backend> Batcher<'a, B> {
             cached,
             pending: r.prompt[cached..].to_vec(),
             generated: vec![],
-            rng: sampling::seeded(r.seed),
+            rng: draw::seeded(r.seed),
             finish: (r.max_new_tokens == 0).then_some(Finish::Length),
             text: (!r.stop_strings.is_empty()).then(|| TextStream::new(self.tokenizer.expect("checked").clone())),
             logprobs: vec![],
@@ -505,11 +505,11 @@ impl<'a, B: Backend> Batcher<'a, B> {
             let mut rng = rng;
             let raw = &host[r * vocab..(r + 1) * vocab];
             let tok = if s.req.penalties.is_none() {
-                sampling::sample_row(raw, &s.req.sampling, &mut rng)
+                draw::sample_row(raw, &s.req.sampling, &mut rng)
             } else {
                 let mut row = raw.to_vec();
                 s.req.penalties.apply(&mut row, &s.generated);
-                sampling::sample_row(&row, &s.req.sampling, &mut rng)
+                draw::sample_row(&row, &s.req.sampling, &mut rng)
             };
             let lp = s.req.logprobs.map(|n| sampling::token_logprob(raw, tok, n));
             out[r] = (tok, rng, lp);

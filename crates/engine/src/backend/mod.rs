@@ -1,6 +1,7 @@
 //! The op set the Qwen2 model is written over.
 //!
-//! One implementation per device (`cpu` now; CUDA slots in beside it). Ops take explicit
+//! One implementation per device: `cpu` (f32, rayon: the reference) and `cuda` (bf16 through
+//! cudarc, kernels compiled by NVRTC); [`Device`] and [`with_backend!`](crate::with_backend) pick one. Ops take explicit
 //! shapes, as in llm.c, so a backend needs no tensor library. Activations are laid out
 //! row-major as `[tokens, features]` with the tokens of every sequence in a batch packed one
 //! after another (no padding); per-step metadata (token ids, positions, KV-cache slots,
@@ -9,6 +10,10 @@
 
 pub mod cpu;
 pub mod cuda;
+mod device;
+pub mod sampling;
+
+pub use device::{default_device, Device};
 
 use anyhow::Result;
 
@@ -327,14 +332,14 @@ pub trait Backend: Send + Sync {
         logits: &Self::Buf,
         vocab: usize,
         params: &[SamplingParams],
-        rngs: &mut [crate::generate::sampling::Rng],
+        rngs: &mut [crate::backend::sampling::Rng],
     ) -> Vec<u32> {
         let host = self.to_f32(logits);
         params
             .iter()
             .zip(rngs.iter_mut())
             .enumerate()
-            .map(|(r, (p, rng))| crate::generate::sampling::sample_row(&host[r * vocab..(r + 1) * vocab], p, rng))
+            .map(|(r, (p, rng))| crate::backend::sampling::sample_row(&host[r * vocab..(r + 1) * vocab], p, rng))
             .collect()
     }
 }

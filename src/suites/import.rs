@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use super::{docker_id, grading, script, EvalType};
+use crate::swebench::{check_parser, docker_id, grading, script, EvalType};
 use crate::tasks::instance::{LocalEnv, TaskInstance};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -264,7 +264,7 @@ pub fn row_to_task(row: &Map<String, Value>, o: &ImportOptions) -> Result<TaskIn
             .cloned()
             .with_context(|| format!("no log parser known for {repo}; give the row a `log_parser`"))?,
     };
-    super::check_parser(&log_parser)?;
+    check_parser(&log_parser)?;
     let eval_type = match str_field(row, "eval_type") {
         None => EvalType::PassAndFail,
         Some(t) => serde_json::from_value(Value::String(t.into()))
@@ -338,7 +338,7 @@ pub fn import(files: &[PathBuf], out: &Path, o: &ImportOptions) -> Result<usize>
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    crate::model::export::write_atomic(&out.join("tasks.jsonl"), lines.as_bytes())?;
+    crate::util::write_atomic(&out.join("tasks.jsonl"), lines.as_bytes())?;
     Ok(n)
 }
 

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::executor::{ExecutorKind, Executors};
-use crate::model::export::write_atomic;
 use crate::tasks::grade::{GradeReport, GradeStatus};
 use crate::tasks::TaskInstance;
+use crate::util::write_atomic;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Prediction {

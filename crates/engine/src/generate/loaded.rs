@@ -5,9 +5,8 @@ use anyhow::{Context, Result};
 
 use super::engine::{serve_while, EngineClient, EngineMetrics, EngineStats, Msg, OnError};
 use super::{generate, Completion, GenOptions, GenStats, Request};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{default_device, CudaBackend, Device};
 use crate::backend::Backend;
+use crate::backend::{default_device, Device};
 use crate::model::{Lora, Qwen2, Qwen2Config};
 use crate::tokenizer::Tokenizer;
 
@@ -138,16 +137,9 @@ pub fn load_on(
     context: Option<usize>,
 ) -> Result<Box<dyn LoadedModel>> {
     let load = |what: &str| format!("loading {} on {what}", dir.display());
-    Ok(match device.unwrap_or_else(default_device) {
-        Device::Cpu => {
-            let be = CpuBackend::new();
-            let model = Qwen2::load_merged(&be, dir, adapter, context).with_context(|| load("the CPU"))?;
-            Box::new(Loaded { be, model, adapters: vec![] })
-        }
-        Device::Cuda(n) => {
-            let be = CudaBackend::new(n)?;
-            let model = Qwen2::load_merged(&be, dir, adapter, context).with_context(|| load(&be.name()))?;
-            Box::new(Loaded { be, model, adapters: vec![] })
-        }
-    })
+    let device = device.unwrap_or_else(default_device);
+    Ok(crate::with_backend!(device, |be| {
+        let model = Qwen2::load_merged(&be, dir, adapter, context).with_context(|| load(&be.name()))?;
+        Box::new(Loaded { be, model, adapters: vec![] }) as Box<dyn LoadedModel>
+    }))
 }

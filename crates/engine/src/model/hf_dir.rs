@@ -15,7 +15,8 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::View;
 use serde_json::json;
 
-use super::export::{write_atomic, ExportDtype};
+use super::export::ExportDtype;
+use crate::util::write_atomic;
 
 /// transformers' default `max_shard_size`.
 pub const DEFAULT_MAX_SHARD_SIZE: &str = "5GB";

@@ -10,9 +10,9 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::grade::{TestStatus, CANNOT_RUN};
-use super::instance::{patch_files, TaskInstance};
 use crate::executor::Executor;
+use crate::tasks::grade::{TestStatus, CANNOT_RUN};
+use crate::tasks::instance::{patch_files, TaskInstance};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Validation {

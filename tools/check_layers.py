@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Fail when an import runs upward or a cycle appears between the top-level modules of a crate.
+
+For each crate (a `src/` directory with `lib.rs`), every `crate::NAME` path and every
+`super::` path that climbs out of a top-level module is an edge from the module the file
+belongs to (its first directory or file under src/) to NAME. Each crate's modules are placed
+in layers below (lowest first); an edge to a higher layer, a module in no layer, or a cycle
+between two or more top-level modules is reported with its file:line, and the script exits 1.
+(The engine crate cannot import the application crate at all: Cargo sees to that.)
+
+Usage: tools/check_layers.py [--graph] [SRC_DIR ...]   (default: every crate in the workspace)
+"""
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CRATE_PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)")
+# `use crate::{a, b::c}` names several top modules at once.
+CRATE_GROUP = re.compile(r"\bcrate::\{([^}]*)\}", re.S)
+SUPER_PATH = re.compile(r"\b((?:super::)+)([a-z_][a-z0-9_]*)")
+
+
+# Lowest layer first. A module may import from its own layer (when that makes no cycle) and
+# from the layers below it, never from above.
+LAYERS = {
+    "crates/engine/src": [
+        ["util", "inputs"],
+        ["backend", "chat"],
+        ["model", "chat_template"],
+        ["tokenizer"],
+        ["generate"],
+    ],
+    "src": [
+        ["interrupt", "tensorboard", "sandbox", "swebench"],  # no knowledge of tasks or models
+        ["tasks"],  # one task: its fields, grading, protection
+        ["agent"],  # the harness: episode, policy, tools, experts, trajectories
+        ["executor", "reward"],  # where episodes run; how they are scored
+        ["config", "eval", "serve", "suites"],
+        ["train", "synth", "diagnostics", "launch"],
+        ["report", "pipeline"],
+        ["cli"],  # parses arguments and dispatches
+    ],
+}
+
+
+def strip_comments(text):
+    """Drop // comments (doc comments included) and string literals, keeping line numbers."""
+    out = []
+    for line in text.split("\n"):
+        line = re.sub(r'"(?:[^"\\]|\\.)*"', '""', line)
+        i = line.find("//")
+        out.append(line if i < 0 else line[:i])
+    return "\n".join(out)
+
+
+def module_path(src, file):
+    """The module path of a file under src/: src/a/b.rs -> [a, b]; src/a/mod.rs -> [a]."""
+    rel = file.relative_to(src).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] in ("mod", "lib", "main"):
+        parts = parts[:-1]
+    return parts
+
+
+def top_modules(src):
+    return {
+        p.stem if p.is_file() else p.name
+        for p in src.iterdir()
+        if (p.is_file() and p.suffix == ".rs" and p.stem not in ("lib", "main")) or p.is_dir()
+    }
+
+
+def edges(src):
+    tops = top_modules(src)
+    found = {}
+    for file in sorted(src.rglob("*.rs")):
+        mod = module_path(src, file)
+        if not mod:
+            continue  # lib.rs / main.rs: the crate root may name every module
+        me = mod[0]
+        text = strip_comments(file.read_text())
+        line_of = lambda pos: text.count("\n", 0, pos) + 1
+        hits = [(m.group(1), m.start()) for m in CRATE_PATH.finditer(text)]
+        for g in CRATE_GROUP.finditer(text):
+            for name in re.findall(r"(?:^|,)\s*([a-z_][a-z0-9_]*)", g.group(1)):
+                hits.append((name, g.start()))
+        for m in SUPER_PATH.finditer(text):
+            depth = m.group(1).count("super::")
+            # a file's own module is mod itself; `super` from a non-mod file is its parent dir
+            own = mod if file.stem not in ("mod",) else mod
+            base = own[: len(own) - depth]
+            if len(base) == 0:
+                hits.append((m.group(2), m.start()))
+        for name, pos in hits:
+            if name in tops and name != me:
+                found.setdefault((me, name), f"{file.relative_to(ROOT)}:{line_of(pos)}")
+    return tops, found
+
+
+def cycles(tops, found):
+    """Strongly connected components with more than one module (Tarjan)."""
+    graph = {t: sorted(b for (a, b) in found if a == t) for t in tops}
+    index, low, stack, on, comps = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for t in sorted(tops):
+        if t not in index:
+            visit(t)
+    return comps
+
+
+def crates():
+    found = [ROOT / "src"] if (ROOT / "src" / "lib.rs").exists() else []
+    found += sorted(p.parent for p in ROOT.glob("crates/*/src/lib.rs"))
+    return found
+
+
+def self_test():
+    """The checker finds a cycle, an upward import and an unplaced module in a made-up crate."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        src = Path(tmp)
+        (src / "lib.rs").write_text("pub mod low;\npub mod high;\npub mod stray;\n")
+        (src / "low.rs").write_text("use crate::high::Thing; // upward\n")
+        (src / "high").mkdir()
+        (src / "high" / "mod.rs").write_text("pub struct Thing;\nmod inner;\n")
+        (src / "high" / "inner.rs").write_text("use super::super::low::*;\n/// crate::stray in a comment is no edge\n")
+        (src / "stray.rs").write_text("")
+        tops, found = edges(src)
+        assert set(found) == {("low", "high"), ("high", "low")}, found
+        assert cycles(tops, found) == [["high", "low"]]
+        key = str(src.relative_to(ROOT))
+        LAYERS[key] = [["low"], ["high"]]
+        try:
+            assert check([src]) == 3  # the cycle, the upward import, the unplaced `stray`
+        finally:
+            del LAYERS[key]
+    print("check_layers self-test passed")
+
+
+def main(argv):
+    if "--self-test" in argv:
+        self_test()
+        argv = [a for a in argv if a != "--self-test"]
+    show = "--graph" in argv
+    srcs = [Path(a).resolve() for a in argv if not a.startswith("--")] or crates()
+    bad = check(srcs, show)
+    if bad:
+        print(f"{bad} layering error(s): move the item to the lower module, or to a shared one")
+        return 1
+    print(f"no upward imports and no import cycles between top-level modules ({', '.join(str(s.relative_to(ROOT)) for s in srcs)})")
+    return 0
+
+
+def check(srcs, show=False):
+    bad = 0
+    for src in srcs:
+        tops, found = edges(src)
+        layers = LAYERS.get(str(src.relative_to(ROOT)))
+        if layers is not None:
+            level = {m: i for i, row in enumerate(layers) for m in row}
+            for m in sorted(tops - level.keys()):
+                bad += 1
+                print(f"{src.relative_to(ROOT)}: module `{m}` is in no layer: add it to LAYERS in {Path(__file__).name}")
+            for (a, b), where in sorted(found.items()):
+                if a in level and b in level and level[b] > level[a]:
+                    bad += 1
+                    print(f"upward import: {a} (layer {level[a]}) -> {b} (layer {level[b]}) at {where}")
+        if show:
+            for (a, b), where in sorted(found.items()):
+                print(f"{src.relative_to(ROOT)}: {a} -> {b}   ({where})")
+        for comp in cycles(tops, found):
+            bad += 1
+            members = set(comp)
+            print(f"import cycle in {src.relative_to(ROOT)} between: {', '.join(comp)}")
+            for (a, b), where in sorted(found.items()):
+                if a in members and b in members:
+                    print(f"    {a} -> {b}   first at {where}")
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
