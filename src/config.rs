@@ -1,14 +1,20 @@
 //! Run configuration files (TOML). Every field is documented here; unknown fields are errors
 //! so that a typo fails before any work is done.
+//!
+//! This is the schema layer: plain settings, their defaults and their checks. The training
+//! loops, synthesis and the pipeline read these types; nothing here depends on them (the few
+//! enums the trainers act on, such as [`Decay`] or [`AdvantageMode`], are defined here and
+//! re-exported where they are used).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::agent::episode::EpisodeConfig;
+use crate::agent::experts::ExpertSpec;
 use crate::model::lora::LoraConfig;
-use crate::train::data::Overlong;
-use crate::train::schedule::Decay;
+use crate::sandbox::Limits;
 
 /// `protege sft --config FILE`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +63,17 @@ fn default_eval_fraction() -> f32 {
     0.1
 }
 
+/// What to do with a sequence longer than `max_seq_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlong {
+    /// Skip it.
+    Drop,
+    /// Cut it after the last complete assistant turn that fits; drop it if none fits.
+    #[default]
+    TruncateAtTurn,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
@@ -97,6 +114,16 @@ pub struct OptimSection {
     pub weight_decay: f32,
     /// Global gradient-norm clip; 0 disables.
     pub max_grad_norm: f32,
+}
+
+/// How the learning rate falls after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Decay {
+    Constant,
+    Linear,
+    #[default]
+    Cosine,
 }
 
 impl OptimSection {
@@ -252,8 +279,7 @@ impl Default for ExpertSection {
 }
 
 impl ExpertSection {
-    pub fn spec(&self) -> Result<crate::eval::ExpertSpec> {
-        use crate::eval::ExpertSpec;
+    pub fn spec(&self) -> Result<ExpertSpec> {
         Ok(match self.kind {
             ExpertKind::None => ExpertSpec::None,
             ExpertKind::Oracle => ExpertSpec::Oracle,
@@ -302,6 +328,29 @@ pub struct StageSection {
     pub reward: crate::reward::RewardConfig,
 }
 
+/// How rewards become advantages within a group of episodes of the same task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageMode {
+    /// `(r − mean) / (std + 1e-6)`, std with Bessel's correction (GRPO).
+    #[default]
+    MeanStd,
+    /// `r − mean` (no division by the std, as Dr. GRPO).
+    Mean,
+    /// Leave-one-out baseline: `r_i − mean_{j≠i} r_j`.
+    Rloo,
+}
+
+/// How the policy tokens of a step weigh in the loss (see [`crate::train::grpo`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossAgg {
+    #[default]
+    TokenMean,
+    SeqMeanTokenSum,
+    SeqMeanTokenMean,
+}
+
 /// `[grpo]`: the GRPO settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -312,9 +361,9 @@ pub struct GrpoSection {
     pub group_size: usize,
     pub seed: u64,
     /// "mean_std" (GRPO), "mean" (no std) or "rloo".
-    pub advantage: crate::train::grpo::AdvantageMode,
+    pub advantage: AdvantageMode,
     /// "token-mean", "seq-mean-token-sum" or "seq-mean-token-mean".
-    pub loss_agg: crate::train::grpo::LossAgg,
+    pub loss_agg: LossAgg,
     pub clip_low: f64,
     pub clip_high: f64,
     /// β of the KL penalty to the reference (the model RL starts from); 0 disables it.
@@ -360,6 +409,65 @@ impl Default for GrpoSection {
     }
 }
 
+impl GrpoSection {
+    /// The clipping range and the KL weight of the objective.
+    fn validate_objective(&self) -> Result<()> {
+        if !((0.0..1.0).contains(&self.clip_low) && self.clip_high >= 0.0 && self.clip_high.is_finite()) {
+            bail!("clip_low must be in [0, 1) and clip_high >= 0");
+        }
+        if !(self.kl_beta >= 0.0 && self.kl_beta.is_finite()) {
+            bail!("kl_beta must be >= 0");
+        }
+        Ok(())
+    }
+}
+
+/// `[rollout]`: how RL's episodes run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// Episodes in flight at once (each on its own thread; the model batches across them).
+    pub concurrency: usize,
+    /// Sampling temperature of the policy (the log-probs are of this tempered distribution).
+    pub temperature: f32,
+    /// Tokens of one reply.
+    pub max_new_tokens: usize,
+    /// KV-cache tokens shared by all episodes in flight (0: enough for every episode's full
+    /// context).
+    pub kv_cache_tokens: usize,
+    /// Tokens of one forward step (bounds activation memory during prefill).
+    pub max_step_tokens: usize,
+    pub episode: EpisodeConfig,
+    /// Limits of the agent's commands.
+    pub limits: Limits,
+    /// Limits of the grading test run.
+    pub grade_limits: Limits,
+    /// Files the agent's patch may not change when graded.
+    pub protection: crate::tasks::protect::Protection,
+    /// Where episodes run (overrides each task's `env.executor`).
+    pub executor: Option<crate::executor::ExecutorKind>,
+    /// Docker hosts and container limits.
+    pub docker: crate::executor::docker::DockerConfig,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            temperature: 1.0,
+            max_new_tokens: 512,
+            kv_cache_tokens: 0,
+            max_step_tokens: 2048,
+            episode: EpisodeConfig::default(),
+            limits: Limits::default(),
+            grade_limits: Limits { timeout_s: 300.0, cpu_s: 600, ..Limits::default() },
+            protection: Default::default(),
+            executor: None,
+            docker: Default::default(),
+        }
+    }
+}
+
 /// `protege rl --config FILE`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -372,7 +480,7 @@ pub struct RlConfig {
     /// Present: train a fresh LoRA on the (frozen) starting model. Absent: full fine-tuning.
     pub lora: Option<LoraConfig>,
     #[serde(default)]
-    pub rollout: crate::train::rollout::RolloutConfig,
+    pub rollout: RolloutConfig,
     #[serde(default)]
     pub expert: ExpertSection,
     #[serde(rename = "stage")]
@@ -445,9 +553,7 @@ impl RlConfig {
                 r.tasks_per_step * r.group_size
             );
         }
-        crate::train::grpo::PgConfig { clip_low: r.clip_low, clip_high: r.clip_high, kl_beta: r.kl_beta }
-            .validate()
-            .context("grpo")?;
+        r.validate_objective().context("grpo")?;
         let t = self.rollout.temperature;
         if !(t > 0.0 && t.is_finite()) {
             bail!("rollout.temperature must be positive (RL samples its episodes), got {t}");
@@ -551,13 +657,13 @@ pub struct SynthConfig {
     #[serde(default)]
     pub accept: AcceptSection,
     #[serde(default)]
-    pub episode: crate::agent::episode::EpisodeConfig,
+    pub episode: EpisodeConfig,
     /// Limits of the agent's commands.
     #[serde(default)]
-    pub limits: crate::agent::sandbox::Limits,
+    pub limits: Limits,
     /// Limits of the grading test run.
     #[serde(default = "grade_limits")]
-    pub grade_limits: crate::agent::sandbox::Limits,
+    pub grade_limits: Limits,
     /// Files the agent's patch may not change when graded.
     #[serde(default)]
     pub protection: crate::tasks::protect::Protection,
@@ -570,8 +676,8 @@ pub struct SynthConfig {
     pub output: OutputSection,
 }
 
-fn grade_limits() -> crate::agent::sandbox::Limits {
-    crate::agent::sandbox::Limits { timeout_s: 300.0, cpu_s: 600, ..Default::default() }
+fn grade_limits() -> Limits {
+    Limits { timeout_s: 300.0, cpu_s: 600, ..Default::default() }
 }
 
 fn one_usize() -> usize {

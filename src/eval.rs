@@ -22,28 +22,30 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::agent::episode::{EpisodeConfig, ExitStatus};
-use crate::agent::expert::{Expert, Oracle};
+use crate::agent::experts::{make_expert, prepare_expert, ExpertModel};
 use crate::agent::loops::{analyse, LoopConfig};
 use crate::agent::policy::{LocalPolicy, Policy, Replay};
-use crate::agent::remote::{Endpoint, LocalExpert, OpenAiPolicy, RemoteExpert};
-use crate::agent::sandbox::scratch::Scratch;
-use crate::agent::sandbox::{best_isolation, Isolation, Limits};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::Device;
+use crate::agent::remote::{Endpoint, OpenAiPolicy};
+use crate::backend::Device;
 use crate::backend::SamplingParams;
 use crate::executor::docker::DockerConfig;
 use crate::executor::{run_graded_episode, ExecutorKind, Executors, LocalExecutor};
 use crate::generate::engine::EngineClient;
 use crate::generate::loaded::{load_on, LoadedModel};
 use crate::generate::GenOptions;
-use crate::model::export::write_atomic;
-use crate::model::Qwen2;
+use crate::sandbox::scratch::Scratch;
+use crate::sandbox::{best_isolation, Isolation, Limits};
 use crate::tasks::grade::{GradeReport, Grader};
 use crate::tasks::protect::Protection;
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
+use crate::util::write_atomic;
 
+mod compare;
 mod outdir;
+/// The expert of an eval is named by the same spec as everywhere else.
+pub use crate::agent::experts::ExpertSpec;
+pub use compare::comparison;
 pub use outdir::ExistingOut;
 use outdir::Identity;
 
@@ -65,34 +67,6 @@ pub enum PolicySpec {
     Replay(PathBuf),
     /// A model behind an OpenAI-compatible server.
     Openai { endpoint: Endpoint, sampling: SamplingParams, max_new_tokens: usize },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum ExpertSpec {
-    None,
-    Oracle,
-    /// An OpenAI-compatible or Anthropic endpoint; replies up to `max_tokens`.
-    Remote {
-        endpoint: Endpoint,
-        max_tokens: usize,
-    },
-    /// A second model in-process (with a PEFT adapter merged in when given).
-    Local {
-        model: PathBuf,
-        adapter: Option<PathBuf>,
-        max_tokens: usize,
-    },
-}
-
-impl ExpertSpec {
-    pub fn name(&self) -> String {
-        match self {
-            ExpertSpec::None => "none".into(),
-            ExpertSpec::Oracle => "oracle".into(),
-            ExpertSpec::Remote { endpoint, .. } => format!("{:?}:{}", endpoint.api, endpoint.model).to_lowercase(),
-            ExpertSpec::Local { model, .. } => format!("local:{}", model.display()),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -401,53 +375,6 @@ enum Engine {
     Local { model: Box<dyn LoadedModel>, tok: Tokenizer, sampling: SamplingParams, max_new_tokens: usize },
     Replay(BTreeMap<String, Vec<String>>),
     Openai { endpoint: Endpoint, sampling: SamplingParams, max_new_tokens: usize },
-}
-
-/// A loaded local expert model.
-pub struct ExpertModel {
-    be: CpuBackend,
-    model: Qwen2<CpuBackend>,
-    tok: Tokenizer,
-    max_tokens: usize,
-}
-
-/// Loads what `spec` needs once per run (the local expert's model) and checks a remote
-/// expert's key, so that a bad setting fails before any episode.
-pub fn prepare_expert(spec: &ExpertSpec) -> Result<Option<ExpertModel>> {
-    match spec {
-        ExpertSpec::Local { model, adapter, max_tokens } => {
-            let be = CpuBackend::new();
-            let m = Qwen2::load_merged(&be, model, adapter.as_deref(), None)?;
-            Ok(Some(ExpertModel { be, model: m, tok: Tokenizer::from_dir(model)?, max_tokens: *max_tokens }))
-        }
-        ExpertSpec::Remote { endpoint, max_tokens } => {
-            RemoteExpert::new(endpoint.clone(), *max_tokens)?;
-            Ok(None)
-        }
-        _ => Ok(None),
-    }
-}
-
-/// The expert of one episode. `sees_gold_patch` shows a remote expert the task's gold patch
-/// (trajectory synthesis); the oracle always reads it.
-pub fn make_expert<'m>(
-    spec: &ExpertSpec,
-    loaded: Option<&'m ExpertModel>,
-    sees_gold_patch: bool,
-) -> Result<Option<Box<dyn Expert + 'm>>> {
-    Ok(match (spec, loaded) {
-        (ExpertSpec::None, _) => None,
-        (ExpertSpec::Oracle, _) => Some(Box::new(Oracle)),
-        (ExpertSpec::Remote { endpoint, max_tokens }, _) => {
-            let mut e = RemoteExpert::new(endpoint.clone(), *max_tokens)?;
-            e.sees_gold_patch = sees_gold_patch;
-            Some(Box::new(e))
-        }
-        (ExpertSpec::Local { .. }, Some(m)) => {
-            Some(Box::new(LocalExpert { be: &m.be, model: &m.model, tok: &m.tok, max_tokens: m.max_tokens }))
-        }
-        (ExpertSpec::Local { .. }, None) => bail!("the local expert model is not loaded"),
-    })
 }
 
 /// Runs the evaluation and writes its files; returns the summary.

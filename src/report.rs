@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
 use serde_json::Value;
 
-use crate::model::export::write_atomic;
+use crate::util::write_atomic;
 
 fn register_font() {
     static ONCE: Once = Once::new();
@@ -285,7 +285,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         }
         if !evals.is_empty() {
             md += "## Evaluation\n\n";
-            md += &crate::pipeline::comparison(&evals);
+            md += &crate::eval::comparison(&evals);
             md += "\n";
         }
     }

@@ -23,24 +23,25 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::agent::episode::Episode;
+use crate::agent::experts::{make_expert, prepare_expert, ExpertModel, ExpertSpec};
 use crate::agent::loops::analyse;
 use crate::agent::policy::{LocalPolicy, Policy};
 use crate::agent::remote::OpenAiPolicy;
-use crate::agent::sandbox::best_isolation;
-use crate::agent::sandbox::scratch::Scratch;
 use crate::agent::teacher::{ScriptedTeacher, TEACHER_LABEL};
 use crate::agent::trajectory::{write_jsonl, Trajectory};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::SamplingParams;
 use crate::config::SynthConfig;
-use crate::eval::{make_expert, prepare_expert, record_grade};
+use crate::eval::record_grade;
 use crate::executor::docker::DockerConfig;
 use crate::executor::{run_graded_episode, Executors, LocalExecutor};
-use crate::model::export::write_atomic;
 use crate::model::Qwen2;
+use crate::sandbox::best_isolation;
+use crate::sandbox::scratch::Scratch;
 use crate::tasks::grade::Grader;
 use crate::tasks::{load_suite, TaskInstance};
 use crate::tokenizer::Tokenizer;
+use crate::util::write_atomic;
 
 /// One line of `attempts.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,8 +336,8 @@ fn attempt_one(
     index: usize,
     agent: &Agent,
     agent_name: &str,
-    expert_spec: &crate::eval::ExpertSpec,
-    expert_model: Option<&crate::eval::ExpertModel>,
+    expert_spec: &ExpertSpec,
+    expert_model: Option<&ExpertModel>,
     executors: &Executors,
 ) -> Result<Option<Attempt>> {
     let started = Instant::now();

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::TaskResult;
-use crate::model::export::write_atomic;
+use crate::util::write_atomic;
 
 /// What to do with an `--out` that already holds files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

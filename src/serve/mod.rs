@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::backend::cuda::Device;
+use crate::backend::Device;
 use crate::generate::engine::{EngineMetrics, Job, Msg, Sink};
 use crate::generate::loaded::load_on;
 use crate::generate::{Completion, GenOptions, Request, TokenLogprob};

@@ -13,8 +13,9 @@ use serde_json::Value;
 use super::dist::World;
 use super::Optimizer;
 use crate::backend::{Backend, TrainBackend};
-use crate::model::export::{write_atomic, write_safetensors, ExportDtype};
+use crate::model::export::{write_safetensors, ExportDtype};
 use crate::model::{Checkpoint, Qwen2};
+use crate::util::write_atomic;
 
 pub fn checkpoint_dir(run: &Path, step: u64) -> PathBuf {
     run.join("checkpoints").join(format!("step-{step}"))

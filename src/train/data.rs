@@ -23,11 +23,13 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::agent::trajectory::{Source, Trajectory};
 use crate::chat::{Message, Role};
+/// The `data.overlong` setting of an SFT config, which this module applies.
+pub use crate::config::Overlong;
 use crate::tokenizer::Tokenizer;
 
 /// One SFT row (see the module docs).
@@ -174,17 +176,6 @@ fn parse_row(v: Value, id: String) -> Result<SftRow> {
             ),
         },
     }
-}
-
-/// What to do with a sequence longer than `max_seq_len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Overlong {
-    /// Skip it.
-    Drop,
-    /// Cut it after the last complete assistant turn that fits; drop it if none fits.
-    #[default]
-    TruncateAtTurn,
 }
 
 #[derive(Debug, Clone, PartialEq)]

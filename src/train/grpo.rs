@@ -1,6 +1,7 @@
-//! GRPO's math, separate from the loop that drives it: group-relative advantages and the
-//! clipped policy-gradient objective with a KL penalty, as a loss and its derivative with
-//! respect to each row's `log p(token)` (which [`crate::model::Qwen2::train_backward`] takes).
+//! GRPO, separate from the loop that drives it ([`super::rl`]): group-relative advantages, the
+//! clipped policy-gradient objective with a KL penalty as a loss and its derivative with respect
+//! to each row's `log p(token)` (which [`crate::model::Qwen2::train_backward`] takes), and the
+//! pass that accumulates its gradient over an episode's recorded tokens ([`policy_gradient`]).
 //!
 //! Per policy token `t` of an episode with advantage `A`:
 //!
@@ -18,18 +19,12 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-/// How rewards become advantages within a group of episodes of the same task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum AdvantageMode {
-    /// `(r − mean) / (std + 1e-6)`, std with Bessel's correction (GRPO).
-    #[default]
-    MeanStd,
-    /// `r − mean` (no division by the std, as Dr. GRPO).
-    Mean,
-    /// Leave-one-out baseline: `r_i − mean_{j≠i} r_j`.
-    Rloo,
-}
+use crate::backend::TrainBackend;
+use crate::model::training::{Grads, TrainBatch};
+use crate::model::Qwen2;
+
+/// The `grpo.advantage` and `grpo.loss_agg` settings of an RL config, which this module applies.
+pub use crate::config::{AdvantageMode, LossAgg};
 
 /// Advantages of `rewards`, where `groups` partitions their indices. A group of one gets 0.
 pub fn advantages(rewards: &[f64], groups: &[Vec<usize>], mode: AdvantageMode) -> Vec<f64> {
@@ -50,15 +45,6 @@ pub fn advantages(rewards: &[f64], groups: &[Vec<usize>], mode: AdvantageMode) -
         }
     }
     adv
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum LossAgg {
-    #[default]
-    TokenMean,
-    SeqMeanTokenSum,
-    SeqMeanTokenMean,
 }
 
 /// Per-row loss weights for sequences with `policy_tokens[s]` policy tokens each (0 for a
@@ -89,18 +75,6 @@ pub struct PgConfig {
 impl Default for PgConfig {
     fn default() -> Self {
         Self { clip_low: 0.2, clip_high: 0.28, kl_beta: 0.0 }
-    }
-}
-
-impl PgConfig {
-    pub fn validate(&self) -> Result<()> {
-        if !((0.0..1.0).contains(&self.clip_low) && self.clip_high >= 0.0 && self.clip_high.is_finite()) {
-            bail!("clip_low must be in [0, 1) and clip_high >= 0");
-        }
-        if !(self.kl_beta >= 0.0 && self.kl_beta.is_finite()) {
-            bail!("kl_beta must be >= 0");
-        }
-        Ok(())
     }
 }
 
@@ -214,6 +188,132 @@ pub fn policy_loss(cfg: &PgConfig, rows: &PgRows) -> Result<(Vec<f32>, PgStats)>
     }
     s.loss = s.pg_loss + s.kl_loss;
     Ok((dlogp, s))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The objective over whole sequences: packed into micro-batches, through the model and back.
+
+/// A training sequence: one episode's recorded tokens.
+pub struct PolicySeq {
+    pub ids: Vec<u32>,
+    /// Whether each token is the policy's own (its prediction is trained).
+    pub trained: Vec<bool>,
+    pub adv: f64,
+    /// Policy tokens that are predicted (all but a first token).
+    pub policy_tokens: usize,
+    /// Per row `log p` under the behaviour policy; `None`: the current parameters (one
+    /// optimiser step per batch of episodes, so the ratio starts at 1).
+    pub old_logp: Option<Vec<f32>>,
+    /// Per row `log p` under the reference (needed when β > 0).
+    pub ref_logp: Option<Vec<f32>>,
+}
+
+impl PolicySeq {
+    pub fn new(ids: Vec<u32>, trained: Vec<bool>, adv: f64) -> Self {
+        let policy_tokens = trained.iter().skip(1).filter(|&&m| m).count();
+        Self { ids, trained, adv, policy_tokens, old_logp: None, ref_logp: None }
+    }
+}
+
+/// Accumulates into `grads` the gradient of the clipped objective over `seqs`, whose tokens
+/// weigh `weights[i]` each ([`token_weights`]), in micro-batches of at most
+/// `batch_tokens`; returns the objective's statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn policy_gradient<B: TrainBackend>(
+    be: &B,
+    model: &Qwen2<B>,
+    seqs: &[&PolicySeq],
+    weights: &[f64],
+    pg: &PgConfig,
+    temperature: f32,
+    batch_tokens: usize,
+    recompute: bool,
+    grads: &mut Grads<B>,
+) -> Result<PgStats> {
+    if pg.kl_beta > 0.0 && seqs.iter().any(|s| s.ref_logp.is_none()) {
+        bail!("kl_beta > 0 needs the reference log-probs of every sequence");
+    }
+    let mut stats = PgStats::default();
+    for micro in micro_batches(seqs, batch_tokens) {
+        let batch = pack(seqs, &micro, temperature)?;
+        let (logp, trace) = model.train_forward(be, &batch, recompute)?;
+        let rows = batch.rows();
+        let (mut old, mut reference, mut row_adv, mut row_w) =
+            (vec![0f32; rows], vec![0f32; rows], vec![0f64; rows], vec![0f64; rows]);
+        for (k, &j) in micro.iter().enumerate() {
+            let s = &batch.meta.seqs[k];
+            let seq = seqs[j];
+            for r in s.row_start..s.row_start + s.n_new {
+                let local = r - s.row_start;
+                old[r] = seq.old_logp.as_ref().map_or(logp[r], |o| o[local]);
+                reference[r] = seq.ref_logp.as_ref().map_or(0.0, |o| o[local]);
+                row_adv[r] = seq.adv;
+                row_w[r] = if batch.trained[r] { weights[j] } else { 0.0 };
+            }
+        }
+        let rows_in = PgRows {
+            logp: &logp,
+            old_logp: &old,
+            ref_logp: (pg.kl_beta > 0.0).then_some(&reference[..]),
+            adv: &row_adv,
+            weight: &row_w,
+        };
+        let (dlogp, st) = policy_loss(pg, &rows_in)?;
+        if !st.loss.is_finite() {
+            bail!("the RL loss is {}", st.loss);
+        }
+        stats.add(&st);
+        model.train_backward(be, &batch, trace, &dlogp, grads)?;
+    }
+    Ok(stats)
+}
+
+/// Groups sequences into micro-batches of at most `max_tokens` (a longer one goes alone).
+fn micro_batches(seqs: &[&PolicySeq], max_tokens: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = vec![];
+    let mut tokens = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        match out.last_mut() {
+            Some(b) if tokens + s.ids.len() <= max_tokens => {
+                b.push(i);
+                tokens += s.ids.len();
+            }
+            _ => {
+                out.push(vec![i]);
+                tokens = s.ids.len();
+            }
+        }
+    }
+    out
+}
+
+fn pack(seqs: &[&PolicySeq], idx: &[usize], temperature: f32) -> Result<TrainBatch> {
+    let parts: Vec<(Vec<u32>, Vec<bool>)> =
+        idx.iter().map(|&i| (seqs[i].ids.clone(), seqs[i].trained.clone())).collect();
+    let mut b = TrainBatch::pack(&parts)?;
+    b.temperature = temperature;
+    Ok(b)
+}
+
+/// `log p` of every row of every sequence under `model` (no backward), in `batch_tokens`
+/// micro-batches: the behaviour policy's before an update, or the reference's.
+pub fn sequence_logp<B: TrainBackend>(
+    be: &B,
+    model: &Qwen2<B>,
+    seqs: &[&PolicySeq],
+    batch_tokens: usize,
+    t: f32,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = vec![vec![]; seqs.len()];
+    for mb in micro_batches(seqs, batch_tokens) {
+        let batch = pack(seqs, &mb, t)?;
+        let (logp, _) = model.train_forward(be, &batch, true)?;
+        for (k, &i) in mb.iter().enumerate() {
+            let s = &batch.meta.seqs[k];
+            out[i] = logp[s.row_start..s.row_start + s.n_new].to_vec();
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod dist;
+pub mod export;
 pub mod grpo;
 pub mod memory;
 pub mod optim;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
 use crate::backend::{AdamW, AdamWTensor, TrainBackend};
+use crate::config::OptimSection;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct OptimConfig {
@@ -19,6 +20,27 @@ pub struct OptimConfig {
     pub weight_decay: f32,
     /// Clip the global gradient norm to this value; `None` disables.
     pub max_grad_norm: Option<f32>,
+}
+
+impl OptimConfig {
+    /// The optimiser a run config's `[optim]` table describes, for a run of `total_steps`
+    /// optimiser steps (the schedule's length); `max_grad_norm = 0` turns clipping off.
+    pub fn from_section(o: &OptimSection, total_steps: u64) -> Self {
+        OptimConfig {
+            schedule: Schedule {
+                lr: o.lr,
+                warmup_steps: o.warmup_steps,
+                total_steps,
+                decay: o.decay,
+                min_lr_ratio: o.min_lr_ratio,
+            },
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            max_grad_norm: (o.max_grad_norm > 0.0).then_some(o.max_grad_norm),
+        }
+    }
 }
 
 /// What one optimiser step did.

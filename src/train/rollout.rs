@@ -14,11 +14,11 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::episode::{Episode, EpisodeConfig, ExitStatus};
+use crate::agent::episode::{Episode, ExitStatus};
 use crate::agent::expert::Expert;
 use crate::agent::policy::LocalPolicy;
-use crate::agent::sandbox::Limits;
 use crate::backend::{Backend, SamplingParams};
+use crate::config::RolloutConfig;
 use crate::executor::run_graded_episode;
 use crate::generate::engine::{serve_while, EngineClient, EngineHandle, EngineStats};
 use crate::generate::GenOptions;
@@ -26,52 +26,6 @@ use crate::model::Qwen2;
 use crate::reward::{reward, Judge, JudgeOutput, Outcome, RewardBreakdown, RewardConfig};
 use crate::tasks::TaskInstance;
 use crate::tokenizer::Tokenizer;
-
-/// How rollouts run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RolloutConfig {
-    /// Episodes in flight at once (each on its own thread; the model batches across them).
-    pub concurrency: usize,
-    /// Sampling temperature of the policy (the log-probs are of this tempered distribution).
-    pub temperature: f32,
-    /// Tokens of one reply.
-    pub max_new_tokens: usize,
-    /// KV-cache tokens shared by all episodes in flight (0: enough for every episode's full
-    /// context).
-    pub kv_cache_tokens: usize,
-    /// Tokens of one forward step (bounds activation memory during prefill).
-    pub max_step_tokens: usize,
-    pub episode: EpisodeConfig,
-    /// Limits of the agent's commands.
-    pub limits: Limits,
-    /// Limits of the grading test run.
-    pub grade_limits: Limits,
-    /// Files the agent's patch may not change when graded.
-    pub protection: crate::tasks::protect::Protection,
-    /// Where episodes run (overrides each task's `env.executor`).
-    pub executor: Option<crate::executor::ExecutorKind>,
-    /// Docker hosts and container limits.
-    pub docker: crate::executor::docker::DockerConfig,
-}
-
-impl Default for RolloutConfig {
-    fn default() -> Self {
-        Self {
-            concurrency: 8,
-            temperature: 1.0,
-            max_new_tokens: 512,
-            kv_cache_tokens: 0,
-            max_step_tokens: 2048,
-            episode: EpisodeConfig::default(),
-            limits: Limits::default(),
-            grade_limits: Limits { timeout_s: 300.0, cpu_s: 600, ..Limits::default() },
-            protection: Default::default(),
-            executor: None,
-            docker: Default::default(),
-        }
-    }
-}
 
 /// One episode to run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -2,14 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Decay {
-    Constant,
-    Linear,
-    #[default]
-    Cosine,
-}
+/// The `optim.decay` setting of a run config.
+pub use crate::config::Decay;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {

@@ -216,7 +216,7 @@ pub fn attach_training_adapters<B: Backend>(
     if let Some(l) = lora {
         let mut adapters = Lora::init(be, &model.cfg, l)?;
         if let Some(asked) = &l.trainable_tokens {
-            trained = asked.resolve(tok, model.cfg.vocab_size, &found.template_ids())?;
+            trained = asked.resolve(|t| tok.token_to_id(t), model.cfg.vocab_size, &found.template_ids())?;
             if verbose {
                 eprintln!("{}", trained_rows_line(tok, &trained, found.tied, stage));
             }
