@@ -9,7 +9,11 @@
 //! the spec estimate SMs × boost clock × dense bf16 FLOP per SM per clock, and cuBLAS's own
 //! 8192³ GEMM is reported beside it as the practical ceiling.
 //!
-//! Training (see [`bench_train_kernels`] and [`bench_sft_step`]): the flash-attention training
+//! The kernel rows are the op families' (see [`crate::diagnostics::ops`]: each family's file
+//! declares its benchmark shapes with their FLOP/byte model and measures them); this file is
+//! their driver, and holds the peaks, the timing helpers and the whole-model phases.
+//!
+//! Training (see the families' `bench_train` and [`bench_sft_step`]): the flash-attention training
 //! forward and backward against SDPA's, the fused LoRA linear forward + backward against the
 //! frozen base's GEMMs alone and against PyTorch's `F.linear` + LoRA branch, the fused log-prob
 //! forward + backward (time and peak memory) against PyTorch's eager `log_softmax(h @ W^T)`, the
@@ -25,14 +29,14 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::backend::cuda::{CudaBackend, CudaBuf};
-use crate::backend::{AdamW, AdamWTensor, Backend, LoraRef, SamplingParams, StepMeta, TrainBackend};
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, SamplingParams};
+use crate::diagnostics::ops::attention::{paged_meta, SeqSpec};
+use crate::diagnostics::ops::{self, Bench, OpFamily, Visitor};
 use crate::model::config::Qwen2Config;
 use crate::model::lora::{Lora, LoraConfig, Target};
 use crate::model::qwen2::{KvCache, Weights};
-use crate::model::training::TrainBatch;
 use crate::model::Qwen2;
-use crate::selftest::{paged_meta, SeqSpec};
 
 /// The Qwen2.5-7B shape (config.json of Qwen/Qwen2.5-7B-Instruct).
 pub const QWEN25_7B: &str = r#"{"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
@@ -125,7 +129,7 @@ pub struct Options {
 }
 
 /// Mean milliseconds of `f` over `iters` runs after one warm-up.
-fn time_ms(be: &CudaBackend, iters: usize, mut f: impl FnMut()) -> Result<f64> {
+pub(crate) fn time_ms(be: &CudaBackend, iters: usize, mut f: impl FnMut()) -> Result<f64> {
     f();
     be.synchronize()?;
     let t = Instant::now();
@@ -145,7 +149,9 @@ fn flop_per_sm_clock(arch: &str) -> f64 {
     }
 }
 
-struct Peaks {
+/// The device's peaks: the bf16 tensor-core FLOP/s (compute-bound rows) and the measured
+/// bandwidth (memory-bound rows).
+pub struct Peaks {
     tflops: f64,
     bw_gbs: f64,
 }
@@ -159,7 +165,15 @@ impl Peaks {
     }
 }
 
-fn row(name: &str, shape: String, ms: f64, flops: Option<f64>, bytes: Option<f64>, peaks: &Peaks, note: &str) -> Row {
+pub(crate) fn row(
+    name: &str,
+    shape: String,
+    ms: f64,
+    flops: Option<f64>,
+    bytes: Option<f64>,
+    peaks: &Peaks,
+    note: &str,
+) -> Row {
     let tflops = flops.map(|f| f / (ms * 1e-3) / 1e12);
     let gbs = bytes.map(|b| b / (ms * 1e-3) / 1e9);
     let pct = match (tflops, gbs) {
@@ -227,10 +241,10 @@ pub fn run(be: &CudaBackend, opts: &Options) -> Result<GpuBench> {
     ));
 
     let cfg = Qwen2Config::from_json(QWEN25_7B)?;
-    rows.extend(bench_kernels(be, &cfg, it, &peaks)?);
-    be.release_cached_memory()?;
-    rows.extend(bench_train_kernels(be, &cfg, it, &peaks)?);
-    be.release_cached_memory()?;
+    // Every op family's kernels, inference rows first, then training rows.
+    for train in [false, true] {
+        rows.extend(bench_families(be, &cfg, it, &peaks, train)?);
+    }
     let mut sft = None;
     if !opts.kernels_only {
         let (r, s) = bench_phases(be, &cfg, it, &peaks)?;
@@ -275,128 +289,41 @@ pub fn run(be: &CudaBackend, opts: &Options) -> Result<GpuBench> {
     })
 }
 
-fn bench_kernels(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -> Result<Vec<Row>> {
-    let (h, inter, qd, kvd, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-    let t = 8192usize;
-    let mut rows = vec![];
-    let x = be.random(t * h, 1.0, 10);
-    let w = be.random(h, 1.0, 11);
-    let mut out = be.zeros(t * h);
-    let ms = time_ms(be, it, || be.rmsnorm(&x, &w, &mut out, t, h, 1e-6))?;
-    rows.push(row("rmsnorm", format!("{t}x{h}"), ms, None, Some(4.0 * (t * h) as f64), peaks, ""));
-    let mut y = be.random(t * h, 1.0, 12);
-    let ms = time_ms(be, it, || be.add_assign(&mut y, &x, t * h))?;
-    rows.push(row("add", format!("{t}x{h}"), ms, None, Some(6.0 * (t * h) as f64), peaks, "residual"));
-    let table = be.random(cfg.vocab_size * h, 1.0, 13);
-    let meta = StepMeta {
-        tokens: (0..t as u32).map(|i| (i * 7919) % cfg.vocab_size as u32).collect(),
-        positions: (0..t as u32).collect(),
-        slots: (0..t as u32).collect(),
-        seqs: vec![],
-        block_size: 16,
-        logit_rows: vec![],
-    };
-    let dm = be.prepare(&meta);
-    let ms = time_ms(be, it, || be.embedding(&table, &dm, &mut out, h))?;
-    rows.push(row(
-        "embedding",
-        format!("{t} of {}x{h}", cfg.vocab_size),
-        ms,
-        None,
-        Some(4.0 * (t * h) as f64),
-        peaks,
-        "",
-    ));
-    drop(table);
-    let mut q = be.random(t * qd, 1.0, 14);
-    let ms = time_ms(be, it, || be.rope(&mut q, &dm, cfg.num_heads, hd, cfg.rope_theta))?;
-    rows.push(row("rope", format!("{t}x{}x{hd}", cfg.num_heads), ms, None, Some(4.0 * (t * qd) as f64), peaks, "q"));
-    let (gate, up) = (be.random(t * inter, 2.0, 15), be.random(t * inter, 1.0, 16));
-    let mut act = be.zeros(t * inter);
-    let ms = time_ms(be, it, || be.swiglu(&gate, &up, &mut act, t * inter))?;
-    rows.push(row("swiglu", format!("{t}x{inter}"), ms, None, Some(6.0 * (t * inter) as f64), peaks, ""));
-    let wg = be.random(inter * h, 0.02, 17);
-    let ms = time_ms(be, it, || be.linear(&x, &wg, None, &mut act, t, h, inter))?;
-    rows.push(row(
-        "linear",
-        format!("{t}x{h} @ {inter}x{h}^T"),
-        ms,
-        Some(2.0 * (t * h * inter) as f64),
-        None,
-        peaks,
-        "cuBLAS bf16",
-    ));
-    drop((gate, up, act, wg, q));
-    let (k, v) = (be.random(t * kvd, 1.0, 18), be.random(t * kvd, 1.0, 19));
-    let (mut kc, mut vc) = (be.zeros(t * kvd), be.zeros(t * kvd));
-    let ms = time_ms(be, it, || be.kv_store(&k, &v, &mut kc, &mut vc, &dm, kvd))?;
-    rows.push(row("kv_store", format!("{t}x{kvd}"), ms, None, Some(8.0 * (t * kvd) as f64), peaks, ""));
-    drop((k, v, kc, vc, x, y, out));
-
-    // Flash attention: batch 4 x 4096, causal, 28/4 heads of 128.
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
-    let seqs = vec![SeqSpec { n_new: 4096, n_ctx: 4096 }; 4];
-    let (meta, slots) = paged_meta(&seqs, 16, &mut rng);
-    let dm = be.prepare(&meta);
-    let rows_n = meta.rows();
-    let (q, kc, vc) =
-        (be.random(rows_n * qd, 1.0, 20), be.random(slots * kvd, 1.0, 21), be.random(slots * kvd, 1.0, 22));
-    let mut o = be.zeros(rows_n * qd);
-    let ms = time_ms(be, it, || be.attention(&q, &kc, &vc, &mut o, &dm, cfg.num_heads, cfg.num_kv_heads, hd))?;
-    // Per sequence and head, full attention is 4·T²·d FLOPs (QK^T and PV); causal, half.
-    let flops = 4.0 * cfg.num_heads as f64 * 2.0 * (4096f64 * 4096.0) * hd as f64;
-    rows.push(row(
-        "flash_attention",
-        format!("4x4096, {}q/{}kv heads x {hd}, causal", cfg.num_heads, cfg.num_kv_heads),
-        ms,
-        Some(flops),
-        None,
-        peaks,
-        "paged cache",
-    ));
-    drop((q, kc, vc, o));
-
-    // Decode attention: 64 sequences with 4096 tokens of context, one new row each.
-    let seqs = vec![SeqSpec { n_new: 1, n_ctx: 4096 }; 64];
-    let (meta, slots) = paged_meta(&seqs, 16, &mut rng);
-    let dm = be.prepare(&meta);
-    let (q, kc, vc) = (be.random(64 * qd, 1.0, 23), be.random(slots * kvd, 1.0, 24), be.random(slots * kvd, 1.0, 25));
-    let mut o = be.zeros(64 * qd);
-    let ms = time_ms(be, it, || be.attention(&q, &kc, &vc, &mut o, &dm, cfg.num_heads, cfg.num_kv_heads, hd))?;
-    let bytes = 2.0 * 2.0 * (64 * 4096 * kvd) as f64;
-    rows.push(row(
-        "decode_attention",
-        format!("64 x ctx 4096, {}q/{}kv heads x {hd}", cfg.num_heads, cfg.num_kv_heads),
-        ms,
-        None,
-        Some(bytes),
-        peaks,
-        "one layer",
-    ));
-    drop((q, kc, vc, o));
-
-    // Sampling over 64 rows of the full vocabulary.
-    let logits = be.random(64 * cfg.vocab_size, 10.0, 26);
-    for (name, p) in [
-        ("sample_greedy", SamplingParams::default()),
-        ("sample_top_p", SamplingParams { temperature: 0.7, top_k: 0, top_p: 0.95 }),
-    ] {
-        let params = vec![p; 64];
-        let mut rngs: Vec<_> = (0..64).map(crate::generate::sampling::seeded).collect();
-        let ms = time_ms(be, it, || {
-            be.sample(&logits, cfg.vocab_size, &params, &mut rngs);
-        })?;
-        rows.push(row(
-            name,
-            format!("64x{}", cfg.vocab_size),
-            ms,
-            None,
-            Some(2.0 * (64 * cfg.vocab_size) as f64),
-            peaks,
-            "includes the copy of 64 ids to the host",
-        ));
+/// The inference (or, with `train`, the training) rows of every op family of the registry
+/// ([`crate::diagnostics::ops`]), in registry order; the memory pool's cache is released after
+/// each family.
+fn bench_families(be: &CudaBackend, cfg: &Qwen2Config, iters: usize, peaks: &Peaks, train: bool) -> Result<Vec<Row>> {
+    struct Run<'a> {
+        be: &'a CudaBackend,
+        cfg: &'a Qwen2Config,
+        iters: usize,
+        peaks: &'a Peaks,
+        train: bool,
+        rows: Result<Vec<Row>>,
     }
-    Ok(rows)
+    impl Visitor for Run<'_> {
+        fn visit<F: OpFamily>(&mut self, family: &F) {
+            let Ok(rows) = &mut self.rows else { return };
+            let b = Bench {
+                be: self.be,
+                cfg: self.cfg,
+                iters: self.iters,
+                peaks: self.peaks,
+                shapes: family.bench_shapes(self.cfg),
+            };
+            let got = if self.train { family.bench_train(&b) } else { family.bench(&b) };
+            match got.and_then(|r| {
+                self.be.release_cached_memory()?;
+                Ok(r)
+            }) {
+                Ok(r) => rows.extend(r),
+                Err(e) => self.rows = Err(e.context(format!("benchmarking the {} family", F::NAME))),
+            }
+        }
+    }
+    let mut run = Run { be, cfg, iters, peaks, train, rows: Ok(vec![]) };
+    ops::registry(&mut run);
+    run.rows
 }
 
 /// A 7B-shaped model with random weights made on the device.
@@ -445,7 +372,7 @@ fn bench_phases(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -
         meta.logit_rows = (0..batch as u32).collect();
         let mut cache = KvCache::new(be, cfg, slots, 16);
         let params = vec![SamplingParams::default(); batch];
-        let mut rngs: Vec<_> = (0..batch as u64).map(crate::generate::sampling::seeded).collect();
+        let mut rngs: Vec<_> = (0..batch as u64).map(crate::backend::sampling::seeded).collect();
         let _r = be.range("decode");
         let ms = time_ms(be, it, || {
             let logits = model.forward(be, &meta, &mut cache).expect("decode forward");
@@ -481,7 +408,7 @@ fn bench_phases(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -
 }
 
 /// Median milliseconds of `f` over `reps` runs (each synchronised) after `warm` warm-up runs.
-fn median_ms(be: &CudaBackend, warm: usize, reps: usize, mut f: impl FnMut()) -> Result<f64> {
+pub(crate) fn median_ms(be: &CudaBackend, warm: usize, reps: usize, mut f: impl FnMut()) -> Result<f64> {
     for _ in 0..warm {
         f();
     }
@@ -506,7 +433,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-const MIB: f64 = (1u64 << 20) as f64;
+pub(crate) const MIB: f64 = (1u64 << 20) as f64;
 
 /// The device's default memory pool, which the backend's stream-ordered allocations come from
 /// (see `keep_pool_memory` in backend/cuda/mod.rs).
@@ -530,13 +457,13 @@ fn pool_attr(pool: cudarc::driver::sys::CUmemoryPool, attr: cudarc::driver::sys:
 /// [`PoolPeak::start`] reads the pool's current use and resets its high-water mark
 /// (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`, which can only be reset to 0), [`PoolPeak::finish`]
 /// synchronises and reads the mark.
-struct PoolPeak {
+pub(crate) struct PoolPeak {
     pool: Option<cudarc::driver::sys::CUmemoryPool>,
     before: u64,
 }
 
 impl PoolPeak {
-    fn start(be: &CudaBackend) -> Result<Self> {
+    pub(crate) fn start(be: &CudaBackend) -> Result<Self> {
         use cudarc::driver::sys::{self, CUmemPool_attribute as A};
         be.synchronize()?;
         let Some(pool) = default_pool(be) else { return Ok(Self { pool: None, before: 0 }) };
@@ -556,7 +483,7 @@ impl PoolPeak {
     }
 
     /// Peak bytes beyond the start, or `None` where the pool could not be read.
-    fn finish(self, be: &CudaBackend) -> Result<Option<u64>> {
+    pub(crate) fn finish(self, be: &CudaBackend) -> Result<Option<u64>> {
         be.synchronize()?;
         let Some(pool) = self.pool else { return Ok(None) };
         let high = pool_attr(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH);
@@ -567,216 +494,10 @@ impl PoolPeak {
 
 /// `n` host values uniform in `(-scale, scale)` (for f32 device buffers, which
 /// [`CudaBackend::random`] does not make).
-fn host_uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+pub(crate) fn host_uniform(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     use rand::Rng;
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
-}
-
-/// AdamW hyper-parameters of every optimiser row (as `protege bench --sft` and
-/// tools/bench_sft_torch.py).
-const BENCH_ADAMW: AdamW = AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-
-/// The training ops at 7B shapes, each with its PyTorch counterpart's row name.
-fn bench_train_kernels(be: &CudaBackend, cfg: &Qwen2Config, it: usize, peaks: &Peaks) -> Result<Vec<Row>> {
-    let (h, inter, qd, kvd, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-    let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
-    let mut rows = vec![];
-
-    // Flash attention for training: 4 packed sequences of 4096, causal, 28/4 heads of 128.
-    {
-        let _r = be.range("bench attention_train");
-        let (n_seq, s) = (4usize, 4096usize);
-        let seqs: Vec<(Vec<u32>, Vec<bool>)> = (0..n_seq).map(|_| (vec![1u32; s], vec![true; s])).collect();
-        let meta = TrainBatch::pack(&seqs)?.meta;
-        let dm = be.prepare(&meta);
-        let n = n_seq * s;
-        let (q, k, v) = (be.random(n * qd, 1.0, 40), be.random(n * kvd, 1.0, 41), be.random(n * kvd, 1.0, 42));
-        let dout = be.random(n * qd, 1.0, 43);
-        let mut out = be.zeros(n * qd);
-        let mut lse = be.zeros_f32(n * heads);
-        let fwd_ms = median_ms(be, 1, it, || {
-            be.attention_train(&q, &k, &v, &mut out, &mut lse, &dm, heads, kv_heads, hd);
-        })?;
-        // Per sequence and head, causal attention is 2·T²·d FLOPs forward (QK^T and PV, half
-        // of 4·T²·d); the backward is 2.5x (recomputed S, dP, dV, dQ, dK: FlashAttention-2's count).
-        let fwd_flops = n_seq as f64 * heads as f64 * 2.0 * (s as f64).powi(2) * hd as f64;
-        let shape = format!("{n_seq}x{s} packed, {heads}q/{kv_heads}kv heads x {hd}, causal");
-        rows.push(row("attention_train_fwd", shape.clone(), fwd_ms, Some(fwd_flops), None, peaks, "with log-sum-exp"));
-        let (mut dq, mut dk, mut dv) = (be.zeros(n * qd), be.zeros(n * kvd), be.zeros(n * kvd));
-        let bwd_ms = median_ms(be, 1, it, || {
-            be.attention_train_bwd(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, &dm, heads, kv_heads, hd);
-        })?;
-        rows.push(row(
-            "attention_train_bwd",
-            shape,
-            bwd_ms,
-            Some(2.5 * fwd_flops),
-            None,
-            peaks,
-            "goal >= 1.0x SDPA backward; FLOPs 2.5x forward (incl. recompute)",
-        ));
-    }
-    be.release_cached_memory()?;
-
-    // Fused LoRA linear, rank 16, no dropout, at the gate/up shape.
-    {
-        let _r = be.range("bench lora_linear");
-        let (m, k, n, rank) = (8192usize, h, inter, 16usize);
-        let x = be.random(m * k, 1.0, 50);
-        let w = be.random(n * k, 0.02, 51);
-        let a = be.random(rank * k, 0.02, 52);
-        let b = be.random(n * rank, 0.02, 53);
-        let dout = be.random(m * n, 1.0, 54);
-        let (mut out, mut xa, mut dx) = (be.zeros(m * n), be.zeros(m * rank), be.zeros(m * k));
-        let (mut da, mut db) = (be.zeros_f32(rank * k), be.zeros_f32(n * rank));
-        let base_ms = median_ms(be, 1, it, || {
-            be.linear(&x, &w, None, &mut out, m, k, n);
-            be.linear_bwd(&dout, &x, &w, Some(&mut dx), None, None, m, k, n);
-        })?;
-        let base_flops = 2.0 * 2.0 * (m * k * n) as f64;
-        let shape = format!("{m}x{k} @ {n}x{k}^T");
-        rows.push(row(
-            "linear_fwd_dx",
-            shape.clone(),
-            base_ms,
-            Some(base_flops),
-            None,
-            peaks,
-            "frozen base alone: forward GEMM + dx GEMM (cuBLAS)",
-        ));
-        let lora = LoraRef { a: &a, b: &b, rank, scale: 2.0 };
-        let lora_ms = median_ms(be, 1, it, || {
-            be.lora_linear(&x, None, &w, None, lora, &mut out, &mut xa, m, k, n);
-            be.lora_linear_bwd(&dout, &x, None, &xa, &w, lora, &mut dx, &mut da, &mut db, None, m, k, n);
-        })?;
-        // The adapter adds xa, out, dxa, dB, dA and dx's adapter term: 2·m·r·(3k + 3n).
-        let lora_flops = base_flops + 2.0 * (m * rank * (3 * k + 3 * n)) as f64;
-        let mut r = row("lora_linear_fwd_bwd", format!("{shape}, r{rank}"), lora_ms, Some(lora_flops), None, peaks, "");
-        r.note = format!("{:.3}x the base alone (goal <= 1.15x); dA, dB in f32", lora_ms / base_ms);
-        rows.push(r);
-    }
-    be.release_cached_memory()?;
-
-    // Fused log-prob forward + backward over the full vocabulary.
-    {
-        let _r = be.range("bench token_logprobs");
-        let (m, dim, vocab) = (8192usize, h, 151_936usize);
-        let hs = be.random(m * dim, 1.0, 60);
-        let w = be.random(vocab * dim, 0.02, 61);
-        let targets: Vec<u32> = (0..m as u32).map(|i| i.wrapping_mul(7919) % vocab as u32).collect();
-        let dlogp = be.upload_f32_full(&host_uniform(m, 1.0 / m as f32, 62));
-        let mut dw = be.zeros_f32(vocab * dim);
-        let gemm = 2.0 * (m * vocab * dim) as f64;
-        for with_dw in [false, true] {
-            // Outputs are allocated inside, so the peak counts them as PyTorch's counts its own.
-            let mut step = || {
-                let (mut logp, mut lse, mut dh) = (be.zeros_f32(m), be.zeros_f32(m), be.zeros(m * dim));
-                be.token_logprobs(&hs, &w, &targets, &mut logp, &mut lse, m, dim, vocab);
-                let dwo = if with_dw { Some(&mut dw) } else { None };
-                be.token_logprobs_bwd(&dlogp, &hs, &w, &targets, &lse, &mut dh, dwo, m, dim, vocab);
-            };
-            step();
-            let peak = PoolPeak::start(be)?;
-            step();
-            let peak = peak.finish(be)?;
-            let ms = median_ms(be, 0, it.min(5), &mut step)?;
-            let (name, gemms, note) = if with_dw {
-                ("token_logprobs_fwd_bwd_dw", 4.0, "with the head's dW (into a persistent f32 gradient)")
-            } else {
-                ("token_logprobs_fwd_bwd", 3.0, "dW skipped (LoRA); goal >= 1.5x torch and peak <= 10% of torch's")
-            };
-            let mut r = row(name, format!("{m} x vocab {vocab}, dim {dim}"), ms, Some(gemms * gemm), None, peaks, note);
-            r.note = format!("{}; FLOPs incl. the recomputed logits", r.note);
-            r.peak_mib = peak.map(|b| b as f64 / MIB);
-            rows.push(r);
-        }
-    }
-    be.release_cached_memory()?;
-
-    // Multi-tensor AdamW: the adapters of a rank-16 LoRA on all modules of the 7B, and the
-    // weights of 4 of its layers (0.93B values).
-    for (name, shapes, what) in [
-        ("adamw_lora_7b", lora_adapter_shapes(cfg, 16), "rank-16 LoRA, 7 modules x 28 layers"),
-        ("adamw_1b", layer_weight_shapes(cfg, 4), "the weights of 4 layers of the 7B"),
-    ] {
-        let _r = be.range(&format!("bench {name}"));
-        let numel: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
-        let total: usize = numel.iter().sum();
-        let largest = numel.iter().copied().max().unwrap_or(1);
-        let src = be.upload_f32_full(&host_uniform(largest, 1e-3, 70));
-        let f32_like = |i: usize| {
-            let mut b = be.zeros_f32(numel[i]);
-            be.copy(&src, &mut b, numel[i]);
-            b
-        };
-        let mut params: Vec<CudaBuf> =
-            numel.iter().enumerate().map(|(i, &n)| be.random(n, 0.02, 80 + i as u64)).collect();
-        let mut master: Vec<CudaBuf> = (0..numel.len()).map(f32_like).collect();
-        let grads: Vec<CudaBuf> = (0..numel.len()).map(f32_like).collect();
-        let mut m: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
-        let mut v: Vec<CudaBuf> = numel.iter().map(|&n| be.zeros_f32(n)).collect();
-        drop(src);
-        let mut step = 0u64;
-        let ms = median_ms(be, 1, it, || {
-            step += 1;
-            let mut tensors: Vec<AdamWTensor<CudaBackend>> = params
-                .iter_mut()
-                .zip(master.iter_mut())
-                .zip(grads.iter())
-                .zip(m.iter_mut().zip(v.iter_mut()))
-                .enumerate()
-                .map(|(i, (((param, master), grad), (m, v)))| AdamWTensor {
-                    param,
-                    master: Some(master),
-                    grad,
-                    m,
-                    v,
-                    n: numel[i],
-                    decay: shapes[i].len() >= 2,
-                })
-                .collect();
-            be.adamw(&mut tensors, &BENCH_ADAMW, 1.0, step);
-        })?;
-        // Reads master, grad, m, v (f32); writes master, m, v (f32) and the bf16 parameter.
-        let bytes = 30.0 * total as f64;
-        rows.push(row(
-            name,
-            format!("{} tensors, {:.1}M values", numel.len(), total as f64 / 1e6),
-            ms,
-            None,
-            Some(bytes),
-            peaks,
-            &format!("{what}; bf16 params + f32 master/grad/moments (30 B/value)"),
-        ));
-    }
-    be.release_cached_memory()?;
-    Ok(rows)
-}
-
-/// The adapter shapes of a rank-`rank` LoRA on all seven modules of every layer, in
-/// [`Lora::tensors`] order: `A [rank, in]`, `B [out, rank]` (tools/bench_gpu_torch.py
-/// `lora_shapes` lists the same).
-fn lora_adapter_shapes(cfg: &Qwen2Config, rank: usize) -> Vec<Vec<usize>> {
-    (0..cfg.num_layers)
-        .flat_map(move |_| {
-            Target::ALL.into_iter().flat_map(move |t| {
-                let (i, o) = t.dims(cfg);
-                [vec![rank, i], vec![o, rank]]
-            })
-        })
-        .collect()
-}
-
-/// Every weight of the first `layers` layers (tools/bench_gpu_torch.py `layer_shapes`).
-fn layer_weight_shapes(cfg: &Qwen2Config, layers: usize) -> Vec<Vec<usize>> {
-    let in_layers = |name: &str| {
-        name.strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|l| l.parse::<usize>().ok())
-            .is_some_and(|l| l < layers)
-    };
-    crate::model::param_shapes(cfg).into_iter().filter(|(n, _)| in_layers(n)).map(|(_, s)| s).collect()
 }
 
 /// One LoRA SFT step (rank 16 on all seven modules, no dropout) of the 7B-shaped `model` over
@@ -828,7 +549,7 @@ fn bench_sft_step(
     // The step itself is the generic SFT step benchmark (forward, backward, clipping, AdamW with
     // f32 masters), here with the peak of the device's memory pool around it.
     let mark = PoolPeak::start(be)?;
-    let r = crate::bench::bench_sft_step(be, model, &ids, Some(rank), recompute, it.clamp(1, 3))?;
+    let r = crate::diagnostics::bench::bench_sft_step(be, model, &ids, Some(rank), recompute, it.clamp(1, 3))?;
     let peak = mark.finish(be)?;
     let trained = r.trainable_params;
     let ms = r.step_s * 1e3;
@@ -1020,29 +741,6 @@ pub fn table(b: &GpuBench) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cfg7b() -> Qwen2Config {
-        Qwen2Config::from_json(QWEN25_7B).unwrap()
-    }
-
-    fn numel(shapes: &[Vec<usize>]) -> usize {
-        shapes.iter().map(|s| s.iter().product::<usize>()).sum()
-    }
-
-    #[test]
-    fn optimiser_shapes_match_the_pytorch_side() {
-        // tools/bench_gpu_torch.py builds the same lists: 392 adapters of 40.4M values, and the
-        // 48 tensors of 4 layers (0.93B values).
-        let c = cfg7b();
-        let lora = lora_adapter_shapes(&c, 16);
-        assert_eq!((lora.len(), numel(&lora)), (392, 40_370_176));
-        assert_eq!(lora[0], vec![16, 3584]);
-        assert_eq!(lora[13], vec![3584, 16]);
-        let big = layer_weight_shapes(&c, 4);
-        assert_eq!(big.len(), 48);
-        assert_eq!(numel(&big), 4 * (c.num_params() - 2 * c.vocab_size * c.hidden_size - c.hidden_size) / 28);
-        assert_eq!(big[1], vec![3584, 3584]);
-    }
 
     #[test]
     fn medians() {

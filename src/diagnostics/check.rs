@@ -118,7 +118,7 @@ pub fn compare(ours: &[f32], reference: &[f32], vocab: usize, atol: f32, rtol: f
             c.max_rel = c.max_rel.max(d / y.abs().max(1.0));
             c.mean_abs += d as f64;
         }
-        if crate::generate::sampling::argmax(a) == crate::generate::sampling::argmax(b) {
+        if crate::backend::sampling::argmax(a) == crate::backend::sampling::argmax(b) {
             c.argmax_agree += 1;
         }
     }

@@ -90,7 +90,7 @@ pub fn report() -> String {
     if let Some(g) = mem_total_gib() {
         let _ = writeln!(out, "memory    {g:.1} GiB");
     }
-    let _ = write!(out, "sandbox   {}", crate::agent::sandbox::describe());
+    let _ = write!(out, "sandbox   {}", crate::sandbox::describe());
     let found = libs::probe();
     let _ = writeln!(out, "libcuda   {}", found.driver.describe());
     let _ = writeln!(out, "nvrtc     {}", found.nvrtc.describe());
@@ -126,6 +126,6 @@ pub fn report() -> String {
             let _ = writeln!(out, "The CUDA backend cannot run: {}", cuda::nvrtc::missing_nvrtc_hint());
         }
     }
-    let _ = writeln!(out, "default   --device {}", cuda::default_device());
+    let _ = writeln!(out, "default   --device {}", crate::backend::default_device());
     out
 }

@@ -389,7 +389,7 @@ impl Backend for Bf16Emu {
         logits: &EmuBuf,
         vocab: usize,
         params: &[SamplingParams],
-        rngs: &mut [crate::generate::sampling::Rng],
+        rngs: &mut [crate::backend::sampling::Rng],
     ) -> Vec<u32> {
         args!("sample": bf logits);
         self.cpu.sample(logits, vocab, params, rngs)
@@ -694,10 +694,10 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::diagnostics::selftest::{fixture_models, run_checks, train::run_train_checks, Check, Report};
     use crate::model::lora::{Lora, LoraConfig, Target};
     use crate::model::training::{Grads, TrainBatch};
     use crate::model::Qwen2;
-    use crate::selftest::{fixture_models, run_checks, train::run_train_checks, Check, Report};
     use crate::train::{checkpoint, Decay, OptimConfig, Optimizer, Schedule};
     use rand::{Rng, SeedableRng};
 
