@@ -9,9 +9,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use protege::agent::sandbox::{best_isolation, Limits, LocalSandbox, Workspace};
 use protege::executor::docker::{DockerConfig, DockerExecutor};
 use protege::executor::Executor;
+use protege::sandbox::{best_isolation, Limits, LocalSandbox, Workspace};
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
@@ -36,7 +36,7 @@ fn main() {
     task.env.log_parser = Some("parse_log_pytest".into());
 
     let exec = DockerExecutor::connect(DockerConfig::default()).expect("a Docker daemon");
-    let scratch = protege::agent::sandbox::scratch::Scratch::new("bench").unwrap();
+    let scratch = protege::sandbox::scratch::Scratch::new("bench").unwrap();
 
     // Episode start.
     let mut starts = vec![];

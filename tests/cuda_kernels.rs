@@ -68,7 +68,7 @@ fn protege(args: &[&str]) -> std::process::Output {
 
 /// Whether this machine can run the CUDA backend (then the no-GPU expectations do not apply).
 fn gpu_here() -> bool {
-    protege::backend::cuda::default_device() != protege::backend::cuda::Device::Cpu
+    protege::backend::default_device() != protege::backend::Device::Cpu
 }
 
 #[test]

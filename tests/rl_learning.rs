@@ -8,9 +8,9 @@ use std::path::Path;
 
 use protege::agent::episode::{run_episode, EpisodeConfig};
 use protege::agent::policy::Replay;
-use protege::agent::sandbox::{best_isolation, Limits, LocalSandbox};
 use protege::agent::trajectory::{write_jsonl, Trajectory};
 use protege::config::{RlConfig, SftConfig};
+use protege::sandbox::{best_isolation, Limits, LocalSandbox};
 use protege::tasks::load_suite;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

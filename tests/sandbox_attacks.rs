@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use common::fixture;
 use protege::agent::policy::Replay;
-use protege::agent::sandbox::bubblewrap_works;
-use protege::agent::sandbox::cgroup::{support, Support};
 use protege::agent::trajectory::Trajectory;
+use protege::sandbox::bubblewrap_works;
+use protege::sandbox::cgroup::{support, Support};
 use serde_json::{json, Value};
 
 fn bash(c: &str) -> String {
@@ -93,7 +93,7 @@ impl Drop for HostFile {
 /// with a canary in its hidden fields.
 fn suite(dir: &Path, ids: &[&str], canary: &str) -> PathBuf {
     let suite = dir.join("suite");
-    protege::agent::sandbox::copy_tree(&fixture("tasks/repos"), &suite.join("repos")).unwrap();
+    protege::sandbox::copy_tree(&fixture("tasks/repos"), &suite.join("repos")).unwrap();
     let text = std::fs::read_to_string(fixture("tasks/tasks.jsonl")).unwrap();
     let base: Value = text
         .lines()
@@ -234,7 +234,7 @@ fn escapes_fail_and_nothing_hidden_is_read() {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let devnull_mode = std::fs::metadata("/dev/null").unwrap().permissions().mode();
     let host_pid = std::process::id();
-    let py = |code: &str| format!("python3 -c {}", protege::agent::tools::shell_quote(code));
+    let py = |code: &str| format!("python3 -c {}", protege::sandbox::shell_quote(code));
     let connect = py(&format!(
         "import socket\nfor fam, addr in [(socket.AF_UNIX, {sock:?}), (socket.AF_UNIX, '\\0{abs}'), (socket.AF_INET, ('127.0.0.1', {port}))]:\n    try:\n        s = socket.socket(fam); s.settimeout(2); s.connect(addr); s.send(b'x'); print('CONNECTED', addr)\n    except Exception as e:\n        print('refused', addr, e)",
         sock = sock_path.display().to_string(),
@@ -324,7 +324,7 @@ fn escapes_fail_and_nothing_hidden_is_read() {
     let big = run.observation(id, 18);
     let at = big.find("[... ").expect("a truncation marker");
     let cut: usize = big[at + 5..].split(' ').next().unwrap().parse().unwrap();
-    let shown = big.len() - protege::agent::sandbox::output::marker(cut).len();
+    let shown = big.len() - protege::sandbox::output::marker(cut).len();
     assert!(big.contains("END"), "the tail is kept");
     assert!((cut + shown).abs_diff(100_000_004) < 64, "cut {cut} + shown {shown} != the 100 MB written");
     let fds = run.observation(id, 19);
@@ -656,7 +656,7 @@ fn running_eval(tag: &str) -> (tempfile::TempDir, PathBuf, String, std::process:
 
 #[test]
 fn a_stopped_eval_cleans_up_and_a_killed_one_is_cleaned_up_by_the_next() {
-    if !protege::agent::sandbox::bubblewrap_works() {
+    if !protege::sandbox::bubblewrap_works() {
         eprintln!("SKIPPED: bubblewrap is not usable here (.ci/run installs it)");
         return;
     }

@@ -13,7 +13,7 @@ JSON object keyed by case name:
      "raised": "ExceptionType: message", only when grading raised (the harness then writes
                no report for the instance)}
 
-tests/swebench_parity.rs runs it in a venv holding swebench 5.0.2 and compares with protege.
+tests/it/swebench_parity.rs runs it in a venv holding swebench 5.0.2 and compares with protege.
 `swebench.harness/__init__.py` imports docker, modal and the run machinery, so that one package
 module is a stub with the real directory as its path; every module that runs is the package's.
 """

@@ -4,10 +4,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use protege::agent::sandbox::{best_isolation, Limits};
+use protege::sandbox::{best_isolation, Limits};
+use protege::suites::validate::validate_suite;
 use protege::tasks::grade::Grader;
 use protege::tasks::load_suite;
-use protege::tasks::validate::validate_suite;
 
 fn suite(split: &str) -> Vec<protege::tasks::TaskInstance> {
     load_suite(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("data/tasks/{split}.jsonl"))).unwrap()
@@ -34,7 +34,8 @@ fn the_suite_has_40_tasks_over_8_packages_with_a_held_out_split() {
             t.instance_id
         );
     }
-    let multi_file = train.iter().chain(&test).filter(|t| protege::tasks::validate::patch_size(&t.patch).1 > 1).count();
+    let multi_file =
+        train.iter().chain(&test).filter(|t| protege::suites::validate::patch_size(&t.patch).1 > 1).count();
     assert!(multi_file >= 4, "{multi_file} multi-file tasks");
 }
 
@@ -49,7 +50,7 @@ fn every_bundled_task_is_valid() {
         return;
     }
     let tasks: Vec<_> = suite("train").into_iter().chain(suite("test")).collect();
-    let scratch = protege::agent::sandbox::scratch::Scratch::new("test-validate").unwrap();
+    let scratch = protege::sandbox::scratch::Scratch::new("test-validate").unwrap();
     let limits = Limits { timeout_s: 120.0, ..Default::default() };
     let local = protege::executor::LocalExecutor {
         grader: Grader::new(best_isolation(), limits, Default::default()),

@@ -8,8 +8,8 @@ use crate::common::fixture;
 use protege::agent::episode::{run_episode, EpisodeConfig, ExitStatus};
 use protege::agent::expert::{Expert, Oracle};
 use protege::agent::policy::{LocalPolicy, Replay};
-use protege::agent::sandbox::{bubblewrap_works, Isolation, Limits, LocalSandbox, Workspace};
 use protege::agent::tools::Editor;
+use protege::sandbox::{bubblewrap_works, Isolation, Limits, LocalSandbox, Workspace};
 use protege::tasks::grade::Grader;
 use protege::tasks::{load_suite, TaskInstance};
 use serde_json::json;
@@ -558,10 +558,10 @@ fn a_work_tree_that_grows_past_its_limits_ends_the_episode() {
     let sb = make("bytes");
     assert!(sb.run("head -c 500000 /dev/zero > ok.bin").is_ok(), "under the limit");
     let err = sb.run("head -c 2000000 /dev/zero > big.bin").unwrap_err();
-    let over = err.downcast_ref::<protege::agent::sandbox::PatchTooLarge>().expect("a PatchTooLarge");
+    let over = err.downcast_ref::<protege::sandbox::PatchTooLarge>().expect("a PatchTooLarge");
     assert!(over.amount > 1 << 20 && over.to_string().contains("new bytes"), "{over}");
     // The diff refuses too, before adding anything to the harness repository.
-    assert!(sb.diff(1 << 30).unwrap_err().downcast_ref::<protege::agent::sandbox::PatchTooLarge>().is_some());
+    assert!(sb.diff(1 << 30).unwrap_err().downcast_ref::<protege::sandbox::PatchTooLarge>().is_some());
     // Files: 60 empty ones.
     let sb = make("files");
     let err = sb.run("mkdir d && for i in $(seq 1 60); do : > d/$i; done").unwrap_err();

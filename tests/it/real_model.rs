@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use protege::backend::cpu::CpuBackend;
 use protege::chat::Message;
-use protege::check::{check_logits, Reference};
+use protege::diagnostics::check::{check_logits, Reference};
 use protege::generate::{generate, GenOptions, Request};
 use protege::model::Qwen2;
 use protege::tokenizer::Tokenizer;

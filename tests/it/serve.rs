@@ -248,10 +248,10 @@ fn http_errors_are_retried_then_reported_and_keys_stay_secret() {
     let mut failing = RemoteExpert::new(Endpoint { base_url: url, ..ep }, 64).unwrap();
     let t = task();
     let dir = tempfile::tempdir().unwrap();
-    let sb = protege::agent::sandbox::LocalSandbox::create(
+    let sb = protege::sandbox::LocalSandbox::create(
         &t.env.repo_path,
         &dir.path().join("w"),
-        protege::agent::sandbox::Isolation::Plain,
+        protege::sandbox::Isolation::Plain,
         Default::default(),
         vec![],
         &[],

@@ -229,7 +229,7 @@ fn the_agents_container_holds_an_attacker() {
     let e = ws
         .run("rm /tmp/big; for i in 1 2 3; do dd if=/dev/zero of=/root/f$i bs=1M count=19 2>/dev/null; done")
         .unwrap_err();
-    assert!(e.downcast_ref::<protege::agent::sandbox::PatchTooLarge>().is_some(), "{e:#}");
+    assert!(e.downcast_ref::<protege::sandbox::PatchTooLarge>().is_some(), "{e:#}");
     drop(ws);
     assert!(protege_containers().is_empty());
 }

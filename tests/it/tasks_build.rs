@@ -195,7 +195,7 @@ fn a_package_that_needs_an_older_pytest_gets_one() {
     assert!(log.contains(&format!("{} of {} tasks valid", tasks.len(), tasks.len())), "{log}");
     // The agent's own `python3 -m pytest` in an episode is the task's pytest too (its venv is
     // first on PATH, read-only).
-    use protege::agent::sandbox::{best_isolation, Limits, LocalSandbox, Workspace};
+    use protege::sandbox::{best_isolation, Limits, LocalSandbox, Workspace};
     let suite = protege::tasks::load_suite(&out).unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let sb = LocalSandbox::for_task(&suite[0], &scratch.path().join("ep"), best_isolation(), Limits::default(), vec![])
@@ -205,7 +205,7 @@ fn a_package_that_needs_an_older_pytest_gets_one() {
     assert!(v.output.contains(&format!("pytest {recorded}")), "{} (recorded {recorded})", v.output);
     let w = sb.run("touch \"$VIRTUAL_ENV/bin/planted\" && echo wrote").unwrap();
     assert!(
-        !w.output.contains("wrote") || best_isolation() == protege::agent::sandbox::Isolation::Plain,
+        !w.output.contains("wrote") || best_isolation() == protege::sandbox::Isolation::Plain,
         "the venv is writable: {}",
         w.output
     );

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::common::{fixture, Tensors};
 use protege::backend::cpu::CpuBackend;
 use protege::backend::Backend;
-use protege::check::{check_logits, Reference};
+use protege::diagnostics::check::{check_logits, Reference};
 use protege::generate::prompt_logits;
 use protege::model::gguf::{Gguf, SUPPORTED};
 use protege::model::Qwen2;

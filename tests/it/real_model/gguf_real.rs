@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use protege::backend::cpu::CpuBackend;
 use protege::chat::Message;
-use protege::check::compare;
+use protege::diagnostics::check::compare;
 use protege::generate::prompt_logits;
 use protege::model::gguf::Gguf;
 use protege::model::{param_shapes, Checkpoint, Qwen2};
