@@ -163,17 +163,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Trajectory>> {
 /// Writes a whole trajectory file atomically (a temporary file renamed into place), so that
 /// a crash never leaves a half-written file behind.
 pub fn write_jsonl(path: &Path, trajectories: &[Trajectory]) -> Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
-    {
-        let mut f =
-            std::io::BufWriter::new(File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
+    crate::util::write_atomic_with(path, |f| {
         for t in trajectories {
-            serde_json::to_writer(&mut f, t)?;
+            serde_json::to_writer(&mut *f, t)?;
             f.write_all(b"\n")?;
         }
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -101,9 +101,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         serde_json::to_string_pretty(&r)?
     };
     if let Some(path) = &a.json {
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        crate::util::write_atomic(path, json.as_bytes())?;
     }
     Ok(())
 }

@@ -38,7 +38,6 @@ use crate::agent::episode::ExitStatus;
 use crate::agent::experts::{make_expert, prepare_expert, ExpertModel, ExpertSpec};
 use crate::agent::trajectory::Source;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::CudaBackend;
 use crate::backend::Device;
 use crate::backend::{Backend, TrainBackend};
 use crate::config::{ExpertKind, RlConfig};
@@ -149,10 +148,7 @@ pub fn run_rl_on(
     resume: bool,
     stop_after: Option<u64>,
 ) -> Result<RlOutcome> {
-    match device {
-        Device::Cpu => run_rl(cfg, config_text, resume, stop_after),
-        Device::Cuda(n) => rl_with(CudaBackend::new(n)?, cfg, config_text, resume, stop_after),
-    }
+    crate::with_backend!(device, |be| rl_with(be, cfg, config_text, resume, stop_after))
 }
 
 /// The RL loop: a page of named steps, each a method of `RlRun`.

@@ -15,7 +15,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// As [`write_atomic`], with the contents written by `fill` through a buffered writer (large
 /// files need not be held in memory).
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    // `name.ext.tmp`: files that differ only in their extension never share a temporary.
+    let mut name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?.to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     {
         let file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         let mut w = BufWriter::new(file);
