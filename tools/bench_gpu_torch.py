@@ -3,7 +3,7 @@
 
 Prints one JSON object: {"torch": version, "device": name, "ms": {row: milliseconds},
 "peak_mib": {row: MiB}, "notes": {row: what ran}, "errors": {row: message}}. Row names and
-shapes match src/bench_gpu.rs; each op is what a PyTorch user would run: SDPA for attention
+shapes match src/diagnostics/bench_gpu.rs and src/diagnostics/ops/; each op is what a PyTorch user would run: SDPA for attention
 (flash backend, GQA), eager ops as transformers writes them (Qwen2RMSNorm,
 apply_rotary_pos_emb, SiLU*up), cuBLAS through F.linear, and the transformers Qwen2 model for
 the 7B-shaped prefill and decode step (random weights, bf16, SDPA).
@@ -187,7 +187,7 @@ def main():
 
 # --- training rows -------------------------------------------------------------------------
 
-# The Qwen2.5-7B shape (src/bench_gpu.rs QWEN25_7B) and the training rows' sizes; module
+# The Qwen2.5-7B shape (src/diagnostics/bench_gpu.rs QWEN25_7B) and the training rows' sizes; module
 # globals so that a CPU smoke test can shrink them (DEV too).
 H7, I7, L7, NH7, KV7, D7, V7 = 3584, 18944, 28, 28, 4, 128, 152064
 ATTN_BATCH, ATTN_SEQ = 4, 4096  # packed sequences x tokens
@@ -375,7 +375,7 @@ def logprob_rows(rec, iters):
 
 def lora_shapes():
     """The adapters of a rank-16 LoRA on all seven modules of the 7B's 28 layers, as
-    src/bench_gpu.rs lists them: A [16, in], B [out, 16]."""
+    src/diagnostics/ops/optimizer.rs lists them: A [16, in], B [out, 16]."""
     qd, kvd = NH7 * D7, KV7 * D7
     dims = [(H7, qd), (H7, kvd), (H7, kvd), (qd, H7), (H7, I7), (H7, I7), (I7, H7)]  # (in, out)
     return [s for _ in range(L7) for i, o in dims for s in ((16, i), (o, 16))]
