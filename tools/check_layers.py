@@ -17,8 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CRATE_PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)")
-# `use crate::{a, b::c}` names several top modules at once.
-CRATE_GROUP = re.compile(r"\bcrate::\{([^}]*)\}", re.S)
+# `use crate::{a, b::{c, d}}` names several top modules at once (here a and b).
+CRATE_GROUP = re.compile(r"\bcrate::\{")
 SUPER_PATH = re.compile(r"\b((?:super::)+)([a-z_][a-z0-9_]*)")
 
 
@@ -43,6 +43,23 @@ LAYERS = {
         ["cli"],  # parses arguments and dispatches
     ],
 }
+
+
+def group_heads(text, start):
+    """The first path segment of each item of the brace group opening just before `start`."""
+    heads, depth, item = [], 0, ""
+    for ch in text[start:]:
+        if depth == 0 and ch in ",}":
+            m = re.match(r"\s*([a-z_][a-z0-9_]*)", item)
+            if m:
+                heads.append(m.group(1))
+            if ch == "}":
+                return heads
+            item = ""
+            continue
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        item += ch
+    return heads
 
 
 def strip_comments(text):
@@ -84,7 +101,7 @@ def edges(src):
         line_of = lambda pos: text.count("\n", 0, pos) + 1
         hits = [(m.group(1), m.start()) for m in CRATE_PATH.finditer(text)]
         for g in CRATE_GROUP.finditer(text):
-            for name in re.findall(r"(?:^|,)\s*([a-z_][a-z0-9_]*)", g.group(1)):
+            for name in group_heads(text, g.end()):
                 hits.append((name, g.start()))
         for m in SUPER_PATH.finditer(text):
             depth = m.group(1).count("super::")
@@ -149,9 +166,9 @@ def self_test():
         (src / "high").mkdir()
         (src / "high" / "mod.rs").write_text("pub struct Thing;\nmod inner;\n")
         (src / "high" / "inner.rs").write_text("use super::super::low::*;\n/// crate::stray in a comment is no edge\n")
-        (src / "stray.rs").write_text("")
+        (src / "stray.rs").write_text("use crate::{high::{Thing, Other}, low};\n")
         tops, found = edges(src)
-        assert set(found) == {("low", "high"), ("high", "low")}, found
+        assert set(found) == {("low", "high"), ("high", "low"), ("stray", "high"), ("stray", "low")}, found
         assert cycles(tops, found) == [["high", "low"]]
         key = str(src.relative_to(ROOT))
         LAYERS[key] = [["low"], ["high"]]
