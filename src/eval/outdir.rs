@@ -207,14 +207,22 @@ pub fn open(out: &Path, mode: ExistingOut, id: &Identity) -> Result<OutFiles> {
     })
 }
 
-/// Finished tasks; a last line cut short by a kill is not one.
-fn read_results(path: &Path) -> Result<Vec<TaskResult>> {
+/// A JSONL file's text (empty when there is none) and the part of it made of complete lines:
+/// a last line cut short by a kill is not one.
+fn complete_lines(path: &Path) -> Result<(String, usize)> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let end = text.rfind('\n').map_or(0, |i| i + 1);
+    Ok((text, end))
+}
+
+/// Finished tasks (complete lines only).
+fn read_results(path: &Path) -> Result<Vec<TaskResult>> {
+    let (text, end) = complete_lines(path)?;
+    let complete = &text[..end];
     let mut out: Vec<TaskResult> = vec![];
     for (i, line) in complete.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let r: TaskResult = crate::inputs::json_line(line, &path.display().to_string(), i + 1)?;
@@ -227,12 +235,11 @@ fn read_results(path: &Path) -> Result<Vec<TaskResult>> {
 
 /// Rewrites a JSONL file keeping the complete lines whose `key` is in `ids` (first one each).
 fn keep_lines_of(path: &Path, key: &str, ids: &BTreeSet<&str>) -> Result<()> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    if !path.exists() {
+        return Ok(());
+    }
+    let (text, end) = complete_lines(path)?;
+    let complete = &text[..end];
     let mut seen = BTreeSet::new();
     let mut kept = String::new();
     for line in complete.lines() {
