@@ -244,7 +244,7 @@ pub struct LocalSandbox {
     base_size: TreeSize,
     /// The task's venv (read-only): first on commands' PATH, so that the agent's `python3 -m
     /// pytest` is the pytest the task's tests were built with, as the grader's is.
-    pub(crate) venv: Option<PathBuf>,
+    venv: Option<PathBuf>,
 }
 
 impl Drop for LocalSandbox {
@@ -276,6 +276,26 @@ impl LocalSandbox {
         setup: &[String],
     ) -> Result<Self> {
         Self::create_with(snapshot, None, root, isolation, limits, hidden, setup, vec![])
+    }
+
+    /// [`LocalSandbox::create_with`] for a task with its own Python environment: `venv` is shown
+    /// read-only (added to the visible paths here, so it can never be on PATH without being
+    /// mounted read-only) and its `bin/` goes first on the agent's PATH.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_with_venv(
+        snapshot: &Path,
+        base_patch: Option<&str>,
+        root: &Path,
+        isolation: Isolation,
+        limits: Limits,
+        hidden: Vec<PathBuf>,
+        setup: &[String],
+        venv: Option<PathBuf>,
+    ) -> Result<Self> {
+        let visible = venv.iter().cloned().collect();
+        let mut sandbox = Self::create_with(snapshot, base_patch, root, isolation, limits, hidden, setup, visible)?;
+        sandbox.venv = venv;
+        Ok(sandbox)
     }
 
     /// [`LocalSandbox::create`] with a base patch and host directories shown read-only.

@@ -316,8 +316,7 @@ impl LocalSandbox {
         hidden: Vec<PathBuf>,
     ) -> Result<Self> {
         let e = &task.env;
-        let visible = e.venv.iter().cloned().collect();
-        let mut sandbox = LocalSandbox::create_with(
+        LocalSandbox::create_with_venv(
             &e.repo_path,
             e.base_patch.as_deref(),
             root,
@@ -325,10 +324,8 @@ impl LocalSandbox {
             limits,
             hidden,
             &e.setup,
-            visible,
-        )?;
-        sandbox.venv = e.venv.clone();
-        Ok(sandbox)
+            e.venv.clone(),
+        )
     }
 }
 
